@@ -1,0 +1,548 @@
+"""The operator's config: one TOML file read into frozen, typed objects.
+
+`load(path)` reads the file with `tomllib`, checks every key and value, and
+returns a `Config`.  Any problem raises `ConfigError` whose message is one
+line naming the file and the key (``etc/mta.toml: [limits] recipients: ...``),
+so that `twistd` start-up and `mta check-config` say the same thing.
+
+Durations are strings like "90s", "5m", "4h", "5d" (a bare number is seconds);
+sizes like "25MB" (KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024,
+a bare number is octets).  Relative paths are relative to the working
+directory.  Unknown keys are errors: a typo must not silently fall back to a
+default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mta.address import AddressError, is_valid_domain, parse_mailbox
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message is one line naming the key."""
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Listener:
+    endpoint: str  # a Twisted server endpoint string, e.g. "tcp:25:interface=0.0.0.0"
+    role: str  # smtp | submission | odmr
+    tls: str  # off | starttls | implicit
+    require_auth: bool  # AUTH before MAIL (530 5.7.0); default on for submission/odmr
+    plaintext_auth: bool  # PLAIN/LOGIN without TLS from non-loopback clients
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}[{self.endpoint}]"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where mail for a domain goes: ``maildir:PATH``, ``smtp:[host]:port`` or ``hold``."""
+
+    kind: str  # maildir | smtp | hold
+    path: Path | None = None  # maildir
+    host: str = ""  # smtp
+    port: int = 25  # smtp
+    mx: bool = False  # smtp host given without [brackets]: look up its MX records
+
+    def __str__(self) -> str:
+        if self.kind == "maildir":
+            return f"maildir:{self.path}"
+        if self.kind == "smtp":
+            host = self.host if self.mx else f"[{self.host}]"
+            return f"smtp:{host}:{self.port}"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    route: Route
+    users: tuple[str, ...] = ()
+    aliases: Path | None = None
+    pull_users: tuple[str, ...] = ()
+    etrn_route: Route | None = None
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    hostname: str
+    spool: Path
+    postmaster: str
+    vrfy: bool
+    expn: bool
+
+
+@dataclass(frozen=True)
+class TLSSection:
+    certificate: Path | None
+    key: Path | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    passwords: Path | None
+    max_failures: int  # per session, then 421 and close
+    failures_per_client: int  # per client address within failure_window
+    failure_window: float
+    failure_delay: float  # seconds added to each failed attempt's reply
+
+
+@dataclass(frozen=True)
+class RelaySection:
+    mynetworks: tuple[IPNetwork, ...]
+    smarthost: str
+    smarthost_user: str
+    smarthost_password_file: Path | None
+    smarthost_tls: str  # required | verify | opportunistic
+    nameservers: tuple[tuple[str, int], ...]
+    dns_timeout: float
+    smtp_port: int
+    retry_min: float
+    retry_max: float
+    lifetime: float
+    delay_warning: float
+    concurrency: int
+    concurrency_per_destination: int
+    tls_verify: bool  # check certificates of MX hosts (off: opportunistic TLS, as Postfix "may")
+    connect_timeout: float
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    message_size: int
+    recipients: int
+    connections: int
+    connections_per_client: int
+    errors: int
+    command_timeout: float
+    data_timeout: float
+    command_line_length: int
+    received_headers: int
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    server: ServerSection
+    listeners: tuple[Listener, ...]
+    tls: TLSSection
+    auth: AuthSection
+    relay: RelaySection
+    domains: dict[str, Domain]
+    limits: LimitsSection
+
+    def domain_for(self, domain: str) -> Domain | None:
+        """The configured domain for `domain` (lower case, no trailing dot)."""
+        return self.domains.get(domain.lower().rstrip("."))
+
+    def is_mynetwork(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.relay.mynetworks)
+
+
+# -- value parsers -------------------------------------------------------------
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*\Z")
+_DURATION_UNITS = {None: 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*\Z", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+}
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like \"90s\", \"5m\", \"4h\" or \"5d\"")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"expected a duration like \"90s\", \"5m\", \"4h\" or \"5d\", got {value!r}")
+
+
+def parse_size(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = m.group(2).lower() if m.group(2) else None
+            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError(f"expected a size like \"25MB\" or a number of octets, got {value!r}")
+
+
+def parse_route(value: str, base: Path | None = None) -> Route:
+    """``maildir:PATH`` | ``smtp:[host]:port`` | ``smtp:host[:port]`` (MX lookup) | ``hold``."""
+    if not isinstance(value, str):
+        raise ValueError("expected a route string")
+    kind, colon, rest = value.partition(":")
+    kind = kind.strip().lower()
+    if kind == "hold" and not colon:
+        return Route("hold")
+    if kind == "maildir" and rest:
+        return Route("maildir", path=Path(rest))
+    if kind in ("smtp", "relay") and rest:
+        port = 25
+        mx = True
+        if rest.startswith("["):
+            host, bracket, tail = rest[1:].partition("]")
+            if not bracket or not host:
+                raise ValueError(f"bad route {value!r}: unbalanced [ ]")
+            mx = False
+            if tail:
+                if not tail.startswith(":"):
+                    raise ValueError(f"bad route {value!r}")
+                port = _parse_port(tail[1:], value)
+        else:
+            host, colon2, port_text = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
+            if colon2:
+                port = _parse_port(port_text, value)
+            else:
+                host = rest
+        if not _valid_host(host):
+            raise ValueError(f"bad host in route {value!r}")
+        return Route("smtp", host=host, port=port, mx=mx)
+    raise ValueError(
+        f"bad route {value!r}: expected \"maildir:PATH\", \"smtp:[host]:port\" or \"hold\""
+    )
+
+
+def _parse_port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"bad port in {whole!r}")
+    return int(text)
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return is_valid_domain(host)
+
+
+def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or ``v6``."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, tail = value[1:].partition("]")
+        port = _parse_port(tail[1:], value) if tail.startswith(":") else default_port
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+        port = _parse_port(port_text, value)
+    else:
+        host, port = value, default_port
+    if not host or not _valid_host(host):
+        raise ValueError(f"bad host {value!r}")
+    return host, port
+
+
+# -- the reader ----------------------------------------------------------------
+
+class _Section:
+    """Reads one TOML table, naming the key in every error and refusing unknown keys."""
+
+    def __init__(self, source: str, name: str, table: Any) -> None:
+        self.source = source
+        self.name = name
+        if not isinstance(table, dict):
+            raise self.error(None, "expected a table")
+        self.table = dict(table)
+        self.seen: set[str] = set()
+
+    def error(self, key: str | None, why: str) -> ConfigError:
+        where = f"[{self.name}]" if self.name else "top level"
+        if key is not None:
+            where += f" {key}"
+        return ConfigError(f"{self.source}: {where}: {why}")
+
+    def get(self, key: str, default: Any, convert: Callable[[Any], Any] | None = None,
+            kind: type | tuple[type, ...] | None = None) -> Any:
+        self.seen.add(key)
+        if key not in self.table:
+            return convert(default) if convert is not None and default is not None else default
+        value = self.table[key]
+        if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is int):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            type_names = {"str": "a string", "int": "an integer", "bool": "true or false",
+                          "list": "a list"}
+            raise self.error(key, f"expected {type_names.get(names, names)}, got {value!r}")
+        if convert is not None:
+            try:
+                return convert(value)
+            except (ValueError, TypeError, AddressError) as e:
+                raise self.error(key, str(e)) from None
+        return value
+
+    def positive_int(self, key: str, default: int) -> int:
+        value = self.get(key, default, kind=int)
+        if value < 1:
+            raise self.error(key, f"must be at least 1, got {value}")
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(key, list(default), kind=list)
+        for item in value:
+            if not isinstance(item, str):
+                raise self.error(key, f"expected a list of strings, got {item!r}")
+        return tuple(value)
+
+    def path(self, key: str, default: str) -> Path | None:
+        value = self.get(key, default, kind=str)
+        return Path(value) if value else None
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _network(value: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"bad network {value!r}, expected e.g. \"192.168.1.0/24\"") from None
+
+
+def _mailbox_or_empty(value: str) -> str:
+    if value:
+        parse_mailbox(value)
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}; got {value!r}")
+        return value
+    return check
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(data, str(path), path)
+
+
+def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None = None) -> Config:
+    top = _Section(source, "", data)
+    server = _server(_Section(source, "server", top.get("server", {}, kind=dict)))
+    listeners = _listeners(source, top.get("listeners", [], kind=list))
+    tls = _tls(_Section(source, "tls", top.get("tls", {}, kind=dict)))
+    auth = _auth(_Section(source, "auth", top.get("auth", {}, kind=dict)))
+    relay = _relay(_Section(source, "relay", top.get("relay", {}, kind=dict)))
+    domains = _domains(source, top.get("domains", {}, kind=dict))
+    limits = _limits(_Section(source, "limits", top.get("limits", {}, kind=dict)))
+    top.finish()
+
+    for listener in listeners:
+        if listener.tls != "off" and not tls.enabled:
+            raise ConfigError(
+                f"{source}: [tls] certificate: required by listener {listener.endpoint} "
+                f"(tls = \"{listener.tls}\")"
+            )
+    return Config(path, server, listeners, tls, auth, relay, domains, limits)
+
+
+def _server(s: _Section) -> ServerSection:
+    hostname = s.get("hostname", "", kind=str) or socket.getfqdn()
+    if not is_valid_domain(hostname):
+        raise s.error("hostname", f"not a valid host name: {hostname!r}")
+    postmaster = s.get("postmaster", "", _mailbox_or_empty, kind=str)
+    section = ServerSection(
+        hostname=hostname,
+        spool=Path(s.get("spool", "spool", kind=str)),
+        postmaster=postmaster,
+        vrfy=s.get("vrfy", False, kind=bool),
+        expn=s.get("expn", False, kind=bool),
+    )
+    s.finish()
+    return section
+
+
+def _listeners(source: str, items: list[Any]) -> tuple[Listener, ...]:
+    if not items:
+        return (Listener("tcp:2525:interface=127.0.0.1", "smtp", "off", False, False),)
+    result = []
+    for i, item in enumerate(items):
+        s = _Section(source, f"listeners #{i + 1}", item)
+        endpoint = s.get("endpoint", None, kind=str)
+        if not endpoint:
+            raise s.error("endpoint", "required, e.g. \"tcp:25\"")
+        role = s.get("role", "smtp", _choice("smtp", "submission", "odmr"), kind=str)
+        tls = s.get("tls", "off", _choice("off", "starttls", "implicit"), kind=str)
+        require_auth = s.get("require_auth", role in ("submission", "odmr"), kind=bool)
+        plaintext_auth = s.get("plaintext_auth", False, kind=bool)
+        s.finish()
+        result.append(Listener(endpoint, role, tls, require_auth, plaintext_auth))
+    return tuple(result)
+
+
+def _tls(s: _Section) -> TLSSection:
+    certificate = s.path("certificate", "")
+    key = s.path("key", "")
+    s.finish()
+    if certificate is not None:
+        if not certificate.is_file():
+            raise s.error("certificate", f"no such file: {certificate}")
+        key = key or certificate
+        if not key.is_file():
+            raise s.error("key", f"no such file: {key}")
+    elif key is not None:
+        raise s.error("certificate", "required when key is set")
+    return TLSSection(certificate, key)
+
+
+def _auth(s: _Section) -> AuthSection:
+    passwords = s.path("passwords", "")
+    section = AuthSection(
+        passwords=passwords,
+        max_failures=s.positive_int("max_failures", 3),
+        failures_per_client=s.positive_int("failures_per_client", 10),
+        failure_window=s.get("failure_window", "1h", parse_duration),
+        failure_delay=s.get("failure_delay", "1s", parse_duration),
+    )
+    s.finish()
+    return section
+
+
+def _relay(s: _Section) -> RelaySection:
+    networks = tuple(_network_or_error(s, v) for v in s.strings(
+        "mynetworks", ("127.0.0.0/8", "::1/128")))
+    smarthost = s.get("smarthost", "", kind=str)
+    if smarthost:
+        s.get("smarthost", "", lambda v: parse_hostport(v, 25))
+    nameservers = tuple(_nameserver(s, v) for v in s.strings("nameservers"))
+    section = RelaySection(
+        mynetworks=networks,
+        smarthost=smarthost,
+        smarthost_user=s.get("smarthost_user", "", kind=str),
+        smarthost_password_file=s.path("smarthost_password_file", ""),
+        smarthost_tls=s.get("smarthost_tls", "required",
+                            _choice("required", "verify", "opportunistic"), kind=str),
+        nameservers=nameservers,
+        dns_timeout=s.get("dns_timeout", "10s", parse_duration),
+        smtp_port=s.get("smtp_port", 25, _port, kind=int),
+        retry_min=s.get("retry_min", "5m", parse_duration),
+        retry_max=s.get("retry_max", "1h", parse_duration),
+        lifetime=s.get("lifetime", "5d", parse_duration),
+        delay_warning=s.get("delay_warning", "4h", parse_duration),
+        concurrency=s.positive_int("concurrency", 20),
+        concurrency_per_destination=s.positive_int("concurrency_per_destination", 5),
+        tls_verify=s.get("tls_verify", False, kind=bool),
+        connect_timeout=s.get("connect_timeout", "30s", parse_duration),
+    )
+    if section.smarthost_user and section.smarthost_password_file is None:
+        raise s.error("smarthost_password_file", "required when smarthost_user is set")
+    if section.smarthost_password_file and not section.smarthost_password_file.is_file():
+        raise s.error("smarthost_password_file", f"no such file: {section.smarthost_password_file}")
+    if section.retry_min <= 0 or section.retry_max < section.retry_min:
+        raise s.error("retry_max", "must be at least retry_min, and retry_min above zero")
+    s.finish()
+    return section
+
+
+def _port(value: int) -> int:
+    if not 0 < value < 65536:
+        raise ValueError(f"expected a port number 1-65535, got {value}")
+    return value
+
+
+def _network_or_error(s: _Section, value: str) -> IPNetwork:
+    try:
+        return _network(value)
+    except ValueError as e:
+        raise s.error("mynetworks", str(e)) from None
+
+
+def _nameserver(s: _Section, value: str) -> tuple[str, int]:
+    try:
+        host, port = parse_hostport(value, 53)
+        ipaddress.ip_address(host)
+        return host, port
+    except ValueError:
+        raise s.error("nameservers", f"expected \"ADDRESS[:PORT]\", got {value!r}") from None
+
+
+def _domains(source: str, table: dict[str, Any]) -> dict[str, Domain]:
+    domains = {}
+    for name, item in table.items():
+        s = _Section(source, f'domains."{name}"', item)
+        key = name.lower().rstrip(".")
+        if not is_valid_domain(key):
+            raise s.error(None, "not a valid domain name")
+        route = s.get("route", None, parse_route, kind=str)
+        if route is None:
+            raise s.error("route", "required: \"maildir:PATH\", \"smtp:[host]:port\" or \"hold\"")
+        etrn = s.get("etrn_route", None, parse_route, kind=str)
+        if etrn is not None and etrn.kind != "smtp":
+            raise s.error("etrn_route", "must be an smtp: route")
+        domain = Domain(
+            name=key,
+            route=route,
+            users=s.strings("users"),
+            aliases=s.path("aliases", ""),
+            pull_users=s.strings("pull_users"),
+            etrn_route=etrn,
+        )
+        if domain.aliases is not None and not domain.aliases.is_file():
+            raise s.error("aliases", f"no such file: {domain.aliases}")
+        s.finish()
+        domains[key] = domain
+    return domains
+
+
+def _limits(s: _Section) -> LimitsSection:
+    section = LimitsSection(
+        message_size=s.get("message_size", "25MB", parse_size),
+        recipients=s.positive_int("recipients", 100),
+        connections=s.positive_int("connections", 200),
+        connections_per_client=s.positive_int("connections_per_client", 20),
+        errors=s.positive_int("errors", 10),
+        command_timeout=s.get("command_timeout", "5m", parse_duration),
+        data_timeout=s.get("data_timeout", "3m", parse_duration),
+        command_line_length=s.get("command_line_length", 512, kind=int),
+        received_headers=s.positive_int("received_headers", 100),
+    )
+    if section.command_line_length < 512:
+        raise s.error("command_line_length", "must be at least 512 (RFC 5321 4.5.3.1.4)")
+    s.finish()
+    return section
+
+
+def default() -> Config:
+    """The config with no file: every default, one listener on 127.0.0.1:2525."""
+    return from_dict({}, "<defaults>")

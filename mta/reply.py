@@ -1,0 +1,148 @@
+"""SMTP replies: one value type and the catalogue of every text we send.
+
+A `Reply` is a three-digit code, an optional enhanced status code (RFC 3463 /
+RFC 5248) and one or more text lines.  `render()` gives the wire form with
+``250-`` continuation lines [RFC 5321 4.2.1] and the enhanced code on every
+line when the session negotiated ENHANCEDSTATUSCODES [RFC 2034 3].
+
+Reply texts live here and nowhere else, so that tests compare against the
+same constants the server sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str | None
+    lines: tuple[str, ...]
+
+    def __init__(self, code: int, enhanced: str | None, *lines: str) -> None:
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "enhanced", enhanced)
+        object.__setattr__(self, "lines", tuple(lines) or ("",))
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def with_text(self, *lines: str) -> "Reply":
+        return Reply(self.code, self.enhanced, *lines)
+
+    def render(self, enhanced: bool = True) -> bytes:
+        """Wire form, CRLF-terminated, continuation lines for multi-line replies."""
+        out = []
+        last = len(self.lines) - 1
+        for i, line in enumerate(self.lines):
+            sep = " " if i == last else "-"
+            if enhanced and self.enhanced:
+                text = f"{self.enhanced} {line}" if line else self.enhanced
+            else:
+                text = line
+            out.append(f"{self.code}{sep}{text}".rstrip(" ") + "\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __str__(self) -> str:
+        return self.render().decode("utf-8", "replace").rstrip("\r\n")
+
+
+# -- the catalogue ---------------------------------------------------------
+# Grouped by when they are sent.  Functions build the replies that carry data.
+
+def greeting(hostname: str) -> Reply:
+    return Reply(220, None, f"{hostname} ESMTP mta ready")
+
+
+def closing(hostname: str) -> Reply:
+    return Reply(221, "2.0.0", f"{hostname} closing connection")
+
+
+def helo_ok(hostname: str, client: str) -> Reply:
+    return Reply(250, None, f"{hostname} hello {client}")
+
+
+OK = Reply(250, "2.0.0", "OK")
+NOOP_OK = Reply(250, "2.0.0", "OK")
+RESET_OK = Reply(250, "2.0.0", "reset")
+SENDER_OK = Reply(250, "2.1.0", "sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "recipient OK")
+START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"OK queued as {queue_id}")
+
+
+def chunk_ok(size: int) -> Reply:
+    return Reply(250, "2.0.0", f"{size} octets received")
+
+
+VRFY_CANNOT = Reply(252, "2.5.2", "cannot VRFY user, but will accept message and attempt delivery")
+EXPN_DISABLED = Reply(502, "5.5.1", "EXPN not available")
+VRFY_DISABLED = Reply(502, "5.5.1", "VRFY not available")
+
+# 4xx
+SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, closing connection")
+TIMEOUT = Reply(421, "4.4.2", "timeout exceeded, closing connection")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "too many errors, closing connection")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections, try again later")
+TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "too many connections from your address, try again later")
+EARLY_TALKER = Reply(554, "5.5.0", "protocol violation: talked before the greeting")
+SPOOL_ERROR = Reply(451, "4.3.0", "local error in processing, message not accepted")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "too many recipients")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "insufficient system storage")
+
+# 5xx: syntax and ordering [RFC 5321 4.2.4, 4.1.4]
+UNKNOWN_COMMAND = Reply(500, "5.5.1", "command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "line too long")
+BAD_BYTES = Reply(500, "5.5.2", "command contains invalid characters")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "command not implemented")
+BAD_SEQUENCE = Reply(503, "5.5.1", "bad sequence of commands")
+NEED_HELO = Reply(503, "5.5.1", "send HELO/EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "need MAIL before RCPT")
+NEED_RCPT = Reply(503, "5.5.1", "need RCPT before DATA")
+NESTED_MAIL = Reply(503, "5.5.1", "sender already specified")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "no valid recipients")
+MIXED_DATA_BDAT = Reply(503, "5.5.1", "DATA and BDAT cannot be mixed in one transaction")
+BDAT_AFTER_FAILURE = Reply(503, "5.5.1", "previous BDAT failed, send RSET")
+PARAM_NOT_RECOGNIZED = Reply(555, "5.5.4", "parameter not recognized")
+PARAM_NOT_SUPPORTED = Reply(504, "5.5.4", "parameter not supported")
+
+
+def syntax_error(why: str, enhanced: str = "5.5.4") -> Reply:
+    return Reply(501, enhanced, why)
+
+
+def bad_parameter(why: str) -> Reply:
+    return Reply(501, "5.5.4", why)
+
+
+def unknown_parameter(name: str) -> Reply:
+    return Reply(555, "5.5.4", f"{name} parameter not recognized")
+
+
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "message size exceeds fixed maximum message size")
+DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "message has a line longer than 1000 octets")
+BARE_LINE_ENDING = Reply(550, "5.6.0", "message contains bare CR or bare LF; use CRLF line endings")
+LOOP_DETECTED = Reply(554, "5.4.6", "too many Received headers: mail loop")
+NON_ASCII_WITHOUT_SMTPUTF8 = Reply(553, "5.6.7", "non-ASCII address requires SMTPUTF8")
+BAD_SENDER = Reply(553, "5.1.7", "bad sender address syntax")
+BAD_RECIPIENT = Reply(553, "5.1.3", "bad recipient address syntax")
+RELAY_DENIED = Reply(554, "5.7.1", "relay access denied")
+NO_SUCH_USER = Reply(550, "5.1.1", "no such user here")
+AUTH_REQUIRED = Reply(530, "5.7.0", "authentication required")

@@ -1,0 +1,133 @@
+"""The envelope of a queued message: who sent it, to whom, and how far each recipient got.
+
+An `Envelope` is what the SMTP transaction established (reverse-path,
+forward-paths with their DSN parameters, client, body type) plus the
+delivery record (per-recipient state, attempts, next attempt, last error).
+It is stored as JSON beside the message data; `to_json`/`from_json` are the
+only serialisation, and `from_json` raises `EnvelopeError` on anything it
+cannot trust, so the spool can move the file to ``corrupt/``.
+
+Recipient states:
+
+- ``pending``: not yet delivered; `status`/`diagnostic` hold the last
+  temporary failure if any attempt was made (the message is "deferred").
+- ``delivered``: the next hop or the mailbox took it.
+- ``failed``: permanently failed (5xx, expiry, null MX...).
+
+`notified` is True once any DSN the recipient asked for (failure, success)
+has been injected into the spool, or none was due.  A message whose
+recipients are all final and notified is complete and is removed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ENVELOPE_VERSION = 1
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+_STATES = (PENDING, DELIVERED, FAILED)
+
+
+class EnvelopeError(ValueError):
+    """The stored envelope is unreadable or inconsistent."""
+
+
+@dataclass
+class Recipient:
+    address: str  # the forward-path as given in RCPT (without < >)
+    orcpt: str | None = None  # RFC 3461 ORCPT, decoded: "rfc822;user@example.org"
+    notify: tuple[str, ...] | None = None  # ("NEVER",) or subset of SUCCESS, FAILURE, DELAY; None = not given
+    state: str = PENDING
+    status: str | None = None  # last enhanced status code, e.g. "4.4.1"
+    diagnostic: str | None = None  # last remote reply or local reason
+    remote_mta: str | None = None  # host that gave `diagnostic`
+    updated: float | None = None  # time of the last state change
+    notified: bool = False
+    delay_warned: bool = False
+
+    @property
+    def is_final(self) -> bool:
+        return self.state != PENDING
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower().rstrip(".")
+
+    def wants(self, event: str) -> bool:
+        """Whether a DSN is due for `event` (SUCCESS, FAILURE, DELAY) [RFC 3461 4.1]."""
+        if self.notify is None:
+            # Absent NOTIFY: FAILURE, and DELAY at the MTA's discretion (we send it).
+            return event in ("FAILURE", "DELAY")
+        return event in self.notify
+
+
+@dataclass
+class Envelope:
+    queue_id: str
+    reverse_path: str  # "" for the null path <>
+    recipients: list[Recipient]
+    arrival: float
+    client_address: str = ""
+    client_helo: str = ""
+    client_hostname: str = ""
+    protocol: str = "ESMTP"  # SMTP | ESMTP | ESMTPS | ESMTPA | ESMTPSA | LOCAL
+    auth_identity: str | None = None
+    ret: str | None = None  # RFC 3461 RET: FULL | HDRS
+    envid: str | None = None  # RFC 3461 ENVID, decoded
+    body: str = "7BIT"  # 7BIT | 8BITMIME | BINARYMIME
+    smtputf8: bool = False
+    size: int = 0
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str | None = None
+    is_report: bool = False  # a DSN we generated: never bounced, never warned about
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    @property
+    def is_complete(self) -> bool:
+        return all(r.is_final and r.notified for r in self.recipients)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["version"] = ENVELOPE_VERSION
+        for r in data["recipients"]:
+            if r["notify"] is not None:
+                r["notify"] = list(r["notify"])
+        return json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Envelope":
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EnvelopeError(f"not JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise EnvelopeError("not a JSON object")
+        if data.pop("version", None) != ENVELOPE_VERSION:
+            raise EnvelopeError("unknown envelope version")
+        try:
+            recipients = []
+            for r in data.pop("recipients"):
+                if r.get("notify") is not None:
+                    r["notify"] = tuple(r["notify"])
+                recipient = Recipient(**r)
+                if recipient.state not in _STATES or not isinstance(recipient.address, str):
+                    raise EnvelopeError(f"bad recipient {r!r}")
+                recipients.append(recipient)
+            envelope = cls(recipients=recipients, **data)
+        except (TypeError, KeyError, AttributeError) as e:
+            raise EnvelopeError(f"bad envelope field: {e}") from None
+        if not recipients or not isinstance(envelope.queue_id, str):
+            raise EnvelopeError("envelope without recipients or queue id")
+        if not isinstance(envelope.reverse_path, str) or not isinstance(envelope.arrival, (int, float)):
+            raise EnvelopeError("bad reverse path or arrival time")
+        return envelope
