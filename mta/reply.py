@@ -146,3 +146,48 @@ BAD_RECIPIENT = Reply(553, "5.1.3", "bad recipient address syntax")
 RELAY_DENIED = Reply(554, "5.7.1", "relay access denied")
 NO_SUCH_USER = Reply(550, "5.1.1", "no such user here")
 AUTH_REQUIRED = Reply(530, "5.7.0", "authentication required")
+
+
+# -- trust: STARTTLS and AUTH ------------------------------------------------
+# Appended by the trust work (mta/server/auth.py, mta/server/tls.py).
+
+class ContinueRequest(Reply):
+    """A 334 continuation [RFC 4954 4]: ``"334" SP [base64] CRLF``.
+
+    The space stays even when the challenge is empty (PLAIN without an initial
+    response), which `Reply.render` would strip; 334 never carries an
+    enhanced status code.
+    """
+
+    def render(self, enhanced: bool = True) -> bytes:
+        return f"334 {self.lines[0]}\r\n".encode("ascii")
+
+
+def auth_challenge(base64_text: str) -> Reply:
+    return ContinueRequest(334, None, base64_text)
+
+
+# STARTTLS [RFC 3207 4]
+TLS_READY = Reply(220, "2.0.0", "ready to start TLS")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+TLS_NO_PARAMETERS = Reply(501, "5.5.4", "syntax error (no parameters allowed)")
+TLS_REQUIRED = Reply(530, "5.7.0", "must issue a STARTTLS command first")
+
+# AUTH [RFC 4954 4, 6]
+AUTH_OK = Reply(235, "2.7.0", "authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "authentication credentials invalid")
+AUTH_CANCELLED = Reply(501, "5.0.0", "authentication cancelled")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "cannot decode base64 response")
+AUTH_MALFORMED = Reply(501, "5.5.2", "malformed authentication response")
+AUTH_NO_INITIAL_RESPONSE = Reply(501, "5.5.4", "this mechanism does not take an initial response")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "authentication exchange line is too long")
+AUTH_ALREADY = Reply(503, "5.5.1", "already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not permitted during a mail transaction")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "authentication not enabled")
+AUTH_MECH_UNKNOWN = Reply(504, "5.5.4", "unrecognized authentication mechanism")
+AUTH_ENCRYPTION_REQUIRED = Reply(
+    538, "5.7.11", "encryption required for requested authentication mechanism")
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "temporary authentication failure")
+AUTH_TOO_MANY_FAILURES = Reply(
+    421, "4.7.0", "too many authentication failures, closing connection")
