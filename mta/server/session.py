@@ -1,0 +1,572 @@
+"""The SMTP state machine: one command in, one Reply out.
+
+`Session` is the per-connection state (greeting, TLS, AUTH, counters);
+`Transaction` is the per-message state, replaced on RSET, on a new
+EHLO/HELO and after each message [RFC 5321 4.1.4].  Neither does network
+I/O: the Twisted adapter (protocol.py) feeds lines and body bytes in and
+writes replies out.
+
+`command(line)` returns a Reply, or a Deferred firing with one when the
+answer needs the disk or a password check.  After it the adapter looks at
+`body` (a DATA/BDAT reader now wants the bytes that follow), `closing`
+(send the reply, then close) and `starttls` (hand the transport to TLS).
+
+States (`Phase`): connected -> greeted -> mail (MAIL seen) -> rcpt
+(a recipient accepted) -> data (a body is being read); ordering errors are
+503, bad arguments 501, unknown commands 500 [RFC 5321 4.2.4, 4.1.4].
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from datetime import datetime, timezone
+from typing import Callable
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from mta import reply
+from mta.address import AddressError, Mailbox, parse_params, parse_path, split_path_and_params, \
+    xtext_decode
+from mta.config import Config, Listener
+from mta.reply import Reply
+from mta.server.dataread import BodyReader, ChunkReader, DataReader
+from mta.server.policy import Policy
+from mta.spool.envelope import Envelope, Recipient
+from mta.spool.store import Incoming, Spool
+
+log = Logger(namespace="mta.smtpd")
+
+MAX_ENVID = 100  # RFC 3461 4.4
+MAX_ORCPT = 500  # RFC 3461 4.2
+DSN_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+
+
+class Phase(enum.Enum):
+    CONNECTED = "connected"
+    GREETED = "greeted"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+@dataclass
+class Transaction:
+    reverse_path: Mailbox | None = None  # None with `started` = the null path <>
+    started: bool = False
+    smtputf8: bool = False
+    body_type: str = "7BIT"
+    ret: str | None = None
+    envid: str | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+    rcpt_attempts: int = 0
+    mode: str | None = None  # "DATA" or "BDAT" once a body started
+    incoming: Incoming | None = None
+    body: BodyReader | None = None
+
+
+@dataclass
+class ServerContext:
+    """What every session of one listener shares."""
+
+    config: Config
+    listener: Listener
+    spool: Spool
+    on_queued: Callable[[Envelope], None] = lambda envelope: None
+    clock: Callable[[], float] = time.time
+    run_blocking: Callable[..., defer.Deferred] = threads.deferToThread
+
+
+# -- the command table ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    syntax: str
+    help: str
+    handler: Callable[["Session", str], "Reply | defer.Deferred"]
+
+
+_VERBS: dict[str, Verb] = {}
+
+
+def verb(name: str, syntax: str, help: str) -> Callable:
+    """Register a command handler with its HELP text; aliases share a handler."""
+    def register(handler: Callable) -> Callable:
+        _VERBS[name] = Verb(name, syntax, help, handler)
+        return handler
+    return register
+
+
+class Session:
+    def __init__(self, context: ServerContext, client_address: str, client_port: int = 0,
+                 tls: bool = False) -> None:
+        self.context = context
+        self.config = context.config
+        self.listener = context.listener
+        self.policy = Policy(self.config, self.listener)
+        self.hostname = self.config.server.hostname
+        self.client_address = client_address
+        self.client_port = client_port
+        self.phase = Phase.CONNECTED
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls = tls
+        self.authenticated: str | None = None
+        self.transaction = Transaction()
+        self.errors = 0
+        self.body: BodyReader | None = None
+        self.closing = False
+        self.starttls = False
+        self.expects_sasl = False  # the next line is a SASL response, not a command
+
+    # -- replies ---------------------------------------------------------------
+
+    @property
+    def enhanced(self) -> bool:
+        """Enhanced codes once ENHANCEDSTATUSCODES was offered in an EHLO [RFC 2034 3]."""
+        return self.esmtp
+
+    def greeting(self) -> Reply:
+        return reply.greeting(self.hostname)
+
+    # -- dispatch ----------------------------------------------------------------
+
+    def command(self, line: bytes) -> Reply | defer.Deferred:
+        if b"\x00" in line:
+            return reply.BAD_BYTES
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return reply.BAD_BYTES
+        name, _, arg = text.partition(" ")
+        found = _VERBS.get(name.upper())
+        if found is None:
+            return reply.UNKNOWN_COMMAND
+        return found.handler(self, arg.strip(" "))
+
+    def reset_transaction(self) -> None:
+        if self.transaction.incoming is not None:
+            self.transaction.incoming.abort()
+        self.transaction = Transaction()
+        self.body = None
+        if self.phase in (Phase.MAIL, Phase.RCPT, Phase.DATA):
+            self.phase = Phase.GREETED
+
+    def connection_lost(self) -> None:
+        """Whatever was being received and not committed is forgotten."""
+        self.reset_transaction()
+
+    # -- greeting and housekeeping ---------------------------------------------
+
+    @verb("EHLO", "EHLO <domain>", "Extended hello: start an ESMTP session")
+    def ehlo(self, arg: str) -> Reply:
+        if not arg:
+            return reply.syntax_error("EHLO requires a domain or address literal", "5.5.4")
+        self._greet(arg, esmtp=True)
+        return Reply(250, None, f"{self.hostname} hello {arg} [{self.client_address}]",
+                     *self.extensions())
+
+    @verb("HELO", "HELO <domain>", "Hello: start an SMTP session")
+    def helo_(self, arg: str) -> Reply:
+        if not arg:
+            return reply.syntax_error("HELO requires a domain or address literal", "5.5.4")
+        self._greet(arg, esmtp=False)
+        return reply.helo_ok(self.hostname, arg)
+
+    def _greet(self, name: str, esmtp: bool) -> None:
+        self.reset_transaction()
+        self.helo = name
+        self.esmtp = esmtp
+        self.phase = Phase.GREETED
+
+    def extensions(self) -> list[str]:
+        """EHLO keywords [RFC 5321 4.1.1.1]; only what works end to end is offered."""
+        return [
+            "PIPELINING",
+            f"SIZE {self.config.limits.message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+            "CHUNKING",
+            "HELP",
+            # RFC 5321 Appendix F.6: implemented, so advertised.
+            "SEND",
+            "SOML",
+            "SAML",
+        ]
+
+    @verb("RSET", "RSET", "Abort the current mail transaction")
+    def rset(self, arg: str) -> Reply:
+        if arg:
+            return reply.syntax_error("RSET takes no arguments")
+        self.reset_transaction()
+        return reply.RESET_OK
+
+    @verb("NOOP", "NOOP [string]", "Do nothing")
+    def noop(self, arg: str) -> Reply:
+        return reply.NOOP_OK
+
+    @verb("QUIT", "QUIT", "Close the connection")
+    def quit(self, arg: str) -> Reply:
+        if arg:
+            return reply.syntax_error("QUIT takes no arguments")
+        self.reset_transaction()
+        self.closing = True
+        return reply.closing(self.hostname)
+
+    @verb("HELP", "HELP [command]", "Show the commands, or one command's syntax")
+    def help(self, arg: str) -> Reply:
+        if arg:
+            found = _VERBS.get(arg.upper())
+            if found is None:
+                return Reply(504, "5.5.1", f"HELP: unknown command {arg}")
+            return Reply(214, "2.0.0", found.syntax, found.help)
+        names = " ".join(sorted(_VERBS))
+        return Reply(214, "2.0.0", f"Commands: {names}",
+                     "HELP <command> gives the syntax of one; RFC 5321 has the rest")
+
+    @verb("VRFY", "VRFY <user>", "Verify an address (not disclosed: 252)")
+    def vrfy(self, arg: str) -> Reply:
+        if not arg:
+            return reply.syntax_error("VRFY requires an argument")
+        # RFC 5321 3.5.3: 252 when we will accept but do not verify.
+        return reply.VRFY_CANNOT
+
+    @verb("EXPN", "EXPN <list>", "Expand a mailing list (not offered)")
+    def expn(self, arg: str) -> Reply:
+        if not arg:
+            return reply.syntax_error("EXPN requires an argument")
+        return reply.EXPN_DISABLED
+
+    # Commands of later stages: not advertised, so refused honestly.
+    @verb("STARTTLS", "STARTTLS", "Start TLS (not offered on this listener)")
+    def starttls_(self, arg: str) -> Reply:
+        return reply.NOT_IMPLEMENTED
+
+    @verb("AUTH", "AUTH <mechanism> [initial-response]", "Authenticate (not offered)")
+    def auth(self, arg: str) -> Reply:
+        return reply.NOT_IMPLEMENTED
+
+    @verb("ETRN", "ETRN <domain>", "Start a queue run (not offered)")
+    def etrn(self, arg: str) -> Reply:
+        return reply.NOT_IMPLEMENTED
+
+    @verb("ATRN", "ATRN [domain,...]", "On-demand relay (not offered)")
+    def atrn(self, arg: str) -> Reply:
+        return reply.NOT_IMPLEMENTED
+
+    @verb("TURN", "TURN", "Turn the connection round (not offered)")
+    def turn(self, arg: str) -> Reply:
+        return reply.NOT_IMPLEMENTED
+
+    # -- the transaction ---------------------------------------------------------
+
+    @verb("MAIL", "MAIL FROM:<reverse-path> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8] "
+                  "[RET=FULL|HDRS] [ENVID=id]", "Start a mail transaction")
+    def mail(self, arg: str) -> Reply:
+        return self._mail(arg, "MAIL")
+
+    @verb("SEND", "SEND FROM:<reverse-path> [parameters]", "Taken as MAIL (RFC 821)")
+    def send(self, arg: str) -> Reply:
+        return self._mail(arg, "SEND")
+
+    @verb("SOML", "SOML FROM:<reverse-path> [parameters]", "Taken as MAIL (RFC 821)")
+    def soml(self, arg: str) -> Reply:
+        return self._mail(arg, "SOML")
+
+    @verb("SAML", "SAML FROM:<reverse-path> [parameters]", "Taken as MAIL (RFC 821)")
+    def saml(self, arg: str) -> Reply:
+        return self._mail(arg, "SAML")
+
+    def _mail(self, arg: str, name: str) -> Reply:
+        if self.phase == Phase.CONNECTED:
+            return reply.NEED_HELO
+        if self.transaction.started:
+            return reply.NESTED_MAIL
+        if not arg[:5].upper() == "FROM:":
+            return reply.syntax_error(f"syntax: {name} FROM:<address>")
+        try:
+            path, param_text = split_path_and_params(arg[5:])
+            params = parse_params(param_text)
+        except AddressError as e:
+            return reply.syntax_error(str(e))
+        if params and not self.esmtp:
+            return reply.unknown_parameter(next(iter(params)))
+        tx = Transaction()
+        refused = self._mail_params(tx, params)
+        if refused is not None:
+            return refused
+        try:
+            tx.reverse_path = parse_path(path, utf8=tx.smtputf8, null_ok=True)
+        except AddressError as e:
+            if not tx.smtputf8 and not path.isascii():
+                return reply.NON_ASCII_WITHOUT_SMTPUTF8
+            return reply.BAD_SENDER.with_text(f"bad sender address: {e}")
+        declared = int(params["SIZE"]) if params.get("SIZE") else None
+        refused = self.policy.check_mail(self.authenticated, declared)
+        if refused is not None:
+            return refused
+        tx.started = True
+        self.transaction = tx
+        self.phase = Phase.MAIL
+        return reply.SENDER_OK
+
+    def _mail_params(self, tx: Transaction, params: dict[str, str | None]) -> Reply | None:
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return reply.bad_parameter("SIZE requires a number of octets")
+            elif key == "BODY":
+                body = (value or "").upper()
+                if body not in ("7BIT", "8BITMIME"):
+                    return reply.PARAM_NOT_SUPPORTED.with_text(f"BODY={value} not supported")
+                tx.body_type = body
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return reply.bad_parameter("SMTPUTF8 takes no value")
+                tx.smtputf8 = True
+            elif key == "RET":
+                ret = (value or "").upper()
+                if ret not in ("FULL", "HDRS"):
+                    return reply.bad_parameter("RET must be FULL or HDRS")
+                tx.ret = ret
+            elif key == "ENVID":
+                try:
+                    envid = xtext_decode(value or "")
+                except AddressError:
+                    return reply.bad_parameter("ENVID must be xtext")
+                if not envid or len(value or "") > MAX_ENVID:
+                    return reply.bad_parameter("ENVID must be 1 to 100 characters")
+                tx.envid = envid
+            else:
+                return reply.unknown_parameter(key)
+        return None
+
+    @verb("RCPT", "RCPT TO:<forward-path> [NOTIFY=NEVER|SUCCESS,FAILURE,DELAY] "
+                  "[ORCPT=type;address]", "Add a recipient")
+    def rcpt(self, arg: str) -> Reply:
+        if self.phase == Phase.CONNECTED:
+            return reply.NEED_HELO
+        tx = self.transaction
+        if not tx.started or tx.mode is not None:
+            return reply.NEED_MAIL if not tx.started else reply.BAD_SEQUENCE
+        if not arg[:3].upper() == "TO:":
+            return reply.syntax_error("syntax: RCPT TO:<address>")
+        tx.rcpt_attempts += 1
+        try:
+            path, param_text = split_path_and_params(arg[3:])
+            params = parse_params(param_text)
+        except AddressError as e:
+            return reply.syntax_error(str(e))
+        if params and not self.esmtp:
+            return reply.unknown_parameter(next(iter(params)))
+        try:
+            mailbox = parse_path(path, utf8=tx.smtputf8, allow_bare_postmaster=True)
+        except AddressError as e:
+            if not tx.smtputf8 and not path.isascii():
+                return reply.NON_ASCII_WITHOUT_SMTPUTF8
+            return reply.BAD_RECIPIENT.with_text(f"bad recipient address: {e}")
+        recipient = Recipient(str(mailbox))
+        refused = self._rcpt_params(recipient, params)
+        if refused is not None:
+            return refused
+        if len(tx.recipients) >= self.config.limits.recipients:
+            return reply.TOO_MANY_RECIPIENTS  # RFC 5321 4.5.3.1.10
+        refused = self.policy.check_rcpt(mailbox, self.client_address, self.authenticated)
+        if refused is not None:
+            return refused
+        if mailbox.is_postmaster and not mailbox.domain:
+            recipient.address = self.policy.postmaster()
+        tx.recipients.append(recipient)
+        self.phase = Phase.RCPT
+        return reply.RECIPIENT_OK
+
+    @staticmethod
+    def _rcpt_params(recipient: Recipient, params: dict[str, str | None]) -> Reply | None:
+        for key, value in params.items():
+            if key == "NOTIFY":
+                items = tuple((value or "").upper().split(","))
+                if items != ("NEVER",) and not (set(items) <= DSN_NOTIFY and
+                                                len(set(items)) == len(items)):
+                    return reply.bad_parameter(
+                        "NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+                recipient.notify = items
+            elif key == "ORCPT":
+                addr_type, semi, addr = (value or "").partition(";")
+                if not semi or not addr_type or len(value or "") > MAX_ORCPT:
+                    return reply.bad_parameter("ORCPT must be addr-type;address")
+                try:
+                    decoded = xtext_decode(addr)
+                except AddressError:
+                    return reply.bad_parameter("ORCPT address must be xtext")
+                recipient.orcpt = f"{addr_type.lower()};{decoded}"
+            else:
+                return reply.unknown_parameter(key)
+        return None
+
+    def _body_refused(self) -> Reply | None:
+        """The ordering checks DATA and BDAT share [RFC 5321 4.1.4, RFC 2920 3.1]."""
+        if self.phase == Phase.CONNECTED:
+            return reply.NEED_HELO
+        tx = self.transaction
+        if not tx.started:
+            return reply.NEED_MAIL
+        if not tx.recipients:
+            # With PIPELINING, DATA after only failed RCPTs gets 554 [RFC 2920 3.1].
+            return reply.NO_VALID_RECIPIENTS if tx.rcpt_attempts else reply.NEED_RCPT
+        return None
+
+    @verb("DATA", "DATA", "Send the message, ended by a line with a single dot")
+    def data(self, arg: str) -> Reply:
+        if arg:
+            return reply.syntax_error("DATA takes no arguments")
+        refused = self._body_refused()
+        if refused is not None:
+            return refused
+        tx = self.transaction
+        if tx.mode is not None:
+            return reply.MIXED_DATA_BDAT
+        opened = self._open_incoming()
+        if opened is not None:
+            return opened
+        tx.mode = "DATA"
+        tx.body = DataReader(tx.incoming, self.config.limits.message_size,
+                             self.config.limits.received_headers)
+        self.body = tx.body
+        self.phase = Phase.DATA
+        return reply.START_DATA
+
+    @verb("BDAT", "BDAT <size> [LAST]", "Send a chunk of the message (RFC 3030)")
+    def bdat(self, arg: str) -> Reply | None:
+        parts = arg.split()
+        if not (1 <= len(parts) <= 2 and parts[0].isdigit() and len(parts[0]) <= 20
+                and (len(parts) == 1 or parts[1].upper() == "LAST")):
+            return reply.syntax_error("syntax: BDAT <size> [LAST]")
+        size, last = int(parts[0]), len(parts) == 2
+        limits = self.config.limits
+        if size > limits.message_size + 1024 * 1024:
+            # We cannot stay in step without reading it all: refuse and close.
+            self.closing = True
+            return reply.MESSAGE_TOO_BIG.with_text("chunk exceeds the maximum message size")
+        tx = self.transaction
+        refused = self._body_refused() or (reply.MIXED_DATA_BDAT if tx.mode == "DATA" else None)
+        if refused is None and tx.incoming is None:
+            refused = self._open_incoming()
+        if refused is not None:
+            # RFC 3030 3: the chunk's octets are read even when the command fails.
+            self.body = ChunkReader(None, _NullIncoming(), size, 0, 0, discard=True)
+            self._chunk_outcome = (refused, False)
+            return None
+        tx.mode = "BDAT"
+        tx.body = ChunkReader(tx.body, tx.incoming, size, limits.message_size,
+                              limits.received_headers)
+        self.body = tx.body
+        self._chunk_outcome = (None, last)
+        return None
+
+    def _open_incoming(self) -> Reply | None:
+        try:
+            incoming = self.context.spool.receive()
+            incoming.write(self._received_header(incoming.queue_id))
+        except OSError as e:
+            log.error("cannot open a spool file: {error}", error=e)
+            return reply.SPOOL_ERROR
+        self.transaction.incoming = incoming
+        return None
+
+    def body_done(self) -> Reply | defer.Deferred:
+        """The reader in `body` has all its bytes: answer the DATA or the BDAT chunk."""
+        reader, self.body = self.body, None
+        tx = self.transaction
+        if isinstance(reader, ChunkReader):
+            refused, last = self._chunk_outcome
+            if refused is not None:
+                return refused
+            if not last:
+                if reader.too_big:
+                    self.reset_transaction()
+                    return reply.MESSAGE_TOO_BIG
+                return reply.chunk_ok(reader.chunk_size)
+        problem = reader.problem
+        if problem is not None:
+            self.reset_transaction()
+            return problem
+        return self._commit()
+
+    def _commit(self) -> defer.Deferred:
+        tx = self.transaction
+        incoming = tx.incoming
+        envelope = Envelope(
+            queue_id=incoming.queue_id,
+            reverse_path=str(tx.reverse_path) if tx.reverse_path else "",
+            recipients=tx.recipients,
+            arrival=self.context.clock(),
+            client_address=self.client_address,
+            client_helo=self.helo or "",
+            protocol=self.protocol_name(),
+            auth_identity=self.authenticated,
+            ret=tx.ret,
+            envid=tx.envid,
+            body=tx.body_type,
+            smtputf8=tx.smtputf8,
+        )
+        tx.incoming = None  # the spool owns it now, whatever happens
+        self.transaction = Transaction()
+        self.phase = Phase.GREETED
+
+        def committed(queue_id: str) -> Reply:
+            log.info("{queue_id}: client=[{client}], from=<{sender}>, nrcpt={n}, size={size}",
+                     queue_id=queue_id, client=self.client_address, sender=envelope.reverse_path,
+                     n=len(envelope.recipients), size=envelope.size)
+            self.context.on_queued(envelope)
+            return reply.queued(queue_id)
+
+        def failed(failure) -> Reply:
+            log.failure("spool commit failed for {queue_id}", failure, queue_id=incoming.queue_id)
+            return reply.SPOOL_ERROR
+
+        d = self.context.run_blocking(self.context.spool.commit, incoming, envelope)
+        return d.addCallbacks(committed, failed)
+
+    # -- Received: [RFC 5321 4.4] --------------------------------------------------
+
+    def protocol_name(self) -> str:
+        """The ``with`` keyword [RFC 3848, RFC 6531 for UTF8SMTP]."""
+        if not self.esmtp:
+            return "SMTP"
+        base = "UTF8SMTP" if self.transaction.smtputf8 else "ESMTP"
+        return base + ("S" if self.tls else "") + ("A" if self.authenticated else "")
+
+    def _received_header(self, queue_id: str) -> bytes:
+        tx = self.transaction
+        helo = _header_safe(self.helo or "unknown")
+        lines = [f"Received: from {helo} ([{self.client_address}])",
+                 f"\tby {self.hostname} (mta) with {self.protocol_name()} id {queue_id}"]
+        if self.authenticated:
+            lines[-1] += f" (authenticated as {_header_safe(self.authenticated)})"
+        if len(tx.recipients) == 1:
+            lines.append(f"\tfor <{_header_safe(tx.recipients[0].address)}>;")
+        else:
+            lines[-1] += ";"
+        now = datetime.fromtimestamp(self.context.clock(), timezone.utc).astimezone()
+        lines.append(f"\t{format_datetime(now)}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+class _NullIncoming:
+    """Where the octets of a refused BDAT chunk go: nowhere."""
+
+    size = 0
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c for c in text if c.isprintable() and c not in "()\\")[:200]
+

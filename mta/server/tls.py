@@ -1,0 +1,307 @@
+"""TLS: the server's certificate (STARTTLS and implicit TLS), client options, make-cert.
+
+What it owns:
+
+- `ServerTLS`, built from ``[tls] certificate`` and ``key``: an
+  `IOpenSSLServerConnectionCreator` that ``transport.startTLS(server_tls)``
+  (STARTTLS, RFC 3207) and `wrap_factory` (implicit TLS on 465, RFC 8314 3.3)
+  both take.  Its context allows TLS 1.2 and 1.3 only, no compression (CRIME),
+  no renegotiation, server cipher preference.  `reload()` re-reads the files
+  (on SIGHUP, say) and swaps the context for new handshakes; sessions already
+  running keep the one they started with.  If the new files are bad, reload
+  logs the error and keeps the old context.
+- `client_options(hostname, verify)` for the outbound SMTP client: with
+  `verify`, Twisted's `optionsForClientTLS` (chain to a trust root, and the
+  name checked by service-identity); without, opportunistic TLS [RFC 7435]:
+  encrypt, send SNI, but accept any certificate (as Postfix's "may" level).
+- `make_cert(cert_path, key_path, hostname)` for ``mta make-cert``: a
+  self-signed certificate (RSA 2048, SHA-256) naming `hostname`, localhost,
+  127.0.0.1 and ::1.
+
+Cipher choice: the TLS 1.2 list prefers forward-secret AEAD suites, then
+keeps ECDHE-CBC and RSA-AES-GCM for old peers, because on port 25 a failed
+handshake usually means the peer retries in plain text [RFC 7435 3]; RC4,
+3DES, NULL, export and anonymous suites are out.  TLS 1.3 suites are
+OpenSSL's defaults, which are all good.
+
+What errors mean: `TLSConfigError` is a certificate or key we cannot use
+(missing file, bad PEM, a key that does not match, an encrypted key); its
+message is one line naming the file.  Handshake failures surface on the
+connection, as Twisted reports them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from mta.safeio import write_atomic
+
+log = Logger()
+
+SERVER_CIPHERS = (
+    "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:RSA+AESGCM"
+    ":!aNULL:!eNULL:!EXPORT:!MD5:!RC4:!3DES:!DSS:!PSK:!SRP:!AESCCM8"
+)
+_OPTIONS = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_NO_RENEGOTIATION
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | SSL.OP_SINGLE_ECDH_USE
+)
+EXPIRY_WARNING = datetime.timedelta(days=14)
+
+
+class TLSConfigError(Exception):
+    """A certificate or key we cannot use; the message is one line naming the file."""
+
+
+# -- the server side -------------------------------------------------------------------
+
+def server_context(certificate: Path, key: Path) -> SSL.Context:
+    """A fresh context for `certificate` (a PEM chain, leaf first) and its `key`."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(_OPTIONS)
+    context.set_cipher_list(SERVER_CIPHERS.encode("ascii"))
+    # An encrypted key would make OpenSSL prompt on the terminal: refuse instead.
+    context.set_passwd_cb(_no_passphrase)
+    try:
+        context.use_certificate_chain_file(str(certificate))
+    except SSL.Error as e:
+        raise TLSConfigError(f"{certificate}: cannot load certificate: {_why(e)}") from None
+    try:
+        context.use_privatekey_file(str(key))
+    except SSL.Error as e:
+        raise TLSConfigError(f"{key}: cannot load private key: {_why(e)}") from None
+    try:
+        context.check_privatekey()
+    except SSL.Error:
+        raise TLSConfigError(f"{key}: private key does not match {certificate}") from None
+    return context
+
+
+def _no_passphrase(max_length: int, verify: bool, userdata: Any) -> bytes:
+    raise TLSConfigError("private key is encrypted; mta needs an unencrypted key")
+
+
+def _why(error: SSL.Error) -> str:
+    """OpenSSL's error queue, a list of (library, function, reason), as one short line."""
+    queue = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [str(item[-1]) for item in queue if isinstance(item, tuple) and item]
+    return "; ".join(reasons) or str(error) or "unknown OpenSSL error"
+
+
+def describe_certificate(path: Path) -> str:
+    """Subject and expiry of the first certificate in `path`, for the log."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return f"{cert.subject.rfc4514_string()}, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+
+
+def _expiry_check(path: Path, now: datetime.datetime | None = None) -> None:
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        not_after = x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+    except (OSError, ValueError):
+        return  # OpenSSL accepted it: a format we cannot read here is not worth failing for
+    if not_after < now:
+        log.error("TLS certificate {path} expired on {when:%Y-%m-%d}", path=path, when=not_after)
+    elif not_after - now < EXPIRY_WARNING:
+        log.warn(  # noqa: G010 (twisted.logger has no .warning)
+            "TLS certificate {path} expires on {when:%Y-%m-%d}", path=path, when=not_after)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The server's TLS settings; give it to ``transport.startTLS`` or use `wrap_factory`.
+
+    Raises `TLSConfigError` when the files cannot be used at start.
+    """
+
+    def __init__(self, certificate: str | Path, key: str | Path | None = None) -> None:
+        self.certificate = Path(certificate)
+        self.key = Path(key) if key is not None else self.certificate
+        self._context = self._load()
+
+    @classmethod
+    def from_config(cls, tls: Any) -> ServerTLS | None:
+        """From the ``[tls]`` section; None when no certificate is configured."""
+        if tls.certificate is None:
+            return None
+        return cls(tls.certificate, tls.key)
+
+    def _load(self) -> SSL.Context:
+        context = server_context(self.certificate, self.key)
+        _expiry_check(self.certificate)
+        return context
+
+    def reload(self) -> bool:
+        """Re-read the files; True if new handshakes now use them, False if we kept the old."""
+        try:
+            context = self._load()
+        except (TLSConfigError, OSError) as e:
+            log.error("TLS reload failed, keeping the previous certificate: {why}", why=e)
+            return False
+        self._context = context
+        log.info("TLS certificate reloaded: {what}", what=self._describe())
+        return True
+
+    def _describe(self) -> str:
+        try:
+            return describe_certificate(self.certificate)
+        except (OSError, ValueError):
+            return str(self.certificate)
+
+    def serverConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        """Twisted's hook: one `Connection` per handshake, from the current context."""
+        return SSL.Connection(self._context, None)
+
+    def wrap_factory(self, factory: IProtocolFactory) -> TLSMemoryBIOFactory:
+        """Implicit TLS (465, RFC 8314 3.3): `factory`'s protocols speak inside TLS from
+        the first byte.  Listen with a plain ``tcp:`` endpoint and this factory."""
+        return TLSMemoryBIOFactory(self, False, factory)
+
+
+# -- the client side ---------------------------------------------------------------------
+
+def client_options(hostname: str, verify: bool,
+                   trust_root: str | Path | None = None) -> IOpenSSLClientConnectionCreator:
+    """TLS options for connecting to `hostname` (give them to ``startTLS``).
+
+    With `verify`, the chain must lead to `trust_root` (a PEM file of CA
+    certificates; default: the platform's store) and the certificate must
+    name `hostname` (service-identity).  Without, any certificate is taken.
+    Both send SNI when `hostname` is a DNS name, and neither goes below TLS 1.2.
+    """
+    if not verify:
+        return OpportunisticClientTLS(hostname)
+    trust = _trust_root(Path(trust_root)) if trust_root is not None else None
+    return optionsForClientTLS(
+        hostname, trustRoot=trust,
+        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+    )
+
+
+def _trust_root(path: Path) -> Any:
+    try:
+        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise TLSConfigError(f"{path}: cannot load CA certificates: {e}") from None
+    return trustRootFromCertificates([
+        Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certificates
+    ])
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class OpportunisticClientTLS:
+    """Encrypt without checking who is at the other end [RFC 7435]."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self._server_name = _sni_name(hostname)
+        self._context = SSL.Context(SSL.TLS_METHOD)
+        self._context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+        self._context.set_verify(SSL.VERIFY_NONE)
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        if self._server_name is not None:
+            connection.set_tlsext_host_name(self._server_name)
+        return connection
+
+
+def _sni_name(hostname: str) -> bytes | None:
+    """SNI carries DNS names only, never address literals [RFC 6066 3]."""
+    name = hostname.strip("[]").rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        pass
+    try:
+        return name.encode("idna")
+    except UnicodeError:
+        return None
+
+
+# -- mta make-cert ------------------------------------------------------------------------
+
+def make_cert(cert_path: str | Path, key_path: str | Path, hostname: str,
+              days: int = 825) -> None:
+    """Write a self-signed certificate for `hostname` (PEM) and its key (PEM, mode 0600).
+
+    The names are `hostname`, ``localhost``, 127.0.0.1 and ::1, so local
+    tests and clients can check them.  When both paths are the same file, it
+    holds the key followed by the certificate.
+    """
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(_alt_names(hostname)), critical=False)
+        # Self-signed: it is its own trust anchor, so it is marked as a CA
+        # (as `openssl req -x509` does) with the key usages that implies.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_encipherment=True, key_cert_sign=True,
+            content_commitment=False, data_encipherment=False, key_agreement=False,
+            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    if Path(cert_path).resolve() == Path(key_path).resolve():
+        write_atomic(cert_path, key_pem + cert_pem, 0o600)
+        return
+    write_atomic(key_path, key_pem, 0o600)
+    write_atomic(cert_path, cert_pem, 0o644)
+
+
+def _alt_names(hostname: str) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for dns in dict.fromkeys([hostname, "localhost"]):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(dns)))
+        except ValueError:
+            names.append(x509.DNSName(dns.encode("idna").decode("ascii")))
+    for address in ("127.0.0.1", "::1"):
+        ip = x509.IPAddress(ipaddress.ip_address(address))
+        if ip not in names:
+            names.append(ip)
+    return names
