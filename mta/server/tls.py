@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -46,6 +47,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
+    IReactorTime,
 )
 from twisted.internet.ssl import (
     Certificate,
@@ -86,25 +88,32 @@ def server_context(certificate: Path, key: Path) -> SSL.Context:
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_options(_OPTIONS)
     context.set_cipher_list(SERVER_CIPHERS.encode("ascii"))
-    # An encrypted key would make OpenSSL prompt on the terminal: refuse instead.
-    context.set_passwd_cb(_no_passphrase)
     try:
         context.use_certificate_chain_file(str(certificate))
     except SSL.Error as e:
         raise TLSConfigError(f"{certificate}: cannot load certificate: {_why(e)}") from None
     try:
-        context.use_privatekey_file(str(key))
-    except SSL.Error as e:
-        raise TLSConfigError(f"{key}: cannot load private key: {_why(e)}") from None
-    try:
+        context.use_privatekey(_private_key(key))
         context.check_privatekey()
     except SSL.Error:
         raise TLSConfigError(f"{key}: private key does not match {certificate}") from None
     return context
 
 
-def _no_passphrase(max_length: int, verify: bool, userdata: Any) -> bytes:
-    raise TLSConfigError("private key is encrypted; mta needs an unencrypted key")
+def _private_key(path: Path) -> Any:
+    """The first private key in a PEM file; never prompts for a passphrase."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TLSConfigError(f"{path}: cannot load private key: {e.strerror}") from None
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise TLSConfigError(
+            f"{path}: cannot load private key: it is encrypted; mta needs it unencrypted"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise TLSConfigError(f"{path}: cannot load private key: {e}") from None
 
 
 def _why(error: SSL.Error) -> str:
@@ -178,10 +187,14 @@ class ServerTLS:
         """Twisted's hook: one `Connection` per handshake, from the current context."""
         return SSL.Connection(self._context, None)
 
-    def wrap_factory(self, factory: IProtocolFactory) -> TLSMemoryBIOFactory:
+    def wrap_factory(self, factory: IProtocolFactory,
+                     clock: IReactorTime | None = None) -> TLSMemoryBIOFactory:
         """Implicit TLS (465, RFC 8314 3.3): `factory`'s protocols speak inside TLS from
-        the first byte.  Listen with a plain ``tcp:`` endpoint and this factory."""
-        return TLSMemoryBIOFactory(self, False, factory)
+        the first byte.  Listen with a plain ``tcp:`` endpoint and this factory.
+
+        `clock` (default: the reactor) schedules the flushing of buffered writes.
+        """
+        return TLSMemoryBIOFactory(self, False, factory, clock)
 
 
 # -- the client side ---------------------------------------------------------------------
