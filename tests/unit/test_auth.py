@@ -6,7 +6,9 @@ import hashlib
 import hmac
 import io
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -212,6 +214,12 @@ class SomeHashedPassword:
 # -- the checker ------------------------------------------------------------------------
 
 class CheckerTests(SynchronousTestCase):
+    def mktemp(self):
+        """A fresh path in a temporary directory (trial's would land in the working tree)."""
+        directory = tempfile.mkdtemp(prefix="mta-test-auth-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return os.path.join(directory, "passwords")
+
     def setUp(self):
         self.path = Path(self.mktemp())
         auth.set_password(self.path, "alice", "wonderland")

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import shutil
 import smtplib
 import ssl
 import stat
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -407,8 +409,8 @@ class OverSockets(TrialTestCase):
     timeout = 30
 
     def setUp(self):
-        root = Path(self.mktemp())
-        root.mkdir()
+        root = Path(tempfile.mkdtemp(prefix="mta-test-tls-"))
+        self.addCleanup(shutil.rmtree, root, True)
         self.root = root
         tls.make_cert(root / "a.pem", root / "a.key", "localhost")
         tls.make_cert(root / "b.pem", root / "b.key", "127.0.0.1")
