@@ -120,6 +120,7 @@ class RelaySection:
     concurrency_per_destination: int
     tls_verify: bool  # check certificates of MX hosts (off: opportunistic TLS, as Postfix "may")
     connect_timeout: float
+    tls_ca_file: Path | None = None  # PEM CA certificates for verified TLS; None: the system's
 
 
 @dataclass(frozen=True)
@@ -464,11 +465,14 @@ def _relay(s: _Section) -> RelaySection:
         concurrency_per_destination=s.positive_int("concurrency_per_destination", 5),
         tls_verify=s.get("tls_verify", False, kind=bool),
         connect_timeout=s.get("connect_timeout", "30s", parse_duration),
+        tls_ca_file=s.path("tls_ca_file", ""),
     )
     if section.smarthost_user and section.smarthost_password_file is None:
         raise s.error("smarthost_password_file", "required when smarthost_user is set")
     if section.smarthost_password_file and not section.smarthost_password_file.is_file():
         raise s.error("smarthost_password_file", f"no such file: {section.smarthost_password_file}")
+    if section.tls_ca_file is not None and not section.tls_ca_file.is_file():
+        raise s.error("tls_ca_file", f"no such file: {section.tls_ca_file}")
     if section.retry_min <= 0 or section.retry_max < section.retry_min:
         raise s.error("retry_max", "must be at least retry_min, and retry_min above zero")
     s.finish()

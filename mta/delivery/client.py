@@ -1,0 +1,712 @@
+"""The outbound SMTP client: one connection, one or more transactions, one result per recipient.
+
+`SMTPClient` is a `LineReceiver` driven by replies.  Every command it sends
+queues the handler of its reply; a complete reply (continuation lines
+joined [RFC 5321 4.2.1]) goes to the oldest handler.  With PIPELINING
+[RFC 2920] MAIL, the RCPTs and DATA leave in one write and the handlers
+simply wait in line; without it, each handler sends the next command.
+
+Session set-up, then `ready` fires with the peer's `Capabilities`:
+
+- greeting (220), EHLO, or HELO when EHLO is refused [RFC 5321 3.2];
+- STARTTLS when offered and the policy allows it, then EHLO again
+  [RFC 3207 4.2]; "required"/"verify" policies fail without it, and
+  "verify" checks the certificate against the host name (service-identity);
+- AUTH PLAIN or LOGIN when credentials are given [RFC 4954, RFC 4616].
+
+Any failure there errbacks `ready` with a `DeliveryError` (always
+temporary: a host that will not talk to us is not a verdict on the
+recipients) or the connection's own error.  `TLSFailed` marks a failed
+handshake, so that an opportunistic caller may retry in plain text.
+
+`deliver(transaction)` then returns a `TransactionResult`: one outcome per
+recipient in order (`None` for those a broken connection left undecided),
+and whether the final dot had been sent.  It checks first that the peer can
+take the message: SIZE [RFC 1870] (5.3.4), 8BITMIME [RFC 6152] (5.6.3),
+SMTPUTF8 [RFC 6531] (5.6.7): a message is failed rather than mangled.  DSN
+parameters [RFC 3461] are passed on when the peer offers DSN.
+
+Message data is read from the spool file in chunks by a pull producer,
+dot-stuffed [RFC 5321 4.5.2] and written as the transport drains.
+
+Every wait has the RFC 5321 4.5.3.2 timeout of its stage; a timeout drops
+the connection and is reported as a 4.4.2 `DeliveryError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from twisted.internet import defer, interfaces, ssl
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mta.address import xtext_encode
+from mta.delivery.outcome import DeliveryError, Failed, Outcome, classify, reply_text
+from mta.reply import Reply
+
+log = Logger(namespace="mta.delivery.client")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait at each stage [RFC 5321 4.5.3.2]."""
+
+    greeting: float = 300.0  # 4.5.3.2.1 initial 220 message: 5 minutes
+    command: float = 300.0  # EHLO, STARTTLS, AUTH, RSET, QUIT
+    mail: float = 300.0  # 4.5.3.2.2
+    rcpt: float = 300.0  # 4.5.3.2.3
+    data_init: float = 120.0  # 4.5.3.2.4
+    data_block: float = 180.0  # 4.5.3.2.5: no progress writing the body
+    data_end: float = 600.0  # 4.5.3.2.6 after the final dot
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    helo_name: str  # our name in EHLO
+    peer_name: str  # the host we believe we talk to: logs, TLS certificate check
+    tls: str = "opportunistic"  # off | opportunistic | required | verify
+    trust_root: object | None = None  # an IOpenSSLTrustRoot for "verify"; None = the platform's
+    auth_user: str = ""
+    auth_password: str = ""
+
+    def __repr__(self) -> str:
+        return f"SessionPolicy({self.peer_name}, tls={self.tls}, auth={bool(self.auth_user)})"
+
+
+@dataclass(frozen=True)
+class RecipientSpec:
+    address: str
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None  # decoded "type;address"
+
+
+@dataclass
+class Transaction:
+    reverse_path: str
+    recipients: list[RecipientSpec]
+    open_data: Callable[[], BinaryIO]
+    size: int = 0
+    body: str = "7BIT"
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+
+
+@dataclass
+class Capabilities:
+    esmtp: bool = False
+    keywords: dict[str, str] = field(default_factory=dict)  # "SIZE" -> "1000", "PIPELINING" -> ""
+    tls: bool = False
+    authenticated: bool = False
+
+    def has(self, keyword: str) -> bool:
+        return keyword.upper() in self.keywords
+
+    @property
+    def size_limit(self) -> int:
+        value = self.keywords.get("SIZE", "")
+        return int(value) if value.isdigit() else 0
+
+    @property
+    def auth_mechanisms(self) -> set[str]:
+        return set(self.keywords.get("AUTH", "").upper().split())
+
+
+@dataclass
+class TransactionResult:
+    outcomes: list[Outcome | None]  # None: undecided (connection lost before the end)
+    data_sent: bool = False  # the final dot went out: the peer may have the message
+    error: Failure | None = None
+
+
+class TLSFailed(DeliveryError):
+    """The TLS handshake (or certificate check) after STARTTLS failed."""
+
+
+class _Stage(enum.Enum):
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    STARTTLS = "STARTTLS"
+    AUTH = "AUTH"
+    MAIL = "MAIL FROM"
+    RCPT = "RCPT TO"
+    DATA = "DATA"
+    DOT = "end of data"
+    RSET = "RSET"
+    QUIT = "QUIT"
+
+
+MAX_REPLY_LINES = 100
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (upper case) and their parameters; the first line is the greeting."""
+    keywords = {}
+    for line in reply.lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            keywords[keyword.upper()] = params.strip()
+    # Old servers say "AUTH=LOGIN PLAIN"; treat it as AUTH.
+    if "AUTH" not in keywords and "AUTH=LOGIN" in keywords:
+        keywords["AUTH"] = "LOGIN " + keywords["AUTH=LOGIN"]
+    return keywords
+
+
+def dot_stuffed(source: BinaryIO, chunk_size: int = 65536) -> Iterator[bytes]:
+    """The message as DATA sends it: CRLF line ends, leading dots doubled, ``.CRLF`` at the end.
+
+    [RFC 5321 4.5.2] Reads line by line (at most 64 KiB at a time), so the
+    message is never in memory whole.  A bare LF becomes CRLF, so that no
+    ``LF . LF`` sequence can end the data early on a lax peer.
+    """
+    at_line_start, prev_cr = True, False
+    pieces: list[bytes] = []
+    buffered = 0
+    for piece in iter(lambda: source.readline(65536), b""):
+        if at_line_start and piece.startswith(b".") and not (prev_cr and piece == b"\n"):
+            piece = b"." + piece
+        if piece.endswith(b"\n"):
+            if not piece.endswith(b"\r\n") and not (piece == b"\n" and prev_cr):
+                piece = piece[:-1] + b"\r\n"
+            at_line_start = True
+        else:
+            at_line_start = False
+        prev_cr = piece.endswith(b"\r")
+        pieces.append(piece)
+        buffered += len(piece)
+        if buffered >= chunk_size:
+            yield b"".join(pieces)
+            pieces, buffered = [], 0
+    if not at_line_start:
+        pieces.append(b"\r\n")
+    pieces.append(b".\r\n")
+    yield b"".join(pieces)
+
+
+@implementer(interfaces.IPullProducer)
+class _BodyProducer:
+    """Feeds `dot_stuffed` chunks to the transport each time it asks for more.
+
+    It reads one chunk ahead, so that the write of the last chunk and the
+    wait for the final reply happen in the same turn of the reactor: the
+    peer's answer to the dot can never arrive before we expect it.
+    """
+
+    def __init__(self, client: SMTPClient, source: BinaryIO) -> None:
+        self.client = client
+        self.source = source
+        self.chunks = dot_stuffed(source)
+        self.ahead: bytes | None = None
+        self.done = False
+
+    def _read(self) -> bytes | None:
+        return next(self.chunks, None)
+
+    def resumeProducing(self) -> None:
+        if self.done:
+            return
+        self.client._progress()
+        try:
+            chunk = self.ahead if self.ahead is not None else self._read()
+            self.ahead = self._read()
+        except OSError as e:
+            self._close()
+            self.client._abort(DeliveryError("4.3.0", f"cannot read message data: {e}"))
+            return
+        if chunk is not None:
+            self.client.transport.write(chunk)
+        if self.ahead is None:
+            self._close()
+            self.client._body_sent()
+
+    def stopProducing(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self.done:
+            self.done = True
+            self.source.close()
+
+
+class SMTPClient(LineReceiver):
+    delimiter = b"\r\n"
+    MAX_LENGTH = 4096  # a reply line is at most 512 octets [RFC 5321 4.5.3.1.5]; be lenient
+
+    def __init__(self, policy: SessionPolicy, clock: IReactorTime,
+                 timeouts: Timeouts = Timeouts()) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.timeouts = timeouts
+        self.ready: defer.Deferred[Capabilities] = defer.Deferred()
+        self.done: defer.Deferred[None] = defer.Deferred()  # fires when the connection is gone
+        self.capabilities = Capabilities()
+        self.closed = False
+        self._lines: list[str] = []
+        self._handlers: deque[tuple[_Stage, Callable[[Reply], None]]] = deque()
+        self._timer: IDelayedCall | None = None
+        self._tls_started = False
+        self._tls_confirmed = False  # the EHLO after STARTTLS was answered: the handshake worked
+        self._aborting = False
+        self._txn: _TxnState | None = None
+        self._need_rset = False
+        self._quit_sent = False
+
+    # -- connection events ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._expect(_Stage.GREETING, self._on_greeting)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        self._cancel_timer()
+        self._handlers.clear()
+        if self._tls_started and not self._tls_confirmed and not self.ready.called:
+            reason = Failure(TLSFailed("4.7.5", f"TLS handshake with {self.policy.peer_name} "
+                                                f"failed: {reason.getErrorMessage()}",
+                                       self.policy.peer_name))
+        self._fail(reason)
+        self.done.callback(None)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._abort(DeliveryError("4.5.0", "reply line too long", self.policy.peer_name))
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        if len(text) < 3 or not text[:3].isdigit() or (len(text) > 3 and text[3] not in " -"):
+            self._abort(DeliveryError("4.5.0", f"malformed reply: {text[:100]!r}",
+                                      self.policy.peer_name))
+            return
+        self._lines.append(text)
+        if len(text) > 3 and text[3] == "-":
+            if len(self._lines) > MAX_REPLY_LINES:
+                self._abort(DeliveryError("4.5.0", "reply too long", self.policy.peer_name))
+            return
+        lines, self._lines = self._lines, []
+        self._dispatch(_make_reply(lines))
+
+    def _dispatch(self, reply: Reply) -> None:
+        if not self._handlers:
+            if reply.code == 421:
+                # The peer is closing on us [RFC 5321 3.8].
+                self._abort(DeliveryError(reply.enhanced or "4.0.0", reply_text(reply),
+                                          self.policy.peer_name))
+            else:
+                log.warn(  # noqa: G010 (twisted.logger has no .warning)
+                    "unexpected reply from {peer}: {reply}", peer=self.policy.peer_name,
+                    reply=reply_text(reply))
+            return
+        _stage, handler = self._handlers.popleft()
+        self._cancel_timer()
+        if self._handlers:
+            self._start_timer(self._handlers[0][0])
+        handler(reply)
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _send(self, command: str, stage: _Stage, handler: Callable[[Reply], None]) -> None:
+        self._expect(stage, handler)
+        self.transport.write(command.encode("utf-8") + b"\r\n")
+
+    def _expect(self, stage: _Stage, handler: Callable[[Reply], None]) -> None:
+        self._handlers.append((stage, handler))
+        if len(self._handlers) == 1:
+            self._start_timer(stage)
+
+    def _timeout_for(self, stage: _Stage) -> float:
+        t = self.timeouts
+        return {
+            _Stage.GREETING: t.greeting, _Stage.MAIL: t.mail, _Stage.RCPT: t.rcpt,
+            _Stage.DATA: t.data_init, _Stage.DOT: t.data_end,
+        }.get(stage, t.command)
+
+    def _start_timer(self, stage: _Stage) -> None:
+        self._cancel_timer()
+        self._timer = self.clock.callLater(self._timeout_for(stage), self._timed_out, stage.value)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, what: str) -> None:
+        self._timer = None
+        self._abort(DeliveryError("4.4.2", f"timeout waiting for {what} from "
+                                           f"{self.policy.peer_name}", self.policy.peer_name))
+
+    def _progress(self) -> None:
+        """The transport took more body data: restart the data-block timer [4.5.3.2.5]."""
+        self._cancel_timer()
+        self._timer = self.clock.callLater(self.timeouts.data_block, self._timed_out,
+                                           "the peer to accept message data")
+
+    def _abort(self, error: Exception) -> None:
+        """Give up on the connection: fail what waits, then drop it."""
+        if self._aborting:
+            return
+        self._aborting = True
+        self._handlers.clear()
+        self._cancel_timer()
+        self._fail(Failure(error))
+        if self.transport is not None and not self.closed:
+            self.transport.abortConnection()
+
+    def _fail(self, reason: Failure) -> None:
+        if not self.ready.called:
+            self.ready.errback(reason)
+        if self._txn is not None:
+            txn, self._txn = self._txn, None
+            txn.finish(reason)
+
+    def _session_error(self, reply: Reply, stage: _Stage) -> None:
+        """A refusal during set-up: temporary whatever its code (the host, not the recipients)."""
+        status = reply.enhanced if reply.enhanced and reply.enhanced[0] == "4" else "4.0.0"
+        if reply.enhanced and reply.enhanced[0] == "5":
+            status = "4" + reply.enhanced[1:]
+        self._quit_after_error(DeliveryError(
+            status, f"{self.policy.peer_name} refused {stage.value}: {reply_text(reply)}",
+            self.policy.peer_name))
+
+    def _quit_after_error(self, error: DeliveryError) -> None:
+        if not self.ready.called:
+            self.ready.errback(Failure(error))
+        self.quit()
+
+    # -- session set-up ---------------------------------------------------------
+
+    def _on_greeting(self, reply: Reply) -> None:
+        if reply.code != 220:
+            self._session_error(reply, _Stage.GREETING)
+            return
+        self._send_ehlo()
+
+    def _send_ehlo(self) -> None:
+        self._send(f"EHLO {self.policy.helo_name}", _Stage.EHLO, self._on_ehlo)
+
+    def _on_ehlo(self, reply: Reply) -> None:
+        self._tls_confirmed = self._tls_started
+        if reply.code == 250:
+            self.capabilities.esmtp = True
+            self.capabilities.keywords = parse_ehlo(reply)
+            self._after_hello()
+        elif reply.code >= 500 and not self.capabilities.tls:
+            # EHLO not understood: an RFC 821 server [RFC 5321 3.2].
+            self._send(f"HELO {self.policy.helo_name}", _Stage.HELO, self._on_helo)
+        else:
+            self._session_error(reply, _Stage.EHLO)
+
+    def _on_helo(self, reply: Reply) -> None:
+        if reply.code != 250:
+            self._session_error(reply, _Stage.HELO)
+            return
+        self.capabilities.keywords = {}
+        self._after_hello()
+
+    def _after_hello(self) -> None:
+        policy, caps = self.policy.tls, self.capabilities
+        if not caps.tls and policy != "off":
+            if caps.has("STARTTLS"):
+                self._send("STARTTLS", _Stage.STARTTLS, self._on_starttls)
+                return
+            if policy in ("required", "verify"):
+                self._quit_after_error(DeliveryError(
+                    "4.7.4", f"TLS is required but {self.policy.peer_name} does not offer "
+                             "STARTTLS", self.policy.peer_name))
+                return
+        self._authenticate()
+
+    def _on_starttls(self, reply: Reply) -> None:
+        if reply.code != 220:
+            if self.policy.tls in ("required", "verify"):
+                self._session_error(reply, _Stage.STARTTLS)
+            else:
+                self._authenticate()
+            return
+        self._tls_started = True
+        self.transport.startTLS(self._tls_options())
+        # RFC 3207 4.2: forget everything learnt before TLS and say EHLO again.
+        self.capabilities = Capabilities(tls=True)
+        self._send_ehlo()
+
+    def _tls_options(self) -> object:
+        if self.policy.tls == "verify":
+            return ssl.optionsForClientTLS(self.policy.peer_name, trustRoot=self.policy.trust_root)
+        return ssl.CertificateOptions(verify=False)
+
+    def _authenticate(self) -> None:
+        if not self.policy.auth_user:
+            self._set_ready()
+            return
+        caps = self.capabilities
+        if not caps.tls and self.policy.tls != "opportunistic":
+            self._quit_after_error(DeliveryError(
+                "4.7.4", "refusing to send a password without TLS", self.policy.peer_name))
+            return
+        mechanisms = caps.auth_mechanisms
+        user, password = self.policy.auth_user, self.policy.auth_password
+        if "PLAIN" in mechanisms:
+            # RFC 4616 2: authzid NUL authcid NUL passwd, empty authzid.
+            token = _b64(f"\0{user}\0{password}")
+            self._send(f"AUTH PLAIN {token}", _Stage.AUTH, self._on_auth_done)
+        elif "LOGIN" in mechanisms:
+            self._send("AUTH LOGIN", _Stage.AUTH, self._on_login_user)
+        else:
+            self._quit_after_error(DeliveryError(
+                "4.7.4", f"{self.policy.peer_name} offers no AUTH PLAIN or LOGIN",
+                self.policy.peer_name))
+
+    def _on_login_user(self, reply: Reply) -> None:
+        if reply.code != 334:
+            self._auth_failed(reply)
+            return
+        self._send(_b64(self.policy.auth_user), _Stage.AUTH, self._on_login_password)
+
+    def _on_login_password(self, reply: Reply) -> None:
+        if reply.code != 334:
+            self._auth_failed(reply)
+            return
+        self._send(_b64(self.policy.auth_password), _Stage.AUTH, self._on_auth_done)
+
+    def _on_auth_done(self, reply: Reply) -> None:
+        if reply.code != 235:
+            self._auth_failed(reply)
+            return
+        self.capabilities.authenticated = True
+        self._set_ready()
+
+    def _auth_failed(self, reply: Reply) -> None:
+        # A wrong password is the operator's to fix: defer, never bounce [RFC 4954 6].
+        self._quit_after_error(DeliveryError(
+            "4.7.8", f"authentication to {self.policy.peer_name} failed: {reply_text(reply)}",
+            self.policy.peer_name))
+
+    def _set_ready(self) -> None:
+        if not self.ready.called:
+            self.ready.callback(self.capabilities)
+
+    # -- transactions -----------------------------------------------------------
+
+    def deliver(self, transaction: Transaction) -> defer.Deferred[TransactionResult]:
+        """Send one message; the result has one outcome per recipient, in order."""
+        txn = _TxnState(self, transaction)
+        refusal = self._refusal(transaction)
+        if refusal is not None:
+            txn.decide_all(refusal)
+            txn.finish()
+            return txn.result
+        if self.closed or self._aborting:
+            txn.finish(Failure(DeliveryError("4.4.2", "connection closed", self.policy.peer_name)))
+            return txn.result
+        self._txn = txn
+        txn.start()
+        return txn.result
+
+    def _refusal(self, t: Transaction) -> Outcome | None:
+        """A message this peer cannot take unchanged fails instead of being mangled."""
+        caps, peer = self.capabilities, self.policy.peer_name
+        limit = caps.size_limit
+        if limit and t.size > limit:
+            # RFC 1870 6: do not send what the server said it cannot take.
+            return Failed("5.3.4", f"message size {t.size} exceeds size limit {limit} of {peer}")
+        if t.body == "BINARYMIME":
+            return Failed("5.6.3", f"{peer} would need BDAT for a binary message, "
+                                   "which we do not send")
+        if t.body == "8BITMIME" and not caps.has("8BITMIME"):
+            # RFC 6152 3: we do not convert to 7 bit, so the message cannot go.
+            return Failed("5.6.3", f"8-bit message but {peer} does not offer 8BITMIME")
+        if t.smtputf8 and not caps.has("SMTPUTF8"):
+            # RFC 6531 3.4: no downgrade; the message is returned.
+            return Failed("5.6.7", f"internationalised message but {peer} "
+                                   "does not offer SMTPUTF8")
+        return None
+
+    def mail_command(self, t: Transaction) -> str:
+        caps = self.capabilities
+        args = [f"MAIL FROM:<{t.reverse_path}>"]
+        if caps.has("SIZE"):
+            args.append(f"SIZE={t.size}")
+        if t.body == "8BITMIME":
+            args.append("BODY=8BITMIME")
+        if t.smtputf8:
+            args.append("SMTPUTF8")
+        if caps.has("DSN"):
+            if t.ret:
+                args.append(f"RET={t.ret}")
+            if t.envid:
+                args.append(f"ENVID={xtext_encode(t.envid)}")
+        return " ".join(args)
+
+    def rcpt_command(self, r: RecipientSpec) -> str:
+        args = [f"RCPT TO:<{r.address}>"]
+        if self.capabilities.has("DSN"):
+            if r.notify:
+                args.append(f"NOTIFY={','.join(r.notify)}")
+            if r.orcpt:
+                kind, _, address = r.orcpt.partition(";")
+                args.append(f"ORCPT={kind.strip()};{xtext_encode(address.strip())}")
+        return " ".join(args)
+
+    def quit(self) -> None:
+        """Say QUIT and close when the reply comes (or at the command timeout)."""
+        if self.closed or self._aborting or self._quit_sent or self.transport is None:
+            return
+        self._quit_sent = True
+        self._send("QUIT", _Stage.QUIT, lambda reply: self.transport.loseConnection())
+
+    def abort(self) -> None:
+        """Drop the connection now (service shutdown)."""
+        self._abort(DeliveryError("4.3.2", "delivery interrupted: shutting down",
+                                  self.policy.peer_name))
+
+    def _body_sent(self) -> None:
+        self.transport.unregisterProducer()
+        if self._txn is not None:
+            self._txn.body_sent()
+
+
+class _TxnState:
+    """One MAIL ... DATA exchange: collects per-recipient replies, streams the body."""
+
+    def __init__(self, client: SMTPClient, transaction: Transaction) -> None:
+        self.client = client
+        self.t = transaction
+        self.outcomes: list[Outcome | None] = [None] * len(transaction.recipients)
+        self.accepted: list[int] = []
+        self.rcpt_replies = 0
+        self.mail_reply: Reply | None = None
+        self.data_sent = False
+        self.result: defer.Deferred[TransactionResult] = defer.Deferred()
+        self.peer = client.policy.peer_name
+        self.dsn = client.capabilities.has("DSN")
+
+    @property
+    def pipelining(self) -> bool:
+        return self.client.capabilities.has("PIPELINING")
+
+    def decide_all(self, outcome: Outcome) -> None:
+        self.outcomes = [o if o is not None else outcome for o in self.outcomes]
+
+    def finish(self, error: Failure | None = None) -> None:
+        if self.result.called:
+            return
+        if self.client._txn is self:
+            self.client._txn = None
+        self.result.callback(TransactionResult(self.outcomes, self.data_sent, error))
+
+    def start(self) -> None:
+        c = self.client
+        if c._need_rset:
+            c._send("RSET", _Stage.RSET, lambda reply: None)
+            c._need_rset = False
+        c._send(c.mail_command(self.t), _Stage.MAIL, self.on_mail)
+        if self.pipelining:
+            # RFC 2920 3.1: MAIL, RCPTs and DATA may go in one group; replies come in order.
+            for index in range(len(self.t.recipients)):
+                self.send_rcpt(index)
+            c._send("DATA", _Stage.DATA, self.on_data)
+
+    def send_rcpt(self, index: int) -> None:
+        c = self.client
+        c._send(c.rcpt_command(self.t.recipients[index]), _Stage.RCPT,
+                lambda reply: self.on_rcpt(index, reply))
+
+    def on_mail(self, reply: Reply) -> None:
+        self.mail_reply = reply
+        if reply.code == 250:
+            if not self.pipelining:
+                self.send_rcpt(0)
+            return
+        # The sender refused: every recipient shares that verdict [RFC 5321 3.3].
+        self.decide_all(classify(reply, self.peer))
+        self.client._need_rset = True
+        if not self.pipelining:
+            self.finish()
+        # With PIPELINING the RCPT and DATA replies are still to come; on_data finishes.
+
+    def on_rcpt(self, index: int, reply: Reply) -> None:
+        self.rcpt_replies += 1
+        if self.mail_reply is not None and self.mail_reply.code == 250:
+            if 200 <= reply.code < 300:
+                self.accepted.append(index)
+            else:
+                self.outcomes[index] = classify(reply, self.peer)
+        if self.pipelining:
+            return
+        if index + 1 < len(self.t.recipients):
+            self.send_rcpt(index + 1)
+        elif self.accepted:
+            self.client._send("DATA", _Stage.DATA, self.on_data)
+        else:
+            # RFC 5321 3.3: no recipient accepted, no DATA.
+            self.client._need_rset = True
+            self.finish()
+
+    def on_data(self, reply: Reply) -> None:
+        if reply.code == 354:
+            if self.accepted:
+                self.send_body()
+            else:
+                # RFC 2920 3.1: every RCPT failed yet DATA was accepted; end it empty.
+                self.client._send(".", _Stage.DOT, lambda reply: None)
+                self.finish()
+            return
+        if self.accepted:
+            outcome = classify(reply, self.peer) if reply.code >= 400 else \
+                classify(DeliveryError("4.5.0", f"unexpected reply to DATA: {reply_text(reply)}",
+                                       self.peer))
+            for index in self.accepted:
+                self.outcomes[index] = outcome
+        self.client._need_rset = True
+        self.finish()
+
+    def send_body(self) -> None:
+        try:
+            source = self.t.open_data()
+        except OSError as e:
+            self.client._abort(DeliveryError("4.3.0", f"cannot read message data: {e}"))
+            return
+        producer = _BodyProducer(self.client, source)
+        self.client.transport.registerProducer(producer, False)
+
+    def body_sent(self) -> None:
+        if self.result.called:
+            return
+        self.data_sent = True
+        self.client._expect(_Stage.DOT, self.on_dot)
+
+    def on_dot(self, reply: Reply) -> None:
+        outcome = classify(reply, self.peer, dsn_passed=self.dsn)
+        for index in self.accepted:
+            self.outcomes[index] = outcome
+        self.finish()
+
+
+def _make_reply(lines: list[str]) -> Reply:
+    code = int(lines[0][:3])
+    texts = [line[4:] for line in lines]
+    enhanced = None
+    first = texts[0].partition(" ")[0]
+    if _looks_enhanced(first, code):
+        enhanced = first
+        # Drop the code from every line that repeats it [RFC 2034 3].
+        texts = [t[len(first):].lstrip() if t.startswith(first) else t for t in texts]
+    return Reply(code, enhanced, *texts)
+
+
+def _looks_enhanced(text: str, code: int) -> bool:
+    parts = text.split(".")
+    return (len(parts) == 3 and all(p.isdigit() for p in parts)
+            and parts[0] == str(code)[0] and parts[0] in "245")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")

@@ -1,0 +1,239 @@
+"""Couriers: take some recipients of one message to one next hop and say what happened.
+
+A courier's one method is ``deliver(hop, envelope, recipients, data_path)``,
+returning a Deferred list of `Result` (an outcome and the relay it came
+from, for the log), one per recipient, in order.  It never raises: every
+error becomes an outcome through `outcome.classify`.
+
+- `SMTPCourier`: resolves the hop (MX records, or one host) in a thread,
+  then tries each host and each of its addresses in turn [RFC 5321 5.1]
+  until one holds a transaction.  A host that cannot be reached or will
+  not talk (refused connection, bad greeting, TLS trouble, timeout before
+  the data is sent) sends the recipients still undecided on to the next
+  address.  Once the final dot has gone, no other host is tried in this
+  attempt: the peer may have the message.  Under the "opportunistic" TLS
+  policy a failed handshake is retried once in plain text on the same
+  address, as Postfix does for "may".
+- `MaildirCourier`: local delivery in a thread (`maildir.deliver`).
+
+`abort_all()` drops every live connection (service shutdown).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, endpoints, ssl
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mta import maillog
+from mta.config import Config
+from mta.delivery import maildir
+from mta.delivery.client import (
+    RecipientSpec,
+    SessionPolicy,
+    SMTPClient,
+    Timeouts,
+    TLSFailed,
+    Transaction,
+)
+from mta.delivery.mx import MXHost, MXResolver, _is_ip
+from mta.delivery.outcome import Deferred, DeliveryError, Outcome, classify
+from mta.delivery.router import OPPORTUNISTIC, NextHop
+from mta.spool.envelope import Envelope, Recipient
+
+log = Logger(namespace="mta.delivery.courier")
+
+RunBlocking = Callable[..., "defer.Deferred[Any]"]
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    relay: str  # host[address]:port, "maildir" or "none"
+
+
+def transaction_for(envelope: Envelope, recipients: list[Recipient], data_path: Path) -> Transaction:
+    return Transaction(
+        reverse_path=envelope.reverse_path,
+        recipients=[RecipientSpec(r.address, r.notify, r.orcpt) for r in recipients],
+        open_data=lambda: data_path.open("rb"),
+        size=envelope.size,
+        body=envelope.body,
+        smtputf8=envelope.smtputf8,
+        ret=envelope.ret,
+        envid=envelope.envid,
+    )
+
+
+def load_trust_root(ca_file: Path | None) -> Any:
+    """The trust root for verified TLS: the CA file's certificates, else the platform's."""
+    if ca_file is None:
+        return ssl.platformTrust()
+    pem = ca_file.read_bytes()
+    certificates = [ssl.Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + block)
+                    for block in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
+    return ssl.trustRootFromCertificates(certificates)
+
+
+class MaildirCourier:
+    def __init__(self, config: Config, run_blocking: RunBlocking) -> None:
+        self.hostname = config.server.hostname
+        self.run_blocking = run_blocking
+
+    def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
+                data_path: Path) -> defer.Deferred[list[Result]]:
+        d = self.run_blocking(maildir.deliver, hop, envelope, [r.address for r in recipients],
+                              data_path, self.hostname)
+        d.addCallbacks(lambda outcomes: [Result(o, "maildir") for o in outcomes],
+                       lambda f: [Result(classify(f), "maildir")] * len(recipients))
+        return d
+
+    def abort_all(self) -> None:
+        pass
+
+
+class SMTPCourier:
+    def __init__(self, config: Config, reactor: Any, run_blocking: RunBlocking,
+                 resolver: MXResolver | None = None,
+                 connect: Callable[[str, int, SessionPolicy], defer.Deferred[SMTPClient]] | None = None,
+                 timeouts: Timeouts | None = None) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.run_blocking = run_blocking
+        self.resolver = resolver or MXResolver.from_config(config)
+        self.connect = connect or self._connect_tcp
+        self.timeouts = timeouts or Timeouts()
+        self._trust_root: Any = None
+        self._clients: set[SMTPClient] = set()
+        self._connecting: set[defer.Deferred[SMTPClient]] = set()
+
+    # -- the one method -----------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
+                data_path: Path) -> Any:
+        try:
+            hosts = yield self._resolve(hop)
+        except Exception as e:  # noqa: BLE001 (any failure becomes an outcome)
+            outcome = classify(e)
+            return [Result(outcome, "none")] * len(recipients)
+        results: list[Result | None] = [None] * len(recipients)
+        last = Result(Deferred("4.4.1", f"no host to try for {hop.destination}"), "none")
+        for host in hosts:
+            for address in host.addresses:
+                undecided = [i for i, r in enumerate(results) if r is None]
+                if not undecided:
+                    return results
+                relay = maillog.relay_name(host.name, address, hop.port)
+                txn = transaction_for(envelope, [recipients[i] for i in undecided], data_path)
+                outcomes, final, failure = yield self._try_address(hop, host, address, txn)
+                for i, outcome in zip(undecided, outcomes):
+                    if outcome is not None:
+                        results[i] = Result(outcome, relay)
+                if failure is not None:
+                    last = Result(failure, relay)
+                if final:
+                    return [r if r is not None else last for r in results]
+        return [r if r is not None else last for r in results]
+
+    def abort_all(self) -> None:
+        for d in list(self._connecting):
+            d.cancel()
+        for client in list(self._clients):
+            client.abort()
+
+    # -- steps ----------------------------------------------------------------------
+
+    def _resolve(self, hop: NextHop) -> defer.Deferred[list[MXHost]]:
+        if not hop.mx:
+            if _is_ip(hop.host):
+                return defer.succeed([MXHost(hop.host, 0, (hop.host,))])
+            d = self.run_blocking(self.resolver.resolve_host, hop.host)
+        else:
+            d = self.run_blocking(self.resolver.resolve, hop.host)
+
+        def loop_for_held(failure: Failure) -> Failure:
+            # A held domain's MX is usually us: wait for its customer, do not bounce.
+            error = failure.value
+            if hop.loop_is_temporary and isinstance(error, DeliveryError) and \
+                    error.status == "5.4.6":
+                raise DeliveryError("4.4.6", error.text)
+            return failure
+        return d.addErrback(loop_for_held)
+
+    @defer.inlineCallbacks
+    def _try_address(self, hop: NextHop, host: MXHost, address: str, txn: Transaction) -> Any:
+        """(outcomes for txn's recipients or None, stop trying others?, session failure or None)."""
+        policy = self._policy(hop, host)
+        attempts = [policy]
+        if policy.tls == OPPORTUNISTIC:
+            attempts.append(replace(policy, tls="off"))
+        failure: Outcome | None = None
+        for attempt in attempts:
+            client = yield self._open(address, hop.port, attempt)
+            if isinstance(client, Outcome):
+                return [None] * len(txn.recipients), False, client
+            try:
+                yield client.ready
+            except TLSFailed as e:
+                failure = classify(e)
+                log.info("TLS with {peer}[{address}] failed ({why}); trying without",
+                         peer=host.name, address=address, why=e.text)
+                continue
+            except Exception as e:  # noqa: BLE001 (any failure becomes an outcome)
+                client.quit()
+                return [None] * len(txn.recipients), False, classify(e)
+            result = yield client.deliver(txn)
+            client.quit()
+            if result.error is None:
+                return result.outcomes, True, None
+            error = classify(result.error)
+            # Undecided recipients after the dot: the peer may have the message,
+            # so no other host now; they are deferred [RFC 5321 4.1.1.4, RFC 1047].
+            if result.data_sent:
+                return [o if o is not None else error for o in result.outcomes], True, error
+            return result.outcomes, False, error
+        return [None] * len(txn.recipients), False, failure
+
+    def _policy(self, hop: NextHop, host: MXHost) -> SessionPolicy:
+        trust = None
+        if hop.tls == "verify":
+            if self._trust_root is None:
+                self._trust_root = load_trust_root(self.config.relay.tls_ca_file)
+            trust = self._trust_root
+        return SessionPolicy(helo_name=self.config.server.hostname, peer_name=host.name,
+                             tls=hop.tls, trust_root=trust, auth_user=hop.auth_user,
+                             auth_password=hop.auth_password)
+
+    @defer.inlineCallbacks
+    def _open(self, address: str, port: int, policy: SessionPolicy) -> Any:
+        """A connected client, or the Outcome of failing to connect."""
+        d = self.connect(address, port, policy)
+        self._connecting.add(d)
+        try:
+            client = yield d
+        except Exception as e:  # noqa: BLE001 (any failure becomes an outcome)
+            return classify(e)
+        finally:
+            self._connecting.discard(d)
+        self._clients.add(client)
+        client.done.addBoth(lambda _: self._clients.discard(client))
+        return client
+
+    def _connect_tcp(self, address: str, port: int,
+                     policy: SessionPolicy) -> defer.Deferred[SMTPClient]:
+        reactor: IReactorTCP = self.reactor
+        timeout = self.config.relay.connect_timeout
+        if ":" in address:
+            endpoint: Any = endpoints.TCP6ClientEndpoint(reactor, address, port, timeout=timeout)
+        else:
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
+        clock: IReactorTime = self.reactor
+        return endpoints.connectProtocol(endpoint, SMTPClient(policy, clock, self.timeouts))
+

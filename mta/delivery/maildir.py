@@ -1,0 +1,108 @@
+"""Local delivery into Maildirs: ``PATH/<user>/{tmp,new,cur}``, one Maildir per user.
+
+`deliver(hop, envelope, addresses, data_path)` writes one copy per recipient
+and returns one outcome per address, in order.  It blocks on the disk: the
+scheduler calls it in a thread.
+
+What it promises:
+
+- A message appears in ``new/`` complete or not at all: it is written to
+  ``tmp/`` under a unique name, fsync'd, renamed into ``new/`` and the
+  directory is fsync'd, the usual Maildir protocol made durable.
+- It is streamed from the spool file, never read whole into memory; line
+  endings become LF, as Maildir readers expect, and ``Return-Path:`` and
+  ``Delivered-To:`` are prepended [RFC 5321 4.4].
+- A user not in the domain's `users` list fails with 5.1.1; a local part
+  that cannot be a directory name (``/``, leading dot) fails with 5.1.3;
+  disk trouble is an `OSError`, which `outcome.classify` defers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from mta.delivery.outcome import Delivered, Failed, Outcome, classify
+from mta.delivery.router import NextHop
+from mta.spool.envelope import Envelope
+
+_counter = itertools.count()
+
+
+def mailbox_user(address: str) -> str:
+    """The mailbox a local part names: lower case, sub-address (``+tag``) dropped."""
+    local = address.rpartition("@")[0]
+    return local.split("+", 1)[0].lower()
+
+
+def deliver(hop: NextHop, envelope: Envelope, addresses: list[str], data_path: Path,
+            hostname: str) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for address in addresses:
+        user = mailbox_user(address)
+        if not _safe_name(user):
+            outcomes.append(Failed("5.1.3", f"cannot deliver to local part of <{address}>"))
+        elif hop.users and user not in hop.users:
+            outcomes.append(Failed("5.1.1", f"no such user here: <{address}>"))
+        else:
+            outcomes.append(_deliver_one(hop, envelope, address, user, data_path, hostname))
+    return outcomes
+
+
+def _safe_name(user: str) -> bool:
+    return bool(user) and "/" not in user and "\0" not in user and not user.startswith(".")
+
+
+def _deliver_one(hop: NextHop, envelope: Envelope, address: str, user: str,
+                 data_path: Path, hostname: str) -> Outcome:
+    assert hop.path is not None
+    maildir = hop.path / user
+    try:
+        for sub in ("tmp", "new", "cur"):
+            (maildir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        name = _unique_name(hostname)
+        tmp = maildir / "tmp" / name
+        with data_path.open("rb") as source:
+            _write_message(tmp, envelope.reverse_path, address, source)
+        os.rename(tmp, maildir / "new" / name)
+        _fsync_dir(maildir / "new")
+    except OSError as e:
+        return classify(e)
+    return Delivered("2.0.0", f"delivered to maildir {maildir}")
+
+
+def _unique_name(hostname: str) -> str:
+    """time.MusecPpidQn.host, unique per delivery [the Maildir naming convention]."""
+    now = time.time()
+    host = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
+    return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(_counter)}.{host}"
+
+
+def _write_message(path: Path, reverse_path: str, address: str, source: BinaryIO) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb", buffering=256 * 1024, closefd=False) as out:
+            out.write(f"Return-Path: <{reverse_path}>\nDelivered-To: {address}\n".encode())
+            for line in iter(lambda: source.readline(65536), b""):
+                if line.endswith(b"\r\n"):
+                    line = line[:-2] + b"\n"
+                out.write(line)
+            out.flush()
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,112 @@
+"""Which next hop each recipient goes to.
+
+`Router.next_hop(address)` decides, per recipient domain, in this order:
+
+1. a domain in `config.domains` with a route:
+   - ``maildir:PATH``: local delivery, one Maildir per user under PATH;
+   - ``smtp:[host]:port``: that host, no MX lookup;
+   - ``smtp:host:port``: the MX hosts of `host`, at `port`;
+   - ``hold``: kept in the queue, not attempted, until ETRN/ATRN releases
+     it (then its `etrn_route`, or the domain's MX hosts);
+2. an address literal (``user@[192.0.2.1]``): that address [RFC 5321 4.1.3];
+3. the smart host, when `relay.smarthost` is set (STARTTLS per
+   `relay.smarthost_tls`, AUTH with `smarthost_user`);
+4. the domain's MX hosts at `relay.smtp_port` [RFC 5321 5.1].
+
+A `NextHop` is a plain value.  Its `destination` names it for grouping
+(recipients of one message with the same destination share one SMTP
+transaction) and for the per-destination concurrency limit.  Nothing here
+does I/O apart from reading the smart host's password file, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mta.config import Config, Route, parse_hostport
+
+MAILDIR, SMTP, HOLD = "maildir", "smtp", "hold"
+
+# TLS policies of a next hop.  "opportunistic": STARTTLS when offered, no
+# certificate check, plain text when the peer cannot; "required": STARTTLS
+# or no delivery; "verify": required, and the certificate must name the host.
+OPPORTUNISTIC, REQUIRED, VERIFY = "opportunistic", "required", "verify"
+
+
+@dataclass(frozen=True)
+class NextHop:
+    kind: str  # maildir | smtp | hold
+    destination: str  # grouping and concurrency key, also shown in logs
+    domain: str = ""  # the recipient domain this hop was chosen for
+    # smtp
+    host: str = ""  # a domain whose MX to look up, or a host name or address
+    port: int = 25
+    mx: bool = True  # look up MX records of `host`
+    tls: str = OPPORTUNISTIC
+    auth_user: str = ""
+    auth_password: str = ""
+    loop_is_temporary: bool = False  # MX pointing back at us: defer (held domains) rather than fail
+    # maildir
+    path: Path | None = None
+    users: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:  # never show the password
+        return f"NextHop({self.kind}, {self.destination})"
+
+
+class Router:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._smarthost = self._smarthost_hop() if config.relay.smarthost else None
+
+    def next_hop(self, address: str, release_hold: bool = False) -> NextHop:
+        """The next hop for mail to `address`; ``release_hold`` routes a held domain's mail."""
+        domain = address.rpartition("@")[2].lower().rstrip(".")
+        configured = self.config.domain_for(domain)
+        if configured is not None:
+            route = configured.route
+            if route.kind == HOLD:
+                if not release_hold:
+                    return NextHop(HOLD, f"hold:{domain}", domain)
+                if configured.etrn_route is not None:
+                    return self._route_hop(configured.etrn_route, domain)
+                return self._mx_hop(domain, loop_is_temporary=True)
+            if route.kind == MAILDIR:
+                return NextHop(MAILDIR, f"maildir:{route.path}", domain, path=route.path,
+                               users=tuple(u.lower() for u in configured.users))
+            return self._route_hop(route, domain)
+        if domain.startswith("[") and domain.endswith("]"):
+            return self._literal_hop(domain)
+        if self._smarthost is not None:
+            return replace(self._smarthost, domain=domain)
+        return self._mx_hop(domain)
+
+    def _mx_hop(self, domain: str, loop_is_temporary: bool = False) -> NextHop:
+        relay = self.config.relay
+        return NextHop(SMTP, domain, domain, host=domain, port=relay.smtp_port, mx=True,
+                       tls=VERIFY if relay.tls_verify else OPPORTUNISTIC,
+                       loop_is_temporary=loop_is_temporary)
+
+    def _route_hop(self, route: Route, domain: str) -> NextHop:
+        return NextHop(SMTP, str(route), domain, host=route.host, port=route.port, mx=route.mx,
+                       tls=VERIFY if self.config.relay.tls_verify else OPPORTUNISTIC)
+
+    def _literal_hop(self, domain: str) -> NextHop:
+        inner = domain[1:-1]
+        if inner.lower().startswith("ipv6:"):
+            inner = inner[5:]
+        relay = self.config.relay
+        return NextHop(SMTP, f"[{inner}]:{relay.smtp_port}", domain, host=inner,
+                       port=relay.smtp_port, mx=False,
+                       tls=VERIFY if relay.tls_verify else OPPORTUNISTIC)
+
+    def _smarthost_hop(self) -> NextHop:
+        relay = self.config.relay
+        host, port = parse_hostport(relay.smarthost, 25)
+        password = ""
+        if relay.smarthost_user and relay.smarthost_password_file is not None:
+            password = relay.smarthost_password_file.read_text(encoding="utf-8").strip("\r\n")
+        return NextHop(SMTP, f"smarthost:[{host}]:{port}", host=host, port=port, mx=False,
+                       tls=relay.smarthost_tls, auth_user=relay.smarthost_user,
+                       auth_password=password)
