@@ -450,8 +450,9 @@ class PasswordFileChecker:
         user = _text(credentials.username)
         entry = self._entries.get(user) if user else None
         response = _text(credentials.response) or ""
-        ok = verify_cram_md5(entry or self._dummy, credentials.challenge, response)
-        if not ok or entry is None or entry.cram_md5 is None:
+        usable = entry is not None and entry.cram_md5 is not None
+        ok = verify_cram_md5(entry if usable else self._dummy, credentials.challenge, response)
+        if not ok or not usable:
             return fail(UnauthorizedLogin())
         return succeed(entry.user)
 

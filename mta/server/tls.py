@@ -174,10 +174,11 @@ class ServerTLS:
             log.error("TLS reload failed, keeping the previous certificate: {why}", why=e)
             return False
         self._context = context
-        log.info("TLS certificate reloaded: {what}", what=self._describe())
+        log.info("TLS certificate reloaded: {what}", what=self.describe())
         return True
 
-    def _describe(self) -> str:
+    def describe(self) -> str:
+        """Subject and expiry of the certificate in use, for the start-up log."""
         try:
             return describe_certificate(self.certificate)
         except (OSError, ValueError):
