@@ -6,6 +6,7 @@ Layout under the spool root::
     queue/     committed messages: ID.msg (raw data) and ID.env (JSON envelope)
     hold/      messages an operator put on hold (same two files)
     corrupt/   envelopes we could not read, kept for a human, never deleted
+    control/   notices from the command line to a running server (`notify`)
 
 What it promises:
 
@@ -32,6 +33,7 @@ and `SpoolError` (a queue id that is not there).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import threading
@@ -45,7 +47,7 @@ from mta.spool.envelope import Envelope, EnvelopeError
 
 log = Logger(namespace="mta.spool")
 
-TMP, QUEUE, HOLD, CORRUPT = "tmp", "queue", "hold", "corrupt"
+TMP, QUEUE, HOLD, CORRUPT, CONTROL = "tmp", "queue", "hold", "corrupt", "control"
 DATA_SUFFIX, ENVELOPE_SUFFIX = ".msg", ".env"
 
 
@@ -121,7 +123,7 @@ class Spool:
         self._ticket_lock = threading.Lock()
         self._tickets = 0
         self._synced = 0
-        for name in (TMP, QUEUE, HOLD, CORRUPT):
+        for name in (TMP, QUEUE, HOLD, CORRUPT, CONTROL):
             (self.root / name).mkdir(parents=True, exist_ok=True)
 
     # -- receiving --------------------------------------------------------------
@@ -276,6 +278,30 @@ class Spool:
         return sorted(p.name[: -len(ENVELOPE_SUFFIX)]
                       for p in (self.root / state).glob("*" + ENVELOPE_SUFFIX)
                       if not p.name.startswith("."))
+
+    # -- notices between the command line and a running server ---------------------
+
+    def notify(self, action: str, **fields: str) -> None:
+        """Tell a running server that the queue changed (``new``, ``hold``, ``release``,
+        ``delete``, ``flush``); it reads ``control/`` and acts on each notice once."""
+        directory = self.root / CONTROL
+        name = f"{int(self.clock() * 1_000_000):016d}-{os.getpid()}-{next(self.new_id.counter)}"
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(json.dumps({"action": action, **fields}))
+        os.rename(tmp, directory / f"{name}.json")
+
+    def take_notices(self) -> list[dict[str, str]]:
+        """Notices in the order they were written; each is returned once, then removed."""
+        notices = []
+        for path in sorted((self.root / CONTROL).glob("*.json")):
+            try:
+                notice = json.loads(path.read_text())
+            except (OSError, ValueError):
+                notice = None
+            _unlink(path)
+            if isinstance(notice, dict) and isinstance(notice.get("action"), str):
+                notices.append(notice)
+        return notices
 
     # -- start-up ---------------------------------------------------------------
 

@@ -1,0 +1,53 @@
+# mta: `make run` starts the MTA in the foreground on etc/mta.toml;
+# `make test` installs what the tests need (Python packages and the Debian
+# packages of the real peers) and runs the whole suite.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+CONFIG ?= etc/mta.toml
+SOURCES = pyproject.toml $(shell find mta twisted -name '*.py' 2>/dev/null)
+
+# Debian packages of the peers the integration tests talk to (PEERS.md).
+PEER_PACKAGES = swaks postfix curl fetchmail msmtp dnsmasq-base openssl
+
+.PHONY: run test venv peers bench lint clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# A normal (not editable) install: twistd finds the plugin the way users' will.
+$(VENV)/.installed: $(BIN)/activate $(SOURCES)
+	$(BIN)/pip install -q --no-warn-script-location '.[test]'
+	rm -rf build
+	@touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(BIN)/twistd -n --pidfile= mta --config $(CONFIG)
+
+peers:
+	@missing=""; \
+	for p in swaks smtp-sink smtp-source curl fetchmail msmtp dnsmasq openssl; do \
+	  command -v $$p >/dev/null 2>&1 || [ -x /usr/sbin/$$p ] || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing peers for the tests (missing:$$missing)"; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PEER_PACKAGES) >/dev/null; \
+	fi
+
+test: venv peers
+	$(BIN)/pytest -q
+
+bench: venv peers
+	$(BIN)/python bench/run.py
+
+lint: venv
+	$(BIN)/ruff check mta tests twisted
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,299 @@
+"""The `mta` command: operator tools beside the twistd service.
+
+    mta check-config [FILE]            check a config without starting
+    mta passwd USER [--cram-md5]       set a password (from stdin when not a terminal)
+    mta make-cert [--cert F --key F]   a self-signed certificate for trying TLS
+    mta queue list                     one line per queued message
+    mta queue show ID                  envelope and headers of one message
+    mta queue flush [DOMAIN]           try queued mail now (all, or one domain)
+    mta queue hold ID | release ID | delete ID
+    mta sendmail [-t] [-f SENDER] [RCPT ...]   inject a message read from stdin
+
+Every subcommand takes ``--config FILE`` (default: $MTA_CONFIG, else
+etc/mta.toml).  Queue changes are made on the spool directly and announced
+to a running server through the spool's control directory, so it notices
+them without a restart.  Exit status: 0 done, 1 the operation failed,
+2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.parser
+import email.policy
+import email.utils
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mta import config as config_module
+from mta.address import AddressError, parse_mailbox
+from mta.spool.envelope import Envelope, Recipient
+from mta.spool.store import HOLD, QUEUE, Spool, SpoolError
+
+
+def _default_config() -> str:
+    from mta.tap import default_config_path
+    return default_config_path()
+
+
+def _load(args: argparse.Namespace) -> config_module.Config:
+    return config_module.load(args.config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    cfg = config_module.load(path)
+    listeners = ", ".join(f"{x.role} on {x.endpoint} (tls {x.tls})" for x in cfg.listeners)
+    print(f"{path}: OK: hostname {cfg.server.hostname}; spool {cfg.server.spool}; "
+          f"listeners: {listeners}; {len(cfg.domains)} domain(s)")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from mta.server.auth import passwd_main
+    cfg = _load(args)
+    if cfg.auth.passwords is None:
+        print(f"mta passwd: {args.config}: [auth] passwords: not set; "
+              "name the password file there first", file=sys.stderr)
+        return 1
+    return passwd_main(cfg.auth.passwords, args.user, args.cram_md5)
+
+
+def cmd_make_cert(args: argparse.Namespace) -> int:
+    from mta.server.tls import make_cert
+    hostname = args.hostname
+    if hostname is None:
+        try:
+            hostname = _load(args).server.hostname
+        except config_module.ConfigError:
+            hostname = "localhost"
+    make_cert(args.cert, args.key, hostname)
+    print(f"wrote {args.cert} and {args.key} (self-signed for {hostname}); set them in [tls]")
+    return 0
+
+
+# -- queue ------------------------------------------------------------------------
+
+def _spool(args: argparse.Namespace) -> Spool:
+    return Spool(_load(args).server.spool)
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    count = 0
+    for state in (QUEUE, HOLD):
+        for queue_id in spool.queue_ids(state):
+            try:
+                envelope = spool.load(queue_id)
+            except (SpoolError, OSError, ValueError):
+                continue  # removed while we looked, or damaged: `recover` deals with those
+            count += 1
+            mark = "!" if state == HOLD else " "
+            pending = [r for r in envelope.recipients if not r.is_final]
+            print(f"{queue_id}{mark} {envelope.size:>9} {_when(envelope.arrival)}  "
+                  f"<{envelope.reverse_path}>")
+            for r in pending:
+                why = f"  ({r.status} {r.diagnostic})" if r.diagnostic else ""
+                print(f"{'':>22}<{r.address}>{why}")
+    print(f"-- {count} message(s); ! = on hold")
+    return 0
+
+
+def cmd_queue_show(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    envelope = spool.load(args.id)
+    sys.stdout.write(envelope.to_json().decode("utf-8"))
+    print("-- headers --")
+    with spool.open_data(args.id) as f:
+        for line in f:
+            if line in (b"\r\n", b"\n"):
+                break
+            sys.stdout.write(line.decode("utf-8", "replace").rstrip("\r\n") + "\n")
+    return 0
+
+
+def cmd_queue_flush(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    spool.notify("flush", domain=args.domain or "")
+    print("flush requested" + (f" for {args.domain}" if args.domain else ""))
+    return 0
+
+
+def cmd_queue_hold(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    spool.hold(args.id)
+    spool.notify("hold", queue_id=args.id)
+    print(f"{args.id}: on hold")
+    return 0
+
+
+def cmd_queue_release(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    spool.release(args.id)
+    spool.notify("release", queue_id=args.id)
+    print(f"{args.id}: released")
+    return 0
+
+
+def cmd_queue_delete(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    spool.remove(args.id)
+    spool.notify("delete", queue_id=args.id)
+    print(f"{args.id}: deleted")
+    return 0
+
+
+# -- sendmail ------------------------------------------------------------------------
+
+def cmd_sendmail(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    raw = sys.stdin.buffer.read()
+    data = _crlf(raw)
+    header_end = data.find(b"\r\n\r\n")
+    head = data[: header_end + 2] if header_end >= 0 else data
+    message = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    recipients = list(args.recipients)
+    if args.t:
+        for field in ("To", "Cc", "Bcc"):
+            recipients += [addr for _, addr in email.utils.getaddresses(message.get_all(field, []))
+                           if addr]
+        data = _drop_header(data, b"bcc")
+    if not recipients:
+        print("mta sendmail: no recipients (give them as arguments, or -t)", file=sys.stderr)
+        return 2
+    sender = args.f if args.f is not None else _default_sender(cfg)
+    try:
+        for address in ([sender] if sender else []) + recipients:
+            parse_mailbox(address, utf8=True)
+    except AddressError as e:
+        print(f"mta sendmail: bad address: {e}", file=sys.stderr)
+        return 2
+    smtputf8 = not all(a.isascii() for a in [sender, *recipients])
+    envelope = Envelope(
+        queue_id="", reverse_path=sender, recipients=[Recipient(r) for r in recipients],
+        arrival=time.time(), client_address="127.0.0.1", client_helo="localhost",
+        protocol="LOCAL", smtputf8=smtputf8,
+        body="8BITMIME" if not data.isascii() else "7BIT",
+    )
+    spool = Spool(cfg.server.spool)
+    received = (f"Received: by {cfg.server.hostname} (mta sendmail) id %s;\r\n"
+                f"\t{email.utils.format_datetime(datetime.now(timezone.utc).astimezone())}\r\n")
+    incoming = spool.receive()
+    try:
+        incoming.write(received.replace("%s", incoming.queue_id).encode())
+        if not message.get("Date"):
+            incoming.write(f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode())
+        if not message.get("Message-ID"):
+            incoming.write(f"Message-ID: {email.utils.make_msgid(domain=cfg.server.hostname)}\r\n"
+                           .encode())
+        if not message.get("From") and sender:
+            incoming.write(f"From: <{sender}>\r\n".encode())
+        incoming.write(data)
+    except BaseException:
+        incoming.abort()
+        raise
+    queue_id = spool.commit(incoming, envelope)
+    spool.notify("new", queue_id=queue_id)
+    if args.v:
+        print(f"queued as {queue_id}")
+    return 0
+
+
+def _default_sender(cfg: config_module.Config) -> str:
+    import getpass
+    return f"{getpass.getuser()}@{cfg.server.hostname}"
+
+
+def _crlf(raw: bytes) -> bytes:
+    text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    return text if text.endswith(b"\r\n") or not text else text + b"\r\n"
+
+
+def _drop_header(data: bytes, name: bytes) -> bytes:
+    """Remove every `name` header field (with its folded lines) from the header section."""
+    end = data.find(b"\r\n\r\n")
+    head, body = (data[: end + 2], data[end + 2:]) if end >= 0 else (data, b"")
+    out, skipping = [], False
+    for line in head.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                out.append(line)
+            continue
+        skipping = line.split(b":", 1)[0].strip().lower() == name
+        if not skipping:
+            out.append(line)
+    return b"".join(x + b"\r\n" for x in out) + body
+
+
+# -- argument parsing ------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=_default_config(),
+                        help="config file (default: $MTA_CONFIG, else etc/mta.toml)")
+    parser = argparse.ArgumentParser(prog="mta", description="mta operator tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check-config", parents=[common], help="check a config file")
+    p.add_argument("file", nargs="?", help="the file (default: --config)")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("passwd", parents=[common], help="set a user's password")
+    p.add_argument("user")
+    p.add_argument("--cram-md5", action="store_true",
+                   help="also store a CRAM-MD5 secret (password-equivalent: see README)")
+    p.set_defaults(func=cmd_passwd)
+
+    p = sub.add_parser("make-cert", parents=[common], help="make a self-signed certificate")
+    p.add_argument("--cert", default="etc/cert.pem")
+    p.add_argument("--key", default="etc/key.pem")
+    p.add_argument("--hostname", default=None, help="default: [server] hostname")
+    p.set_defaults(func=cmd_make_cert)
+
+    q = sub.add_parser("queue", help="look at and change the queue").add_subparsers(
+        dest="action", required=True)
+    p = q.add_parser("list", parents=[common])
+    p.set_defaults(func=cmd_queue_list)
+    p = q.add_parser("flush", parents=[common])
+    p.add_argument("domain", nargs="?")
+    p.set_defaults(func=cmd_queue_flush)
+    for name, func in (("show", cmd_queue_show), ("hold", cmd_queue_hold),
+                       ("release", cmd_queue_release), ("delete", cmd_queue_delete)):
+        p = q.add_parser(name, parents=[common])
+        p.add_argument("id")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("sendmail", parents=[common],
+                       help="inject a message from stdin (like sendmail -t -f)")
+    p.add_argument("-f", metavar="SENDER", help="envelope sender (default: USER@hostname)")
+    p.add_argument("-t", action="store_true", help="recipients from To/Cc/Bcc; Bcc removed")
+    p.add_argument("-i", "-oi", action="store_true", help="accepted; a lone dot never ends input")
+    p.add_argument("-v", action="store_true", help="print the queue id")
+    p.add_argument("recipients", nargs="*")
+    p.set_defaults(func=cmd_sendmail)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except config_module.ConfigError as e:
+        print(f"mta: {e}", file=sys.stderr)
+        return 1
+    except SpoolError as e:
+        print(f"mta: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"mta: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
