@@ -1,0 +1,321 @@
+"""The outbound SMTP client, driven byte by byte through an in-memory transport."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from mta.delivery.client import (
+    RecipientSpec,
+    SessionPolicy,
+    SMTPClient,
+    Timeouts,
+    TLSFailed,
+    Transaction,
+    dot_stuffed,
+)
+from mta.delivery.outcome import Deferred, Delivered, DeliveryError, Failed
+
+EHLO_FULL = ("250-mx.peer.test hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
+             "250-SMTPUTF8\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n")
+EHLO_PLAIN = "250-mx.peer.test hello\r\n250 SIZE 1000\r\n"
+
+
+class TLSStringTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tls_options = None
+
+    def startTLS(self, options: object) -> None:
+        self.tls_options = options
+
+
+def txn(*addresses: str, data: bytes = b"Subject: hi\r\n\r\nbody\r\n", **kw: object) -> Transaction:
+    recipients = [a if isinstance(a, RecipientSpec) else RecipientSpec(a) for a in addresses]
+    return Transaction("sender@here.test", recipients, lambda: io.BytesIO(data),
+                       size=len(data), **kw)
+
+
+class ClientTest(SynchronousTestCase):
+    def connect(self, tls: str = "off", **policy: object) -> SMTPClient:
+        self.clock = task.Clock()
+        self.client = SMTPClient(SessionPolicy("relay.here.test", "mx.peer.test", tls=tls,
+                                               **policy), self.clock)
+        self.transport = TLSStringTransport()
+        self.client.makeConnection(self.transport)
+        return self.client
+
+    def feed(self, text: str) -> None:
+        self.client.dataReceived(text.encode())
+
+    def sent(self) -> str:
+        value = self.transport.value().decode()
+        self.transport.clear()
+        return value
+
+    def pump_body(self) -> None:
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+
+    def ready(self, ehlo: str = EHLO_FULL, tls: str = "off") -> SMTPClient:
+        self.connect(tls)
+        self.feed("220 mx.peer.test ESMTP\r\n")
+        self.assertEqual(self.sent(), "EHLO relay.here.test\r\n")
+        self.feed(ehlo)
+        self.successResultOf(self.client.ready)
+        return self.client
+
+    def test_pipelined_transaction_with_per_recipient_results(self) -> None:
+        self.ready()
+        d = self.client.deliver(txn("a@peer.test", "b@peer.test", "c@peer.test"))
+        # RFC 2920: MAIL, RCPTs and DATA leave together.
+        self.assertEqual(self.sent(), "MAIL FROM:<sender@here.test> SIZE=21\r\n"
+                                      "RCPT TO:<a@peer.test>\r\nRCPT TO:<b@peer.test>\r\n"
+                                      "RCPT TO:<c@peer.test>\r\nDATA\r\n")
+        self.feed("250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n"
+                  "451 4.3.0 later\r\n354 go\r\n")
+        self.pump_body()
+        self.assertEqual(self.sent(), "Subject: hi\r\n\r\nbody\r\n.\r\n")
+        self.assertNoResult(d)
+        self.feed("250 2.0.0 queued as X\r\n")
+        result = self.successResultOf(d)
+        a, b, c = result.outcomes
+        self.assertIsInstance(a, Delivered)
+        self.assertEqual((a.status, a.diagnostic, a.dsn_passed), ("2.0.0", "250 2.0.0 queued as X",
+                                                                   True))
+        self.assertIsInstance(b, Failed)
+        self.assertEqual(b.status, "5.1.1")
+        self.assertIsInstance(c, Deferred)
+        self.assertTrue(result.data_sent)
+        self.assertIsNone(result.error)
+        self.client.quit()
+        self.assertEqual(self.sent(), "QUIT\r\n")
+
+    def test_without_pipelining_one_command_at_a_time(self) -> None:
+        self.ready(EHLO_PLAIN)
+        d = self.client.deliver(txn("a@peer.test", "b@peer.test"))
+        self.assertEqual(self.sent(), "MAIL FROM:<sender@here.test> SIZE=21\r\n")
+        self.feed("250 ok\r\n")
+        self.assertEqual(self.sent(), "RCPT TO:<a@peer.test>\r\n")
+        self.feed("250 ok\r\n")
+        self.assertEqual(self.sent(), "RCPT TO:<b@peer.test>\r\n")
+        self.feed("250 ok\r\n")
+        self.assertEqual(self.sent(), "DATA\r\n")
+        self.feed("354 go\r\n")
+        self.pump_body()
+        self.sent()
+        self.feed("250 ok\r\n")
+        outcomes = self.successResultOf(d).outcomes
+        self.assertEqual([type(o) for o in outcomes], [Delivered, Delivered])
+        self.assertFalse(outcomes[0].dsn_passed)
+
+    def test_no_recipient_accepted_means_no_data(self) -> None:
+        self.ready(EHLO_PLAIN)
+        d = self.client.deliver(txn("a@peer.test"))
+        self.sent()
+        self.feed("250 ok\r\n")
+        self.sent()
+        self.feed("550 5.1.1 unknown\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(self.sent(), "")
+        self.assertIsInstance(result.outcomes[0], Failed)
+        # The next transaction starts with RSET.
+        self.client.deliver(txn("b@peer.test"))
+        self.assertTrue(self.sent().startswith("RSET\r\nMAIL FROM:"))
+
+    def test_mail_refused_decides_every_recipient(self) -> None:
+        self.ready()
+        d = self.client.deliver(txn("a@peer.test", "b@peer.test"))
+        self.sent()
+        self.feed("553 5.1.8 bad sender\r\n503 5.5.1 no\r\n503 5.5.1 no\r\n554 5.5.1 no valid\r\n")
+        outcomes = self.successResultOf(d).outcomes
+        self.assertEqual([(type(o), o.status) for o in outcomes], [(Failed, "5.1.8")] * 2)
+
+    def test_data_refused_applies_to_accepted_recipients(self) -> None:
+        self.ready()
+        d = self.client.deliver(txn("a@peer.test", "b@peer.test"))
+        self.sent()
+        self.feed("250 ok\r\n250 ok\r\n550 5.1.1 no\r\n451 4.3.0 busy\r\n")
+        outcomes = self.successResultOf(d).outcomes
+        self.assertEqual([(type(o), o.status) for o in outcomes],
+                         [(Deferred, "4.3.0"), (Failed, "5.1.1")])
+
+    def test_helo_fallback(self) -> None:
+        self.connect()
+        self.feed("220 old.peer.test SMTP\r\n")
+        self.sent()
+        self.feed("500 what?\r\n")
+        self.assertEqual(self.sent(), "HELO relay.here.test\r\n")
+        self.feed("250 old.peer.test\r\n")
+        caps = self.successResultOf(self.client.ready)
+        self.assertFalse(caps.esmtp)
+        d = self.client.deliver(txn("a@peer.test"))
+        self.assertEqual(self.sent(), "MAIL FROM:<sender@here.test>\r\n")
+        self.assertNoResult(d)
+
+    def test_bad_greeting_fails_ready_temporarily(self) -> None:
+        self.connect()
+        self.feed("554 5.3.2 go away\r\n")
+        error = self.failureResultOf(self.client.ready, DeliveryError).value
+        self.assertEqual(error.status, "4.3.2")
+        self.assertEqual(self.sent(), "QUIT\r\n")
+
+    def test_size_refused_before_sending(self) -> None:
+        self.ready()
+        big = txn("a@peer.test", data=b"x" * 2000 + b"\r\n")
+        outcome = self.successResultOf(self.client.deliver(big)).outcomes[0]
+        self.assertEqual((type(outcome), outcome.status), (Failed, "5.3.4"))
+        self.assertEqual(self.sent(), "")
+
+    def test_8bit_and_utf8_need_the_extension(self) -> None:
+        self.ready(EHLO_PLAIN)
+        outcome = self.successResultOf(self.client.deliver(
+            txn("a@peer.test", body="8BITMIME"))).outcomes[0]
+        self.assertEqual((type(outcome), outcome.status), (Failed, "5.6.3"))
+        outcome = self.successResultOf(self.client.deliver(
+            txn("a@peer.test", smtputf8=True))).outcomes[0]
+        self.assertEqual((type(outcome), outcome.status), (Failed, "5.6.7"))
+        self.assertEqual(self.sent(), "")
+
+    def test_extensions_and_dsn_parameters_passed_on(self) -> None:
+        self.ready()
+        self.client.deliver(txn(RecipientSpec("a@peer.test", ("SUCCESS", "FAILURE"),
+                                              "rfc822;A+B@orig.test"),
+                                body="8BITMIME", smtputf8=True, ret="HDRS", envid="id 1"))
+        self.assertEqual(self.sent(), "MAIL FROM:<sender@here.test> SIZE=21 BODY=8BITMIME "
+                                      "SMTPUTF8 RET=HDRS ENVID=id+201\r\n"
+                                      "RCPT TO:<a@peer.test> NOTIFY=SUCCESS,FAILURE "
+                                      "ORCPT=rfc822;A+2BB@orig.test\r\nDATA\r\n")
+
+    def test_no_dsn_parameters_without_dsn(self) -> None:
+        self.ready("250-mx.peer.test\r\n250 PIPELINING\r\n")
+        self.client.deliver(txn(RecipientSpec("a@peer.test", ("NEVER",), "rfc822;a@o.test"),
+                                ret="FULL", envid="x"))
+        self.assertEqual(self.sent(), "MAIL FROM:<sender@here.test>\r\n"
+                                      "RCPT TO:<a@peer.test>\r\nDATA\r\n")
+
+    def test_starttls_then_ehlo_again(self) -> None:
+        self.connect("required")
+        self.feed("220 hi\r\n")
+        self.sent()
+        self.feed("250-mx.peer.test\r\n250-STARTTLS\r\n250 SIZE 10\r\n")
+        self.assertEqual(self.sent(), "STARTTLS\r\n")
+        self.feed("220 2.0.0 go ahead\r\n")
+        self.assertIsNotNone(self.transport.tls_options)
+        self.assertEqual(self.sent(), "EHLO relay.here.test\r\n")
+        self.feed("250-mx.peer.test\r\n250 PIPELINING\r\n")
+        caps = self.successResultOf(self.client.ready)
+        self.assertTrue(caps.tls)
+        self.assertEqual(caps.keywords, {"PIPELINING": ""})  # nothing kept from before TLS
+
+    def test_tls_required_but_not_offered(self) -> None:
+        self.connect("required")
+        self.feed("220 hi\r\n")
+        self.sent()
+        self.feed("250-mx.peer.test\r\n250 SIZE 10\r\n")
+        self.assertEqual(self.failureResultOf(self.client.ready, DeliveryError).value.status,
+                         "4.7.4")
+
+    def test_opportunistic_tls_not_offered_goes_on_in_plain_text(self) -> None:
+        self.ready(EHLO_PLAIN, tls="opportunistic")
+
+    def test_failed_handshake_is_reported_as_tls_failure(self) -> None:
+        self.connect("opportunistic")
+        self.feed("220 hi\r\n")
+        self.feed("250-mx.peer.test\r\n250 STARTTLS\r\n")
+        self.feed("220 go ahead\r\n")
+        self.client.connectionLost(Failure(Exception("handshake failure")))
+        self.failureResultOf(self.client.ready, TLSFailed)
+
+    def test_auth_plain(self) -> None:
+        self.connect("required", auth_user="joe", auth_password="s3cret")
+        self.feed("220 hi\r\n250-x\r\n250 STARTTLS\r\n220 go\r\n")
+        self.sent()
+        self.feed("250-x\r\n250 AUTH LOGIN PLAIN\r\n")
+        token = base64.b64encode(b"\0joe\0s3cret").decode()
+        self.assertEqual(self.sent(), f"AUTH PLAIN {token}\r\n")
+        self.assertNoResult(self.client.ready)
+        self.feed("235 2.7.0 ok\r\n")
+        self.assertTrue(self.successResultOf(self.client.ready).authenticated)
+
+    def test_auth_login_and_failure_is_temporary(self) -> None:
+        self.connect("required", auth_user="joe", auth_password="s3cret")
+        self.feed("220 hi\r\n250-x\r\n250 STARTTLS\r\n220 go\r\n")
+        self.sent()
+        self.feed("250-x\r\n250 AUTH LOGIN\r\n")
+        self.assertEqual(self.sent(), "AUTH LOGIN\r\n")
+        self.feed("334 VXNlcm5hbWU6\r\n")
+        self.assertEqual(self.sent(), base64.b64encode(b"joe").decode() + "\r\n")
+        self.feed("334 UGFzc3dvcmQ6\r\n")
+        self.assertEqual(self.sent(), base64.b64encode(b"s3cret").decode() + "\r\n")
+        self.feed("535 5.7.8 bad credentials\r\n")
+        self.assertEqual(self.failureResultOf(self.client.ready, DeliveryError).value.status,
+                         "4.7.8")
+
+    def test_no_password_without_tls(self) -> None:
+        self.connect("required", auth_user="joe", auth_password="pw")
+        self.feed("220 hi\r\n250-x\r\n250 AUTH PLAIN\r\n")
+        self.failureResultOf(self.client.ready, DeliveryError)
+        self.assertNotIn("AUTH", self.sent())
+
+    def test_greeting_timeout(self) -> None:
+        self.connect()
+        self.clock.advance(Timeouts().greeting - 1)
+        self.assertNoResult(self.client.ready)
+        self.clock.advance(1)
+        self.assertEqual(self.failureResultOf(self.client.ready, DeliveryError).value.status,
+                         "4.4.2")
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+
+    def test_final_dot_timeout_leaves_recipients_undecided(self) -> None:
+        self.ready()
+        d = self.client.deliver(txn("a@peer.test"))
+        self.feed("250 ok\r\n250 ok\r\n354 go\r\n")
+        self.pump_body()
+        self.clock.advance(Timeouts().data_end - 1)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        result = self.successResultOf(d)
+        self.assertEqual(result.outcomes, [None])
+        self.assertTrue(result.data_sent)
+        self.assertEqual(result.error.value.status, "4.4.2")
+
+    def test_connection_lost_before_data(self) -> None:
+        self.ready()
+        d = self.client.deliver(txn("a@peer.test", "b@peer.test"))
+        self.feed("250 ok\r\n550 5.1.1 no\r\n")
+        self.client.connectionLost(Failure(ConnectionError("gone")))
+        result = self.successResultOf(d)
+        self.assertIsInstance(result.outcomes[0], Failed)
+        self.assertIsNone(result.outcomes[1])
+        self.assertFalse(result.data_sent)
+
+    def test_multiline_reply_with_enhanced_codes(self) -> None:
+        self.ready()
+        d = self.client.deliver(txn("a@peer.test"))
+        self.feed("250 ok\r\n550-5.7.1 first line\r\n550 5.7.1 second line\r\n554 no\r\n")
+        outcome = self.successResultOf(d).outcomes[0]
+        self.assertEqual(outcome.diagnostic, "550 5.7.1 first line second line")
+
+    def test_malformed_reply_drops_the_connection(self) -> None:
+        self.connect()
+        self.feed("hello there\r\n")
+        self.assertEqual(self.failureResultOf(self.client.ready, DeliveryError).value.status,
+                         "4.5.0")
+
+
+def test_dot_stuffing_and_line_ends() -> None:
+    def stuff(data: bytes, chunk: int = 65536) -> bytes:
+        return b"".join(dot_stuffed(io.BytesIO(data), chunk))
+    assert stuff(b"") == b".\r\n"
+    assert stuff(b"a\r\n.b\r\n..\r\n.\r\n") == b"a\r\n..b\r\n...\r\n..\r\n.\r\n"
+    assert stuff(b"no newline at end") == b"no newline at end\r\n.\r\n"
+    assert stuff(b"bare\nlf\n.x\n") == b"bare\r\nlf\r\n..x\r\n.\r\n"  # no LF.LF smuggling
+    assert stuff(b"x" * 70000 + b"\r\n.y\r\n", 1000) == b"x" * 70000 + b"\r\n..y\r\n.\r\n"
+    chunks = list(dot_stuffed(io.BytesIO(b"line\r\n" * 50000), 4096))
+    assert len(chunks) > 10 and max(len(c) for c in chunks) < 8192
