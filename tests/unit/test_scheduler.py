@@ -1,0 +1,382 @@
+"""The relayer's scheduling, recording and reporting, on task.Clock with a scripted courier."""
+
+from __future__ import annotations
+
+import email
+import itertools
+import random
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+
+from mta import bounce
+from mta import config as config_mod
+from mta.delivery.courier import MaildirCourier, Result
+from mta.delivery.outcome import Deferred, Delivered, Failed, Outcome
+from mta.delivery.router import MAILDIR, SMTP, NextHop
+from mta.delivery.scheduler import Relayer, backoff
+from mta.spool.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
+from mta.spool.store import Spool
+
+DATA = b"From: a@here.test\r\nSubject: test\r\n\r\nhello\r\n"
+
+
+class FixedRandom(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return 1.0
+
+
+def run_now(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class ScriptedCourier:
+    """Answers each recipient from `script` (address -> Outcome), or waits when `hold` is set."""
+
+    def __init__(self) -> None:
+        self.script: dict[str, Outcome] = {}
+        self.default: Outcome = Delivered("2.0.0", "250 2.0.0 ok", "mx.far.test")
+        self.calls: list[tuple[NextHop, list[str]]] = []
+        self.waiting: list[tuple[defer.Deferred[list[Result]], list[Recipient]]] = []
+        self.hold = False
+        self.aborted = False
+
+    def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
+                data_path: Path) -> defer.Deferred[list[Result]]:
+        assert data_path.read_bytes() == DATA or envelope.is_report
+        self.calls.append((hop, [r.address for r in recipients]))
+        if self.hold:
+            d: defer.Deferred[list[Result]] = defer.Deferred()
+            self.waiting.append((d, recipients))
+            return d
+        return defer.succeed(self.results(recipients))
+
+    def results(self, recipients: list[Recipient]) -> list[Result]:
+        return [Result(self.script.get(r.address, self.default), "mx.far.test[127.0.0.2]:25")
+                for r in recipients]
+
+    def release(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d, recipients in waiting:
+            d.callback(self.results(recipients))
+
+    def abort_all(self) -> None:
+        self.aborted = True
+        waiting, self.waiting = self.waiting, []
+        for d, recipients in waiting:
+            d.callback([Result(Deferred("4.3.2", "shutting down"), "none")] * len(recipients))
+
+    @property
+    def addresses(self) -> list[list[str]]:
+        return [addresses for _, addresses in self.calls]
+
+
+class RelayerTest(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(self.mktemp())
+        self.tmp.mkdir()
+        self.make()
+
+    def make(self, **relay: Any) -> None:
+        settings = {"retry_min": "60s", "retry_max": "600s", "lifetime": "1h",
+                    "delay_warning": "20m", "concurrency": 10, "concurrency_per_destination": 2}
+        settings.update(relay)
+        domains = relay.pop("domains", None) or {
+            "held.test": {"route": "hold", "etrn_route": "smtp:[127.0.0.9]:2600"},
+            "local.test": {"route": f"maildir:{self.tmp / 'mail'}", "users": ["alice"]},
+        }
+        settings.pop("domains", None)
+        self.config = config_mod.from_dict({
+            "server": {"hostname": "mx.here.test", "spool": str(self.tmp / "spool")},
+            "relay": settings, "domains": domains,
+        })
+        self.clock = task.Clock()
+        self.clock.advance(10_000)
+        self.spool = Spool(self.tmp / "spool", clock=self.clock.seconds)
+        self.courier = ScriptedCourier()
+        self.relayer = Relayer(self.config, self.spool, self.clock, rng=FixedRandom(),
+                               run_blocking=run_now,
+                               couriers={SMTP: self.courier,
+                                         MAILDIR: MaildirCourier(self.config, run_now)})
+
+    def submit(self, *recipients: str | Recipient, reverse_path: str = "alice@here.test",
+               start: bool = True, **fields: Any) -> Envelope:
+        envelope = Envelope("", reverse_path,
+                            [r if isinstance(r, Recipient) else Recipient(r) for r in recipients],
+                            arrival=self.clock.seconds(), **fields)
+        self.spool.inject(envelope, DATA)
+        if start and not self.relayer.running:
+            self.relayer.startService()
+        else:
+            self.relayer.enqueue(envelope)
+        self.clock.advance(0)
+        return envelope
+
+    def queued(self) -> list[Envelope]:
+        return [self.spool.load(q) for q in self.spool.queue_ids()]
+
+    def reports(self) -> list[Envelope]:
+        return [e for e in self.queued() if e.is_report]
+
+    def report_fields(self, report: Envelope) -> list[email.message.Message]:
+        raw = self.spool.data_path(report.queue_id).read_bytes()
+        return email.message_from_bytes(raw).get_payload()[1].get_payload()
+
+    # -- timing ------------------------------------------------------------------------
+
+    def test_new_message_is_tried_at_once_and_removed_when_delivered(self) -> None:
+        self.relayer.startService()
+        envelope = self.submit("bob@far.test")
+        self.assertEqual(self.courier.addresses, [["bob@far.test"]])
+        self.assertEqual(self.spool.queue_ids(), [])
+        self.assertNotIn(envelope.queue_id, self.relayer._entries)
+
+    def test_backoff_doubles_up_to_retry_max(self) -> None:
+        self.courier.default = Deferred("4.4.1", "connection refused")
+        self.make(lifetime="5d", delay_warning="0")
+        self.courier.default = Deferred("4.4.1", "connection refused")
+        start = self.clock.seconds()
+        envelope = self.submit("bob@far.test")
+        times = [0.0]
+        for _ in range(6):
+            before = len(self.courier.calls)
+            while len(self.courier.calls) == before:
+                self.clock.advance(1)
+            times.append(self.clock.seconds() - start)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        self.assertEqual(gaps, [60, 120, 240, 480, 600, 600])
+        stored = self.spool.load(envelope.queue_id)
+        self.assertEqual(stored.attempts, 7)
+        self.assertEqual(stored.next_attempt, self.clock.seconds() + 600)
+        self.assertEqual(stored.recipients[0].status, "4.4.1")
+        self.assertEqual(stored.last_error, "connection refused")
+
+    def test_backoff_has_jitter(self) -> None:
+        delays = {round(backoff(3, 60, 3600, random.Random(seed))) for seed in range(20)}
+        self.assertTrue(all(216 <= d <= 264 for d in delays))
+        self.assertGreater(len(delays), 5)
+
+    def test_lifetime_then_failure_and_bounce(self) -> None:
+        self.courier.default = Deferred("4.4.1", "connection refused")
+        envelope = self.submit("bob@far.test")
+        self.clock.advance(3600)  # retries until the lifetime is over
+        self.assertNotIn(envelope.queue_id, self.spool.queue_ids())
+        (report,) = self.reports()
+        self.assertEqual([r.address for r in report.recipients], ["alice@here.test"])
+        _, rcpt = self.report_fields(report)
+        self.assertEqual((rcpt["Action"], rcpt["Status"]), ("failed", "4.4.7"))
+        self.assertIn("connection refused", rcpt["Diagnostic-Code"])
+
+    def test_delay_warning_once(self) -> None:
+        self.courier.default = Deferred("4.4.1", "connection refused")
+        self.courier.script["quiet@far.test"] = self.courier.default
+        self.submit("bob@far.test", Recipient("quiet@far.test", notify=("FAILURE",)))
+        self.clock.advance(19 * 60)
+        self.assertEqual(self.reports(), [])
+        self.clock.advance(30 * 60)
+        (report,) = self.reports()
+        _, rcpt = self.report_fields(report)
+        self.assertEqual((rcpt["Final-Recipient"], rcpt["Action"], rcpt["Status"]),
+                         ("rfc822; bob@far.test", "delayed", "4.4.1"))
+        self.assertIsNotNone(rcpt["Will-Retry-Until"])
+        # The report itself is delivered (our courier says 250) and removed; no second warning.
+        self.assertEqual(len([c for c in self.courier.addresses if c == ["alice@here.test"]]), 1)
+
+    # -- grouping and concurrency ---------------------------------------------------------
+
+    def test_recipients_with_the_same_next_hop_share_a_transaction(self) -> None:
+        self.submit("a@far.test", "b@far.test", "c@other.test")
+        self.assertEqual(sorted(self.courier.addresses),
+                         [["a@far.test", "b@far.test"], ["c@other.test"]])
+
+    def test_concurrency_per_destination_and_total(self) -> None:
+        self.courier.hold = True
+        self.relayer.startService()
+        for i in range(3):
+            self.submit(f"u{i}@far.test")
+        self.submit("x@other.test")
+        self.assertEqual(sorted(a[0] for a in self.courier.addresses),
+                         ["u0@far.test", "u1@far.test", "x@other.test"])
+        self.courier.release()
+        self.assertIn(["u2@far.test"], self.courier.addresses)
+        self.courier.release()
+        self.assertEqual(self.spool.queue_ids(), [])
+
+        self.make(concurrency=1)
+        self.courier.hold = True
+        self.relayer.startService()
+        self.submit("a@far.test")
+        self.submit("b@other.test")
+        self.assertEqual(self.courier.addresses, [["a@far.test"]])
+        self.courier.release()
+        self.assertEqual(self.courier.addresses, [["a@far.test"], ["b@other.test"]])
+
+    # -- outcomes and reports -------------------------------------------------------------
+
+    def test_failed_recipient_bounced_others_delivered(self) -> None:
+        self.courier.script["bad@far.test"] = Failed("5.1.1", "550 5.1.1 no such user",
+                                                      "mx.far.test")
+        envelope = self.submit("good@far.test", "bad@far.test")
+        reports = self.reports()
+        self.assertEqual(len(reports), 0)  # the report was delivered too, by the same courier
+        self.assertEqual(self.courier.addresses[-1], ["alice@here.test"])
+        self.assertNotIn(envelope.queue_id, self.spool.queue_ids())
+
+    def test_bounce_content_is_kept_until_sent(self) -> None:
+        self.courier.script["bad@far.test"] = Failed("5.1.1", "550 5.1.1 no such user",
+                                                      "mx.far.test")
+        self.courier.script["alice@here.test"] = Deferred("4.4.1", "refused")
+        self.submit("good@far.test", "bad@far.test")
+        (report,) = self.reports()
+        self.assertEqual(report.reverse_path, "")
+        per_message, rcpt = self.report_fields(report)
+        self.assertEqual(per_message["Reporting-MTA"], "dns; mx.here.test")
+        self.assertEqual((rcpt["Final-Recipient"], rcpt["Action"], rcpt["Status"],
+                          rcpt["Remote-MTA"], rcpt["Diagnostic-Code"]),
+                         ("rfc822; bad@far.test", "failed", "5.1.1", "dns; mx.far.test",
+                          "smtp; 550 5.1.1 no such user"))
+
+    def test_notify_never_suppresses_and_success_is_reported(self) -> None:
+        self.courier.script["bad@far.test"] = Failed("5.1.1", "550 no", "mx.far.test")
+        self.courier.script["alice@here.test"] = Deferred("4.4.1", "refused")
+        self.submit(Recipient("bad@far.test", notify=("NEVER",)),
+                    Recipient("good@far.test", notify=("SUCCESS",)))
+        (report,) = self.reports()
+        _, rcpt = self.report_fields(report)
+        self.assertEqual((rcpt["Final-Recipient"], rcpt["Action"], rcpt["Status"]),
+                         ("rfc822; good@far.test", "relayed", "2.0.0"))
+
+    def test_no_success_report_when_the_next_hop_takes_dsn(self) -> None:
+        self.courier.default = Delivered("2.0.0", "250 ok", "mx.far.test", dsn_passed=True)
+        self.submit(Recipient("good@far.test", notify=("SUCCESS",)))
+        self.assertEqual(self.spool.queue_ids(), [])
+        self.assertEqual(self.courier.addresses, [["good@far.test"]])
+
+    def test_never_bounce_a_bounce(self) -> None:
+        self.courier.default = Failed("5.1.1", "550 no", "mx.far.test")
+        self.submit("gone@far.test", reverse_path="", is_report=True)
+        self.assertEqual(self.spool.queue_ids(), [])
+        self.assertEqual(len(self.courier.calls), 1)
+
+    def test_double_bounce_to_postmaster(self) -> None:
+        self.config = config_mod.from_dict({
+            "server": {"hostname": "mx.here.test", "spool": str(self.tmp / "spool"),
+                       "postmaster": "postmaster@here.test"}})
+        self.relayer = Relayer(self.config, self.spool, self.clock, rng=FixedRandom(),
+                               run_blocking=run_now, couriers={SMTP: self.courier})
+        self.courier.default = Failed("5.1.1", "550 no", "mx.far.test")
+        self.submit("gone@far.test", reverse_path="", is_report=True)
+        # bounce -> double bounce to the postmaster -> fails too -> dropped.
+        self.assertEqual(self.courier.addresses, [["gone@far.test"], ["postmaster@here.test"]])
+        self.assertEqual(self.spool.queue_ids(), [])
+
+    def test_local_maildir_delivery_and_unknown_user(self) -> None:
+        self.courier.script["alice@here.test"] = Deferred("4.4.1", "refused")
+        self.submit(Recipient("Alice+tag@local.test", notify=("SUCCESS", "FAILURE")),
+                    "nobody@local.test")
+        (mail,) = (self.tmp / "mail" / "alice" / "new").iterdir()
+        text = mail.read_bytes()
+        self.assertTrue(text.startswith(b"Return-Path: <alice@here.test>\nDelivered-To: "
+                                        b"Alice+tag@local.test\nFrom: a@here.test\n"))
+        self.assertNotIn(b"\r\n", text)
+        self.assertFalse((self.tmp / "mail" / "nobody").exists())
+        reports = self.reports()
+        actions = sorted((f["Final-Recipient"], f["Action"], f["Status"])
+                         for r in reports for f in self.report_fields(r)[1:])
+        self.assertEqual(actions, [("rfc822; Alice+tag@local.test", "delivered", "2.0.0"),
+                                   ("rfc822; nobody@local.test", "failed", "5.1.1")])
+
+    # -- hold and flush ---------------------------------------------------------------------
+
+    def test_hold_waits_for_flush(self) -> None:
+        envelope = self.submit("x@held.test", "y@far.test")
+        self.assertEqual(self.courier.addresses, [["y@far.test"]])
+        self.clock.advance(1800)
+        self.assertEqual(len(self.courier.calls), 1)
+        self.assertEqual(self.relayer.flush("other.test"), 0)
+        self.assertEqual(self.relayer.flush("held.test"), 1)
+        self.clock.advance(0)
+        hop, addresses = self.courier.calls[-1]
+        self.assertEqual((addresses, hop.host, hop.port, hop.mx), (["x@held.test"], "127.0.0.9",
+                                                                    2600, False))
+        self.assertNotIn(envelope.queue_id, self.spool.queue_ids())
+
+    def test_held_mail_expires(self) -> None:
+        envelope = self.submit("x@held.test")
+        self.assertEqual(self.courier.calls, [])
+        self.assertEqual(self.spool.load(envelope.queue_id).next_attempt,
+                         envelope.arrival + 3600)
+        self.clock.advance(3600)
+        self.assertNotIn(envelope.queue_id, self.spool.queue_ids())
+
+    def test_flush_all_retries_deferred_mail_now(self) -> None:
+        self.courier.default = Deferred("4.4.1", "refused")
+        self.submit("a@far.test")
+        self.assertEqual(self.relayer.flush(), 1)
+        self.clock.advance(0)
+        self.assertEqual(len(self.courier.calls), 2)
+
+    # -- restart ---------------------------------------------------------------------------
+
+    def test_restart_skips_recipients_recorded_as_delivered(self) -> None:
+        envelope = Envelope("", "alice@here.test",
+                            [Recipient("done@far.test", state=DELIVERED, notified=True),
+                             Recipient("todo@far.test")], arrival=self.clock.seconds())
+        self.spool.inject(envelope, DATA)
+        (self.spool.root / "tmp" / "junk.msg").write_bytes(b"never accepted")
+        self.relayer.startService()
+        self.clock.advance(0)
+        self.assertEqual(self.courier.addresses, [["todo@far.test"]])
+        self.assertEqual(list((self.spool.root / "tmp").iterdir()), [])
+        self.assertEqual(self.spool.queue_ids(), [])
+
+    def test_restart_respects_the_stored_next_attempt(self) -> None:
+        envelope = Envelope("", "alice@here.test", [Recipient("a@far.test")],
+                            arrival=self.clock.seconds(), attempts=2,
+                            next_attempt=self.clock.seconds() + 100)
+        self.spool.inject(envelope, DATA)
+        self.relayer.startService()
+        self.clock.advance(99)
+        self.assertEqual(self.courier.calls, [])
+        self.clock.advance(1)
+        self.assertEqual(len(self.courier.calls), 1)
+
+    def test_stop_abandons_in_flight_attempts_safely(self) -> None:
+        self.courier.hold = True
+        envelope = self.submit("a@far.test", "b@other.test")
+        self.assertEqual(len(self.courier.waiting), 2)
+        # One transaction ends before the stop: its result is recorded.
+        d, recipients = self.courier.waiting.pop(0)
+        d.callback(self.courier.results(recipients))
+        self.successResultOf(defer.maybeDeferred(self.relayer.stopService))
+        self.assertTrue(self.courier.aborted)
+        stored = self.spool.load(envelope.queue_id)
+        states = {r.address: (r.state, r.status) for r in stored.recipients}
+        done = recipients[0].address
+        other = ({"a@far.test", "b@other.test"} - {done}).pop()
+        self.assertEqual(states[done], (DELIVERED, "2.0.0"))
+        self.assertEqual(states[other], (PENDING, None))  # the interruption is not recorded
+        self.assertEqual(stored.attempts, 1)
+        # Nothing more happens after the stop.
+        self.clock.advance(10_000)
+        self.assertEqual(len(self.courier.calls), 2)
+        # A new relayer delivers the rest, and only the rest.
+        self.make()
+        self.relayer.startService()
+        self.clock.advance(0)
+        self.assertEqual(self.courier.addresses, [[other]])
+        self.assertEqual(self.spool.queue_ids(), [])
+
+    def test_envelope_removed_by_the_command_line_is_forgotten(self) -> None:
+        self.courier.default = Deferred("4.4.1", "refused")
+        envelope = self.submit("a@far.test")
+        self.spool.remove(envelope.queue_id)
+        self.clock.advance(600)
+        self.assertEqual(len(self.courier.calls), 1)
+        self.assertNotIn(envelope.queue_id, self.relayer._entries)
+
+
+def test_failed_state_constant_is_the_envelope_one() -> None:
+    assert bounce.FAILED == FAILED
