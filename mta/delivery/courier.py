@@ -178,7 +178,9 @@ class SMTPCourier:
         for attempt in attempts:
             client = yield self._open(address, hop.port, attempt)
             if isinstance(client, Outcome):
-                return [None] * len(txn.recipients), False, client
+                relay = maillog.relay_name(host.name, address, hop.port)
+                failure = replace(client, diagnostic=f"connect to {relay}: {client.diagnostic}")
+                return [None] * len(txn.recipients), False, failure
             try:
                 yield client.ready
             except TLSFailed as e:

@@ -1,0 +1,86 @@
+"""A small authoritative DNS server for tests, on loopback, from a JSON zone.
+
+Run as ``python tests/dnsserver.py ZONE.json [--address 127.0.0.1]``.  It
+listens on UDP and TCP at a free port and prints that port on its first
+line of output, then serves until terminated.
+
+The zone is a JSON object of names to records::
+
+    {
+      "example.test":     {"MX": [[10, "mx1.example.test"], [20, "mx2.example.test"]]},
+      "mx1.example.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
+      "nullmx.test":      {"MX": [[0, "."]]},
+      "broken.test":      "SERVFAIL"
+    }
+
+A name not in the zone is NXDOMAIN; a name without records of the asked
+type is an empty NOERROR answer; ``"SERVFAIL"`` makes every query for the
+name fail with SERVFAIL.  ``"."`` is the root name, so ``[0, "."]`` is the
+null MX of RFC 7505.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.names import dns, error, server
+from twisted.names.common import ResolverBase
+
+
+class ServerFailure(Exception):
+    """Anything that is not a DomainError becomes SERVFAIL in DNSServerFactory."""
+
+
+class ZoneResolver(ResolverBase):
+    def __init__(self, zone: dict[str, Any]) -> None:
+        super().__init__()
+        self.zone = {name.lower().rstrip("."): records for name, records in zone.items()}
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> defer.Deferred:
+        key = name.decode().lower().rstrip(".")
+        records = self.zone.get(key)
+        if records is None:
+            return defer.fail(error.AuthoritativeDomainError(name))
+        if records == "SERVFAIL":
+            return defer.fail(ServerFailure(key))
+        answers = [dns.RRHeader(name, type, cls, 60, payload, auth=True)
+                   for payload in self._payloads(records, type)]
+        return defer.succeed((answers, [], []))
+
+    @staticmethod
+    def _payloads(records: dict[str, Any], type: int) -> list[Any]:
+        if type == dns.MX:
+            return [dns.Record_MX(preference, b"" if host == "." else host.encode(), ttl=60)
+                    for preference, host in records.get("MX", [])]
+        if type == dns.A:
+            return [dns.Record_A(address, ttl=60) for address in records.get("A", [])]
+        if type == dns.AAAA:
+            return [dns.Record_AAAA(address, ttl=60) for address in records.get("AAAA", [])]
+        return []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("zone")
+    parser.add_argument("--address", default="127.0.0.1")
+    args = parser.parse_args()
+    with open(args.zone) as f:
+        zone = json.load(f)
+    factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
+    protocol = dns.DNSDatagramProtocol(factory)
+    udp = reactor.listenUDP(0, protocol, interface=args.address)
+    port = udp.getHost().port
+    with contextlib.suppress(OSError):  # TCP is a nicety: our answers fit in UDP
+        reactor.listenTCP(port, factory, interface=args.address)
+    sys.stdout.write(f"{port}\n")
+    sys.stdout.flush()
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,619 @@
+"""The relayer end to end: the real server (`twistd -n mta`) against real peers on loopback.
+
+Peers: a twisted.names DNS server (tests/dnsserver.py) serving the zone
+below, Postfix's smtp-sink on 127.0.0.x as the MX hosts (one of them
+rejecting RCPT with 5xx or 4xx), aiosmtpd with STARTTLS + AUTH as the smart
+host, and a second mta instance as an internal next hop.  Mail goes in with
+smtplib; what arrives is read from smtp-sink's dump files, and every bounce
+is parsed with the `email` package and checked field by field.
+
+Every port is picked at run time; every process is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import json
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mta.spool.store import Spool
+
+REPO = Path(__file__).resolve().parents[2]
+TWISTD = Path(sys.executable).parent / "twistd"
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+WAIT = 20.0  # seconds any single expectation may take
+
+ZONE = {
+    "example.test": {"MX": [[10, "mx1.example.test"], [20, "mx2.example.test"]]},
+    "mx1.example.test": {"A": ["127.0.0.2"]},  # nothing listens there: a dead MX
+    "mx2.example.test": {"A": ["127.0.0.3"]},
+    "plain.test": {"A": ["127.0.0.4"]},  # no MX: the implicit MX
+    "nullmx.test": {"MX": [[0, "."]]},
+    "sender.test": {"MX": [[10, "mx.sender.test"]]},
+    "mx.sender.test": {"A": ["127.0.0.5"]},  # where reports to our senders arrive
+    "rejects.test": {"MX": [[10, "mx.rejects.test"]]},
+    "mx.rejects.test": {"A": ["127.0.0.6"]},
+    "soft.test": {"MX": [[10, "mx.soft.test"]]},
+    "mx.soft.test": {"A": ["127.0.0.7"]},
+    "dead.test": {"MX": [[10, "mx.dead.test"]]},
+    "mx.dead.test": {"A": ["127.0.0.8"]},
+    "broken.test": "SERVFAIL",
+    "smarthost.test": {"A": ["127.0.0.1"]},
+}
+SENDER = "alice@sender.test"
+MESSAGE = (b"From: Alice <alice@sender.test>\r\nTo: someone\r\nSubject: relay test %d\r\n"
+           b"Message-ID: <%d.relaytest@sender.test>\r\n\r\nHello.\r\n.A line with a dot.\r\n")
+
+
+def need(program: str) -> None:
+    if shutil.which(program) or Path(program).exists():
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{program} is required in CI")
+    pytest.skip(f"{program} not installed")
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def port_is_free(port: int, addresses: tuple[str, ...]) -> bool:
+    for address in addresses:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((address, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port(addresses: tuple[str, ...] = ("127.0.0.1",)) -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((addresses[0], 0))
+            port = s.getsockname()[1]
+        if port_is_free(port, addresses):
+            return port
+    raise RuntimeError("no free port")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+# -- peers -------------------------------------------------------------------------------
+
+
+class DNSServer:
+    def __init__(self, directory: Path, zone: dict[str, Any]) -> None:
+        zone_file = directory / "zone.json"
+        zone_file.write_text(json.dumps(zone))
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "dnsserver.py"), str(zone_file)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        line = self.process.stdout.readline() if self.process.stdout else b""
+        if not line.strip().isdigit():
+            stop_process(self.process)
+            raise RuntimeError("the test DNS server did not start")
+        self.port = int(line)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+class Sink:
+    """smtp-sink on ADDRESS:PORT, dumping each transaction (envelope in X- headers) to a file."""
+
+    def __init__(self, address: str, port: int, *options: str) -> None:
+        need(SMTP_SINK)
+        # smtp-sink writes as "nobody": the dump directory must be reachable by it.
+        self.directory = Path(tempfile.mkdtemp(prefix="mta-sink-"))
+        self.directory.chmod(0o777)
+        self.errors = self.directory.parent / f"{self.directory.name}.err"
+        self.address, self.port, self.options = address, port, options
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        options = self.options
+        self.process = subprocess.Popen(
+            [SMTP_SINK, "-u", "nobody", "-d", f"{self.directory}/%M.", *options,
+             f"{self.address}:{self.port}", "100"],
+            stdout=subprocess.DEVNULL, stderr=self.errors.open("ab"))
+        wait_for(f"smtp-sink on {self.address}:{self.port}",
+                 lambda: _accepts(self.address, self.port))
+
+    def restart(self, *options: str) -> None:
+        self.stop()
+        self.options = options
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+    def messages(self) -> list[email.message.Message]:
+        """Complete dumps.  smtp-sink creates a dump when a transaction starts and removes it
+        if the transaction is abandoned, so a file without a body may still be in progress."""
+        found = []
+        for path in sorted(self.directory.iterdir()):
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"\nX-Rcpt-Args:" in raw and b"\n\n" in raw:
+                found.append(email.message_from_bytes(raw))
+        return found
+
+    def wait(self, count: int, timeout: float = WAIT) -> list[email.message.Message]:
+        return wait_for(f"{count} message(s) at {self.address}",
+                        lambda: (m := self.messages()) and len(m) >= count and m, timeout)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.errors.unlink(missing_ok=True)
+
+
+def _accepts(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class MTA:
+    """One `twistd -n mta --config FILE` process in its own directory."""
+
+    def __init__(self, directory: Path, config: str, port: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.config = directory / "mta.toml"
+        self.config.write_text(config)
+        self.log = directory / "twistd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MTA:
+        env = dict(os.environ, PYTHONPATH=str(REPO))  # twistd finds the plugin in the work tree
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(TWISTD), "-n", "--pidfile=", "mta", "--config", str(self.config)],
+                cwd=self.directory, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for("mta to listen", lambda: self._listening())
+        return self
+
+    def _listening(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"mta exited:\n{self.log.read_text()[-3000:]}")
+        return _accepts("127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+    def send(self, recipients: list[str], number: int = 1, sender: str = SENDER,
+             rcpt_options: tuple[str, ...] = (), data: bytes | None = None) -> None:
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
+            client.ehlo("client.sender.test")
+            client.sendmail(sender, recipients, data or MESSAGE % (number, number),
+                            rcpt_options=list(rcpt_options))
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def spool(self) -> Spool:
+        return Spool(self.directory / "spool")
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dns_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    server = DNSServer(tmp_path_factory.mktemp("dns"), ZONE)
+    try:
+        yield server.port
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def smtp_port() -> int:
+    """The port every loopback MX host listens on (relay.smtp_port)."""
+    return free_port(tuple(f"127.0.0.{i}" for i in range(2, 9)))
+
+
+@pytest.fixture
+def sinks(smtp_port: int) -> Iterator[Callable[..., Sink]]:
+    started: list[Sink] = []
+
+    def start(address: str, *options: str) -> Sink:
+        sink = Sink(address, smtp_port, *options)
+        started.append(sink)
+        return sink
+    yield start
+    for sink in started:
+        sink.cleanup()
+
+
+@pytest.fixture
+def mtas(tmp_path: Path, dns_port: int, smtp_port: int) -> Iterator[Callable[..., MTA]]:
+    started: list[MTA] = []
+
+    def start(name: str = "a", relay: str = "", extra: str = "", hostname: str = "relay.test",
+              run: bool = True) -> MTA:
+        directory = tmp_path / name
+        directory.mkdir()
+        port = free_port()
+        config = f"""
+[server]
+hostname = "{hostname}"
+spool = "spool"
+
+[[listeners]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+
+[relay]
+nameservers = ["127.0.0.1:{dns_port}"]
+smtp_port = {smtp_port}
+dns_timeout = "2s"
+connect_timeout = "2s"
+retry_min = "1s"
+retry_max = "2s"
+{relay}
+{extra}
+"""
+        mta = MTA(directory, config, port)
+        started.append(mta)
+        return mta.start() if run else mta
+    yield start
+    for mta in started:
+        mta.stop()
+
+
+def report_parts(message: email.message.Message) -> tuple[email.message.Message,
+                                                          list[email.message.Message]]:
+    """(per-message fields, [per-recipient fields]) of a multipart/report."""
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    human, status, _original = message.get_payload()
+    assert human.get_content_type() == "text/plain"
+    assert status.get_content_type() == "message/delivery-status"
+    blocks = status.get_payload()
+    return blocks[0], blocks[1:]
+
+
+def check_report(message: email.message.Message, hostname: str = "relay.test") -> list[
+        email.message.Message]:
+    """The envelope and the fixed fields of a report we sent; returns the recipient blocks."""
+    assert message["X-Mail-Args"].startswith("<>")  # from the null reverse-path
+    assert "<alice@sender.test>" in message["X-Rcpt-Args"]
+    assert message["From"] == f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
+    per_message, recipients = report_parts(message)
+    assert per_message["Reporting-MTA"] == f"dns; {hostname}"
+    assert per_message["Arrival-Date"]
+    return recipients
+
+
+def rcpt_args(message: email.message.Message) -> list[str]:
+    return message.get_all("X-Rcpt-Args") or []
+
+
+# -- the tests ------------------------------------------------------------------------------
+
+
+def test_mx_with_a_dead_first_mx(mtas: Callable[..., MTA], sinks: Callable[..., Sink]) -> None:
+    mx2 = sinks("127.0.0.3")
+    mta = mtas()
+    mta.send(["bob@example.test"])
+    (message,) = mx2.wait(1)
+    assert rcpt_args(message) == ["<bob@example.test>"]
+    assert message["X-Mail-Args"].startswith("<alice@sender.test>")
+    assert message["Subject"] == "relay test 1"
+    assert ".A line with a dot." in message.get_payload()
+    wait_for("the queue to empty", lambda: mta.spool().queue_ids() == [])
+    log = mta.log_text()
+    assert "to=<bob@example.test>, relay=mx2.example.test[127.0.0.3]" in log
+    assert "status=sent (250" in log
+
+
+def test_implicit_mx(mtas: Callable[..., MTA], sinks: Callable[..., Sink]) -> None:
+    host = sinks("127.0.0.4")
+    mta = mtas()
+    mta.send(["carol@plain.test", "dave@plain.test"])
+    (message,) = host.wait(1)  # one transaction for both recipients
+    assert [a.split()[0] for a in rcpt_args(message)] == ["<carol@plain.test>", "<dave@plain.test>"]
+    wait_for("the queue to empty", lambda: mta.spool().queue_ids() == [])
+
+
+def test_null_mx_bounces(mtas: Callable[..., MTA], sinks: Callable[..., Sink]) -> None:
+    senders = sinks("127.0.0.5")
+    mta = mtas()
+    mta.send(["nobody@nullmx.test"])
+    (report,) = senders.wait(1)
+    (rcpt,) = check_report(report)
+    assert rcpt["Final-Recipient"] == "rfc822; nobody@nullmx.test"
+    assert rcpt["Action"] == "failed"
+    assert rcpt["Status"] == "5.1.10"
+    assert rcpt["Remote-MTA"] is None
+    assert rcpt["Diagnostic-Code"] == "X-mta; domain nullmx.test does not accept mail (null MX)"
+    wait_for("the queue to empty", lambda: mta.spool().queue_ids() == [])
+    assert "sender non-delivery notification" in mta.log_text()
+
+
+def test_5xx_recipient_bounced_others_delivered(mtas: Callable[..., MTA],
+                                               sinks: Callable[..., Sink]) -> None:
+    good = sinks("127.0.0.3")
+    sinks("127.0.0.6", "-f", "RCPT")
+    senders = sinks("127.0.0.5")
+    mta = mtas()
+    mta.send(["bob@example.test", "eve@rejects.test"])
+    (delivered,) = good.wait(1)
+    assert rcpt_args(delivered)[0].startswith("<bob@example.test>")
+    (report,) = senders.wait(1)
+    (rcpt,) = check_report(report)
+    assert rcpt["Final-Recipient"] == "rfc822; eve@rejects.test"
+    assert rcpt["Action"] == "failed"
+    assert rcpt["Status"].startswith("5.")
+    assert rcpt["Remote-MTA"] == "dns; mx.rejects.test"
+    assert rcpt["Diagnostic-Code"].startswith("smtp; 5")
+    original = report.get_payload()[2]
+    assert original.get_content_type() == "message/rfc822"
+    assert original.get_payload()[0]["Subject"] == "relay test 1"
+    wait_for("the queue to empty", lambda: mta.spool().queue_ids() == [])
+    log = mta.log_text()
+    assert "to=<eve@rejects.test>, relay=mx.rejects.test[127.0.0.6]" in log
+    assert "status=bounced" in log
+
+
+def test_4xx_deferred_then_delivered_on_retry(mtas: Callable[..., MTA],
+                                             sinks: Callable[..., Sink]) -> None:
+    soft = sinks("127.0.0.7", "-r", "RCPT")
+    mta = mtas()
+    mta.send(["frank@soft.test"])
+    wait_for("a deferral", lambda: "status=deferred" in mta.log_text())
+    (queue_id,) = mta.spool().queue_ids()
+    envelope = mta.spool().load(queue_id)
+    assert envelope.recipients[0].status.startswith("4.")
+    assert envelope.recipients[0].remote_mta == "mx.soft.test"
+    soft.restart()  # now it accepts
+    (message,) = soft.wait(1)
+    assert rcpt_args(message)[0].startswith("<frank@soft.test>")
+    wait_for("the queue to empty", lambda: mta.spool().queue_ids() == [])
+
+
+def test_expiry_after_the_lifetime(mtas: Callable[..., MTA], sinks: Callable[..., Sink]) -> None:
+    senders = sinks("127.0.0.5")
+    mta = mtas(relay='lifetime = "3s"\ndelay_warning = "0"')
+    mta.send(["gina@dead.test"])
+    (report,) = senders.wait(1)
+    (rcpt,) = check_report(report)
+    assert rcpt["Final-Recipient"] == "rfc822; gina@dead.test"
+    assert rcpt["Action"] == "failed"
+    assert rcpt["Status"] == "4.4.7"
+    assert rcpt["Diagnostic-Code"].startswith("X-mta; delivery time expired; last error: "
+                                              "connect to mx.dead.test[127.0.0.8]")
+    assert "connection refused" in rcpt["Diagnostic-Code"]
+    wait_for("the queue to empty", lambda: mta.spool().queue_ids() == [])
+    assert "status=expired" in mta.log_text()
+
+
+def test_delay_warning_once(mtas: Callable[..., MTA], sinks: Callable[..., Sink]) -> None:
+    senders = sinks("127.0.0.5")
+    mta = mtas(relay='delay_warning = "1s"\nlifetime = "1h"')
+    mta.send(["hank@dead.test"])
+    (report,) = senders.wait(1)
+    assert report["Subject"].startswith("Delayed Mail")
+    (rcpt,) = check_report(report)
+    assert rcpt["Final-Recipient"] == "rfc822; hank@dead.test"
+    assert rcpt["Action"] == "delayed"
+    assert rcpt["Status"] == "4.4.1"
+    assert rcpt["Will-Retry-Until"]
+    assert "connection refused" in rcpt["Diagnostic-Code"]
+    assert report.get_payload()[2].get_content_type() == "text/rfc822-headers"
+    time.sleep(3)  # several more retries, no second warning
+    assert len(senders.messages()) == 1
+    assert len(mta.spool().queue_ids()) == 1
+
+
+def test_dns_servfail_is_deferred(mtas: Callable[..., MTA]) -> None:
+    mta = mtas()
+    mta.send(["ivan@broken.test"])
+    wait_for("a deferral", lambda: "status=deferred" in mta.log_text())
+    (queue_id,) = mta.spool().queue_ids()
+    assert mta.spool().load(queue_id).recipients[0].status == "4.4.3"
+
+
+def test_restart_mid_delivery_delivers_each_message_once(
+        mtas: Callable[..., MTA], sinks: Callable[..., Sink]) -> None:
+    slow = sinks("127.0.0.3", "-w", "2")  # 2 s before answering DATA
+    mta = mtas()
+    count = 6
+    for number in range(count):
+        mta.send([f"user{number}@example.test"], number=number)
+    wait_for("deliveries in progress", lambda: len(mta.spool().queue_ids()) == count)
+    time.sleep(0.8)
+    mta.stop()  # mid-delivery: every transaction is waiting for its DATA reply
+    assert len(mta.spool().queue_ids()) == count
+    mta.start()
+    messages = slow.wait(count)
+    wait_for("the queue to empty", lambda: mta.spool().queue_ids() == [])
+    time.sleep(0.5)
+    subjects = sorted(m["Subject"] for m in slow.messages())
+    assert subjects == sorted(f"relay test {n}" for n in range(count))
+    assert len(messages) == count
+
+
+def test_restart_keeps_recorded_deliveries(mtas: Callable[..., MTA],
+                                           sinks: Callable[..., Sink]) -> None:
+    good = sinks("127.0.0.3")
+    mta = mtas()
+    mta.send(["one@example.test", "two@dead.test"])
+    good.wait(1)
+    wait_for("the deferral", lambda: "to=<two@dead.test>" in mta.log_text())
+    mta.stop()
+    (queue_id,) = mta.spool().queue_ids()
+    states = {r.address: r.state for r in mta.spool().load(queue_id).recipients}
+    assert states == {"one@example.test": "delivered", "two@dead.test": "pending"}
+    mta.start()
+    time.sleep(2.5)  # retries of two@dead.test happen; one@ must not be sent again
+    assert len(good.messages()) == 1
+
+
+def test_second_mta_as_next_hop_with_local_delivery(
+        mtas: Callable[..., MTA], sinks: Callable[..., Sink], tmp_path: Path) -> None:
+    senders = sinks("127.0.0.5")
+    inner = mtas("inner", hostname="inner.test", run=False, extra=f"""
+[domains."inner.test"]
+route = "maildir:{tmp_path / 'maildirs'}"
+users = ["dave"]
+""")
+    inner.start()
+    mta = mtas(extra=f"""
+[domains."inner.test"]
+route = "smtp:[127.0.0.1]:{inner.port}"
+""")
+    mta.send(["dave@inner.test", "nobody@inner.test"], rcpt_options=("NOTIFY=SUCCESS,FAILURE",))
+    mailbox = tmp_path / "maildirs" / "dave" / "new"
+    (stored,) = wait_for("dave's mail", lambda: mailbox.is_dir() and list(mailbox.iterdir()))
+    text = stored.read_text()
+    assert "Subject: relay test 1" in text and "Delivered-To: dave@inner.test" in text
+    # nobody@ is refused by the inner mta at RCPT: we bounce it.  dave@ asked for SUCCESS and
+    # the inner mta offers DSN, so the success report is its job ("delivered", RFC 3461 4.1).
+    reports = wait_for("two reports", lambda: len(m := senders.messages()) >= 2 and m)
+    by_reporter = {report_parts(m)[0]["Reporting-MTA"]: m for m in reports}
+    assert set(by_reporter) == {"dns; relay.test", "dns; inner.test"}
+    (failed,) = check_report(by_reporter["dns; relay.test"])
+    assert failed["Final-Recipient"] == "rfc822; nobody@inner.test"
+    assert (failed["Action"], failed["Status"]) == ("failed", "5.1.1")
+    assert failed["Remote-MTA"] == "dns; 127.0.0.1"
+    assert failed["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+    (success,) = check_report(by_reporter["dns; inner.test"], hostname="inner.test")
+    assert success["Final-Recipient"] == "rfc822; dave@inner.test"
+    assert (success["Action"], success["Status"]) == ("delivered", "2.0.0")
+    wait_for("both queues to empty",
+             lambda: mta.spool().queue_ids() == [] and inner.spool().queue_ids() == [])
+
+
+# -- the smart host: STARTTLS + AUTH -------------------------------------------------------
+
+
+class AuthPeer:
+    """aiosmtpd with STARTTLS required and AUTH PLAIN/LOGIN, recording each envelope."""
+
+    def __init__(self, directory: Path, port: int, user: str, password: str) -> None:
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        from mta.server.tls import make_cert
+
+        cert, key = directory / "peer-cert.pem", directory / "peer-key.pem"
+        make_cert(cert, key, "smarthost.test")
+        self.cert = cert
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        self.received: list[dict[str, Any]] = []
+        self.logins: list[tuple[str, bool]] = []
+        peer = self
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                peer.received.append({"from": envelope.mail_from, "to": envelope.rcpt_tos,
+                                      "tls": session.ssl is not None,
+                                      "authenticated": session.authenticated,
+                                      "data": envelope.content})
+                return "250 2.0.0 OK queued"
+
+        def authenticate(server: Any, session: Any, envelope: Any, mechanism: str,
+                         data: Any) -> AuthResult:
+            ok = isinstance(data, LoginPassword) and \
+                (data.login.decode(), data.password.decode()) == (user, password)
+            peer.logins.append((mechanism, ok))
+            return AuthResult(success=ok, handled=False)
+
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=port,
+                                     tls_context=context, require_starttls=True,
+                                     authenticator=authenticate, auth_required=True,
+                                     auth_require_tls=True, server_hostname="smarthost.test")
+        self.controller.start()
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+def test_smarthost_with_auth_over_starttls(mtas: Callable[..., MTA], tmp_path: Path) -> None:
+    port = free_port()
+    peer = AuthPeer(tmp_path, port, "relayuser", "s3cret pass")
+    try:
+        (tmp_path / "smarthost-password").write_text("s3cret pass\n")
+        mta = mtas(relay=f"""
+smarthost = "smarthost.test:{port}"
+smarthost_user = "relayuser"
+smarthost_password_file = "{tmp_path / 'smarthost-password'}"
+smarthost_tls = "verify"
+tls_ca_file = "{peer.cert}"
+""")
+        mta.send(["far@example.test", "other@plain.test"])
+        (received,) = wait_for("the smart host to receive", lambda: peer.received)
+        assert received["tls"] is True
+        assert received["authenticated"] is True
+        assert peer.logins == [("PLAIN", True)]
+        assert received["from"] == SENDER
+        assert received["to"] == ["far@example.test", "other@plain.test"]  # one transaction
+        assert b"Subject: relay test 1" in received["data"]
+        wait_for("the queue to empty", lambda: mta.spool().queue_ids() == [])
+        assert "relay=smarthost.test[127.0.0.1]" in mta.log_text()
+    finally:
+        peer.stop()
+
+
+def test_smarthost_wrong_password_defers(mtas: Callable[..., MTA], tmp_path: Path) -> None:
+    port = free_port()
+    peer = AuthPeer(tmp_path, port, "relayuser", "right")
+    try:
+        (tmp_path / "smarthost-password").write_text("wrong\n")
+        mta = mtas(relay=f"""
+smarthost = "smarthost.test:{port}"
+smarthost_user = "relayuser"
+smarthost_password_file = "{tmp_path / 'smarthost-password'}"
+smarthost_tls = "required"
+""")
+        mta.send(["far@example.test"])
+        wait_for("a deferral", lambda: "status=deferred" in mta.log_text())
+        (queue_id,) = mta.spool().queue_ids()
+        assert mta.spool().load(queue_id).recipients[0].status == "4.7.8"
+        assert peer.received == []
+    finally:
+        peer.stop()
