@@ -5,6 +5,8 @@ from __future__ import annotations
 import email
 import itertools
 import random
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +77,9 @@ class ScriptedCourier:
 
 class RelayerTest(SynchronousTestCase):
     def setUp(self) -> None:
-        self.tmp = Path(self.mktemp())
-        self.tmp.mkdir()
+        # Not trial's mktemp(): that one lands in the working tree.
+        self.tmp = Path(tempfile.mkdtemp(prefix="mta-test-relayer-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.make()
 
     def make(self, **relay: Any) -> None:
