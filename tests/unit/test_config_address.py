@@ -1,0 +1,154 @@
+"""The config reader (one clear line naming the key) and the address grammar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mta import config
+from mta.address import AddressError, parse_params, parse_path, split_path_and_params, \
+    xtext_decode, xtext_encode
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_configs_load(tmp_path, monkeypatch):
+    cfg = config.load(REPO / "etc" / "mta.toml")
+    assert cfg.listeners[0].endpoint == "tcp:2525:interface=127.0.0.1"
+    assert cfg.server.spool == Path("spool")
+    assert cfg.domain_for("LOCALHOST.").route.kind == "maildir"
+    # The examples name files an operator makes: make them, then load each example.
+    from mta.server.tls import make_cert
+    (tmp_path / "etc").mkdir()
+    make_cert(tmp_path / "etc/cert.pem", tmp_path / "etc/key.pem", "mx.example.org")
+    (tmp_path / "etc/passwords").write_text("")
+    (tmp_path / "etc/smarthost.secret").write_text("secret\n")
+    monkeypatch.chdir(tmp_path)
+    examples = sorted((REPO / "etc" / "examples").glob("*.toml"))
+    assert len(examples) == 3
+    for example in examples:
+        config.load(example)
+
+
+def test_defaults():
+    cfg = config.default()
+    assert cfg.limits.message_size == 25_000_000
+    assert cfg.relay.retry_min == 300 and cfg.relay.lifetime == 5 * 86400
+    assert cfg.is_mynetwork("127.0.0.5") and cfg.is_mynetwork("::1")
+    assert not cfg.is_mynetwork("192.0.2.1") and not cfg.is_mynetwork("garbage")
+    assert cfg.is_mynetwork("::ffff:127.0.0.1")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[limits]\nrecipients = "x"', "[limits] recipients: expected an integer, got 'x'"),
+    ("[limits]\nrecipients = 0", "[limits] recipients: must be at least 1, got 0"),
+    ('[limits]\nmessage_size = "big"', "[limits] message_size: expected a size like"),
+    ('[limits]\ncommand_timeout = "soon"', "[limits] command_timeout: expected a duration"),
+    ("[limits]\nrecipeints = 5", "[limits] recipeints: unknown key"),
+    ("[nonsense]\na = 1", "top level nonsense: unknown key"),
+    ('[server]\npostmaster = "not an address"', "[server] postmaster: address must be"),
+    ('[relay]\nmynetworks = ["10.0.0.0/33"]', "[relay] mynetworks: bad network"),
+    ('[relay]\nnameservers = ["ns.example"]', "[relay] nameservers: expected"),
+    ('[tls]\ncertificate = "/nonexistent/cert.pem"', "[tls] certificate: no such file"),
+    ('[[listeners]]\nendpoint = "tcp:465"\ntls = "implicit"', "[tls] certificate: required"),
+    ('[[listeners]]\nendpoint = "tcp:25"\nrole = "mx"', '[listeners #1] role: expected one of'),
+    ('[domains."ex.org"]\nroute = "ftp:x"', '[domains."ex.org"] route: bad route'),
+    ('[domains."ex.org"]\nusers = []', '[domains."ex.org"] route: required'),
+    ("not toml [", "not valid TOML"),
+])
+def test_bad_config_names_the_key(tmp_path, text, message):
+    path = tmp_path / "mta.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load("/nonexistent/mta.toml")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("90s", 90), ("5m", 300), ("4h", 14400), ("5d", 432000), (30, 30), ("250ms", 0.25),
+])
+def test_durations(value, expected):
+    assert config.parse_duration(value) == expected
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("25MB", 25_000_000), ("1KiB", 1024), ("2 GiB", 2 * 2**30), (1000, 1000), ("10kb", 10_000),
+])
+def test_sizes(value, expected):
+    assert config.parse_size(value) == expected
+
+
+@pytest.mark.parametrize("text, kind, host, port, mx", [
+    ("maildir:mail/example.org", "maildir", "", 25, False),
+    ("smtp:[10.0.0.5]:2525", "smtp", "10.0.0.5", 2525, False),
+    ("smtp:[mail.example.org]", "smtp", "mail.example.org", 25, False),
+    ("smtp:example.org", "smtp", "example.org", 25, True),
+    ("smtp:example.org:587", "smtp", "example.org", 587, True),
+    ("hold", "hold", "", 25, False),
+])
+def test_routes(text, kind, host, port, mx):
+    route = config.parse_route(text)
+    assert (route.kind, route.host, route.port, route.mx) == (kind, host, port, mx)
+    assert str(route) == text or kind == "smtp"
+
+
+# -- addresses ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, text", [
+    ("<a@b.test>", "a@b.test"),
+    ('<"john doe"@b.test>', '"john doe"@b.test'),
+    ('<"a>b"@b.test>', '"a>b"@b.test'),
+    ("<a@[192.0.2.1]>", "a@[192.0.2.1]"),
+    ("<a@[IPv6:2001:db8::1]>", "a@[IPv6:2001:db8::1]"),
+    ("<@hop.test,@hop2.test:a@b.test>", "a@b.test"),
+    ("<first.last+tag@sub.b.test>", "first.last+tag@sub.b.test"),
+])
+def test_valid_paths(path, text):
+    assert str(parse_path(path)) == text
+
+
+@pytest.mark.parametrize("path", [
+    "<a@b.test", "a@b.test", "<a>", "<@b.test>", "<a..b@b.test>", "<.a@b.test>", "<a@b..test>",
+    "<a@-b.test>", "<a@[300.1.1.1]>", "<a b@b.test>", "<" + "x" * 65 + "@b.test>",
+    "<a@" + "b" * 64 + ".test>", "<>",
+])
+def test_invalid_paths(path):
+    with pytest.raises(AddressError):
+        parse_path(path)
+
+
+def test_null_path_and_postmaster():
+    assert parse_path("<>", null_ok=True) is None
+    assert parse_path("<Postmaster>", allow_bare_postmaster=True).is_postmaster
+    with pytest.raises(AddressError):
+        parse_path("<Postmaster>")
+
+
+def test_utf8_addresses_need_smtputf8():
+    with pytest.raises(AddressError, match="SMTPUTF8"):
+        parse_path("<jörg@b.test>")
+    assert str(parse_path("<jörg@bücher.test>", utf8=True)) == "jörg@bücher.test"
+
+
+def test_split_and_params():
+    assert split_path_and_params(' <a@b.test>  SIZE=10 BODY=8BITMIME') == \
+        ("<a@b.test>", "SIZE=10 BODY=8BITMIME")
+    assert parse_params("size=10 smtputf8") == {"SIZE": "10", "SMTPUTF8": None}
+    for bad in ("=x", "A=", "A=b=c", "A A", "-X=1"):
+        with pytest.raises(AddressError):
+            parse_params(bad)
+
+
+def test_xtext():
+    assert xtext_decode("a+2Bb+3Dc") == "a+b=c"
+    assert xtext_encode("a+b=c é") == "a+2Bb+3Dc+20+C3+A9"
+    with pytest.raises(AddressError):
+        xtext_decode("a+zz")
