@@ -35,7 +35,14 @@ group whose destination is full does not hold up the others.
 Hold.  Recipients routed to ``hold`` are not attempted; `flush(domain)`
 releases them for one attempt (to the domain's `etrn_route`, or its MX).
 A message with only held recipients is due again at the end of its
-lifetime, when it expires.
+lifetime, when it expires.  `turn(domains)` delivers them over a connection
+that ATRN or TURN turned round [RFC 2645]: it returns the client protocol
+to attach to that connection.
+
+Notices.  Every second the spool's ``control/`` notices from the command
+line are read (in a thread) and acted on: ``new`` and ``release`` schedule
+the message now, ``flush`` is `flush(domain)`, ``hold`` and ``delete``
+forget it (an attempt re-reads the envelope from disk anyway).
 
 Durability.  Each group's outcomes are written to the envelope with
 `spool.save` as soon as its transaction ends, before anything depends on
@@ -59,13 +66,14 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from mta import bounce, maillog
 from mta.config import Config
-from mta.delivery.courier import MaildirCourier, Result, SMTPCourier
+from mta.delivery.client import SessionPolicy, SMTPClient
+from mta.delivery.courier import MaildirCourier, Result, SMTPCourier, transaction_for
 from mta.delivery.outcome import Delivered, Failed, Outcome, classify
 from mta.delivery.router import HOLD, MAILDIR, SMTP, NextHop, Router
 from mta.spool.envelope import DELIVERED, FAILED, PENDING, Envelope, EnvelopeError, Recipient
@@ -76,6 +84,7 @@ log = Logger(namespace="mta.delivery.scheduler")
 JITTER = 0.1  # back-off delays are multiplied by a random factor in [0.9, 1.1]
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 STOP_GRACE = 10.0  # seconds stopService waits for abandoned attempts to record themselves
+NOTICE_INTERVAL = 1.0  # seconds between reads of the spool's control/ notices
 
 
 def backoff(attempts: int, retry_min: float, retry_max: float, rng: random.Random) -> float:
@@ -183,6 +192,7 @@ class Relayer(Service):
         self._wakeup: IDelayedCall | None = None
         self._attempts: set[defer.Deferred[None]] = set()
         self._stopping = False
+        self._notices: task.LoopingCall | None = None
 
     def _in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
@@ -201,6 +211,10 @@ class Relayer(Service):
             self._track(envelope, due)
         log.info("relayer started: {count} queued messages", count=len(envelopes))
         self._arm()
+        self._notices = task.LoopingCall(self._read_notices)
+        self._notices.clock = self.reactor
+        self._notices.start(NOTICE_INTERVAL, now=False).addErrback(
+            lambda f: log.failure("reading control notices stopped", f))
 
     def enqueue(self, envelope: Envelope) -> None:
         """A message just committed to the queue: try it at once."""
@@ -235,6 +249,8 @@ class Relayer(Service):
         if self._wakeup is not None and self._wakeup.active():
             self._wakeup.cancel()
         self._wakeup = None
+        if self._notices is not None and self._notices.running:
+            self._notices.stop()
         self.limiter.cancel_waiting()
         for courier in self.couriers.values():
             courier.abort_all()
@@ -244,6 +260,96 @@ class Relayer(Service):
         timeout = self.reactor.callLater(STOP_GRACE, done.cancel)
         done.addBoth(lambda _: timeout.cancel() if timeout.active() else None)
         return done
+
+    def notice(self, notice: dict[str, str]) -> defer.Deferred[None] | None:
+        """Act on one notice from the command line (see `Spool.notify`)."""
+        action, queue_id = notice.get("action"), notice.get("queue_id", "")
+        if action == "flush":
+            self.flush(notice.get("domain") or None)
+        elif action in ("new", "release") and queue_id:
+            d = self.run_blocking(self._load, queue_id)
+            d.addCallback(lambda loaded: self.enqueue(loaded[0]) if loaded else None)
+            return d
+        elif action in ("hold", "delete") and queue_id:
+            entry = self._entries.get(queue_id)
+            if entry is not None and not entry.running:
+                del self._entries[queue_id]
+        else:
+            log.warn("ignoring unknown notice {notice!r}", notice=notice)  # noqa: G010
+        return None
+
+    def _read_notices(self) -> defer.Deferred[None]:
+        def act(notices: list[dict[str, str]]) -> defer.Deferred[Any]:
+            return defer.gatherResults([defer.maybeDeferred(self.notice, n) for n in notices],
+                                       consumeErrors=True)
+        d = self.run_blocking(self.spool.take_notices)
+        d.addCallback(act)
+        d.addErrback(lambda f: log.failure("cannot read control notices", f))
+        return d
+
+    def turn(self, domains: list[str]) -> tuple[SMTPClient, defer.Deferred[int]]:
+        """ATRN/TURN [RFC 2645 4, RFC 821]: deliver held mail for `domains` over a turned connection.
+
+        Returns a client protocol and a Deferred.  The caller (the server's
+        role reversal) attaches the client to the live transport with
+        ``client.makeConnection(transport)`` and routes further bytes to it;
+        the client waits for the other side's 220, delivers every queued
+        message with pending recipients in `domains` (one transaction
+        each, per-recipient results recorded as for any attempt), then
+        says QUIT.  The Deferred fires with the number of messages sent.
+        Mail that fails to go stays queued.
+        """
+        policy = SessionPolicy(helo_name=self.config.server.hostname,
+                               peer_name="turned connection", tls="off")
+        client = SMTPClient(policy, self.reactor)
+        d = self._serve_turn(client, [d.lower().rstrip(".") for d in domains])
+        return client, d
+
+    @defer.inlineCallbacks
+    def _serve_turn(self, client: SMTPClient, domains: list[str]) -> Any:
+        try:
+            yield client.ready
+        except Exception as e:  # noqa: BLE001 (the peer went away: nothing sent)
+            log.info("turned connection failed before delivery: {error}", error=e)
+            return 0
+        sent = 0
+        for entry in [e for e in self._entries.values()
+                      if not e.running and any(d in domains for d in e.domains)]:
+            if client.closed or self._stopping:
+                break
+            entry.running = True
+            try:
+                sent += (yield self._turn_one(client, entry, domains))
+            except Exception:  # noqa: BLE001 (one message must not stop the others)
+                log.failure("{queue_id}: delivery over the turned connection failed",
+                            queue_id=entry.queue_id)
+            finally:
+                entry.running = False
+                if self._entries.get(entry.queue_id) is entry:
+                    self._arm()
+        client.quit()
+        return sent
+
+    @defer.inlineCallbacks
+    def _turn_one(self, client: SMTPClient, entry: _Entry, domains: list[str]) -> Any:
+        loaded = yield self.run_blocking(self._load, entry.queue_id)
+        if loaded is None:
+            self._entries.pop(entry.queue_id, None)
+            return 0
+        envelope, data_path = loaded
+        recipients = [r for r in envelope.pending if r.domain in domains]
+        if not recipients:
+            return 0
+        result = yield client.deliver(transaction_for(envelope, recipients, data_path))
+        undecided = classify(result.error) if result.error is not None else None
+        now = self.reactor.seconds()
+        for recipient, outcome in zip(recipients, result.outcomes):
+            outcome = outcome or undecided
+            if outcome is not None:
+                self._apply(envelope, recipient, Result(outcome, "turned-connection"), now)
+        yield self._save(entry, envelope)
+        yield self._after_attempt(entry, envelope, data_path)
+        return 1
 
     # -- due times --------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta import bounce
@@ -320,6 +321,65 @@ class RelayerTest(SynchronousTestCase):
         self.assertEqual(self.relayer.flush(), 1)
         self.clock.advance(0)
         self.assertEqual(len(self.courier.calls), 2)
+
+    def test_turn_delivers_held_mail_over_the_given_connection(self) -> None:
+        envelope = self.submit("x@held.test", "z@held.test", "y@far.test")
+        self.submit("w@other.test")
+        client, done = self.relayer.turn(["HELD.test"])
+        transport = StringTransport()
+        client.makeConnection(transport)
+        client.dataReceived(b"220 customer.held.test ESMTP\r\n")
+        self.assertEqual(transport.value(), b"EHLO mx.here.test\r\n")
+        transport.clear()
+        client.dataReceived(b"250-customer.held.test\r\n250 PIPELINING\r\n")
+        self.assertEqual(transport.value(), b"MAIL FROM:<alice@here.test>\r\n"
+                                            b"RCPT TO:<x@held.test>\r\nRCPT TO:<z@held.test>\r\n"
+                                            b"DATA\r\n")
+        transport.clear()
+        client.dataReceived(b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        self.assertTrue(transport.value().endswith(b"hello\r\n.\r\n"))
+        transport.clear()
+        client.dataReceived(b"250 2.0.0 got it\r\n")
+        self.assertEqual(self.successResultOf(done), 1)
+        self.assertTrue(transport.value().endswith(b"QUIT\r\n"))
+        # x delivered, z bounced to alice (our courier takes the bounce), y went by SMTP earlier.
+        self.clock.advance(0)
+        self.assertNotIn(envelope.queue_id, self.spool.queue_ids())
+        self.assertIn(["alice@here.test"], self.courier.addresses)
+
+    def test_turn_with_nothing_held_just_quits(self) -> None:
+        self.relayer.startService()
+        client, done = self.relayer.turn(["held.test"])
+        transport = StringTransport()
+        client.makeConnection(transport)
+        client.dataReceived(b"220 hi\r\n250 customer\r\n")
+        self.assertEqual(self.successResultOf(done), 0)
+        self.assertTrue(transport.value().endswith(b"QUIT\r\n"))
+
+    # -- notices from the command line -------------------------------------------------------
+
+    def test_notices_from_the_command_line(self) -> None:
+        self.relayer.startService()
+        self.courier.default = Deferred("4.4.1", "refused")
+        envelope = Envelope("", "alice@here.test", [Recipient("a@far.test")],
+                            arrival=self.clock.seconds())
+        self.spool.inject(envelope, DATA)  # as `mta sendmail` does
+        self.spool.notify("new", queue_id=envelope.queue_id)
+        self.clock.advance(1)
+        self.assertEqual(len(self.courier.calls), 1)
+        self.spool.notify("flush", domain="")
+        self.clock.advance(1)
+        self.assertEqual(len(self.courier.calls), 2)
+        self.spool.hold(envelope.queue_id)
+        self.spool.notify("hold", queue_id=envelope.queue_id)
+        self.clock.advance(1000)
+        self.assertEqual(len(self.courier.calls), 2)
+        self.spool.release(envelope.queue_id)
+        self.spool.notify("release", queue_id=envelope.queue_id)
+        self.clock.advance(1)
+        self.assertEqual(len(self.courier.calls), 3)
 
     # -- restart ---------------------------------------------------------------------------
 
