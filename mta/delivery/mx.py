@@ -36,9 +36,12 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+from twisted.logger import Logger
 
 from mta.config import Config
 from mta.delivery.outcome import DeliveryError
+
+log = Logger(namespace="mta.delivery.mx")
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,13 @@ class _Lookups:
 def make_resolver(nameservers: Iterable[tuple[str, int]], timeout: float) -> dns.resolver.Resolver:
     """A dnspython resolver on `nameservers` (empty: the system's /etc/resolv.conf)."""
     servers = list(nameservers)
-    resolver = dns.resolver.Resolver(configure=not servers)
+    try:
+        resolver = dns.resolver.Resolver(configure=not servers)
+    except dns.resolver.NoResolverConfiguration:
+        # No usable /etc/resolv.conf: a local resolver is the only sensible guess.
+        log.warn("no system resolver configuration; using 127.0.0.1:53")  # noqa: G010
+        resolver = dns.resolver.Resolver(configure=False)
+        servers = [("127.0.0.1", 53)]
     if servers:
         resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in servers]
     resolver.timeout = timeout
