@@ -1,0 +1,239 @@
+"""Routing decisions and the SMTP courier's walk over hosts and addresses."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer, error, task
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from mta import config as config_mod
+from mta.delivery.client import SessionPolicy, SMTPClient
+from mta.delivery.courier import SMTPCourier
+from mta.delivery.mx import MXHost
+from mta.delivery.outcome import Deferred, Delivered, DeliveryError, Failed
+from mta.delivery.router import HOLD, MAILDIR, SMTP, Router
+from mta.spool.envelope import Envelope, Recipient
+
+
+def make_config(tmp_path: Path | None = None, **relay: Any) -> config_mod.Config:
+    domains: dict[str, Any] = {
+        "held.test": {"route": "hold", "etrn_route": "smtp:[192.0.2.7]:2600"},
+        "fwd.test": {"route": "smtp:[10.0.0.5]:2525"},
+        "mxfwd.test": {"route": "smtp:inner.test:26"},
+        "pull.test": {"route": "hold"},
+    }
+    if tmp_path is not None:
+        password = tmp_path / "pw"
+        password.write_text("secret\n")
+        relay.setdefault("smarthost_password_file", str(password))
+    return config_mod.from_dict({"server": {"hostname": "mx.here.test"}, "relay": relay,
+                                 "domains": domains})
+
+
+# -- the router -------------------------------------------------------------------------------
+
+def test_routes_by_domain() -> None:
+    router = Router(make_config(smtp_port=2600))
+    hop = router.next_hop("a@Far.Test.")
+    assert (hop.kind, hop.destination, hop.host, hop.port, hop.mx, hop.tls) == \
+        (SMTP, "far.test", "far.test", 2600, True, "opportunistic")
+    hop = router.next_hop("a@fwd.test")
+    assert (hop.host, hop.port, hop.mx, hop.destination) == ("10.0.0.5", 2525, False,
+                                                            "smtp:[10.0.0.5]:2525")
+    hop = router.next_hop("a@mxfwd.test")
+    assert (hop.host, hop.port, hop.mx) == ("inner.test", 26, True)
+    hop = router.next_hop("a@[192.0.2.1]")
+    assert (hop.host, hop.port, hop.mx) == ("192.0.2.1", 2600, False)
+    assert router.next_hop("a@[IPv6:2001:db8::1]").host == "2001:db8::1"
+
+
+def test_hold_until_released() -> None:
+    router = Router(make_config())
+    assert router.next_hop("a@held.test").kind == HOLD
+    hop = router.next_hop("a@held.test", release_hold=True)
+    assert (hop.kind, hop.host, hop.port, hop.mx) == (SMTP, "192.0.2.7", 2600, False)
+    hop = router.next_hop("a@pull.test", release_hold=True)
+    assert (hop.host, hop.mx, hop.loop_is_temporary) == ("pull.test", True, True)
+
+
+def test_maildir_route(tmp_path: Path) -> None:
+    cfg = config_mod.from_dict({"domains": {"local.test": {
+        "route": f"maildir:{tmp_path}", "users": ["Alice"]}}})
+    hop = Router(cfg).next_hop("bob@local.test")
+    assert (hop.kind, hop.path, hop.users) == (MAILDIR, tmp_path, ("alice",))
+
+
+def test_smarthost_for_everything_else(tmp_path: Path) -> None:
+    router = Router(make_config(tmp_path, smarthost="smtp.isp.test:587", smarthost_user="me",
+                                smarthost_tls="verify", tls_verify=True))
+    a, b = router.next_hop("x@one.test"), router.next_hop("y@two.test")
+    assert a.destination == b.destination == "smarthost:[smtp.isp.test]:587"
+    assert (a.host, a.port, a.mx, a.tls, a.auth_user, a.auth_password) == \
+        ("smtp.isp.test", 587, False, "verify", "me", "secret")
+    assert "secret" not in repr(a)
+    # Configured routes still win over the smart host; MX routes then verify (tls_verify).
+    assert router.next_hop("a@fwd.test").host == "10.0.0.5"
+    assert router.next_hop("a@fwd.test").tls == "verify"
+
+
+# -- the courier ------------------------------------------------------------------------------
+
+class StubResolver:
+    def __init__(self, hosts: list[MXHost] | Exception) -> None:
+        self.hosts = hosts
+
+    def resolve(self, domain: str) -> list[MXHost]:
+        if isinstance(self.hosts, Exception):
+            raise self.hosts
+        return self.hosts
+
+    resolve_host = resolve
+
+
+EHLO = b"220 peer\r\n250-peer\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+
+
+class CourierTest(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.config = make_config()
+        self.connections: list[tuple[str, SessionPolicy, SMTPClient | None, StringTransport]] = []
+        self.refuse: set[str] = set()
+        self.data = Path(self.mktemp_file())
+
+    def mktemp_file(self) -> str:
+        fd, name = tempfile.mkstemp(prefix="mta-test-courier-")
+        os.write(fd, b"Subject: x\r\n\r\nbody\r\n")
+        os.close(fd)
+        self.addCleanup(os.unlink, name)
+        return name
+
+    def connect(self, address: str, port: int, policy: SessionPolicy) -> defer.Deferred:
+        transport = StringTransport()
+        if address in self.refuse:
+            self.connections.append((address, policy, None, transport))
+            return defer.fail(error.ConnectionRefusedError())
+        client = SMTPClient(policy, self.clock)
+        client.makeConnection(transport)
+        self.connections.append((address, policy, client, transport))
+        return defer.succeed(client)
+
+    def courier(self, hosts: list[MXHost] | Exception) -> SMTPCourier:
+        return SMTPCourier(self.config, self.clock, defer.maybeDeferred,
+                           resolver=StubResolver(hosts), connect=self.connect)
+
+    def deliver(self, courier: SMTPCourier, *addresses: str) -> defer.Deferred:
+        envelope = Envelope("ABC", "s@here.test", [Recipient(a) for a in addresses], 0.0,
+                            size=20)
+        hop = Router(self.config).next_hop(addresses[0])
+        return courier.deliver(hop, envelope, envelope.recipients, self.data)
+
+    def finish(self, client: SMTPClient, transport: StringTransport, replies: bytes) -> None:
+        client.dataReceived(replies)
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        client.dataReceived(b"250 2.0.0 queued\r\n")
+
+    def test_dead_first_host_then_second(self) -> None:
+        self.refuse = {"127.0.0.2"}
+        hosts = [MXHost("mx1.far.test", 10, ("127.0.0.2",)),
+                 MXHost("mx2.far.test", 20, ("127.0.0.3", "127.0.0.4"))]
+        d = self.deliver(self.courier(hosts), "a@far.test", "b@far.test")
+        address, _, client, transport = self.connections[-1]
+        self.assertEqual(address, "127.0.0.3")
+        client.dataReceived(b"220 peer\r\n250-peer\r\n250 PIPELINING\r\n")
+        self.finish(client, transport, b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
+        a, b = self.successResultOf(d)
+        self.assertIsInstance(a.outcome, Delivered)
+        self.assertEqual(a.relay, "mx2.far.test[127.0.0.3]:25")
+        self.assertIsInstance(b.outcome, Failed)
+
+    def test_bad_greeting_moves_on_to_the_next_address(self) -> None:
+        hosts = [MXHost("mx.far.test", 10, ("127.0.0.2", "127.0.0.3"))]
+        d = self.deliver(self.courier(hosts), "a@far.test")
+        _, _, first, _ = self.connections[0]
+        first.dataReceived(b"421 4.3.2 busy\r\n")
+        first.connectionLost(Failure(error.ConnectionDone()))
+        _, _, second, transport = self.connections[1]
+        second.dataReceived(b"220 peer\r\n250 peer\r\n")
+        self.finish(second, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        (result,) = self.successResultOf(d)
+        self.assertEqual(result.relay, "mx.far.test[127.0.0.3]:25")
+
+    def test_all_hosts_dead_is_deferred_with_the_last_reason(self) -> None:
+        self.refuse = {"127.0.0.2", "127.0.0.3"}
+        hosts = [MXHost("mx1.far.test", 10, ("127.0.0.2",)), MXHost("mx2.far.test", 20,
+                                                                     ("127.0.0.3",))]
+        (result,) = self.successResultOf(self.deliver(self.courier(hosts), "a@far.test"))
+        self.assertIsInstance(result.outcome, Deferred)
+        self.assertEqual(result.outcome.status, "4.4.1")
+        self.assertEqual(result.outcome.diagnostic,
+                         "connect to mx2.far.test[127.0.0.3]:25: connection refused")
+
+    def test_opportunistic_tls_failure_retries_in_plain_text(self) -> None:
+        hosts = [MXHost("mx.far.test", 10, ("127.0.0.2",))]
+        d = self.deliver(self.courier(hosts), "a@far.test")
+        _, policy, client, transport = self.connections[0]
+        self.assertEqual(policy.tls, "opportunistic")
+        transport.startTLS = lambda options: None
+        client.dataReceived(EHLO + b"220 go ahead\r\n")
+        client.connectionLost(Failure(Exception("handshake failure")))
+        address, policy, client, transport = self.connections[1]
+        self.assertEqual((address, policy.tls), ("127.0.0.2", "off"))
+        client.dataReceived(EHLO)
+        self.assertNotIn(b"STARTTLS", transport.value())
+        self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertIsInstance(self.successResultOf(d)[0].outcome, Delivered)
+
+    def test_lost_after_the_dot_is_not_retried_elsewhere(self) -> None:
+        hosts = [MXHost("mx.far.test", 10, ("127.0.0.2", "127.0.0.3"))]
+        d = self.deliver(self.courier(hosts), "a@far.test")
+        _, _, client, transport = self.connections[0]
+        client.dataReceived(b"220 peer\r\n250-peer\r\n250 PIPELINING\r\n250 ok\r\n250 ok\r\n"
+                            b"354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        client.connectionLost(Failure(error.ConnectionLost()))
+        (result,) = self.successResultOf(d)
+        self.assertEqual(len(self.connections), 1)
+        self.assertEqual((type(result.outcome), result.outcome.status), (Deferred, "4.4.2"))
+
+    def test_resolution_failure(self) -> None:
+        courier = self.courier(DeliveryError("5.1.10", "null MX"))
+        a, b = self.successResultOf(self.deliver(courier, "a@far.test", "b@far.test"))
+        self.assertEqual((type(a.outcome), a.outcome.status, a.relay), (Failed, "5.1.10", "none"))
+        self.assertEqual(b.outcome, a.outcome)
+
+    def test_a_held_domain_pointing_at_us_waits(self) -> None:
+        courier = self.courier(DeliveryError("5.4.6", "mail for pull.test loops back to myself"))
+        envelope = Envelope("ABC", "s@here.test", [Recipient("a@pull.test")], 0.0)
+        hop = Router(self.config).next_hop("a@pull.test", release_hold=True)
+        (result,) = self.successResultOf(courier.deliver(hop, envelope, envelope.recipients,
+                                                         self.data))
+        self.assertEqual((type(result.outcome), result.outcome.status), (Deferred, "4.4.6"))
+
+    def test_abort_all_drops_live_connections(self) -> None:
+        hosts = [MXHost("mx.far.test", 10, ("127.0.0.2",))]
+        d = self.deliver(self.courier(hosts), "a@far.test")
+        courier_clients = self.connections[0][2]
+        self.assertNoResult(d)
+        courier = self.courier(hosts)
+        d2 = self.deliver(courier, "b@far.test")
+        courier.abort_all()
+        client = self.connections[-1][2]
+        client.connectionLost(Failure(error.ConnectionAborted()))
+        (result,) = self.successResultOf(d2)
+        self.assertIsInstance(result.outcome, Deferred)
+        self.assertIsNotNone(courier_clients)
+
+
+@pytest.mark.parametrize("address", ["a@far.test", "b@[127.0.0.1]"])
+def test_router_never_raises(address: str) -> None:
+    assert Router(make_config()).next_hop(address).kind == SMTP
