@@ -30,14 +30,11 @@ unstuffing, no line rules; only the size and loop limits apply.
 
 from __future__ import annotations
 
-import re
-
 from mta import reply
 from mta.reply import Reply
 from mta.spool.store import Incoming
 
 MAX_LINE = 1000  # octets including CRLF [RFC 5321 4.5.3.1.6]
-_LONG_LINE = re.compile(rb"[^\n]{%d,}" % (MAX_LINE - 1))
 _HEADER_SCAN_LIMIT = 256 * 1024  # stop looking for Received headers this far into a message
 
 
@@ -138,7 +135,7 @@ class DataReader(BodyReader):
         crlf = region.count(b"\r\n")
         return (crlf == region.count(b"\n") == region.count(b"\r")
                 and self.prev_crlf and not region.startswith(b".")
-                and b"\n." not in region and not _LONG_LINE.search(region))
+                and b"\n." not in region and max(map(len, region.split(b"\n"))) < MAX_LINE)
 
     def _feed_lines(self, region: bytes, rest: bytes) -> bytes | None:
         start = 0
