@@ -18,9 +18,10 @@ import ipaddress
 import re
 import socket
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mta.address import AddressError, is_valid_domain, parse_mailbox
 
@@ -35,7 +36,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 @dataclass(frozen=True)
 class Listener:
     endpoint: str  # a Twisted server endpoint string, e.g. "tcp:25:interface=0.0.0.0"
-    role: str  # smtp | submission | odmr
+    role: str  # smtp | submission | odmr ("smtps" in the file is submission with implicit TLS)
     tls: str  # off | starttls | implicit
     require_auth: bool  # AUTH before MAIL (530 5.7.0); default on for submission/odmr
     plaintext_auth: bool  # PLAIN/LOGIN without TLS from non-loopback clients
@@ -100,6 +101,11 @@ class AuthSection:
     failures_per_client: int  # per client address within failure_window
     failure_window: float
     failure_delay: float  # seconds added to each failed attempt's reply
+    # Authenticated senders may use only their own addresses (553 5.7.1 otherwise):
+    # USER@<any configured domain or the hostname>, USER itself when it is an
+    # address, and what `senders` lists for USER ("addr@dom" or "@dom").
+    sender_restriction: bool = False
+    senders: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,9 @@ class LimitsSection:
     data_timeout: float
     command_line_length: int
     received_headers: int
+    # Port-25 early-talker check: wait this long before the 220 and refuse a
+    # client that talks first (554 5.5.0).  0 disables it.
+    greeting_delay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -174,7 +183,7 @@ _SIZE_UNITS = {
 
 def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
-        raise ValueError("expected a duration like \"90s\", \"5m\", \"4h\" or \"5d\"")
+        raise ValueError("expected a duration like \"90s\", \"5m\", \"4h\" or \"5d\"")  # noqa: TRY004 (callers catch ValueError)
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError("a duration cannot be negative")
@@ -200,7 +209,7 @@ def parse_size(value: Any) -> int:
 def parse_route(value: str, base: Path | None = None) -> Route:
     """``maildir:PATH`` | ``smtp:[host]:port`` | ``smtp:host[:port]`` (MX lookup) | ``hold``."""
     if not isinstance(value, str):
-        raise ValueError("expected a route string")
+        raise ValueError("expected a route string")  # noqa: TRY004 (callers catch ValueError)
     kind, colon, rest = value.partition(":")
     kind = kind.strip().lower()
     if kind == "hold" and not colon:
@@ -403,8 +412,14 @@ def _listeners(source: str, items: list[Any]) -> tuple[Listener, ...]:
         endpoint = s.get("endpoint", None, kind=str)
         if not endpoint:
             raise s.error("endpoint", "required, e.g. \"tcp:25\"")
-        role = s.get("role", "smtp", _choice("smtp", "submission", "odmr"), kind=str)
-        tls = s.get("tls", "off", _choice("off", "starttls", "implicit"), kind=str)
+        role = s.get("role", "smtp", _choice("smtp", "submission", "smtps", "odmr"), kind=str)
+        tls = s.get("tls", "implicit" if role == "smtps" else "off",
+                    _choice("off", "starttls", "implicit"), kind=str)
+        if role == "smtps":
+            # RFC 8314 3.3: message submission over implicit TLS (port 465).
+            if tls != "implicit":
+                raise s.error("tls", "role \"smtps\" is submission with tls = \"implicit\"")
+            role = "submission"
         require_auth = s.get("require_auth", role in ("submission", "odmr"), kind=bool)
         plaintext_auth = s.get("plaintext_auth", False, kind=bool)
         s.finish()
@@ -435,9 +450,36 @@ def _auth(s: _Section) -> AuthSection:
         failures_per_client=s.positive_int("failures_per_client", 10),
         failure_window=s.get("failure_window", "1h", parse_duration),
         failure_delay=s.get("failure_delay", "1s", parse_duration),
+        sender_restriction=s.get("sender_restriction", False, kind=bool),
+        senders=_senders(s),
     )
     s.finish()
     return section
+
+
+def _senders(s: _Section) -> dict[str, tuple[str, ...]]:
+    """``[auth.senders]``: user name -> addresses ("a@dom") and domains ("@dom") it may use."""
+    table = s.get("senders", {}, kind=dict)
+    senders = {}
+    for user, items in table.items():
+        key = f"senders.{user}"
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise s.error(key, "expected a list of addresses (\"alice@example.org\") "
+                               "or domains (\"@example.org\")")
+        senders[user] = tuple(_sender_pattern(s, key, item) for item in items)
+    return senders
+
+
+def _sender_pattern(s: _Section, key: str, item: str) -> str:
+    if item.startswith("@"):
+        if not is_valid_domain(item[1:], utf8=True):
+            raise s.error(key, f"bad domain {item!r}")
+        return item.lower().rstrip(".")
+    try:
+        parse_mailbox(item, utf8=True)
+    except AddressError as e:
+        raise s.error(key, f"bad address {item!r}: {e}") from None
+    return item
 
 
 def _relay(s: _Section) -> RelaySection:
@@ -540,6 +582,7 @@ def _limits(s: _Section) -> LimitsSection:
         data_timeout=s.get("data_timeout", "3m", parse_duration),
         command_line_length=s.get("command_line_length", 512, kind=int),
         received_headers=s.positive_int("received_headers", 100),
+        greeting_delay=s.get("greeting_delay", "1s", parse_duration),
     )
     if section.command_line_length < 512:
         raise s.error("command_line_length", "must be at least 512 (RFC 5321 4.5.3.1.4)")

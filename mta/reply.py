@@ -191,3 +191,8 @@ AUTH_ENCRYPTION_REQUIRED = Reply(
 AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "temporary authentication failure")
 AUTH_TOO_MANY_FAILURES = Reply(
     421, "4.7.0", "too many authentication failures, closing connection")
+AUTH_NEED_EHLO = Reply(503, "5.5.1", "send EHLO first: AUTH is an ESMTP extension")
+AUTH_CLIENT_BLOCKED = Reply(
+    421, "4.7.0", "too many authentication failures from your address, try again later")
+TLS_IN_TRANSACTION = Reply(503, "5.5.1", "STARTTLS not permitted during a mail transaction")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "sender address not owned by the authenticated user")

@@ -2,15 +2,25 @@
 
 `makeService` reads the config (a bad one stops start-up with one line naming
 the key), then builds, in start order: the relayer (whose start scans the
-spool, so recovery finishes before any listener accepts a connection), then
-one listening service per ``[[listeners]]`` entry.  This is the only module
-that knows every part of mta.
+spool, so recovery finishes before any listener accepts a connection), the
+SIGHUP handler, then one listening service per ``[[listeners]]`` entry.
+This is the only module that knows every part of mta.
+
+Listeners share one `Trust` (TLS context, password portal, AUTH failures per
+address) and one `ConnectionTable` (connection limits).  A listener with
+``tls = "implicit"`` (465, RFC 8314 3.3) listens on its plain endpoint with
+the factory wrapped in TLS by `ServerTLS.wrap_factory`, so that SIGHUP's new
+certificate reaches it too; its endpoint should therefore be ``tcp:``, not
+``ssl:``.  SIGHUP re-reads the certificate and the password file; sessions
+in progress are not touched.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -27,7 +37,7 @@ def default_config_path() -> str:
 
 
 class Options(usage.Options):
-    optParameters = [
+    optParameters = [  # noqa: RUF012 (twisted.python.usage's convention)
         ["config", "c", None, "config file (default: $MTA_CONFIG, else etc/mta.toml)"],
     ]
 
@@ -44,23 +54,68 @@ def load_config_or_exit(path: str) -> config_module.Config:
         raise SystemExit(1) from None
 
 
+class ReloadOnHangup(service.Service):
+    """SIGHUP re-reads the TLS certificate and the password file, without dropping sessions."""
+
+    name = "reload-on-sighup"
+
+    def __init__(self, trust: Any, reactor: Any) -> None:
+        self.trust = trust
+        self.reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        super().stopService()
+        signal.signal(signal.SIGHUP, self._previous if self._previous is not None
+                      else signal.SIG_DFL)
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        # A signal handler runs between two bytecodes of whatever the reactor
+        # was doing: do the work in the reactor's own turn.
+        self.reactor.callFromThread(self.trust.reload)
+
+
+def load_trust_or_exit(config: config_module.Config, reactor: Any) -> Any:
+    from mta.server.tls import TLSConfigError
+    from mta.server.trust import Trust
+
+    try:
+        trust = Trust.from_config(config, reactor)
+    except TLSConfigError as e:
+        sys.stderr.write(f"mta: [tls]: {e}\n")
+        raise SystemExit(1) from None
+    if trust.tls is not None:
+        from twisted.logger import Logger
+        Logger(namespace="mta.smtpd").info("TLS certificate: {what}", what=trust.tls.describe())
+    return trust
+
+
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     from mta.delivery.scheduler import Relayer
-    from mta.server.protocol import SMTPFactory
+    from mta.server.protocol import ConnectionTable, SMTPFactory
     from mta.server.session import ServerContext
     from mta.spool.store import Spool
 
     config = load_config_or_exit(options["config"])
+    trust = load_trust_or_exit(config, reactor)
     top = service.MultiService()
     spool = Spool(config.server.spool)
     relayer = Relayer(config, spool, reactor)
     relayer.setName("relayer")
     relayer.setServiceParent(top)
+    ReloadOnHangup(trust, reactor).setServiceParent(top)
+    connections = ConnectionTable()
     for listener in config.listeners:
-        context = ServerContext(config, listener, spool, on_queued=relayer.enqueue)
-        factory = SMTPFactory(context)
+        context = ServerContext(config, listener, spool, on_queued=relayer.enqueue, trust=trust)
+        factory = SMTPFactory(context, connections)
+        if listener.tls == "implicit":
+            factory = trust.tls.wrap_factory(factory, reactor)
         try:
             endpoint = endpoints.serverFromString(reactor, listener.endpoint)
         except (ValueError, KeyError, TypeError) as e:

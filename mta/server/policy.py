@@ -9,6 +9,13 @@ Each check returns None to accept or the Reply that refuses.  The rules
 - Mail for any other domain is relaying: only for clients in `mynetworks`
   or authenticated sessions (554 5.7.1 otherwise).  No open relay, ever.
 - A listener with `require_auth` refuses MAIL before AUTH (530 5.7.0).
+- With ``[auth] sender_restriction``, an authenticated user may use only
+  their own addresses as the reverse-path (553 5.7.1 otherwise): USER@ any
+  configured domain or our hostname, the user name itself when it is an
+  address, and what ``[auth.senders]`` lists for the user (``addr@dom`` or
+  ``@dom`` for a whole domain).  The null path ``<>`` is always allowed: it
+  claims nobody.  Unauthenticated sessions are not affected (mail from the
+  internet on port 25; `require_auth` is what closes the submission ports).
 - A declared SIZE above the limit is refused at MAIL (552 5.3.4) [RFC 1870].
 """
 
@@ -25,12 +32,33 @@ class Policy:
         self.config = config
         self.listener = listener
 
-    def check_mail(self, authenticated: str | None, declared_size: int | None) -> Reply | None:
+    def check_mail(self, authenticated: str | None, reverse_path: Mailbox | None,
+                   declared_size: int | None) -> Reply | None:
+        """`reverse_path` None is the null path ``<>``."""
         if self.listener.require_auth and authenticated is None:
-            return reply.AUTH_REQUIRED
+            return reply.AUTH_REQUIRED  # RFC 4954 6
+        if self.config.auth.sender_restriction and authenticated is not None \
+                and reverse_path is not None and not self.may_send_as(authenticated, reverse_path):
+            return reply.SENDER_NOT_OWNED
         if declared_size is not None and declared_size > self.config.limits.message_size:
             return reply.MESSAGE_TOO_BIG
         return None
+
+    def may_send_as(self, user: str, sender: Mailbox) -> bool:
+        """Whether `user` owns `sender` (domains and local parts compared without case)."""
+        local, domain = sender.local.lower(), sender.domain_key
+        address = f"{local}@{domain}"
+        if address == user.lower():
+            return True
+        if local == user.lower() and self.is_local(sender):
+            return True
+        for pattern in self.config.auth.senders.get(user, ()):
+            if pattern.startswith("@"):
+                if domain == pattern[1:]:
+                    return True
+            elif pattern.lower() == address:
+                return True
+        return False
 
     def check_rcpt(self, mailbox: Mailbox, client_address: str,
                    authenticated: str | None) -> Reply | None:

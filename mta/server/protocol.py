@@ -16,6 +16,23 @@ commands) framed again.  Commands are handled strictly in order; while a
 reply is pending (a spool commit) nothing more is read, so no reply is lost
 or reordered [RFC 2920 3.1].  Feeding the same input in one chunk or a byte
 at a time gives the same replies.
+
+STARTTLS [RFC 3207].  After the 220 the transport is handed to TLS
+(`transport.startTLS`) and whatever the client sent after STARTTLS in the
+same plain-text packet is thrown away: it came before the handshake, so it
+cannot be trusted (the STARTTLS command-injection attack, CVE-2011-0411).
+The session forgets HELO, the transaction and AUTH (`Session.start_tls`).
+
+Early talkers.  On port-25 listeners (role ``smtp``), a client outside
+`mynetworks` gets its 220 only after ``[limits] greeting_delay``; a client
+that sends anything before it is a bot that does not wait for the server
+[RFC 5321 4.3.1] and gets 554 5.5.0 and a close (Postfix's postscreen does
+the same pregreet test).  Trusted clients and the submission ports are not
+delayed.
+
+Connection limits (``[limits] connections`` and ``connections_per_client``)
+are counted over all listeners together (`ConnectionTable`); past them the
+client gets 421 4.7.0 and a close.
 """
 
 from __future__ import annotations
@@ -47,6 +64,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.context = context
         self.limits = context.config.limits
         self.session: Session | None = None
+        self._greeting_call = None  # the delayed 220, while the client must stay silent
         self._buffer = b""
         self._discarding = False  # inside an over-long command line
         self._waiting = False  # a reply is pending; read nothing more
@@ -67,8 +85,22 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return
         self.session = Session(self.context, self.client_address, getattr(peer, "port", 0),
                                tls=self._transport_is_tls())
-        self.transport.write(self.session.greeting().render())
         self.setTimeout(self.limits.command_timeout)
+        delay = self._greeting_delay()
+        if delay > 0:
+            self._greeting_call = self.callLater(delay, self._greet)
+        else:
+            self._greet()
+
+    def _greeting_delay(self) -> float:
+        if self.context.listener.role != "smtp" or \
+                self.context.config.is_mynetwork(self.client_address):
+            return 0.0
+        return self.limits.greeting_delay
+
+    def _greet(self) -> None:
+        self._greeting_call = None
+        self.transport.write(self.session.greeting().render())
 
     def _transport_is_tls(self) -> bool:
         return self.context.listener.tls == "implicit"
@@ -76,6 +108,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason=None) -> None:
         self.setTimeout(None)
         self._closed = True
+        if self._greeting_call is not None and self._greeting_call.active():
+            self._greeting_call.cancel()
+        self._greeting_call = None
         if self.session is not None:
             self.factory.release(self)
             self.session.connection_lost()
@@ -84,11 +119,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         log.info("timeout from [{client}]", client=self.client_address)
         self._close_with(reply.TIMEOUT)
 
-    def _close_with(self, answer: Reply) -> None:
+    def _close_with(self, answer: Reply, enhanced: bool | None = None) -> None:
         if self._closed:
             return
         self._closed = True
-        enhanced = self.session.enhanced if self.session else True
+        if enhanced is None:
+            enhanced = self.session.enhanced if self.session else True
         self.transport.write(answer.render(enhanced))
         self.transport.loseConnection()
 
@@ -97,10 +133,20 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closed or self.session is None:
             return
+        if self._greeting_call is not None:
+            self._refuse_early_talker(data)
+            return
         self.resetTimeout()
         self._buffer += data
         if not self._processing:
             self._process()
+
+    def _refuse_early_talker(self, data: bytes) -> None:
+        self._greeting_call.cancel()
+        self._greeting_call = None
+        log.info("early talker [{client}]: {n} octets before the greeting",
+                 client=self.client_address, n=len(data))
+        self._close_with(reply.EARLY_TALKER, enhanced=True)
 
     def _process(self) -> None:
         self._processing = True
@@ -130,7 +176,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 return False
             self._buffer = self._buffer[end + 1:]
             self._discarding = False
-            self._answer(reply.LINE_TOO_LONG)
+            self._answer(self.session.line_too_long())
             return True
         if end < 0:
             if len(self._buffer) > MAX_FRAME:
@@ -145,7 +191,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def lineReceived(self, line: bytes) -> None:
         if len(line) + 2 > self._line_limit(line):
-            self._answer(reply.LINE_TOO_LONG)
+            self._answer(self.session.line_too_long())
             return
         self._answer(self.session.command(line))
 
@@ -204,6 +250,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._closed = True
             self.transport.loseConnection()
             return
+        if session.starttls:
+            self._start_tls()
+            return
         if answer.code >= 400:
             session.errors += 1
             if session.errors >= self.limits.errors:
@@ -214,13 +263,41 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                         else self.limits.command_timeout)
 
 
+    def _start_tls(self) -> None:
+        """The 220 to STARTTLS is written (in plain text): switch the transport to TLS."""
+        if self._buffer:
+            # RFC 3207 5 / CVE-2011-0411: nothing sent before the handshake counts.
+            log.info("discarded {n} octets pipelined after STARTTLS by [{client}]",
+                     n=len(self._buffer), client=self.client_address)
+        self._buffer = b""
+        self._discarding = False
+        self.session.start_tls()
+        self.transport.startTLS(self.context.trust.tls)
+        self.setTimeout(self.limits.command_timeout)
+
+
+class ConnectionTable:
+    """Open connections in total and per client address, shared by every listener."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.per_client: Counter[str] = Counter()
+
+
 class SMTPFactory(ServerFactory):
     """Makes one protocol per connection and enforces the connection limits."""
 
-    def __init__(self, context: ServerContext) -> None:
+    def __init__(self, context: ServerContext, table: ConnectionTable | None = None) -> None:
         self.context = context
-        self.active = 0
-        self.per_client: Counter[str] = Counter()
+        self.table = table if table is not None else ConnectionTable()
+
+    @property
+    def active(self) -> int:
+        return self.table.active
+
+    @property
+    def per_client(self) -> Counter[str]:
+        return self.table.per_client
 
     def buildProtocol(self, addr) -> SMTPServerProtocol:
         protocol = SMTPServerProtocol(self.context)
@@ -231,17 +308,19 @@ class SMTPFactory(ServerFactory):
         limits = self.context.config.limits
         client = protocol.client_address
         if self.active >= limits.connections:
-            log.warn("connection limit reached, refusing [{client}]", client=client)
+            log.warn(  # noqa: G010 (twisted.logger has no .warning)
+                "connection limit reached, refusing [{client}]", client=client)
             return reply.TOO_MANY_CONNECTIONS
         if self.per_client[client] >= limits.connections_per_client:
-            log.warn("per-client connection limit reached, refusing [{client}]", client=client)
+            log.warn(  # noqa: G010 (twisted.logger has no .warning)
+                "per-client connection limit reached, refusing [{client}]", client=client)
             return reply.TOO_MANY_FROM_CLIENT
-        self.active += 1
+        self.table.active += 1
         self.per_client[client] += 1
         return None
 
     def release(self, protocol: SMTPServerProtocol) -> None:
-        self.active -= 1
+        self.table.active -= 1
         client = protocol.client_address
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:

@@ -9,7 +9,15 @@ writes replies out.
 `command(line)` returns a Reply, or a Deferred firing with one when the
 answer needs the disk or a password check.  After it the adapter looks at
 `body` (a DATA/BDAT reader now wants the bytes that follow), `closing`
-(send the reply, then close) and `starttls` (hand the transport to TLS).
+(send the reply, then close) and `starttls` (hand the transport to TLS, then
+call `start_tls()`).  While `expects_sasl` is true the next line is a SASL
+response of an AUTH exchange (trust.py), not a command.
+
+Trust [DESIGN.md 8]: STARTTLS is offered when the listener says
+``tls = "starttls"``, a certificate is configured and the session is not yet
+in TLS; AUTH when a password file is configured, after EHLO, outside a
+transaction and only once; PLAIN and LOGIN only inside TLS, from loopback,
+or where the listener's ``plaintext_auth`` allows them.
 
 States (`Phase`): connected -> greeted -> mail (MAIL seen) -> rcpt
 (a recipient accepted) -> data (a body is being read); ordering errors are
@@ -20,21 +28,29 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
-from typing import Callable
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from mta import reply
-from mta.address import AddressError, Mailbox, parse_params, parse_path, split_path_and_params, \
-    xtext_decode
+from mta.address import (
+    AddressError,
+    Mailbox,
+    parse_params,
+    parse_path,
+    split_path_and_params,
+    xtext_decode,
+)
 from mta.config import Config, Listener
 from mta.reply import Reply
+from mta.server import sasl
 from mta.server.dataread import BodyReader, ChunkReader, DataReader
 from mta.server.policy import Policy
+from mta.server.trust import AuthExchange, Trust, is_loopback
 from mta.spool.envelope import Envelope, Recipient
 from mta.spool.store import Incoming, Spool
 
@@ -78,6 +94,7 @@ class ServerContext:
     on_queued: Callable[[Envelope], None] = lambda envelope: None
     clock: Callable[[], float] = time.time
     run_blocking: Callable[..., defer.Deferred] = threads.deferToThread
+    trust: Trust | None = None  # None: neither STARTTLS nor AUTH
 
 
 # -- the command table ---------------------------------------------------------
@@ -87,7 +104,7 @@ class Verb:
     name: str
     syntax: str
     help: str
-    handler: Callable[["Session", str], "Reply | defer.Deferred"]
+    handler: Callable[[Session, str], Reply | defer.Deferred]
 
 
 _VERBS: dict[str, Verb] = {}
@@ -121,7 +138,8 @@ class Session:
         self.body: BodyReader | None = None
         self.closing = False
         self.starttls = False
-        self.expects_sasl = False  # the next line is a SASL response, not a command
+        self.auth_exchange: AuthExchange | None = None
+        self.auth_failures = 0
 
     # -- replies ---------------------------------------------------------------
 
@@ -133,9 +151,23 @@ class Session:
     def greeting(self) -> Reply:
         return reply.greeting(self.hostname)
 
+    @property
+    def expects_sasl(self) -> bool:
+        """The next line answers a 334 of an AUTH exchange [RFC 4954 4]."""
+        return self.auth_exchange is not None and self.auth_exchange.waiting
+
+    def line_too_long(self) -> Reply:
+        """The reply to an over-long line; it also ends an AUTH exchange."""
+        if self.expects_sasl:
+            exchange, self.auth_exchange = self.auth_exchange, None
+            return exchange.abort_too_long()
+        return reply.LINE_TOO_LONG
+
     # -- dispatch ----------------------------------------------------------------
 
     def command(self, line: bytes) -> Reply | defer.Deferred:
+        if self.expects_sasl:
+            return self._auth_result(self.auth_exchange.respond(line))
         if b"\x00" in line:
             return reply.BAD_BYTES
         try:
@@ -185,7 +217,7 @@ class Session:
 
     def extensions(self) -> list[str]:
         """EHLO keywords [RFC 5321 4.1.1.1]; only what works end to end is offered."""
-        return [
+        keywords = [
             "PIPELINING",
             f"SIZE {self.config.limits.message_size}",
             "8BITMIME",
@@ -193,12 +225,52 @@ class Session:
             "ENHANCEDSTATUSCODES",
             "DSN",
             "CHUNKING",
-            "HELP",
-            # RFC 5321 Appendix F.6: implemented, so advertised.
-            "SEND",
-            "SOML",
-            "SAML",
         ]
+        if self.starttls_offered():
+            keywords.append("STARTTLS")
+        mechanisms = self.auth_mechanisms()
+        if mechanisms and self.authenticated is None:
+            keywords.append("AUTH " + " ".join(mechanisms))
+        # RFC 5321 Appendix F.6: SEND, SOML, SAML are implemented, so advertised.
+        return keywords + ["HELP", "SEND", "SOML", "SAML"]
+
+    # -- trust: STARTTLS [RFC 3207] and AUTH [RFC 4954] -------------------------------
+
+    def starttls_offered(self) -> bool:
+        trust = self.context.trust
+        return (self.listener.tls == "starttls" and trust is not None
+                and trust.tls is not None and not self.tls)
+
+    def auth_mechanisms(self) -> list[str]:
+        """The SASL mechanisms this connection may use now (empty: AUTH not offered)."""
+        trust = self.context.trust
+        if trust is None or not trust.auth_enabled:
+            return []
+        return sasl.mechanisms_for(self.tls, is_loopback(self.client_address),
+                                   self.listener.plaintext_auth, trust.has_cram_md5())
+
+    def start_tls(self) -> None:
+        """The handshake starts: forget all the client told us in plain text [RFC 3207 4.2]."""
+        self.reset_transaction()
+        self.phase = Phase.CONNECTED
+        self.helo = None
+        self.esmtp = False
+        self.authenticated = None
+        self.auth_exchange = None
+        self.starttls = False
+        self.tls = True
+
+    def _auth_result(self, result: Reply | defer.Deferred) -> Reply | defer.Deferred:
+        """Follow the exchange's answer: remember the user, or its end and failures."""
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(self._auth_result)
+        exchange = self.auth_exchange
+        if exchange is not None and not exchange.waiting:
+            self.auth_exchange = None
+            self.auth_failures = exchange.failures
+            self.authenticated = exchange.result
+            self.closing = self.closing or exchange.closing
+        return result
 
     @verb("RSET", "RSET", "Abort the current mail transaction")
     def rset(self, arg: str) -> Reply:
@@ -243,15 +315,39 @@ class Session:
             return reply.syntax_error("EXPN requires an argument")
         return reply.EXPN_DISABLED
 
-    # Commands of later stages: not advertised, so refused honestly.
-    @verb("STARTTLS", "STARTTLS", "Start TLS (not offered on this listener)")
+    @verb("STARTTLS", "STARTTLS", "Start TLS (RFC 3207), where offered")
     def starttls_(self, arg: str) -> Reply:
-        return reply.NOT_IMPLEMENTED
+        if self.tls:
+            return reply.TLS_ALREADY_ACTIVE
+        if not self.starttls_offered():
+            return reply.NOT_IMPLEMENTED  # not advertised here
+        if arg:
+            return reply.TLS_NO_PARAMETERS  # RFC 3207 4
+        if self.transaction.started:
+            return reply.TLS_IN_TRANSACTION
+        self.starttls = True
+        return reply.TLS_READY
 
-    @verb("AUTH", "AUTH <mechanism> [initial-response]", "Authenticate (not offered)")
-    def auth(self, arg: str) -> Reply:
-        return reply.NOT_IMPLEMENTED
+    @verb("AUTH", "AUTH <mechanism> [initial-response]", "Authenticate (RFC 4954), where offered")
+    def auth(self, arg: str) -> Reply | defer.Deferred:
+        trust = self.context.trust
+        if trust is None or not trust.auth_enabled:
+            return reply.NOT_IMPLEMENTED  # no password file: not advertised
+        if not self.esmtp:
+            return reply.AUTH_NEED_EHLO  # RFC 4954 4: after EHLO
+        if self.authenticated is not None:
+            return reply.AUTH_ALREADY  # RFC 4954 4: once per session
+        if self.transaction.started:
+            return reply.AUTH_IN_TRANSACTION  # RFC 4954 4
+        if trust.failures.blocked(self.client_address):
+            log.info("AUTH refused: too many failures from [{client}]", client=self.client_address)
+            self.closing = True
+            return reply.AUTH_CLIENT_BLOCKED
+        self.auth_exchange = AuthExchange(trust, self.config, self.client_address,
+                                          self.hostname, self.auth_failures)
+        return self._auth_result(self.auth_exchange.start(arg, self.auth_mechanisms()))
 
+    # Commands of later stages: not advertised, so refused honestly.
     @verb("ETRN", "ETRN <domain>", "Start a queue run (not offered)")
     def etrn(self, arg: str) -> Reply:
         return reply.NOT_IMPLEMENTED
@@ -288,7 +384,7 @@ class Session:
             return reply.NEED_HELO
         if self.transaction.started:
             return reply.NESTED_MAIL
-        if not arg[:5].upper() == "FROM:":
+        if arg[:5].upper() != "FROM:":
             return reply.syntax_error(f"syntax: {name} FROM:<address>")
         try:
             path, param_text = split_path_and_params(arg[5:])
@@ -308,7 +404,7 @@ class Session:
                 return reply.NON_ASCII_WITHOUT_SMTPUTF8
             return reply.BAD_SENDER.with_text(f"bad sender address: {e}")
         declared = int(params["SIZE"]) if params.get("SIZE") else None
-        refused = self.policy.check_mail(self.authenticated, declared)
+        refused = self.policy.check_mail(self.authenticated, tx.reverse_path, declared)
         if refused is not None:
             return refused
         tx.started = True
@@ -343,6 +439,17 @@ class Session:
                 if not envid or len(value or "") > MAX_ENVID:
                     return reply.bad_parameter("ENVID must be 1 to 100 characters")
                 tx.envid = envid
+            elif key == "AUTH" and self.context.trust is not None \
+                    and self.context.trust.auth_enabled:
+                # RFC 4954 5: the identity that submitted the message.  We keep
+                # none: an authenticated session's own identity goes into the
+                # envelope, and a client's claim is not to be trusted.
+                try:
+                    xtext_decode(value or "")
+                except AddressError:
+                    return reply.bad_parameter("AUTH= must be xtext")
+                if not value:
+                    return reply.bad_parameter("AUTH= requires a mailbox or <>")
             else:
                 return reply.unknown_parameter(key)
         return None
@@ -355,7 +462,7 @@ class Session:
         tx = self.transaction
         if not tx.started or tx.mode is not None:
             return reply.NEED_MAIL if not tx.started else reply.BAD_SEQUENCE
-        if not arg[:3].upper() == "TO:":
+        if arg[:3].upper() != "TO:":
             return reply.syntax_error("syntax: RCPT TO:<address>")
         tx.rcpt_attempts += 1
         try:
@@ -482,7 +589,6 @@ class Session:
     def body_done(self) -> Reply | defer.Deferred:
         """The reader in `body` has all its bytes: answer the DATA or the BDAT chunk."""
         reader, self.body = self.body, None
-        tx = self.transaction
         if isinstance(reader, ChunkReader):
             refused, last = self._chunk_outcome
             if refused is not None:
@@ -553,7 +659,7 @@ class Session:
             lines.append(f"\tfor <{_header_safe(tx.recipients[0].address)}>;")
         else:
             lines[-1] += ";"
-        now = datetime.fromtimestamp(self.context.clock(), timezone.utc).astimezone()
+        now = datetime.fromtimestamp(self.context.clock(), UTC).astimezone()
         lines.append(f"\t{format_datetime(now)}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 

@@ -20,10 +20,12 @@ from mta.spool.store import Spool
 
 
 def make_config(tmp_path: Path, **sections) -> config_module.Config:
+    # No early-talker delay unless a test asks for one: the 220 comes at once.
     data = {"server": {"hostname": "mx.test", "spool": str(tmp_path / "spool"),
                        "postmaster": "postmaster@example.org"},
             "domains": {"example.org": {"route": f"maildir:{tmp_path / 'mail'}",
-                                        "users": ["alice", "bob"]}}}
+                                        "users": ["alice", "bob"]}},
+            "limits": {"greeting_delay": 0}}
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return config_module.from_dict(data, "<test>")
@@ -31,8 +33,10 @@ def make_config(tmp_path: Path, **sections) -> config_module.Config:
 
 class Server:
     def __init__(self, tmp_path: Path, client: str = "127.0.0.1", listener_index: int = 0,
-                 factory: SMTPFactory | None = None, **sections) -> None:
-        self.clock = task.Clock()
+                 factory: SMTPFactory | None = None, clock: task.Clock | None = None,
+                 transport_class: type[StringTransport] = StringTransport,
+                 **sections) -> None:
+        self.clock = clock if clock is not None else task.Clock()
         if factory is None:
             self.config = make_config(tmp_path, **sections)
             self.spool = Spool(self.config.server.spool)
@@ -50,7 +54,7 @@ class Server:
         self.factory = factory
         self.protocol = factory.buildProtocol(None)
         self.protocol.callLater = self.clock.callLater
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", client, 40000))
+        self.transport = transport_class(peerAddress=IPv4Address("TCP", client, 40000))
         self.protocol.makeConnection(self.transport)
 
     def send(self, data: bytes | str) -> bytes:
