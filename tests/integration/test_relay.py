@@ -456,6 +456,60 @@ route = "smtp:[127.0.0.1]:{inner.port}"
 # -- the smart host: STARTTLS + AUTH -------------------------------------------------------
 
 
+def test_smarthost_is_a_second_mta_with_starttls_and_auth(
+        mtas: Callable[..., MtaServer], start_mta: Callable[..., MtaServer],
+        sinks: Callable[..., Sink], dns_port: int, smtp_port: int, tmp_path: Path) -> None:
+    """A -> (STARTTLS, certificate checked, AUTH PLAIN) -> B, a submission listener -> MX."""
+    from mta.server.auth import set_password
+    from mta.server.tls import make_cert
+
+    mx = sinks("127.0.0.3")
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    make_cert(secrets / "cert.pem", secrets / "key.pem", "smarthost.test")
+    set_password(secrets / "passwords", "relayuser", "s3cret pass")
+    (secrets / "smarthost-password").write_text("s3cret pass\n")
+    smarthost = start_mta(name="smarthost", config=f"""
+[server]
+hostname = "smarthost.test"
+spool = "spool"
+
+[[listeners]]
+endpoint = "tcp:{{port}}:interface=127.0.0.1"
+role = "submission"
+tls = "starttls"
+
+[tls]
+certificate = "{secrets / 'cert.pem'}"
+key = "{secrets / 'key.pem'}"
+
+[auth]
+passwords = "{secrets / 'passwords'}"
+
+[relay]
+mynetworks = []
+nameservers = ["127.0.0.1:{dns_port}"]
+smtp_port = {smtp_port}
+retry_min = "1s"
+""")
+    mta = mtas(relay=f"""
+smarthost = "smarthost.test:{smarthost.port}"
+smarthost_user = "relayuser"
+smarthost_password_file = "{secrets / 'smarthost-password'}"
+smarthost_tls = "verify"
+tls_ca_file = "{secrets / 'cert.pem'}"
+""")
+    send(mta, ["bob@example.test"])
+    (message,) = mx.wait(1)
+    assert message["Subject"] == "relay test 1"
+    # smtp-sink's own Received comes first, then the smart host's.
+    (by_smarthost,) = [r for r in message.get_all("Received") if "by smarthost.test" in r]
+    assert "with ESMTPSA" in by_smarthost and "relayuser" in by_smarthost
+    wait_for("both queues to empty",
+             lambda: queue_empty(mta) and queue_empty(smarthost))
+    assert f"relay=smarthost.test[127.0.0.1]:{smarthost.port}" in mta.log_text()
+
+
 class AuthPeer:
     """aiosmtpd with STARTTLS required and AUTH PLAIN/LOGIN, recording each envelope."""
 
