@@ -377,6 +377,46 @@ def test_delay_warning_once(mtas: Callable[..., MtaServer], sinks: Callable[...,
     assert len(mta.spool.queue_ids()) == 1
 
 
+def test_8bit_message_to_a_peer_without_8bitmime_bounces_5_6_3(
+        mtas: Callable[..., MtaServer], sinks: Callable[..., Sink]) -> None:
+    plain_smtp = sinks("127.0.0.3", "-e")  # no ESMTP: our EHLO is refused, HELO is used
+    senders = sinks("127.0.0.5")
+    mta = mtas()
+    body = "From: alice@sender.test\r\nSubject: caf\u00e9\r\n\r\nd\u00e9j\u00e0 vu\r\n"
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as client:
+        client.sendmail(SENDER, ["bob@example.test", "carol@plain.test"],
+                        body.encode("utf-8"), mail_options=["BODY=8BITMIME"])
+    (report,) = senders.wait(1)
+    (rcpt,) = check_report(report)
+    assert (rcpt["Final-Recipient"], rcpt["Action"], rcpt["Status"]) == \
+        ("rfc822; bob@example.test", "failed", "5.6.3")
+    assert "8BITMIME" in rcpt["Diagnostic-Code"]
+    assert plain_smtp.messages() == []  # never sent mangled
+    original = report.get_payload()[2]
+    assert original["Content-Transfer-Encoding"] == "8bit"
+    assert "X-Mail-Args: <> BODY=8BITMIME" in report.as_string()
+
+
+def test_smtputf8_message_to_a_peer_without_smtputf8_bounces_5_6_7(
+        mtas: Callable[..., MtaServer], sinks: Callable[..., Sink]) -> None:
+    mx = sinks("127.0.0.3")  # smtp-sink offers 8BITMIME but not SMTPUTF8
+    senders = sinks("127.0.0.5")
+    mta = mtas()
+    body = "From: alice@sender.test\r\nTo: jos\u00e9@example.test\r\nSubject: hi\r\n\r\nx\r\n"
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as client:
+        client.sendmail(SENDER, ["jos\u00e9@example.test"], body.encode("utf-8"),
+                        mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+    (report,) = senders.wait(1)
+    assert report.get_param("report-type") == "global-delivery-status"
+    _, status, original = report.get_payload()
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert original.get_content_type() == "message/global"
+    raw = report.as_bytes().decode("utf-8")
+    assert "Final-Recipient: utf-8; jos\u00e9@example.test" in raw
+    assert "Action: failed" in raw and "Status: 5.6.7" in raw
+    assert mx.messages() == []
+
+
 def test_dns_servfail_is_deferred(mtas: Callable[..., MtaServer]) -> None:
     mta = mtas()
     send(mta, ["ivan@broken.test"])
