@@ -605,16 +605,27 @@ smarthost_password_file = "{tmp_path / 'smarthost-password'}"
 smarthost_tls = "verify"
 tls_ca_file = "{peer.cert}"
 """)
-        send(mta, ["far@example.test", "other@plain.test"])
-        (received,) = wait_for("the smart host to receive", lambda: peer.received)
+        send(mta, ["far@example.test", "other@plain.test"],
+             rcpt_options=("NOTIFY=SUCCESS,FAILURE",))
+        received, report = wait_for("the message and the success report",
+                                    lambda: len(peer.received) >= 2 and peer.received)
         assert received["tls"] is True
         assert received["authenticated"] is True
-        assert peer.logins == [("PLAIN", True)]
+        assert peer.logins == [("PLAIN", True), ("PLAIN", True)]
         assert received["from"] == SENDER
         assert received["to"] == ["far@example.test", "other@plain.test"]  # one transaction
         assert b"Subject: relay test 1" in received["data"]
+        # aiosmtpd does not offer DSN, so NOTIFY=SUCCESS is ours to honour [RFC 3461 4.1]:
+        # a success report (action "relayed"), itself sent through the smart host.
+        assert (report["from"], report["to"]) == ("<>", [SENDER])  # aiosmtpd keeps the <>
+        _, recipients = report_parts(email.message_from_bytes(report["data"]))
+        assert [(r["Final-Recipient"], r["Action"], r["Status"], r["Remote-MTA"])
+                for r in recipients] == [
+            ("rfc822; far@example.test", "relayed", "2.0.0", "dns; smarthost.test"),
+            ("rfc822; other@plain.test", "relayed", "2.0.0", "dns; smarthost.test")]
         wait_for("the queue to empty", lambda: queue_empty(mta))
         assert "relay=smarthost.test[127.0.0.1]" in mta.log_text()
+        assert "sender delivery status notification" in mta.log_text()
     finally:
         peer.stop()
 
