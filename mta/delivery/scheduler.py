@@ -51,7 +51,9 @@ one delay report per message and attempt), the recipients marked
 notified, the envelope saved again; a complete message is removed.  A
 crash between these steps at worst sends a report twice; it never loses a
 recipient's result nor delivers to a recipient recorded as delivered.
-Spool work runs in the thread pool, never in the reactor thread.
+Spool work runs in the reactor's thread pool, DNS resolution in a pool of
+its own (a dead name server must not delay the server's commits); neither
+ever in the reactor thread.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from mta import bounce, maillog
 from mta.config import Config
@@ -85,6 +88,7 @@ JITTER = 0.1  # back-off delays are multiplied by a random factor in [0.9, 1.1]
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 STOP_GRACE = 10.0  # seconds stopService waits for abandoned attempts to record themselves
 NOTICE_INTERVAL = 1.0  # seconds between reads of the spool's control/ notices
+DNS_THREADS = 10  # at most this many DNS resolutions at once
 
 
 def backoff(attempts: int, retry_min: float, retry_max: float, rng: random.Random) -> float:
@@ -180,10 +184,16 @@ class Relayer(Service):
         self.rng = rng or random.Random()
         self.run_blocking = run_blocking or self._in_thread
         self.router = router or Router(config)
-        self.couriers = couriers if couriers is not None else {
-            SMTP: SMTPCourier(config, reactor, self.run_blocking),
-            MAILDIR: MaildirCourier(config, self.run_blocking),
-        }
+        # DNS lookups wait on the network for up to dns_timeout: they get threads of
+        # their own, so that they never hold up the spool work of the shared pool.
+        self._dns_pool: ThreadPool | None = None
+        if couriers is None:
+            self._dns_pool = ThreadPool(0, DNS_THREADS, name="mta-dns")
+            couriers = {
+                SMTP: SMTPCourier(config, reactor, self._in_dns_thread),
+                MAILDIR: MaildirCourier(config, self.run_blocking),
+            }
+        self.couriers = couriers
         relay = config.relay
         self.limiter = _Limiter(relay.concurrency, relay.concurrency_per_destination)
         self._entries: dict[str, _Entry] = {}
@@ -198,11 +208,18 @@ class Relayer(Service):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                          f, *args, **kwargs)
 
+    def _in_dns_thread(self, f: Callable[..., Any], *args: Any,
+                       **kwargs: Any) -> defer.Deferred[Any]:
+        assert self._dns_pool is not None
+        return threads.deferToThreadPool(self.reactor, self._dns_pool, f, *args, **kwargs)
+
     # -- the public interface ---------------------------------------------------------
 
     def startService(self) -> None:
         self._stopping = False
         envelopes = self.spool.recover()
+        if self._dns_pool is not None and not self._dns_pool.started:
+            self._dns_pool.start()
         super().startService()
         now = self.reactor.seconds()
         for envelope in envelopes:
@@ -255,11 +272,17 @@ class Relayer(Service):
         for courier in self.couriers.values():
             courier.abort_all()
         if not self._attempts:
+            self._stop_dns_pool()
             return None
         done = defer.DeferredList(list(self._attempts), consumeErrors=True)
         timeout = self.reactor.callLater(STOP_GRACE, done.cancel)
         done.addBoth(lambda _: timeout.cancel() if timeout.active() else None)
+        done.addBoth(lambda _: self._stop_dns_pool())
         return done
+
+    def _stop_dns_pool(self) -> None:
+        if self._dns_pool is not None and self._dns_pool.started:
+            self._dns_pool.stop()  # joins: a lookup in progress ends within dns_timeout
 
     def notice(self, notice: dict[str, str]) -> defer.Deferred[None] | None:
         """Act on one notice from the command line (see `Spool.notify`)."""
