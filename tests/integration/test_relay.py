@@ -29,7 +29,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import REPO, MtaServer, need, stop_process, wait_for
+from tests.integration.harness import MTA as MTA_COMMAND
+from tests.integration.harness import (
+    REPO,
+    MtaServer,
+    need,
+    source_env,
+    stop_process,
+    wait_for,
+)
 
 ZONE = {
     "example.test": {"MX": [[10, "mx1.example.test"], [20, "mx2.example.test"]]},
@@ -206,10 +214,11 @@ def sinks(smtp_port: int) -> Iterator[Callable[..., Sink]]:
 @pytest.fixture
 def mtas(start_mta: Callable[..., MtaServer], dns_port: int,
          smtp_port: int) -> Callable[..., MtaServer]:
-    """mtas(name="a", relay="", extra="", hostname="relay.test"): a relaying mta, started."""
+    """mtas(name="a", relay="", extra="", hostname=..., retry_min=..., retry_max=...): started."""
 
     def start(name: str = "a", relay: str = "", extra: str = "",
-              hostname: str = "relay.test") -> MtaServer:
+              hostname: str = "relay.test", retry_min: str = "1s",
+              retry_max: str = "2s") -> MtaServer:
         config = f"""
 [server]
 hostname = "{hostname}"
@@ -223,8 +232,8 @@ nameservers = ["127.0.0.1:{dns_port}"]
 smtp_port = {smtp_port}
 dns_timeout = "2s"
 connect_timeout = "2s"
-retry_min = "1s"
-retry_max = "2s"
+retry_min = "{retry_min}"
+retry_max = "{retry_max}"
 {relay}
 {extra}
 """
@@ -338,6 +347,23 @@ def test_4xx_deferred_then_delivered_on_retry(mtas: Callable[..., MtaServer],
     assert envelope.recipients[0].status.startswith("4.")
     assert envelope.recipients[0].remote_mta == "mx.soft.test"
     soft.restart()  # now it accepts
+    (message,) = soft.wait(1)
+    assert rcpt_args(message)[0].startswith("<frank@soft.test>")
+    wait_for("the queue to empty", lambda: queue_empty(mta))
+
+
+def test_queue_flush_from_the_command_line(mtas: Callable[..., MtaServer],
+                                           sinks: Callable[..., Sink]) -> None:
+    soft = sinks("127.0.0.7", "-r", "RCPT")
+    mta = mtas(retry_min="1h", retry_max="1h")
+    send(mta, ["frank@soft.test"])
+    wait_for("a deferral", lambda: "status=deferred" in mta.log_text())
+    soft.restart()  # it would accept now, but the next retry is an hour away
+    time.sleep(1.5)
+    assert soft.messages() == []
+    subprocess.run([str(MTA_COMMAND), "queue", "flush", "soft.test", "--config",
+                    str(mta.config_path)], cwd=mta.directory, env=source_env(), check=True,
+                   capture_output=True, timeout=30)
     (message,) = soft.wait(1)
     assert rcpt_args(message)[0].startswith("<frank@soft.test>")
     wait_for("the queue to empty", lambda: queue_empty(mta))
