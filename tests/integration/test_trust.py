@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from mta.server import auth, tls
-from tests.integration.harness import MtaServer, free_port, need, wait_for
+from tests.integration.harness import REPO, MtaServer, free_port, need, wait_for
 
 PASSWORD = "s3cret pass phrase"
 UNTRUSTED = "127.0.0.9"  # loopback, but not in mynetworks: "the internet"
@@ -470,3 +470,27 @@ def test_plain_auth_not_offered_to_untrusted_client_without_tls(trusted: Trusted
         sock.sendall(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0" + PASSWORD.encode()) +
                      b"\r\n")
         assert read_reply(sock).startswith(b"235 2.7.0")
+
+
+def test_tls_below_1_2_is_refused(trusted: Trusted) -> None:
+    openssl = need("openssl")
+    old = run([openssl, "s_client", "-connect", f"127.0.0.1:{trusted.smtps}", "-tls1_1",
+               "-cipher", "DEFAULT@SECLEVEL=0"])
+    # The server's alert 70, protocol_version: the client did offer TLS 1.1.
+    assert old.returncode != 0 and "alert protocol version" in output(old)
+    current = run([openssl, "s_client", "-connect", f"127.0.0.1:{trusted.smtp}",
+                   "-starttls", "smtp", "-tls1_2"])
+    assert "Protocol  : TLSv1.2" in output(current)
+
+
+def test_default_config_runs_without_a_certificate(start_mta: Callable[..., MtaServer]) -> None:
+    """`make run`'s etc/mta.toml: no certificate, no password file, so neither is offered."""
+    text = (REPO / "etc" / "mta.toml").read_text()
+    assert 'endpoint = "tcp:2525:interface=127.0.0.1"' in text
+    server = start_mta(text.replace("tcp:2525:", "tcp:{port}:"))
+    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test",
+                      timeout=10) as client:
+        client.ehlo()
+        assert not client.has_extn("starttls") and not client.has_extn("auth")
+        assert client.docmd("STARTTLS")[0] == 502
+        assert client.docmd("AUTH", "PLAIN")[0] == 502
