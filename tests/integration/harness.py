@@ -139,7 +139,9 @@ class MtaServer:
         if self.process.poll() is not None:
             raise AssertionError(f"mta exited with {self.process.returncode}:\n{self.log_text()}")
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            # The 220 may come after [limits] greeting_delay (1s by default) when
+            # 127.0.0.1 is not in the config's mynetworks: wait longer than that.
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
                 return s.recv(512).startswith(b"220 ")
         except OSError:
             return False

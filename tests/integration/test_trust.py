@@ -494,3 +494,22 @@ def test_default_config_runs_without_a_certificate(start_mta: Callable[..., MtaS
         assert not client.has_extn("starttls") and not client.has_extn("auth")
         assert client.docmd("STARTTLS")[0] == 502
         assert client.docmd("AUTH", "PLAIN")[0] == 502
+
+
+def test_default_greeting_delay_is_one_second(start_mta: Callable[..., MtaServer]) -> None:
+    server = start_mta("""
+[server]
+hostname = "mx.test"
+spool = "spool"
+
+[[listeners]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+
+[relay]
+mynetworks = ["192.0.2.0/24"]
+nameservers = ["127.0.0.1:9"]
+""")
+    with closing(connect(server.port)) as sock:
+        started = time.monotonic()
+        assert read_reply(sock).startswith(b"220 mx.test")
+        assert 0.9 <= time.monotonic() - started < 5
