@@ -66,12 +66,16 @@ class ReloadOnHangup(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        except ValueError:  # not the main thread (an embedding program): no SIGHUP reload
+            self._previous = None
 
     def stopService(self) -> None:
         super().stopService()
-        signal.signal(signal.SIGHUP, self._previous if self._previous is not None
-                      else signal.SIG_DFL)
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
 
     def _hangup(self, signum: int, frame: Any) -> None:
         # A signal handler runs between two bytecodes of whatever the reactor
