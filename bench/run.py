@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.integration.harness import MtaServer, free_port, need, wait_for  # noqa: E402
+from tests.integration.harness import MtaServer, free_port, need, wait_for
 
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "2000"))
 

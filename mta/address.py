@@ -176,6 +176,17 @@ def parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
+def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address as an IP, IPv4-mapped IPv6 unwrapped, scope dropped; None if not an IP."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
 # -- xtext [RFC 3461 4] ------------------------------------------------------
 
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")

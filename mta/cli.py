@@ -24,8 +24,7 @@ import email.policy
 import email.utils
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 
 from mta import config as config_module
 from mta.address import AddressError, parse_mailbox
@@ -81,7 +80,7 @@ def _spool(args: argparse.Namespace) -> Spool:
 
 
 def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(timestamp, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
@@ -125,27 +124,20 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_queue_hold(args: argparse.Namespace) -> int:
+# What `mta queue hold|release|delete ID` do to the spool, and what they say.
+_QUEUE_CHANGES = {
+    "hold": (Spool.hold, "on hold"),
+    "release": (Spool.release, "released"),
+    "delete": (Spool.remove, "deleted"),
+}
+
+
+def cmd_queue_change(args: argparse.Namespace) -> int:
+    change, done = _QUEUE_CHANGES[args.action]
     spool = _spool(args)
-    spool.hold(args.id)
-    spool.notify("hold", queue_id=args.id)
-    print(f"{args.id}: on hold")
-    return 0
-
-
-def cmd_queue_release(args: argparse.Namespace) -> int:
-    spool = _spool(args)
-    spool.release(args.id)
-    spool.notify("release", queue_id=args.id)
-    print(f"{args.id}: released")
-    return 0
-
-
-def cmd_queue_delete(args: argparse.Namespace) -> int:
-    spool = _spool(args)
-    spool.remove(args.id)
-    spool.notify("delete", queue_id=args.id)
-    print(f"{args.id}: deleted")
+    change(spool, args.id)
+    spool.notify(args.action, queue_id=args.id)
+    print(f"{args.id}: {done}")
     return 0
 
 
@@ -183,7 +175,7 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     )
     spool = Spool(cfg.server.spool)
     received = (f"Received: by {cfg.server.hostname} (mta sendmail) id %s;\r\n"
-                f"\t{email.utils.format_datetime(datetime.now(timezone.utc).astimezone())}\r\n")
+                f"\t{email.utils.format_datetime(datetime.now(UTC).astimezone())}\r\n")
     incoming = spool.receive()
     try:
         incoming.write(received.replace("%s", incoming.queue_id).encode())
@@ -263,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = q.add_parser("flush", parents=[common])
     p.add_argument("domain", nargs="?")
     p.set_defaults(func=cmd_queue_flush)
-    for name, func in (("show", cmd_queue_show), ("hold", cmd_queue_hold),
-                       ("release", cmd_queue_release), ("delete", cmd_queue_delete)):
+    for name, func in (("show", cmd_queue_show), ("hold", cmd_queue_change),
+                       ("release", cmd_queue_change), ("delete", cmd_queue_change)):
         p = q.add_parser(name, parents=[common])
         p.add_argument("id")
         p.set_defaults(func=func)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mta.address import AddressError, is_valid_domain, parse_mailbox
+from mta.address import AddressError, client_ip, is_valid_domain, parse_mailbox
 
 
 class ConfigError(Exception):
@@ -161,13 +161,8 @@ class Config:
         return self.domains.get(domain.lower().rstrip("."))
 
     def is_mynetwork(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.relay.mynetworks)
+        ip = client_ip(address)
+        return ip is not None and any(ip in net for net in self.relay.mynetworks)
 
 
 # -- value parsers -------------------------------------------------------------

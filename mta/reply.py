@@ -41,7 +41,7 @@ class Reply:
     def is_permanent(self) -> bool:
         return self.code >= 500
 
-    def with_text(self, *lines: str) -> "Reply":
+    def with_text(self, *lines: str) -> Reply:
         return Reply(self.code, self.enhanced, *lines)
 
     def render(self, enhanced: bool = True) -> bytes:

@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 from mta.delivery.outcome import Delivered, Failed, Outcome, classify
 from mta.delivery.router import NextHop
+from mta.safeio import fsync_dir
 from mta.spool.envelope import Envelope
 
 _counter = itertools.count()
@@ -69,7 +70,7 @@ def _deliver_one(hop: NextHop, envelope: Envelope, address: str, user: str,
         with data_path.open("rb") as source:
             _write_message(tmp, envelope.reverse_path, address, source)
         os.rename(tmp, maildir / "new" / name)
-        _fsync_dir(maildir / "new")
+        fsync_dir(maildir / "new")
     except OSError as e:
         return classify(e)
     return Delivered("2.0.0", f"delivered to maildir {maildir}")
@@ -99,10 +100,3 @@ def _write_message(path: Path, reverse_path: str, address: str, source: BinaryIO
         raise
     os.close(fd)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -23,7 +23,6 @@ the check itself broke.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mta import reply
+from mta.address import client_ip
 from mta.config import Config
 from mta.reply import Reply
 from mta.server import sasl
@@ -87,13 +87,8 @@ class Trust:
 
 
 def is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    ip = client_ip(address)
+    return ip is not None and ip.is_loopback
 
 
 class AuthExchange:

@@ -105,7 +105,7 @@ class Envelope:
         return json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Envelope":
+    def from_json(cls, raw: bytes) -> Envelope:
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

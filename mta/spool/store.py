@@ -38,11 +38,13 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from twisted.logger import Logger
 
+from mta.safeio import fsync_dir
 from mta.spool.envelope import Envelope, EnvelopeError
 
 log = Logger(namespace="mta.spool")
@@ -53,14 +55,6 @@ DATA_SUFFIX, ENVELOPE_SUFFIX = ".msg", ".env"
 
 class SpoolError(Exception):
     """A queue id that is not in the state asked for."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _QueueIds:
@@ -85,7 +79,7 @@ class _QueueIds:
 class Incoming:
     """A message being received into ``tmp/``: written as it arrives, never held in memory."""
 
-    def __init__(self, spool: "Spool", queue_id: str, file: BinaryIO) -> None:
+    def __init__(self, spool: Spool, queue_id: str, file: BinaryIO) -> None:
         self.spool = spool
         self.queue_id = queue_id
         self.file = file
@@ -210,7 +204,7 @@ class Spool:
                 return
             with self._ticket_lock:
                 upto = self._tickets
-            _fsync_dir(directory)
+            fsync_dir(directory)
             self._synced = upto
 
     # -- committed messages -----------------------------------------------------
@@ -270,8 +264,8 @@ class Spool:
         src, dst = self.root / source, self.root / target
         os.rename(src / (queue_id + DATA_SUFFIX), dst / (queue_id + DATA_SUFFIX))
         os.rename(src / (queue_id + ENVELOPE_SUFFIX), dst / (queue_id + ENVELOPE_SUFFIX))
-        _fsync_dir(dst)
-        _fsync_dir(src)
+        fsync_dir(dst)
+        fsync_dir(src)
 
     def queue_ids(self, state: str = QUEUE) -> list[str]:
         """Committed queue ids in `state`, oldest first."""
@@ -336,7 +330,7 @@ class Spool:
                     continue
                 if state == QUEUE:
                     envelopes.append(envelope)
-        _fsync_dir(self.root / QUEUE)
+        fsync_dir(self.root / QUEUE)
         return envelopes
 
     def _rejoin_split_moves(self) -> None:
@@ -354,7 +348,7 @@ class Spool:
             path = directory / (queue_id + suffix)
             if path.exists():
                 os.rename(path, self.root / CORRUPT / path.name)
-        _fsync_dir(self.root / CORRUPT)
+        fsync_dir(self.root / CORRUPT)
 
 
 def _check_id(queue_id: str) -> None:

@@ -127,7 +127,7 @@ class MtaServer:
         self.log_path = directory / "twistd.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "MtaServer":
+    def start(self) -> MtaServer:
         self.log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [str(TWISTD), "-n", "--pidfile=", "mta", "--config", str(self.config_path)],
@@ -253,7 +253,7 @@ class WireTap:
         with self.lock:
             streams = [bytes(sent) for sent, _ in self.sessions]
         for stream in streams:
-            for match in re.finditer(rb"(?:^|\r\n)DATA\r\n(.*?\r\n)\.\r\n", stream, re.S):
+            for match in re.finditer(rb"(?:^|\r\n)DATA\r\n(.*?\r\n)\.\r\n", stream, re.DOTALL):
                 lines = match.group(1).split(b"\r\n")
                 bodies.append(b"\r\n".join(line[1:] if line.startswith(b".") else line
                                            for line in lines))

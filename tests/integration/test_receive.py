@@ -16,8 +16,15 @@ import socket
 import subprocess
 import time
 
-from tests.integration.harness import MTA, MtaServer, WireTap, need, source_env, strip_received, \
-    wait_for
+from tests.integration.harness import (
+    MTA,
+    MtaServer,
+    WireTap,
+    need,
+    source_env,
+    strip_received,
+    wait_for,
+)
 
 MESSAGE = (b"From: Carol <carol@client.test>\r\nTo: alice@example.org\r\n"
            b"Subject: integration\r\n\r\nfirst line\r\n.leading dot\r\n\r\nlast line\r\n")
@@ -40,7 +47,7 @@ def test_swaks_plain(mta: MtaServer, tmp_path) -> None:
     done = subprocess.run(
         [swaks, "--server", f"127.0.0.1:{tap.port}", "--from", "carol@client.test",
          "--to", "alice@example.org", "--data", str(tmp_path / "msg.eml"), "--helo", "client.test"],
-        capture_output=True, timeout=60)
+        capture_output=True, timeout=60, check=False)
     tap.close()
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
     queue_id, stored = only_message(mta)
@@ -60,7 +67,7 @@ def test_swaks_pipelined_many_recipients(mta: MtaServer) -> None:
     done = subprocess.run(
         [swaks, "--server", f"127.0.0.1:{mta.port}", "--pipeline", "--from", "carol@client.test",
          "--to", "a@example.org,b@example.org,c@example.org", "--body", "pipelined body"],
-        capture_output=True, timeout=60)
+        capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
     assert b"PIPELINING" in done.stdout
     queue_id, stored = only_message(mta)
@@ -75,7 +82,7 @@ def test_swaks_sees_refusals(mta: MtaServer) -> None:
     done = subprocess.run(
         [swaks, "--server", f"127.0.0.1:{mta.port}", "--local-interface", "127.0.0.9",
          "--from", "x@client.test", "--to", "someone@elsewhere.test"],
-        capture_output=True, timeout=60)
+        capture_output=True, timeout=60, check=False)
     assert done.returncode != 0
     assert b"554 5.7.1" in done.stdout
     assert mta.queued() == {}
@@ -121,7 +128,7 @@ def test_curl(mta: MtaServer, tmp_path) -> None:
         [curl, "-sS", f"smtp://127.0.0.1:{mta.port}/client.test", "--mail-from", "carol@client.test",
          "--mail-rcpt", "alice@example.org", "--mail-rcpt", "bob@example.org",
          "--upload-file", str(tmp_path / "msg.eml")],
-        capture_output=True, timeout=60)
+        capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr.decode()
     queue_id, stored = only_message(mta)
     assert strip_received(stored) == MESSAGE
@@ -136,7 +143,7 @@ def test_smtp_source_1000_messages_over_10_sessions(mta: MtaServer) -> None:
         done = subprocess.run(
             [smtp_source, "-c", "-d", "-s", "10", "-m", "1000", "-l", "4096",
              "-f", "carol@client.test", "-t", "alice@example.org", f"127.0.0.1:{tap.port}"],
-            capture_output=True, timeout=300)
+            capture_output=True, timeout=300, check=False)
         assert done.returncode == 0, done.stderr.decode()
         wait_for("all replies recorded", lambda: len(tap.acknowledged()) == 1000, timeout=30)
         sent = tap.sent_messages()
@@ -191,9 +198,10 @@ def test_big_message_is_streamed_not_held_in_memory(start_mta) -> None:
     server = start_mta(message_size="300MB")
 
     def rss_kb() -> int:
-        for line in open(f"/proc/{server.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+        with open(f"/proc/{server.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
         raise AssertionError("no VmRSS")
 
     line = b"x" * 98 + b"\r\n"
@@ -222,12 +230,12 @@ def test_check_config_and_bad_config(tmp_path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[server]\nhostname = "mx.test"\n[limits]\nrecipients = 5\n')
     done = subprocess.run([str(MTA), "check-config", str(good)], capture_output=True, text=True,
-                          env=source_env())
+                          env=source_env(), check=False)
     assert done.returncode == 0 and "OK" in done.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('[limits]\nrecipients = "many"\n')
     done = subprocess.run([str(MTA), "check-config", str(bad)], capture_output=True, text=True,
-                          env=source_env())
+                          env=source_env(), check=False)
     assert done.returncode == 1
     assert done.stderr.strip() == (f"mta: {bad}: [limits] recipients: expected an integer, "
                                    "got 'many'")
@@ -235,7 +243,7 @@ def test_check_config_and_bad_config(tmp_path) -> None:
     from tests.integration.harness import TWISTD
     started = subprocess.run([str(TWISTD), "-n", "--pidfile=", "mta", "--config", str(bad)],
                              capture_output=True, text=True, timeout=30, cwd=tmp_path,
-                             env=source_env())
+                             env=source_env(), check=False)
     assert started.returncode != 0
     assert "[limits] recipients: expected an integer, got 'many'" in started.stderr + started.stdout
 
@@ -245,7 +253,7 @@ def test_installed_plugin_is_listed_by_twistd(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     from tests.integration.harness import TWISTD
     done = subprocess.run([str(TWISTD), "--help"], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=60)
+                          env=env, timeout=60, check=False)
     assert done.returncode == 0
     assert any(line.split()[:1] == ["mta"] for line in done.stdout.splitlines()), done.stdout
 
@@ -256,7 +264,7 @@ def test_twistd_daemonises_with_pidfile_and_stops_on_kill(tmp_path) -> None:
     (tmp_path / "mta.toml").write_text(DEFAULT_CONFIG.format(port=port, message_size="1MB"))
     done = subprocess.run([str(TWISTD), "--pidfile", "mta.pid", "--logfile", "mta.log",
                            "mta", "--config", "mta.toml"], cwd=tmp_path, timeout=30,
-                          env=source_env())
+                          env=source_env(), check=False)
     assert done.returncode == 0
     pid = int(wait_for("pid file", lambda: (tmp_path / "mta.pid").exists() and
                        (tmp_path / "mta.pid").read_text().strip()))
@@ -269,7 +277,7 @@ def test_twistd_daemonises_with_pidfile_and_stops_on_kill(tmp_path) -> None:
                 return False
         wait_for("daemon listening", greets)
     finally:
-        subprocess.run(["kill", str(pid)])
+        subprocess.run(["kill", str(pid)], check=False)
     wait_for("daemon gone", lambda: not (tmp_path / "mta.pid").exists())
     time.sleep(0.2)
     assert "Main loop terminated" in (tmp_path / "mta.log").read_text()

@@ -271,7 +271,7 @@ def test_smtputf8(tmp_path):
     assert s.codes("MAIL FROM:<jörg@b.test>\r\n".encode()) == ["553 5.6.7"]
     assert s.codes("MAIL FROM:<jörg@bücher.test> SMTPUTF8\r\n".encode()) == ["250 2.1.0"]
     assert s.codes("RCPT TO:<alice@example.org>\r\nDATA\r\n") == ["250 2.1.5", "354"]
-    s.send("Subject: \xfcber\r\n\r\n.\r\n".encode("utf-8"))
+    s.send("Subject: \xfcber\r\n\r\n.\r\n".encode())
     envelope = s.queued[0]
     assert envelope.smtputf8 and envelope.reverse_path == "jörg@bücher.test"
     assert b"with UTF8SMTP id" in s.queued_data()

@@ -83,7 +83,7 @@ def test_data_line_over_1000_octets_rejects_message_after_end(tmp_path):
     s, codes = deliver(tmp_path, b"a" * 999 + b"\r\n" + b"ok\r\n.\r\n")
     assert codes == ["500 5.5.2"]
     assert not s.queued
-    s2, codes = deliver(tmp_path / "2", b"a" * 998 + b"\r\n.\r\n")
+    _, codes = deliver(tmp_path / "2", b"a" * 998 + b"\r\n.\r\n")
     assert codes == ["250 2.0.0"]
 
 
@@ -98,9 +98,10 @@ def test_very_long_line_is_not_buffered_and_ends_cleanly(tmp_path):
 
 def test_mail_loop_is_554(tmp_path):
     headers = b"Received: from a by b; date\r\n" * 101
-    s, codes = deliver(tmp_path, headers + b"\r\nbody\r\n.\r\n")
+    _, codes = deliver(tmp_path, headers + b"\r\nbody\r\n.\r\n")
     assert codes == ["554 5.4.6"]
-    s2, codes = deliver(tmp_path / "2", b"Received: x\r\n" * 99 + b"\r\n.\r\n")
+    assert not list((tmp_path / "spool" / "queue").iterdir())
+    _, codes = deliver(tmp_path / "2", b"Received: x\r\n" * 99 + b"\r\n.\r\n")
     assert codes == ["250 2.0.0"]
 
 

@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 
 from mta import config
-from mta.address import AddressError, parse_params, parse_path, split_path_and_params, \
-    xtext_decode, xtext_encode
+from mta.address import (
+    AddressError,
+    parse_params,
+    parse_path,
+    split_path_and_params,
+    xtext_decode,
+    xtext_encode,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

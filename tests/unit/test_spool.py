@@ -137,8 +137,8 @@ def test_envelope_round_trip_and_rejects():
     again = Envelope.from_json(env.to_json())
     assert again == env
     for raw in (b"", b"[]", b'{"version": 9}', b'{"version": 1, "queue_id": "A"}',
-                b'{"version": 1, "queue_id": "A", "reverse_path": "", "arrival": 1,'
-                b' "recipients": [{"address": "a@b", "state": "lost"}]}'):
+                (b'{"version": 1, "queue_id": "A", "reverse_path": "", "arrival": 1,'
+                 b' "recipients": [{"address": "a@b", "state": "lost"}]}')):
         with pytest.raises(EnvelopeError):
             Envelope.from_json(raw)
 
