@@ -22,8 +22,10 @@ import argparse
 import email.parser
 import email.policy
 import email.utils
+import socket
 import sys
 import time
+import tomllib
 from datetime import UTC, datetime
 
 from mta import config as config_module
@@ -62,15 +64,21 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 def cmd_make_cert(args: argparse.Namespace) -> int:
     from mta.server.tls import make_cert
-    hostname = args.hostname
-    if hostname is None:
-        try:
-            hostname = _load(args).server.hostname
-        except config_module.ConfigError:
-            hostname = "localhost"
+    hostname = args.hostname or _configured_hostname(args.config)
     make_cert(args.cert, args.key, hostname)
     print(f"wrote {args.cert} and {args.key} (self-signed for {hostname}); set them in [tls]")
     return 0
+
+
+def _configured_hostname(path: str) -> str:
+    """[server] hostname, read without checking the rest of the file: the
+    config may well name the certificate we are about to make."""
+    try:
+        with open(path, "rb") as f:
+            hostname = tomllib.load(f).get("server", {}).get("hostname")
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        hostname = None
+    return hostname if isinstance(hostname, str) and hostname else socket.getfqdn()
 
 
 # -- queue ------------------------------------------------------------------------

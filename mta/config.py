@@ -40,6 +40,9 @@ class Listener:
     tls: str  # off | starttls | implicit
     require_auth: bool  # AUTH before MAIL (530 5.7.0); default on for submission/odmr
     plaintext_auth: bool  # PLAIN/LOGIN without TLS from non-loopback clients
+    # SASL mechanisms this listener may offer; which of them are offered in a
+    # session still depends on TLS, the client and the password file.
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
 
     @property
     def name(self) -> str:
@@ -417,8 +420,14 @@ def _listeners(source: str, items: list[Any]) -> tuple[Listener, ...]:
             role = "submission"
         require_auth = s.get("require_auth", role in ("submission", "odmr"), kind=bool)
         plaintext_auth = s.get("plaintext_auth", False, kind=bool)
+        mechanisms = tuple(m.upper() for m in s.strings(
+            "auth_mechanisms", ("PLAIN", "LOGIN", "CRAM-MD5")))
+        unknown = set(mechanisms) - {"PLAIN", "LOGIN", "CRAM-MD5"}
+        if unknown:
+            raise s.error("auth_mechanisms", f"expected PLAIN, LOGIN or CRAM-MD5, "
+                                             f"got {min(unknown)!r}")
         s.finish()
-        result.append(Listener(endpoint, role, tls, require_auth, plaintext_auth))
+        result.append(Listener(endpoint, role, tls, require_auth, plaintext_auth, mechanisms))
     return tuple(result)
 
 

@@ -283,12 +283,17 @@ def mechanisms_for(tls_active: bool, client_is_loopback: bool,
     return offered
 
 
-def refusal_for(mechanism: str, offered: Sequence[str]) -> Reply | None:
-    """None when AUTH `mechanism` may start; else 538 (needs TLS) or 504 (unknown here)."""
+def refusal_for(mechanism: str, offered: Sequence[str],
+                allowed: Sequence[str] = MECHANISMS) -> Reply | None:
+    """None when AUTH `mechanism` may start; else 538 (needs TLS) or 504 (not here).
+
+    `allowed` is what the listener may ever offer: a mechanism outside it is
+    504 even where TLS would otherwise make it available.
+    """
     name = mechanism.upper()
     if name in offered:
         return None
-    if name in CLEARTEXT_MECHANISMS:
+    if name in CLEARTEXT_MECHANISMS and name in allowed:
         return reply.AUTH_ENCRYPTION_REQUIRED  # RFC 4954 6
     return reply.AUTH_MECH_UNKNOWN
 

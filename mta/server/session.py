@@ -246,8 +246,9 @@ class Session:
         trust = self.context.trust
         if trust is None or not trust.auth_enabled:
             return []
-        return sasl.mechanisms_for(self.tls, is_loopback(self.client_address),
-                                   self.listener.plaintext_auth, trust.has_cram_md5())
+        offered = sasl.mechanisms_for(self.tls, is_loopback(self.client_address),
+                                      self.listener.plaintext_auth, trust.has_cram_md5())
+        return [m for m in offered if m in self.listener.auth_mechanisms]
 
     def start_tls(self) -> None:
         """The handshake starts: forget all the client told us in plain text [RFC 3207 4.2]."""
@@ -345,7 +346,8 @@ class Session:
             return reply.AUTH_CLIENT_BLOCKED
         self.auth_exchange = AuthExchange(trust, self.config, self.client_address,
                                           self.hostname, self.auth_failures)
-        return self._auth_result(self.auth_exchange.start(arg, self.auth_mechanisms()))
+        return self._auth_result(self.auth_exchange.start(arg, self.auth_mechanisms(),
+                                                          self.listener.auth_mechanisms))
 
     # Commands of later stages: not advertised, so refused honestly.
     @verb("ETRN", "ETRN <domain>", "Start a queue run (not offered)")

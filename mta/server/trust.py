@@ -23,7 +23,7 @@ the check itself broke.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,11 +106,12 @@ class AuthExchange:
         self.result: str | None = None
         self.closing = False
 
-    def start(self, arg: str, offered: list[str]) -> Reply | defer.Deferred:
+    def start(self, arg: str, offered: list[str],
+              allowed: Sequence[str] = sasl.MECHANISMS) -> Reply | defer.Deferred:
         name, _, initial = arg.partition(" ")
         if not name:
             return reply.syntax_error("syntax: AUTH mechanism [initial-response]")
-        refused = sasl.refusal_for(name, offered)
+        refused = sasl.refusal_for(name, offered, allowed)
         if refused is not None:
             return refused
         self.mechanism = sasl.new_mechanism(name, self.hostname)

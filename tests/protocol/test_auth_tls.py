@@ -179,6 +179,10 @@ def test_no_auth_without_password_file(tmp_path, keys):
     ("127.0.0.1", "bob-only", {}, False, "AUTH PLAIN LOGIN"),
     # The listener may allow plain-text passwords.
     (UNTRUSTED, "bob-only", {"plaintext_auth": True}, False, "AUTH PLAIN LOGIN"),
+    # ... and may leave a mechanism out (clients such as curl pick CRAM-MD5
+    # when offered, which fails for users without a CRAM-MD5 entry).
+    ("127.0.0.1", "passwords", {"auth_mechanisms": ["PLAIN", "LOGIN"]}, False, "AUTH PLAIN LOGIN"),
+    (UNTRUSTED, "passwords", {"auth_mechanisms": ["cram-md5"]}, True, "AUTH CRAM-MD5"),
 ])
 def test_mechanisms_offered(tmp_path, keys, client, passwords, listener, after_tls, offered):
     listeners = [{"endpoint": "tcp:0", "role": "smtp", "tls": "starttls", **listener}]
@@ -188,6 +192,14 @@ def test_mechanisms_offered(tmp_path, keys, client, passwords, listener, after_t
         assert s.send("STARTTLS\r\n") == TLS_READY
     found = [k for k in s.keywords() if k.startswith("AUTH")]
     assert found == ([offered] if offered else [])
+
+
+def test_mechanism_left_out_by_the_listener_is_refused(tmp_path, keys):
+    listeners = [{"endpoint": "tcp:0", "role": "smtp", "tls": "starttls",
+                  "auth_mechanisms": ["PLAIN"]}]
+    s = Peer.start(tmp_path, keys, listeners=listeners).greeted()
+    assert s.codes("AUTH CRAM-MD5\r\n") == ["504 5.5.4"]
+    assert s.codes("AUTH LOGIN\r\n") == ["504 5.5.4"]
 
 
 def test_helo_offers_nothing_and_auth_needs_ehlo(tmp_path, keys):
