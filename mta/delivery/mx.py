@@ -16,7 +16,8 @@ What it promises [RFC 5321 5.1, RFC 7505]:
 - SERVFAIL and timeouts are temporary, 4.4.3.
 - An MX host that is this server (our host name, or an address we listen
   on at the SMTP port) is dropped together with every host of the same or
-  worse preference; if that leaves nothing, the mail loops: 5.4.6.
+  worse preference; if that leaves nothing, the mail loops: 5.4.6, unless
+  a better host's addresses could not be looked up for now (4.4.3).
 - MX hosts without any address are skipped; if none is left the failure
   is temporary when any lookup was, else permanent (5.4.4).
 
@@ -179,10 +180,10 @@ class MXResolver:
                 if lookups.temporary:
                     raise DeliveryError("4.4.3", f"cannot resolve {domain}: {lookups.temporary[0]}")
                 raise DeliveryError("5.1.2", f"{domain} has no MX and no address records")
-            hosts = [MXHost(domain, 0, addresses)]
+            hosts, unresolved = [MXHost(domain, 0, addresses)], []
         else:
-            hosts = self._mx_hosts(domain, records)
-        return self._without_ourselves(domain, hosts)
+            hosts, unresolved = self._mx_hosts(domain, records)
+        return self._without_ourselves(domain, hosts, unresolved)
 
     def resolve_host(self, name: str) -> list[MXHost]:
         """One host (no MX lookup): ``smtp:[host]:port`` routes and the smart host."""
@@ -225,25 +226,32 @@ class MXResolver:
             raise DeliveryError("5.1.10", f"domain {domain} does not accept mail (null MX)")
         return records
 
-    def _mx_hosts(self, domain: str, records: list[tuple[int, str]]) -> list[MXHost]:
+    def _mx_hosts(self, domain: str, records: list[tuple[int, str]]
+                  ) -> tuple[list[MXHost], list[tuple[int, str]]]:
+        """The hosts with addresses (and us), and (preference, why) of those that failed for now."""
         lookups = _Lookups()
         hosts = []
+        unresolved = []
         for preference, name in order_mx(records, self.rng):
             if self._is_us(name, ()):
                 # Our own record needs no addresses; keep it so that the cut below sees it.
                 hosts.append(MXHost(name, preference, ()))
                 continue
+            failures = len(lookups.temporary)
             addresses = self._addresses(name, lookups)
             if addresses:
                 hosts.append(MXHost(name, preference, addresses))
+            elif len(lookups.temporary) > failures:
+                unresolved.append((preference, lookups.temporary[-1]))
         if not any(h.addresses or self._is_us(h.name, ()) for h in hosts):
             if lookups.temporary:
                 raise DeliveryError("4.4.3", f"cannot resolve MX hosts of {domain}: "
                                              f"{lookups.temporary[0]}")
             raise DeliveryError("5.4.4", f"no address for any MX host of {domain}")
-        return hosts
+        return hosts, unresolved
 
-    def _without_ourselves(self, domain: str, hosts: list[MXHost]) -> list[MXHost]:
+    def _without_ourselves(self, domain: str, hosts: list[MXHost],
+                           unresolved: list[tuple[int, str]]) -> list[MXHost]:
         """Drop us and every host of our preference or worse [RFC 5321 5.1]."""
         ours = [h.preference for h in hosts if self._is_us(h.name, h.addresses)]
         if not ours:
@@ -251,6 +259,10 @@ class MXResolver:
         best_ours = min(ours)
         kept = [h for h in hosts if h.preference < best_ours]
         if not kept:
+            better = [why for preference, why in unresolved if preference < best_ours]
+            if better:
+                # A better MX exists but cannot be resolved now: no loop, try later.
+                raise DeliveryError("4.4.3", f"cannot resolve MX hosts of {domain}: {better[0]}")
             # "If there are no records left at that point, it is an error
             # condition, and the message MUST be returned as undeliverable."
             raise DeliveryError("5.4.6", f"mail for {domain} loops back to myself")

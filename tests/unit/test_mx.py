@@ -155,3 +155,14 @@ def test_listening_addresses_at_the_smtp_port() -> None:
     assert listening_addresses(cfg) == (frozenset({"127.0.0.7", "::1"}), False)
     cfg = config_mod.from_dict({"relay": {"smtp_port": 25}, "listeners": [{"endpoint": "tcp:25"}]})
     assert listening_addresses(cfg)[1] is True
+
+
+@pytest.mark.parametrize("error", [dns.resolver.NoNameservers(), dns.exception.Timeout()])
+def test_backup_mx_whose_primary_does_not_resolve_now_defers(error: Exception) -> None:
+    # We are the backup MX (20); the primary's address lookup fails for now.  That
+    # is no mail loop to bounce [RFC 5321 5.1]: keep the mail and try again.
+    zone = {("example.test", "MX"): ["10 primary.example.test.", "20 mx.local.test."],
+            ("primary.example.test", "A"): error, ("primary.example.test", "AAAA"): error}
+    with pytest.raises(DeliveryError) as e:
+        resolver(zone).resolve("example.test")
+    assert e.value.status == "4.4.3"
