@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -162,32 +163,58 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
     return keywords
 
 
-def dot_stuffed(source: BinaryIO, chunk_size: int = 65536) -> Iterator[bytes]:
+MAX_TEXT_LINE = 998  # octets of a line without its CRLF [RFC 5321 4.5.3.1.6]
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def dot_stuffed(source: BinaryIO, chunk_size: int = 65536,
+                max_line: int = MAX_TEXT_LINE) -> Iterator[bytes]:
     """The message as DATA sends it: CRLF line ends, leading dots doubled, ``.CRLF`` at the end.
 
-    [RFC 5321 4.5.2] Reads line by line (at most 64 KiB at a time), so the
-    message is never in memory whole.  A bare LF becomes CRLF, so that no
-    ``LF . LF`` sequence can end the data early on a lax peer.
+    [RFC 5321 4.5.2] Reads 64 KiB at a time, so the message is never in
+    memory whole.  A bare LF or bare CR becomes CRLF [2.3.8], so that no
+    ``LF . LF`` or ``CR . CR`` sequence can end the data early on a lax peer.
+    A line longer than `max_line` octets (possible in a BDAT-received or
+    locally injected message) is folded with CRLF SPACE, as Postfix does,
+    rather than sent over the limit [4.5.3.1.6].
     """
-    at_line_start, prev_cr = True, False
     pieces: list[bytes] = []
     buffered = 0
-    for piece in iter(lambda: source.readline(65536), b""):
-        if at_line_start and piece.startswith(b".") and not (prev_cr and piece == b"\n"):
-            piece = b"." + piece
-        if piece.endswith(b"\n"):
-            if not piece.endswith(b"\r\n") and not (piece == b"\n" and prev_cr):
-                piece = piece[:-1] + b"\r\n"
-            at_line_start = True
-        else:
-            at_line_start = False
-        prev_cr = piece.endswith(b"\r")
-        pieces.append(piece)
-        buffered += len(piece)
+    col = 0  # octets already sent on the current output line
+    held_cr = False  # the last read ended in CR: it may be the first half of a CRLF
+
+    def emit(segment: bytes) -> None:
+        nonlocal col, buffered
+        if col == 0 and segment.startswith(b"."):
+            segment = b"." + segment
+        while col + len(segment) > max_line:
+            take = max_line - col
+            pieces.append(segment[:take] + b"\r\n ")
+            buffered += take + 3
+            segment, col = segment[take:], 1
+        pieces.append(segment)
+        buffered += len(segment)
+        col += len(segment)
+
+    read_size = min(chunk_size, 65536)
+    for data in iter(lambda: source.read(read_size), b""):
+        if held_cr:
+            data = b"\r" + data
+        held_cr = data.endswith(b"\r")
+        if held_cr:
+            data = data[:-1]
+        *lines, partial = _LINE_END.split(data)
+        for line in lines:
+            emit(line)
+            pieces.append(b"\r\n")
+            buffered += 2
+            col = 0
+        if partial:
+            emit(partial)
         if buffered >= chunk_size:
             yield b"".join(pieces)
             pieces, buffered = [], 0
-    if not at_line_start:
+    if col or held_cr:
         pieces.append(b"\r\n")
     pieces.append(b".\r\n")
     yield b"".join(pieces)
@@ -430,6 +457,12 @@ class SMTPClient(LineReceiver):
                 self._session_error(reply, _Stage.STARTTLS)
             else:
                 self._authenticate()
+            return
+        if self.clearLineBuffer():
+            # Plain text after the 220 would be read as if it came through TLS: an
+            # injection by someone in the path [RFC 3207 4.2, CVE-2011-0411 class].
+            self._abort(DeliveryError("4.7.0", f"{self.policy.peer_name} sent data after its "
+                                               "reply to STARTTLS", self.policy.peer_name))
             return
         self._tls_started = True
         self.transport.startTLS(self._tls_options())

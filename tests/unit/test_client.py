@@ -308,6 +308,19 @@ class ClientTest(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(self.client.ready, DeliveryError).value.status,
                          "4.5.0")
 
+    def test_plaintext_after_starttls_reply_is_not_read_as_tls_data(self) -> None:
+        # A man in the middle appends a forged EHLO reply to the 220 [RFC 3207 4.2,
+        # CVE-2011-0411 class]: it must never be taken for the answer to the EHLO
+        # sent inside TLS, nor shift every later reply by one.
+        self.connect("required")
+        self.feed("220 hi\r\n")
+        self.sent()
+        self.feed("250-mx.peer.test\r\n250 STARTTLS\r\n")
+        self.assertEqual(self.sent(), "STARTTLS\r\n")
+        self.feed("220 go ahead\r\n250-forged\r\n250 PIPELINING\r\n")
+        self.failureResultOf(self.client.ready, DeliveryError)
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+
 
 def test_dot_stuffing_and_line_ends() -> None:
     def stuff(data: bytes, chunk: int = 65536) -> bytes:
@@ -316,6 +329,34 @@ def test_dot_stuffing_and_line_ends() -> None:
     assert stuff(b"a\r\n.b\r\n..\r\n.\r\n") == b"a\r\n..b\r\n...\r\n..\r\n.\r\n"
     assert stuff(b"no newline at end") == b"no newline at end\r\n.\r\n"
     assert stuff(b"bare\nlf\n.x\n") == b"bare\r\nlf\r\n..x\r\n.\r\n"  # no LF.LF smuggling
-    assert stuff(b"x" * 70000 + b"\r\n.y\r\n", 1000) == b"x" * 70000 + b"\r\n..y\r\n.\r\n"
+    assert stuff(b"x" * 900 + b"\r\n.y\r\n", 100) == b"x" * 900 + b"\r\n..y\r\n.\r\n"
     chunks = list(dot_stuffed(io.BytesIO(b"line\r\n" * 50000), 4096))
     assert len(chunks) > 10 and max(len(c) for c in chunks) < 8192
+
+
+def test_long_lines_are_folded_to_the_smtp_limit() -> None:
+    # RFC 5321 4.5.3.1.6: at most 1000 octets with CRLF; a BDAT-received or
+    # locally injected message may hold longer ones.  Folded as Postfix does
+    # (CRLF SPACE), never sent as they are.
+    def stuff(data: bytes, chunk: int = 65536) -> bytes:
+        return b"".join(dot_stuffed(io.BytesIO(data), chunk))
+    out = stuff(b"x" * 2500 + b"\r\n.y\r\n")
+    lines = out.split(b"\r\n")
+    assert max(len(line) for line in lines) == 998
+    assert lines[:3] == [b"x" * 998, b" " + b"x" * 997, b" " + b"x" * 505]
+    assert lines[3:] == [b"..y", b".", b""]
+    exact = b"a" * 998 + b"\r\n"
+    assert stuff(exact) == exact + b".\r\n"
+    huge = stuff(b"z" * 200_000)
+    assert max(len(line) for line in huge.split(b"\r\n")) <= 998
+    assert huge.replace(b"\r\n ", b"").rstrip(b"\r\n.") == b"z" * 200_000
+    # A dot-stuffed line counts its extra dot.
+    assert max(len(line) for line in stuff(b"." * 1500 + b"\r\n").split(b"\r\n")) <= 998
+
+
+def test_bare_cr_is_sent_as_a_line_end() -> None:
+    # RFC 5321 2.3.8: CR only in CRLF; "<CR>.<CR>" must not reach a lax peer.
+    def stuff(data: bytes) -> bytes:
+        return b"".join(dot_stuffed(io.BytesIO(data)))
+    assert stuff(b"a\r.\rb\r\n") == b"a\r\n..\r\nb\r\n.\r\n"
+    assert stuff(b"end\r") == b"end\r\n.\r\n"
