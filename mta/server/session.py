@@ -417,7 +417,7 @@ class Session:
     def _mail_params(self, tx: Transaction, params: dict[str, str | None]) -> Reply | None:
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not _is_number(value) or len(value) > 20:
                     return reply.bad_parameter("SIZE requires a number of octets")
             elif key == "BODY":
                 body = (value or "").upper()
@@ -553,7 +553,7 @@ class Session:
     @verb("BDAT", "BDAT <size> [LAST]", "Send a chunk of the message (RFC 3030)")
     def bdat(self, arg: str) -> Reply | None:
         parts = arg.split()
-        if not (1 <= len(parts) <= 2 and parts[0].isdigit() and len(parts[0]) <= 20
+        if not (1 <= len(parts) <= 2 and _is_number(parts[0]) and len(parts[0]) <= 20
                 and (len(parts) == 1 or parts[1].upper() == "LAST")):
             return reply.syntax_error("syntax: BDAT <size> [LAST]")
         size, last = int(parts[0]), len(parts) == 2
@@ -673,6 +673,11 @@ class _NullIncoming:
 
     def write(self, data: bytes) -> None:
         pass
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²" and "١", which int() refuses or misreads."""
+    return text.isascii() and text.isdigit()
 
 
 def _header_safe(text: str) -> str:
