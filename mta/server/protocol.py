@@ -253,7 +253,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if session.starttls:
             self._start_tls()
             return
-        if answer.code >= 400:
+        # 452 4.5.3 (too many recipients) is the limit working as RFC 5321 4.5.3.1.10
+        # says, not a client error: the client sends the rest in another transaction.
+        if answer.code >= 400 and answer != reply.TOO_MANY_RECIPIENTS:
             session.errors += 1
             if session.errors >= self.limits.errors:
                 log.info("too many errors from [{client}]", client=self.client_address)

@@ -293,3 +293,26 @@ def test_spool_failure_is_451_and_nothing_kept(tmp_path, monkeypatch):
     assert s.codes("x\r\n.\r\n") == ["451 4.3.0"]
     assert not s.queued
     assert s.codes("NOOP\r\n") == ["250 2.0.0"]
+
+
+def test_recipients_past_the_limit_are_not_errors(tmp_path):
+    # RFC 5321 4.5.3.1.10: 452 for RCPTs past the limit; the client delivers the
+    # accepted ones and sends the rest later.  It must not cost the connection.
+    s = greeted(tmp_path, limits={"recipients": 2, "errors": 3})
+    s.send("MAIL FROM:<a@b.test>\r\n")
+    codes = s.codes("RCPT TO:<alice@example.org>\r\n" * 2 + "RCPT TO:<bob@example.org>\r\n" * 5
+                    + "DATA\r\n")
+    assert codes == ["250 2.1.5"] * 2 + ["452 4.5.3"] * 5 + ["354"]
+    assert s.codes("x\r\n.\r\n") == ["250 2.0.0"]
+    assert not s.closed
+    assert len(s.queued[0].recipients) == 2
+
+
+@pytest.mark.parametrize("number", ["\u00b2", "\u0661\u0662", "\uff15"])
+def test_non_ascii_digits_are_bad_syntax_not_a_crash(tmp_path, number):
+    # str.isdigit() is true for these; int() refuses "²" and reads "١٢" as 12.
+    s = greeted(tmp_path)
+    assert s.codes(f"MAIL FROM:<a@b.test> SIZE={number}\r\n") == ["501 5.5.4"]
+    s.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\n")
+    assert s.codes(f"BDAT {number}\r\n") == ["501 5.5.4"]
+    assert s.codes("NOOP\r\n") == ["250 2.0.0"]
