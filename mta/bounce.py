@@ -109,7 +109,8 @@ def build_report(hostname: str, envelope: Envelope, data_path: Path, kind: str,
                  lines: list[ReportLine], now: float, to: str, retry_until: float | None = None,
                  utf8: bool = False, full: bool = True) -> Iterator[bytes]:
     """The report message, CRLF line ends, as chunks (the original is streamed)."""
-    boundary = f"{envelope.queue_id or 'report'}.{uuid.uuid4().hex}/{hostname}"
+    # At most 70 characters [RFC 2046 5.1.1]: a long host name is cut, the unique part stays.
+    boundary = f"{envelope.queue_id or 'report'}.{uuid.uuid4().hex}/{hostname}"[:70]
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
     report_type = "global-delivery-status" if utf8 else "delivery-status"
     yield _crlf(_top_headers(hostname, to, kind, now, boundary, report_type))

@@ -156,3 +156,14 @@ def test_utf8_original_uses_global_types(spool: Spool) -> None:
     assert original.get_content_type() == "message/global"
     raw = spool.data_path(report.queue_id).read_bytes().decode()
     assert "Final-Recipient: utf-8; josé@far.test" in raw
+
+
+def test_boundary_fits_mime_limit_with_a_long_host_name(spool: Spool) -> None:
+    # RFC 2046 5.1.1: a boundary is at most 70 characters.
+    envelope = queued(spool)
+    report = bounce.send_report(spool, "outbound-relay-01.mail.department.example.org", envelope,
+                                spool.data_path(envelope.queue_id), bounce.FAILURE,
+                                [bounce.ReportLine(envelope.recipients[0], bounce.FAILED)], 1010.0)
+    msg = read_report(spool, report)
+    assert 0 < len(msg.get_boundary()) <= 70
+    assert len(msg.get_payload()) == 3
