@@ -193,9 +193,14 @@ _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 
 
 def xtext_decode(text: str) -> str:
+    """The octets `text` stands for, read as UTF-8: the inverse of `xtext_encode`."""
     if not _XTEXT.match(text):
         raise AddressError("bad xtext")
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+    raw = re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("ascii"))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AddressError("xtext does not encode UTF-8") from None
 
 
 def xtext_encode(text: str) -> str:

@@ -158,3 +158,11 @@ def test_xtext():
     assert xtext_encode("a+b=c é") == "a+2Bb+3Dc+20+C3+A9"
     with pytest.raises(AddressError):
         xtext_decode("a+zz")
+
+
+def test_xtext_round_trip_of_utf8():
+    # Each +XX is one octet; non-ASCII text is its UTF-8 octets, both ways.
+    assert xtext_decode("j+C3+B6rg@example.org") == "j\u00f6rg@example.org"
+    assert xtext_decode(xtext_encode("j\u00f6rg \u4e2d@x")) == "j\u00f6rg \u4e2d@x"
+    with pytest.raises(AddressError):
+        xtext_decode("a+E9b")  # not UTF-8
