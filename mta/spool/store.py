@@ -61,19 +61,21 @@ class _QueueIds:
     """Queue ids sort by arrival and are unique without coordination.
 
     13 hex digits of microseconds since the epoch (good until the year 2112),
-    4 of the process id and 3 of a per-process counter: two processes writing
-    the same spool (the server and `mta sendmail`) never collide, and the
-    O_EXCL creation of the data file would catch it if they did.
+    6 of the process id (Linux pids stay below 2**22) and 3 of a per-process
+    counter: two processes writing the same spool (the server and `mta
+    sendmail`) never collide.  The pid is read at each call, not kept: twistd
+    forks to daemonise after the spool is made.  O_EXCL on the data file only
+    guards tmp/; a committed message has left it.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.counter = itertools.count(random.randrange(0x1000))
-        self.pid = os.getpid() & 0xFFFF
 
     def __call__(self) -> str:
         usec = int(self.clock() * 1_000_000)
-        return f"{usec:013X}{self.pid:04X}{next(self.counter) & 0xFFF:03X}"
+        pid = os.getpid() & 0xFFFFFF
+        return f"{usec:013X}{pid:06X}{next(self.counter) & 0xFFF:03X}"
 
 
 class Incoming:
@@ -173,7 +175,9 @@ class Spool:
 
     def _discard(self, incoming: Incoming) -> None:
         incoming.abort()
-        for path in (self.root / QUEUE / (incoming.queue_id + DATA_SUFFIX),
+        # The envelope (the commit record) before the data: the caller answers 451.
+        for path in (self.root / QUEUE / (incoming.queue_id + ENVELOPE_SUFFIX),
+                     self.root / QUEUE / (incoming.queue_id + DATA_SUFFIX),
                      self.root / TMP / (incoming.queue_id + ENVELOPE_SUFFIX)):
             try:
                 path.unlink()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 
 import pytest
 
 from mta.spool.envelope import DELIVERED, Envelope, EnvelopeError, Recipient
+from mta.spool import store
 from mta.spool.store import Spool, SpoolError
 
 
@@ -38,6 +40,39 @@ def test_queue_ids_sort_by_arrival_and_are_unique(tmp_path):
     ids = [spool.receive().queue_id for _ in range(2000)]
     assert len(set(ids)) == 2000
     assert ids == sorted(ids)
+
+
+def test_queue_ids_of_two_processes_differ(tmp_path, monkeypatch):
+    # Same microsecond, same counter: only the pid tells them apart, all of it
+    # (pids go up to 2**22), and the pid of now, not of before a daemon fork.
+    first, second = Spool(tmp_path, clock=lambda: 1_800_000_000.0), \
+        Spool(tmp_path, clock=lambda: 1_800_000_000.0)
+    second.new_id.counter = itertools.count(0)
+    first.new_id.counter = itertools.count(0)
+    monkeypatch.setattr(os, "getpid", lambda: 1000)
+    a = first.new_id()
+    monkeypatch.setattr(os, "getpid", lambda: 1000 + 65536)
+    b = second.new_id()
+    assert a != b and a[:13] == b[:13]
+
+
+def test_commit_failing_at_the_directory_sync_leaves_nothing(tmp_path, monkeypatch):
+    spool = Spool(tmp_path)
+    incoming = spool.receive()
+    incoming.write(b"x")
+
+    def no_sync(directory):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store, "fsync_dir", no_sync)
+    with pytest.raises(OSError):
+        spool.commit(incoming, envelope())
+    monkeypatch.undo()
+    # The client hears 451: no envelope may stay behind to be delivered or quarantined.
+    assert list((tmp_path / "queue").iterdir()) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert Spool(tmp_path).recover() == []
+    assert list((tmp_path / "corrupt").iterdir()) == []
 
 
 def test_concurrent_commits_share_directory_syncs(tmp_path, monkeypatch):
