@@ -63,8 +63,7 @@ def _deliver_one(hop: NextHop, envelope: Envelope, address: str, user: str,
     assert hop.path is not None
     maildir = hop.path / user
     try:
-        for sub in ("tmp", "new", "cur"):
-            (maildir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_maildir(maildir)
         name = _unique_name(hostname)
         tmp = maildir / "tmp" / name
         with data_path.open("rb") as source:
@@ -74,6 +73,24 @@ def _deliver_one(hop: NextHop, envelope: Envelope, address: str, user: str,
     except OSError as e:
         return classify(e)
     return Delivered("2.0.0", f"delivered to maildir {maildir}")
+
+
+def _make_maildir(maildir: Path) -> None:
+    """Create what is missing of ``maildir/{tmp,new,cur}``, each new directory durable.
+
+    The message is fsync'd into ``new/``; a crash must not then lose ``new/``
+    itself, or the user's fresh Maildir, or the domain's root, with it.
+    """
+    parents: set[Path] = set()
+    for directory in (maildir.parent, maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
+        if not directory.is_dir():
+            if directory == maildir.parent:
+                directory.mkdir(parents=True, exist_ok=True)
+            else:
+                directory.mkdir(exist_ok=True, mode=0o700)
+            parents.add(directory.parent)
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(parent)
 
 
 def _unique_name(hostname: str) -> str:
