@@ -298,7 +298,7 @@ class _Section:
         if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is int):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             type_names = {"str": "a string", "int": "an integer", "bool": "true or false",
-                          "list": "a list"}
+                          "list": "a list", "dict": "a table"}
             raise self.error(key, f"expected {type_names.get(names, names)}, got {value!r}")
         if convert is not None:
             try:
@@ -390,9 +390,13 @@ def _server(s: _Section) -> ServerSection:
     if not is_valid_domain(hostname):
         raise s.error("hostname", f"not a valid host name: {hostname!r}")
     postmaster = s.get("postmaster", "", _mailbox_or_empty, kind=str)
+    spool = s.get("spool", "spool", kind=str)
+    if not spool:
+        # Path("") is the working directory, whose tmp/ recovery would empty.
+        raise s.error("spool", "must name a directory, e.g. \"spool\"")
     section = ServerSection(
         hostname=hostname,
-        spool=Path(s.get("spool", "spool", kind=str)),
+        spool=Path(spool),
         postmaster=postmaster,
         vrfy=s.get("vrfy", False, kind=bool),
         expn=s.get("expn", False, kind=bool),
@@ -588,6 +592,12 @@ def _limits(s: _Section) -> LimitsSection:
         received_headers=s.positive_int("received_headers", 100),
         greeting_delay=s.get("greeting_delay", "1s", parse_duration),
     )
+    for key in ("command_timeout", "data_timeout"):
+        if getattr(section, key) <= 0:
+            raise s.error(key, "must be more than zero")
+    if section.message_size < 1:
+        # RFC 1870: "SIZE 0" in EHLO would announce no limit at all.
+        raise s.error("message_size", "must be at least 1 octet")
     if section.command_line_length < 512:
         raise s.error("command_line_length", "must be at least 512 (RFC 5321 4.5.3.1.4)")
     s.finish()

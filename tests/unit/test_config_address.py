@@ -62,6 +62,11 @@ def test_defaults():
     ('[domains."ex.org"]\nroute = "ftp:x"', '[domains."ex.org"] route: bad route'),
     ('[domains."ex.org"]\nusers = []', '[domains."ex.org"] route: required'),
     ("not toml [", "not valid TOML"),
+    ('[server]\nspool = ""', "[server] spool: must name a directory"),
+    ('[limits]\ncommand_timeout = "0s"', "[limits] command_timeout: must be more than zero"),
+    ("[limits]\ndata_timeout = 0", "[limits] data_timeout: must be more than zero"),
+    ("[limits]\nmessage_size = 0", "[limits] message_size: must be at least 1"),
+    ("[auth]\nsenders = 3", "[auth] senders: expected a table, got 3"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "mta.toml"
