@@ -238,8 +238,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             if not self._processing:
                 self._process()
 
+        def broken(failure) -> None:
+            # A bug, not a verdict: never leave the client paused without a reply or a timeout.
+            log.failure("reply failed for [{client}]", failure, client=self.client_address)
+            self._waiting = False
+            self._close_with(reply.LOCAL_ERROR_CLOSING)
+
         d.addCallback(done)
-        d.addErrback(lambda f: log.failure("reply failed", f))
+        d.addErrback(broken)
 
     def _send(self, answer: Reply) -> None:
         if self._closed:

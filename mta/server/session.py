@@ -631,7 +631,11 @@ class Session:
             log.info("{queue_id}: client=[{client}], from=<{sender}>, nrcpt={n}, size={size}",
                      queue_id=queue_id, client=self.client_address, sender=envelope.reverse_path,
                      n=len(envelope.recipients), size=envelope.size)
-            self.context.on_queued(envelope)
+            try:
+                self.context.on_queued(envelope)
+            except Exception:
+                # The message is safely in queue/ (a restart schedules it): still 250.
+                log.failure("{queue_id}: scheduling failed", queue_id=queue_id)
             return reply.queued(queue_id)
 
         def failed(failure) -> Reply:

@@ -316,3 +316,23 @@ def test_non_ascii_digits_are_bad_syntax_not_a_crash(tmp_path, number):
     s.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\n")
     assert s.codes(f"BDAT {number}\r\n") == ["501 5.5.4"]
     assert s.codes("NOOP\r\n") == ["250 2.0.0"]
+
+
+def test_committed_message_is_250_even_if_scheduling_fails(tmp_path):
+    s = greeted(tmp_path)
+
+    def broken(envelope):
+        raise RuntimeError("scheduler bug")
+
+    s.factory.context.on_queued = broken
+    s.send(TX + "DATA\r\n")
+    assert s.codes("x\r\n.\r\nNOOP\r\n") == ["250 2.0.0", "250 2.0.0"]
+    assert len(s.spool.queue_ids()) == 1
+
+
+def test_a_reply_that_fails_closes_instead_of_hanging(tmp_path):
+    from twisted.internet import defer
+    s = greeted(tmp_path)
+    s.protocol.session.command = lambda line: defer.fail(RuntimeError("bug"))
+    assert s.codes("NOOP\r\n") == ["421 4.3.0"]
+    assert s.closed
