@@ -157,9 +157,12 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
         keyword, _, params = line.strip().partition(" ")
         if keyword:
             keywords[keyword.upper()] = params.strip()
-    # Old servers say "AUTH=LOGIN PLAIN"; treat it as AUTH.
-    if "AUTH" not in keywords and "AUTH=LOGIN" in keywords:
-        keywords["AUTH"] = "LOGIN " + keywords["AUTH=LOGIN"]
+    # Old servers say "AUTH=LOGIN PLAIN" (or "AUTH=PLAIN LOGIN"); treat it as AUTH.
+    if "AUTH" not in keywords:
+        for keyword, params in list(keywords.items()):
+            if keyword.startswith("AUTH="):
+                keywords["AUTH"] = f"{keyword[5:]} {params}".strip()
+                break
     return keywords
 
 
@@ -727,11 +730,13 @@ def _make_reply(lines: list[str]) -> Reply:
     code = int(lines[0][:3])
     texts = [line[4:] for line in lines]
     enhanced = None
-    first = texts[0].partition(" ")[0]
+    words = texts[0].split(None, 1)
+    first = words[0] if words else ""
     if _looks_enhanced(first, code):
         enhanced = first
-        # Drop the code from every line that repeats it [RFC 2034 3].
-        texts = [t[len(first):].lstrip() if t.startswith(first) else t for t in texts]
+        # Drop the code from every line that repeats it [RFC 2034 3], extra spaces or not.
+        texts = [t.lstrip()[len(first):].lstrip() if t.lstrip().startswith(first) else t
+                 for t in texts]
     return Reply(code, enhanced, *texts)
 
 

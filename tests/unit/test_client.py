@@ -321,6 +321,24 @@ class ClientTest(SynchronousTestCase):
         self.failureResultOf(self.client.ready, DeliveryError)
         self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
 
+    def test_odd_spacing_in_replies(self) -> None:
+        # Extra spaces around the enhanced code, keywords and parameters; the old
+        # "AUTH=PLAIN LOGIN" form of the AUTH keyword.
+        self.connect("opportunistic", auth_user="joe", auth_password="pw")
+        self.feed("220 hi\r\n")
+        self.sent()
+        self.feed("250-mx.peer.test   hello \r\n250-PIPELINING \r\n250-SIZE   1000\r\n"
+                  "250 AUTH=PLAIN LOGIN\r\n")
+        self.assertTrue(self.sent().startswith("AUTH PLAIN "))
+        self.feed("235 ok\r\n")
+        caps = self.successResultOf(self.client.ready)
+        self.assertEqual(caps.size_limit, 1000)
+        d = self.client.deliver(txn("a@peer.test"))
+        self.sent()
+        self.feed("250  2.1.0  ok\r\n550  5.1.1  no such user\r\n554 nope\r\n")
+        outcome = self.successResultOf(d).outcomes[0]
+        self.assertEqual((outcome.status, outcome.diagnostic), ("5.1.1", "550 5.1.1 no such user"))
+
 
 def test_dot_stuffing_and_line_ends() -> None:
     def stuff(data: bytes, chunk: int = 65536) -> bytes:
