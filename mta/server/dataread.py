@@ -30,6 +30,8 @@ unstuffing, no line rules; only the size and loop limits apply.
 
 from __future__ import annotations
 
+import errno
+
 from mta import reply
 from mta.reply import Reply
 from mta.spool.store import Incoming
@@ -79,6 +81,7 @@ class BodyReader:
         self.headers = _HeaderScanner()
         self.too_big = False
         self.line_too_long = False
+        self.write_error: OSError | None = None  # the spool file could not take more
         # What we wrote ourselves (the Received header) does not count against the client.
         self.base = incoming.size
 
@@ -88,16 +91,24 @@ class BodyReader:
         return self.incoming.size - self.base
 
     def _store(self, data: bytes) -> None:
-        if self.too_big or not data:
+        if self.too_big or self.write_error or not data:
             return
         if self.size + len(data) > self.max_size:
             self.too_big = True
             return
         self.headers.scan(data)
-        self.incoming.write(data)
+        try:
+            self.incoming.write(data)
+        except OSError as e:
+            # A full disk: read the rest of the body, then refuse it.
+            self.write_error = e
 
     @property
     def problem(self) -> Reply | None:
+        if self.write_error is not None:
+            if self.write_error.errno in (errno.ENOSPC, errno.EDQUOT):
+                return reply.INSUFFICIENT_STORAGE
+            return reply.SPOOL_ERROR
         if self.too_big:
             return reply.MESSAGE_TOO_BIG
         if self.line_too_long:
@@ -187,6 +198,7 @@ class ChunkReader(BodyReader):
             # Carry the verdict of earlier chunks of the same message.
             self.headers = body.headers
             self.too_big = body.too_big
+            self.write_error = body.write_error
             self.base = body.base
         self.chunk_size = chunk_size
         self.remaining = chunk_size

@@ -103,6 +103,8 @@ class Incoming:
         self.done = True
         try:
             self.file.close()
+        except OSError:
+            pass  # a full disk cannot flush the buffer we are throwing away anyway
         finally:
             try:
                 self.path.unlink()

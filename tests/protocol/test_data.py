@@ -336,3 +336,26 @@ def test_a_reply_that_fails_closes_instead_of_hanging(tmp_path):
     s.protocol.session.command = lambda line: defer.fail(RuntimeError("bug"))
     assert s.codes("NOOP\r\n") == ["421 4.3.0"]
     assert s.closed
+
+
+@pytest.mark.parametrize("command", ["DATA\r\n", "BDAT 20200 LAST\r\n"])
+def test_disk_full_while_receiving_is_452_after_the_body(tmp_path, monkeypatch, command):
+    # A full disk shows while the body streams to tmp/: the body is still
+    # read to its end, the answer is 452 4.3.1, and the session goes on.
+    from mta.spool.store import Incoming
+    s = greeted(tmp_path)
+    real = Incoming.write
+
+    def write(incoming, data):
+        if incoming.size + len(data) > 1000:
+            raise OSError(28, "No space left on device")
+        real(incoming, data)
+
+    monkeypatch.setattr(Incoming, "write", write)
+    body = (b"x" * 99 + b"\r\n") * 200
+    s.send(TX + command)
+    tail = b".\r\n" if command.startswith("DATA") else b""
+    assert s.codes(body + tail + b"NOOP\r\n") == ["452 4.3.1", "250 2.0.0"]
+    monkeypatch.undo()
+    assert not s.queued and not list((s.spool.root / "tmp").iterdir())
+    assert s.codes(TX + "DATA\r\nok\r\n.\r\n")[-1] == "250 2.0.0"

@@ -75,6 +75,21 @@ def test_commit_failing_at_the_directory_sync_leaves_nothing(tmp_path, monkeypat
     assert list((tmp_path / "corrupt").iterdir()) == []
 
 
+def test_abort_on_a_full_disk_still_removes_the_file(tmp_path):
+    spool = Spool(tmp_path)
+    incoming = spool.receive()
+    real = incoming.file
+
+    class Full:
+        def close(self):
+            real.close()
+            raise OSError(28, "No space left on device")  # the buffered tail cannot be flushed
+
+    incoming.file = Full()
+    incoming.abort()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_concurrent_commits_share_directory_syncs(tmp_path, monkeypatch):
     spool = Spool(tmp_path)
     calls = []
