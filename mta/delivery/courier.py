@@ -13,7 +13,8 @@ error becomes an outcome through `outcome.classify`.
   address.  Once the final dot has gone, no other host is tried in this
   attempt: the peer may have the message.  Under the "opportunistic" TLS
   policy a failed handshake is retried once in plain text on the same
-  address, as Postfix does for "may".
+  address, as Postfix does for "may".  More than 100 recipients go in
+  100-recipient transactions, one after the other [RFC 5321 4.5.3.1.8].
 - `MaildirCourier`: local delivery in a thread (`maildir.deliver`).
 
 `abort_all()` drops every live connection (service shutdown).
@@ -50,6 +51,8 @@ from mta.spool.envelope import Envelope, Recipient
 log = Logger(namespace="mta.delivery.courier")
 
 RunBlocking = Callable[..., "defer.Deferred[Any]"]
+
+MAX_RECIPIENTS = 100  # per transaction: what every server must take [RFC 5321 4.5.3.1.8]
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class SMTPCourier:
         self._trust_root: Any = None
         self._clients: set[SMTPClient] = set()
         self._connecting: set[defer.Deferred[SMTPClient]] = set()
+        self._generation = 0  # counts abort_all() calls
 
     # -- the one method -----------------------------------------------------------
 
@@ -123,13 +127,38 @@ class SMTPCourier:
         except Exception as e:  # noqa: BLE001 (any failure becomes an outcome)
             outcome = classify(e)
             return [Result(outcome, "none")] * len(recipients)
+        # RFC 5321 4.5.3.1.8: a server may refuse RCPTs beyond 100 (452); send
+        # recipients in 100-recipient transactions, all in this attempt.
+        results: list[Result] = []
+        generation = self._generation
+        for start in range(0, len(recipients), MAX_RECIPIENTS):
+            chunk = recipients[start:start + MAX_RECIPIENTS]
+            if generation != self._generation:
+                # Shutting down: no new connection for the rest.
+                results.extend([Result(Deferred("4.3.2", "delivery interrupted: shutting down"),
+                                       "none")] * len(chunk))
+                continue
+            chunk_results, reached = yield self._deliver_to_hosts(hop, hosts, envelope, chunk,
+                                                                  data_path)
+            results.extend(chunk_results)
+            if not reached:
+                # No host would hold a transaction: the others share that reason.
+                results.extend(chunk_results[-1:] * (len(recipients) - len(results)))
+                break
+        return results
+
+    @defer.inlineCallbacks
+    def _deliver_to_hosts(self, hop: NextHop, hosts: list[MXHost], envelope: Envelope,
+                          recipients: list[Recipient], data_path: Path) -> Any:
+        """Results for one transaction's recipients, walked over the hosts and addresses in
+        order, and whether any host held a transaction."""
         results: list[Result | None] = [None] * len(recipients)
         last = Result(Deferred("4.4.1", f"no host to try for {hop.destination}"), "none")
         for host in hosts:
             for address in host.addresses:
                 undecided = [i for i, r in enumerate(results) if r is None]
                 if not undecided:
-                    return results
+                    return results, True
                 relay = maillog.relay_name(host.name, address, hop.port)
                 txn = transaction_for(envelope, [recipients[i] for i in undecided], data_path)
                 outcomes, final, failure = yield self._try_address(hop, host, address, txn)
@@ -139,10 +168,12 @@ class SMTPCourier:
                 if failure is not None:
                     last = Result(failure, relay)
                 if final:
-                    return [r if r is not None else last for r in results]
-        return [r if r is not None else last for r in results]
+                    return [r if r is not None else last for r in results], True
+        reached = any(r is not None for r in results)
+        return [r if r is not None else last for r in results], reached
 
     def abort_all(self) -> None:
+        self._generation += 1
         for d in list(self._connecting):
             d.cancel()
         for client in list(self._clients):

@@ -205,6 +205,36 @@ class CourierTest(SynchronousTestCase):
         self.assertEqual(len(self.connections), 1)
         self.assertEqual((type(result.outcome), result.outcome.status), (Deferred, "4.4.2"))
 
+    def test_more_than_100_recipients_go_in_100_recipient_transactions(self) -> None:
+        # RFC 5321 4.5.3.1.8: a server need not take more than 100 RCPTs (452 beyond);
+        # the client sends the rest in further transactions now, not at a later retry.
+        hosts = [MXHost("mx.far.test", 10, ("127.0.0.2",))]
+        addresses = [f"u{i}@far.test" for i in range(150)]
+        d = self.deliver(self.courier(hosts), *addresses)
+        _, _, client, transport = self.connections[0]
+        client.dataReceived(b"220 peer\r\n250-peer\r\n250 PIPELINING\r\n")
+        self.assertEqual(transport.value().count(b"RCPT TO:"), 100)
+        self.finish(client, transport, b"250 ok\r\n" * 101 + b"354 go\r\n")
+        client.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.connections), 2)
+        _, _, client, transport = self.connections[1]
+        client.dataReceived(b"220 peer\r\n250-peer\r\n250 PIPELINING\r\n")
+        self.assertEqual(transport.value().count(b"RCPT TO:"), 50)
+        self.assertIn(b"RCPT TO:<u100@far.test>", transport.value())
+        self.finish(client, transport, b"250 ok\r\n" * 51 + b"354 go\r\n")
+        results = self.successResultOf(d)
+        self.assertEqual(len(results), 150)
+        self.assertTrue(all(isinstance(r.outcome, Delivered) for r in results))
+
+    def test_many_recipients_and_dead_hosts_cost_one_walk(self) -> None:
+        self.refuse = {"127.0.0.2"}
+        hosts = [MXHost("mx.far.test", 10, ("127.0.0.2",))]
+        addresses = [f"u{i}@far.test" for i in range(250)]
+        results = self.successResultOf(self.deliver(self.courier(hosts), *addresses))
+        self.assertEqual(len(self.connections), 1)
+        self.assertEqual(len(results), 250)
+        self.assertEqual({r.outcome.status for r in results}, {"4.4.1"})
+
     def test_resolution_failure(self) -> None:
         courier = self.courier(DeliveryError("5.1.10", "null MX"))
         a, b = self.successResultOf(self.deliver(courier, "a@far.test", "b@far.test"))
