@@ -22,6 +22,7 @@ import argparse
 import email.parser
 import email.policy
 import email.utils
+import re
 import socket
 import sys
 import time
@@ -30,7 +31,7 @@ from datetime import UTC, datetime
 
 from mta import config as config_module
 from mta.address import AddressError, parse_mailbox
-from mta.spool.envelope import Envelope, Recipient
+from mta.spool.envelope import Envelope, EnvelopeError, Recipient
 from mta.spool.store import HOLD, QUEUE, Spool, SpoolError
 
 
@@ -168,6 +169,8 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
         print("mta sendmail: no recipients (give them as arguments, or -t)", file=sys.stderr)
         return 2
     sender = args.f if args.f is not None else _default_sender(cfg)
+    if sender.startswith("<") and sender.endswith(">"):
+        sender = sender[1:-1]  # "-f <>" is the null path, as with sendmail
     try:
         for address in ([sender] if sender else []) + recipients:
             parse_mailbox(address, utf8=True)
@@ -194,6 +197,8 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
                            .encode())
         if not message.get("From") and sender:
             incoming.write(f"From: <{sender}>\r\n".encode())
+        if not _HEADER_FIELD.match(data):
+            incoming.write(b"\r\n")  # no header section: the text is the body
         incoming.write(data)
     except BaseException:
         incoming.abort()
@@ -203,6 +208,10 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     if args.v:
         print(f"queued as {queue_id}")
     return 0
+
+
+# A header field's first line: a name of printable ASCII but ":", then ":" [RFC 5322 2.2].
+_HEADER_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 
 def _default_sender(cfg: config_module.Config) -> str:
@@ -289,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except SpoolError as e:
         print(f"mta: {e}", file=sys.stderr)
+        return 1
+    except EnvelopeError as e:
+        print(f"mta: {getattr(args, 'id', '')}: damaged envelope: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"mta: {e.filename or ''}: {e.strerror}", file=sys.stderr)
