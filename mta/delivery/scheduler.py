@@ -453,9 +453,14 @@ class Relayer(Service):
         groups = self._groups(envelope, release)
         if groups:
             envelope.attempts += 1
-            yield defer.DeferredList(
+            delivered = yield defer.DeferredList(
                 [self._deliver_group(entry, envelope, hop, indices, data_path)
                  for hop, indices in groups.values()], consumeErrors=True)
+            failures = [result for ok, result in delivered if not ok]
+            if failures:
+                # An outcome that could not be saved must not be reported (or the
+                # message removed) as if it were on disk: retry later from the disk.
+                failures[0].raiseException()
         if self._stopping:
             return
         yield self._after_attempt(entry, envelope, data_path)

@@ -157,6 +157,28 @@ class RelayerTest(SynchronousTestCase):
         self.assertEqual(stored.recipients[0].status, "4.4.1")
         self.assertEqual(stored.last_error, "connection refused")
 
+    def test_no_report_before_the_outcome_is_saved(self) -> None:
+        # Durability: a failure report must never exist for an outcome that is not on
+        # disk (a crash would deliver or bounce the recipient a second time).
+        self.courier.script["bob@far.test"] = Failed("5.1.1", "550 5.1.1 no such user",
+                                                     "mx.far.test")
+        save, calls = self.spool.save, []
+
+        def failing_save(envelope: Envelope) -> None:
+            calls.append(envelope.queue_id)
+            if len(calls) == 1:
+                raise OSError(28, "No space left on device")
+            save(envelope)
+        self.spool.save = failing_save  # type: ignore[method-assign]
+        envelope = self.submit("bob@far.test")
+        self.assertEqual(self.spool.queue_ids(), [envelope.queue_id])  # no report, not removed
+        self.assertEqual(self.spool.load(envelope.queue_id).recipients[0].state, PENDING)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.clock.advance(60)  # the next attempt records it, then reports
+        self.assertEqual(self.courier.addresses,
+                         [["bob@far.test"], ["bob@far.test"], ["alice@here.test"]])
+        self.assertEqual(self.spool.queue_ids(), [])
+
     def test_backoff_has_jitter(self) -> None:
         delays = {round(backoff(3, 60, 3600, random.Random(seed))) for seed in range(20)}
         self.assertTrue(all(216 <= d <= 264 for d in delays))
