@@ -677,3 +677,40 @@ smarthost_tls = "required"
         assert peer.received == []
     finally:
         peer.stop()
+
+
+def test_bdat_message_with_long_lines_is_relayed_within_smtp_limits(
+        mtas: Callable[..., MtaServer], sinks: Callable[..., Sink]) -> None:
+    # BDAT takes raw octets: a 3000-octet line, a bare CR, no CRLF at the end.  Relayed
+    # with DATA, every line must fit in 1000 octets with its CRLF [RFC 5321 4.5.3.1.6].
+    mx2 = sinks("127.0.0.3")
+    mta = mtas()
+    long_line = b"L" * 3000
+    body = (b"From: alice@sender.test\r\nSubject: long\r\n\r\n" + long_line + b"\r\n"
+            b"a\r.b\r\nlast line without CRLF")
+    with socket.create_connection(("127.0.0.1", mta.port), timeout=10) as s:
+        f = s.makefile("rwb")
+
+        def reply() -> bytes:
+            lines = [f.readline()]
+            while lines[-1][3:4] == b"-":
+                lines.append(f.readline())
+            return lines[-1]
+        assert reply().startswith(b"220")
+        for command in (b"EHLO client.test", f"MAIL FROM:<{SENDER}>".encode(),
+                        b"RCPT TO:<bob@example.test>"):
+            f.write(command + b"\r\n")
+            f.flush()
+            assert reply().startswith(b"250"), command
+        f.write(b"BDAT %d LAST\r\n" % len(body) + body)
+        f.flush()
+        assert reply().startswith(b"250")
+        f.write(b"QUIT\r\n")
+        f.flush()
+    (message,) = mx2.wait(1)
+    payload = message.get_payload().replace("\r\n", "\n")
+    lines = payload.split("\n")
+    assert max(len(line) for line in lines) <= 998
+    assert payload.replace("\n ", "").startswith("L" * 3000 + "\n")
+    assert "a\n.b\n" in payload and "last line without CRLF" in payload
+    wait_for("the queue to empty", lambda: queue_empty(mta))
