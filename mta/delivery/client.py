@@ -312,7 +312,9 @@ class SMTPClient(LineReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace")
-        if len(text) < 3 or not text[:3].isdigit() or (len(text) > 3 and text[3] not in " -"):
+        code = text[:3]
+        if len(code) < 3 or not (code.isascii() and code.isdigit()) or \
+                (len(text) > 3 and text[3] not in " -"):
             self._abort(DeliveryError("4.5.0", f"malformed reply: {text[:100]!r}",
                                       self.policy.peer_name))
             return

@@ -339,6 +339,13 @@ class ClientTest(SynchronousTestCase):
         outcome = self.successResultOf(d).outcomes[0]
         self.assertEqual((outcome.status, outcome.diagnostic), ("5.1.1", "550 5.1.1 no such user"))
 
+    def test_reply_code_must_be_ascii_digits(self) -> None:
+        # "²50" passes str.isdigit() but not int(): a malformed reply, not a traceback.
+        self.connect()
+        self.feed("\u00b220 hi\r\n")
+        self.assertEqual(self.failureResultOf(self.client.ready, DeliveryError).value.status,
+                         "4.5.0")
+
 
 def test_dot_stuffing_and_line_ends() -> None:
     def stuff(data: bytes, chunk: int = 65536) -> bytes:
