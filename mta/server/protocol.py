@@ -54,6 +54,8 @@ log = Logger(namespace="mta.smtpd")
 # AUTH initial responses and SASL lines may reach 12288 octets [RFC 4954 4];
 # every other command is held to the configured command line length.
 MAX_FRAME = 12288
+# Unanswered input kept while the client does not read our replies, before we stop reading.
+MAX_BUFFERED = 64 * 1024
 
 
 class SMTPServerProtocol(LineReceiver, TimeoutMixin):
@@ -68,6 +70,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._buffer = b""
         self._discarding = False  # inside an over-long command line
         self._waiting = False  # a reply is pending; read nothing more
+        self._write_blocked = False  # the transport cannot take more replies; answer nothing more
+        self._reading_paused = False  # we told the transport to stop reading
         self._processing = False
         self._closed = False
         self.client_address = ""
@@ -85,6 +89,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return
         self.session = Session(self.context, self.client_address, getattr(peer, "port", 0),
                                tls=self._transport_is_tls())
+        # Flow control: a client that pipelines without reading its replies must
+        # not make us buffer them without end; the transport pauses us instead.
+        self.transport.registerProducer(self, True)
         self.setTimeout(self.limits.command_timeout)
         delay = self._greeting_delay()
         if delay > 0:
@@ -116,6 +123,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self.session.connection_lost()
 
     def timeoutConnection(self) -> None:
+        if self._closed:
+            # Closing, but the client never read what we still have to send.
+            self.transport.abortConnection()
+            return
         log.info("timeout from [{client}]", client=self.client_address)
         self._close_with(reply.TIMEOUT)
 
@@ -126,7 +137,50 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if enhanced is None:
             enhanced = self.session.enhanced if self.session else True
         self.transport.write(answer.render(enhanced))
+        self._lose()
+
+    def _lose(self) -> None:
+        # A registered producer keeps a paused transport open: unregister first.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
+        # The close waits for our last replies to be read; a client that never
+        # reads them is cut off when this runs out (timeoutConnection).
+        self.setTimeout(self.limits.command_timeout)
+
+    # -- flow control (IPushProducer, for our own transport) ---------------------
+
+    def pauseProducing(self) -> None:
+        """The client is not reading our replies: stop answering (and soon reading) it."""
+        self._write_blocked = True
+        self._sync_reading()
+
+    def resumeProducing(self) -> None:
+        if not self._write_blocked:
+            return
+        self._write_blocked = False
+        if not self._processing and not self._closed:
+            self._process()
+        self._sync_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _sync_reading(self) -> None:
+        """Read from the transport unless a reply is pending [RFC 2920 3.1] or the
+        client left a full buffer of commands unanswered because it does not read.
+
+        A write pause alone does not stop reading: an implicit-TLS transport
+        pauses us while it holds the greeting for the handshake, and the
+        handshake needs the client's bytes.
+        """
+        pause = self._waiting or (self._write_blocked and len(self._buffer) >= MAX_BUFFERED)
+        if self._closed or pause == self._reading_paused:
+            return
+        self._reading_paused = pause
+        if pause:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
 
     # -- input -----------------------------------------------------------------
 
@@ -140,6 +194,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._buffer += data
         if not self._processing:
             self._process()
+        self._sync_reading()
 
     def _refuse_early_talker(self, data: bytes) -> None:
         self._greeting_call.cancel()
@@ -151,7 +206,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _process(self) -> None:
         self._processing = True
         try:
-            while self._buffer and not self._waiting and not self._closed:
+            while self._buffer and not (self._waiting or self._write_blocked or self._closed):
                 if self.session.body is not None:
                     self._feed_body()
                 elif not self._next_command():
@@ -227,16 +282,16 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _wait_for(self, d: defer.Deferred) -> None:
         self._waiting = True
         self.setTimeout(None)
-        self.transport.pauseProducing()
+        self._sync_reading()
 
         def done(result: Reply) -> None:
             self._waiting = False
             if self._closed:
                 return
-            self.transport.resumeProducing()
             self._send(result)
             if not self._processing:
                 self._process()
+            self._sync_reading()
 
         def broken(failure) -> None:
             # A bug, not a verdict: never leave the client paused without a reply or a timeout.
@@ -254,7 +309,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.transport.write(answer.render(session.enhanced))
         if session.closing:
             self._closed = True
-            self.transport.loseConnection()
+            self._lose()
             return
         if session.starttls:
             self._start_tls()

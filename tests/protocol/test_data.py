@@ -359,3 +359,45 @@ def test_disk_full_while_receiving_is_452_after_the_body(tmp_path, monkeypatch, 
     monkeypatch.undo()
     assert not s.queued and not list((s.spool.root / "tmp").iterdir())
     assert s.codes(TX + "DATA\r\nok\r\n.\r\n")[-1] == "250 2.0.0"
+
+
+def test_client_that_does_not_read_its_replies_is_not_read_either(tmp_path):
+    # RFC 2920 lets a client pipeline; it does not let it make us buffer replies
+    # without end.  When the transport's write buffer is full it pauses us (we
+    # are its registered producer): we answer nothing more, and once 64 KiB of
+    # commands wait unanswered we stop reading too.
+    s = greeted(tmp_path)
+    assert s.transport.producer is s.protocol and s.transport.streaming
+    s.protocol.pauseProducing()  # what the transport does when its buffer is full
+    assert s.send("NOOP\r\nHELP\r\n" + TX + "DATA\r\nx\r\n.\r\n") == b""
+    assert s.transport.producerState == "producing"  # a little input is still read
+    assert s.send("NOOP\r\n" * 11000) == b""
+    assert s.transport.producerState == "paused"
+    s.protocol.resumeProducing()  # the client read; the buffer drained
+    assert s.transport.producerState == "producing"
+    assert reply_codes(s.take()) == ["250 2.0.0", "214 2.0.0", "250 2.1.0", "250 2.1.5", "354",
+                                     "250 2.0.0"] + ["250 2.0.0"] * 11000
+    assert len(s.queued) == 1
+
+
+def test_write_pause_during_a_commit_does_not_resume_reading_early(tmp_path):
+    from twisted.internet import defer
+    s = greeted(tmp_path)
+    pending = defer.Deferred()
+    s.factory.context.run_blocking = lambda f, *a: pending.addCallback(lambda _: f(*a))
+    s.send(TX + "DATA\r\nx\r\n.\r\nNOOP\r\n")
+    assert s.transport.producerState == "paused"
+    s.protocol.pauseProducing()
+    s.protocol.resumeProducing()  # buffer drained, but the commit is still pending
+    assert s.transport.producerState == "paused"
+    pending.callback(None)
+    assert reply_codes(s.take())[-2:] == ["250 2.0.0", "250 2.0.0"]
+    assert s.transport.producerState == "producing"
+
+
+def test_closing_connection_whose_client_never_reads_is_aborted(tmp_path):
+    s = greeted(tmp_path, limits={"command_timeout": "30s"})
+    s.send("QUIT\r\n")
+    assert s.closed and s.transport.producer is None
+    s.clock.advance(31)  # the 221 was never read: the close did not finish
+    assert s.transport.disconnected
