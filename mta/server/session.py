@@ -420,7 +420,9 @@ class Session:
                 if value is None or not _is_number(value) or len(value) > 20:
                     return reply.bad_parameter("SIZE requires a number of octets")
             elif key == "BODY":
-                body = (value or "").upper()
+                if value is None:
+                    return reply.bad_parameter("BODY requires 7BIT or 8BITMIME")
+                body = value.upper()
                 if body not in ("7BIT", "8BITMIME"):
                     return reply.PARAM_NOT_SUPPORTED.with_text(f"BODY={value} not supported")
                 tx.body_type = body
@@ -657,7 +659,10 @@ class Session:
     def _received_header(self, queue_id: str) -> bytes:
         tx = self.transaction
         helo = _header_safe(self.helo or "unknown")
-        lines = [f"Received: from {helo} ([{self.client_address}])",
+        # TCP-info is an address-literal [RFC 5321 4.4, 4.1.3]: IPv6 ones are tagged.
+        literal = f"IPv6:{self.client_address}" if ":" in self.client_address \
+            else self.client_address
+        lines = [f"Received: from {helo} ([{literal}])",
                  f"\tby {self.hostname} (mta) with {self.protocol_name()} id {queue_id}"]
         if self.authenticated:
             lines[-1] += f" (authenticated as {_header_safe(self.authenticated)})"

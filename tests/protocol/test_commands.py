@@ -88,6 +88,19 @@ def test_received_header(tmp_path):
     assert "2027" in header or "+0000" in header or "-" in header  # an RFC 5322 date
 
 
+def test_received_header_tags_an_ipv6_client_literal(tmp_path):
+    s = Server(tmp_path, client="2001:db8::25")
+    s.take()
+    s.send(EHLO + MAIL + RCPT + "DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    assert s.queued_data().startswith(b"Received: from client.test ([IPv6:2001:db8::25])\r\n")
+
+
+def test_body_without_a_value_is_501(tmp_path):
+    s = greeted(tmp_path)
+    out = s.send("MAIL FROM:<a@b.test> BODY\r\n")
+    assert reply_codes(out) == ["501 5.5.4"] and b"None" not in out
+
+
 def test_rset_clears_transaction(tmp_path):
     s = greeted(tmp_path)
     assert s.codes(MAIL + RCPT + "RSET\r\n" + RCPT) == ["250 2.1.0", "250 2.1.5", "250 2.0.0",
