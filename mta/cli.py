@@ -28,6 +28,7 @@ import sys
 import time
 import tomllib
 from datetime import UTC, datetime
+from pathlib import Path
 
 from mta import config as config_module
 from mta.address import AddressError, parse_mailbox
@@ -66,6 +67,8 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 def cmd_make_cert(args: argparse.Namespace) -> int:
     from mta.server.tls import make_cert
     hostname = args.hostname or _configured_hostname(args.config)
+    for path in (args.cert, args.key):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # etc/ in a fresh directory
     make_cert(args.cert, args.key, hostname)
     print(f"wrote {args.cert} and {args.key} (self-signed for {hostname}); set them in [tls]")
     return 0

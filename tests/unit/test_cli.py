@@ -51,3 +51,9 @@ def test_queue_show_of_a_damaged_envelope_is_an_error_not_a_traceback(config, ca
     (spool.root / "queue" / "0123456789ABC.msg").write_text("x")
     assert cli.main(["queue", "show", "--config", str(config), "0123456789ABC"]) == 1
     assert "0123456789ABC" in capsys.readouterr().err
+
+
+def test_make_cert_in_a_fresh_directory_makes_etc(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["make-cert", "--config", "none.toml", "--hostname", "mx.test"]) == 0
+    assert (tmp_path / "etc" / "cert.pem").is_file() and (tmp_path / "etc" / "key.pem").is_file()
