@@ -635,7 +635,7 @@ class Session:
                      n=len(envelope.recipients), size=envelope.size)
             try:
                 self.context.on_queued(envelope)
-            except Exception:
+            except Exception:  # noqa: BLE001 (whatever broke, the message is committed)
                 # The message is safely in queue/ (a restart schedules it): still 250.
                 log.failure("{queue_id}: scheduling failed", queue_id=queue_id)
             return reply.queued(queue_id)

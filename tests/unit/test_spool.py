@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from mta.spool.envelope import DELIVERED, Envelope, EnvelopeError, Recipient
 from mta.spool import store
+from mta.spool.envelope import DELIVERED, Envelope, EnvelopeError, Recipient
 from mta.spool.store import Spool, SpoolError
 
 
