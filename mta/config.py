@@ -83,8 +83,6 @@ class ServerSection:
     hostname: str
     spool: Path
     postmaster: str
-    vrfy: bool
-    expn: bool
 
 
 @dataclass(frozen=True)
@@ -398,8 +396,6 @@ def _server(s: _Section) -> ServerSection:
         hostname=hostname,
         spool=Path(spool),
         postmaster=postmaster,
-        vrfy=s.get("vrfy", False, kind=bool),
-        expn=s.get("expn", False, kind=bool),
     )
     s.finish()
     return section

@@ -658,16 +658,17 @@ class Session:
 
     def _received_header(self, queue_id: str) -> bytes:
         tx = self.transaction
-        helo = _header_safe(self.helo or "unknown")
+        utf8 = tx.smtputf8
+        helo = _header_safe(self.helo or "unknown", utf8)
         # TCP-info is an address-literal [RFC 5321 4.4, 4.1.3]: IPv6 ones are tagged.
         literal = f"IPv6:{self.client_address}" if ":" in self.client_address \
             else self.client_address
         lines = [f"Received: from {helo} ([{literal}])",
                  f"\tby {self.hostname} (mta) with {self.protocol_name()} id {queue_id}"]
         if self.authenticated:
-            lines[-1] += f" (authenticated as {_header_safe(self.authenticated)})"
+            lines[-1] += f" (authenticated as {_header_safe(self.authenticated, utf8)})"
         if len(tx.recipients) == 1:
-            lines.append(f"\tfor <{_header_safe(tx.recipients[0].address)}>;")
+            lines.append(f"\tfor <{_header_safe(tx.recipients[0].address, utf8)}>;")
         else:
             lines[-1] += ";"
         now = datetime.fromtimestamp(self.context.clock(), UTC).astimezone()
@@ -689,6 +690,9 @@ def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-def _header_safe(text: str) -> str:
-    return "".join(c for c in text if c.isprintable() and c not in "()\\")[:200]
+def _header_safe(text: str, utf8: bool) -> str:
+    """Client-given text fit for our Received header: printable, no comment
+    delimiters, and ASCII unless the message is SMTPUTF8 [RFC 6532 3]."""
+    return "".join(c if utf8 or c.isascii() else "?" for c in text
+                   if c.isprintable() and c not in "()\\")[:200]
 

@@ -316,3 +316,12 @@ def test_unknown_local_user_is_550(tmp_path):
     s = greeted(tmp_path)
     s.send(MAIL)
     assert s.codes("RCPT TO:<carol@example.org>\r\n") == ["550 5.1.1"]
+
+
+def test_received_header_stays_ascii_for_a_7bit_message(tmp_path):
+    s = Server(tmp_path)
+    s.take()
+    s.send("EHLO bücher.test\r\n".encode())
+    s.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\nx\r\n.\r\n")
+    header = s.queued_data().split(b"\r\n\r\n")[0]
+    assert header.isascii() and b"from b?cher.test (" in header
