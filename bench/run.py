@@ -38,20 +38,21 @@ from tests.integration.harness import MtaServer, free_port, need, wait_for
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "2000"))
 
 
-def rss_kb(pid: int) -> int:
+def status_kb(pid: int, field: str) -> int:
+    """A memory figure of /proc/PID/status in kB: VmRSS (now) or VmHWM (peak)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def rss_kb(pid: int) -> int:
+    return status_kb(pid, "VmRSS")
 
 
 def hwm_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+    return status_kb(pid, "VmHWM")
 
 
 def greets(port: int) -> bool:
