@@ -102,8 +102,12 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         for queue_id in spool.queue_ids(state):
             try:
                 envelope = spool.load(queue_id)
-            except (SpoolError, OSError, ValueError):
-                continue  # removed while we looked, or damaged: `recover` deals with those
+            except SpoolError:
+                continue  # delivered or removed while we looked
+            except (OSError, ValueError) as e:
+                # Damaged: the server moves it to corrupt/ at its next start.
+                print(f"{queue_id}? unreadable envelope: {e}")
+                continue
             count += 1
             mark = "!" if state == HOLD else " "
             pending = [r for r in envelope.recipients if not r.is_final]
@@ -112,7 +116,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
             for r in pending:
                 why = f"  ({r.status} {r.diagnostic})" if r.diagnostic else ""
                 print(f"{'':>22}<{r.address}>{why}")
-    print(f"-- {count} message(s); ! = on hold")
+    print(f"-- {count} message(s); ! = on hold, ? = damaged")
     return 0
 
 

@@ -75,6 +75,13 @@ def test_queue_list_show_hold_release_delete(start_mta) -> None:
     assert mta(server, "queue", "delete", second).returncode == 0
     assert list(server.queued()) == [first]
 
+    damaged = server.directory / "spool" / "queue" / "0123456789ABCDEF012345"
+    damaged.with_suffix(".env").write_text("{broken")
+    damaged.with_suffix(".msg").write_text("x")
+    listing = mta(server, "queue", "list").stdout.decode()
+    assert "0123456789ABCDEF012345? unreadable envelope" in listing
+    assert "1 message(s)" in listing
+
     missing = mta(server, "queue", "show", "0123456789ABCDEF")
     assert missing.returncode == 1 and b"no message" in missing.stderr
     bad = mta(server, "queue", "delete", "../etc")
