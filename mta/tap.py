@@ -25,11 +25,13 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.python import usage
 
 from mta import config as config_module
 
 DEFAULT_CONFIG = "etc/mta.toml"
+log = Logger(namespace="mta")
 
 
 def default_config_path() -> str:
@@ -98,6 +100,17 @@ def load_trust_or_exit(config: config_module.Config, reactor: Any) -> Any:
     return trust
 
 
+def warn_unused_keys(config: config_module.Config) -> None:
+    """Keys of DESIGN.md section 11 that this version reads but does not act on yet."""
+    for domain in config.domains.values():
+        if domain.aliases is not None:
+            log.warn("[domains.\"{domain}\"] aliases: not used by this version; "  # noqa: G010
+                     "mail is delivered to the local part as given", domain=domain.name)
+        if domain.pull_users:
+            log.warn("[domains.\"{domain}\"] pull_users: not used by this version "  # noqa: G010
+                     "(no ATRN/TURN yet); use mta queue flush", domain=domain.name)
+
+
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
@@ -107,6 +120,7 @@ def makeService(options: Options) -> service.MultiService:
     from mta.spool.store import Spool
 
     config = load_config_or_exit(options["config"])
+    warn_unused_keys(config)
     trust = load_trust_or_exit(config, reactor)
     top = service.MultiService()
     spool = Spool(config.server.spool)
