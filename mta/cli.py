@@ -166,7 +166,7 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     header_end = data.find(b"\r\n\r\n")
     head = data[: header_end + 2] if header_end >= 0 else data
     message = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    recipients = list(args.recipients)
+    recipients = [r.strip() for arg in args.recipients for r in arg.split(",") if r.strip()]
     if args.t:
         for field in ("To", "Cc", "Bcc"):
             recipients += [addr for _, addr in email.utils.getaddresses(message.get_all(field, []))
@@ -178,6 +178,8 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     sender = args.f if args.f is not None else _default_sender(cfg)
     if sender.startswith("<") and sender.endswith(">"):
         sender = sender[1:-1]  # "-f <>" is the null path, as with sendmail
+    # A bare user name is a local address, as sendmail appends its own domain.
+    sender, recipients = _qualify(sender, cfg), [_qualify(r, cfg) for r in recipients]
     try:
         for address in ([sender] if sender else []) + recipients:
             parse_mailbox(address, utf8=True)
@@ -203,7 +205,8 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
             incoming.write(f"Message-ID: {email.utils.make_msgid(domain=cfg.server.hostname)}\r\n"
                            .encode())
         if not message.get("From") and sender:
-            incoming.write(f"From: <{sender}>\r\n".encode())
+            name = f"{_quoted_name(args.F)} " if args.F else ""
+            incoming.write(f"From: {name}<{sender}>\r\n".encode())
         if not _HEADER_FIELD.match(data):
             incoming.write(b"\r\n")  # no header section: the text is the body
         incoming.write(data)
@@ -219,6 +222,18 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
 
 # A header field's first line: a name of printable ASCII but ":", then ":" [RFC 5322 2.2].
 _HEADER_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+
+def _qualify(address: str, cfg: config_module.Config) -> str:
+    return f"{address}@{cfg.server.hostname}" if address and "@" not in address else address
+
+
+def _quoted_name(name: str) -> str:
+    """A display name for From:, quoted when it is not a plain phrase [RFC 5322 3.4]."""
+    name = name.replace("\r", " ").replace("\n", " ")
+    if all(c.isalnum() or c in " !#$%&'*+-/=?^_`{|}~" for c in name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _default_sender(cfg: config_module.Config) -> str:
@@ -291,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", action="store_true", help="recipients from To/Cc/Bcc; Bcc removed")
     p.add_argument("-i", "-oi", action="store_true", help="accepted; a lone dot never ends input")
     p.add_argument("-v", action="store_true", help="print the queue id")
+    p.add_argument("-F", metavar="NAME", help="the sender's full name, for a From: we add")
+    # Options of sendmail(1) that callers such as cron pass: accepted, no effect here.
+    p.add_argument("-o", metavar="OPTION", action="append", help="accepted and ignored (-oem, -odi)")
+    p.add_argument("-B", metavar="TYPE", help="accepted and ignored (8BITMIME is detected)")
+    p.add_argument("-bm", action="store_true", help="accepted: deliver mail (the default)")
     p.add_argument("recipients", nargs="*")
     p.set_defaults(func=cmd_sendmail)
     return parser
