@@ -56,7 +56,7 @@ class Route:
     kind: str  # maildir | smtp | hold
     path: Path | None = None  # maildir
     host: str = ""  # smtp
-    port: int = 25  # smtp
+    port: int | None = None  # smtp; None: not given, [relay] smtp_port applies
     mx: bool = False  # smtp host given without [brackets]: look up its MX records
 
     def __str__(self) -> str:
@@ -64,7 +64,7 @@ class Route:
             return f"maildir:{self.path}"
         if self.kind == "smtp":
             host = self.host if self.mx else f"[{self.host}]"
-            return f"smtp:{host}:{self.port}"
+            return f"smtp:{host}:{self.port}" if self.port else f"smtp:{host}"
         return self.kind
 
 
@@ -213,7 +213,7 @@ def parse_route(value: str, base: Path | None = None) -> Route:
     if kind == "maildir" and rest:
         return Route("maildir", path=Path(rest))
     if kind in ("smtp", "relay") and rest:
-        port = 25
+        port = None
         mx = True
         if rest.startswith("["):
             host, bracket, tail = rest[1:].partition("]")

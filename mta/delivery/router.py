@@ -89,7 +89,9 @@ class Router:
                        loop_is_temporary=loop_is_temporary)
 
     def _route_hop(self, route: Route, domain: str) -> NextHop:
-        return NextHop(SMTP, str(route), domain, host=route.host, port=route.port, mx=route.mx,
+        # A route without a port uses the port of MX hosts, as mail by MX does.
+        port = route.port or self.config.relay.smtp_port
+        return NextHop(SMTP, str(route), domain, host=route.host, port=port, mx=route.mx,
                        tls=VERIFY if self.config.relay.tls_verify else OPPORTUNISTIC)
 
     def _literal_hop(self, domain: str) -> NextHop:

@@ -98,12 +98,12 @@ def test_sizes(value, expected):
 
 
 @pytest.mark.parametrize("text, kind, host, port, mx", [
-    ("maildir:mail/example.org", "maildir", "", 25, False),
+    ("maildir:mail/example.org", "maildir", "", None, False),
     ("smtp:[10.0.0.5]:2525", "smtp", "10.0.0.5", 2525, False),
-    ("smtp:[mail.example.org]", "smtp", "mail.example.org", 25, False),
-    ("smtp:example.org", "smtp", "example.org", 25, True),
+    ("smtp:[mail.example.org]", "smtp", "mail.example.org", None, False),
+    ("smtp:example.org", "smtp", "example.org", None, True),
     ("smtp:example.org:587", "smtp", "example.org", 587, True),
-    ("hold", "hold", "", 25, False),
+    ("hold", "hold", "", None, False),
 ])
 def test_routes(text, kind, host, port, mx):
     route = config.parse_route(text)

@@ -27,6 +27,8 @@ def make_config(tmp_path: Path | None = None, **relay: Any) -> config_mod.Config
         "held.test": {"route": "hold", "etrn_route": "smtp:[192.0.2.7]:2600"},
         "fwd.test": {"route": "smtp:[10.0.0.5]:2525"},
         "mxfwd.test": {"route": "smtp:inner.test:26"},
+        "mxdefault.test": {"route": "smtp:inner.test"},
+        "hostdefault.test": {"route": "smtp:[10.0.0.6]"},
         "pull.test": {"route": "hold"},
     }
     if tmp_path is not None:
@@ -49,6 +51,11 @@ def test_routes_by_domain() -> None:
                                                             "smtp:[10.0.0.5]:2525")
     hop = router.next_hop("a@mxfwd.test")
     assert (hop.host, hop.port, hop.mx) == ("inner.test", 26, True)
+    # A route without a port uses [relay] smtp_port, as mail by MX does.
+    hop = router.next_hop("a@mxdefault.test")
+    assert (hop.host, hop.port, hop.mx) == ("inner.test", 2600, True)
+    hop = router.next_hop("a@hostdefault.test")
+    assert (hop.host, hop.port, hop.mx) == ("10.0.0.6", 2600, False)
     hop = router.next_hop("a@[192.0.2.1]")
     assert (hop.host, hop.port, hop.mx) == ("192.0.2.1", 2600, False)
     assert router.next_hop("a@[IPv6:2001:db8::1]").host == "2001:db8::1"
