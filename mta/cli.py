@@ -46,8 +46,13 @@ def _load(args: argparse.Namespace) -> config_module.Config:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+
+    from mta.tap import prepare, unused_keys
     path = args.file or args.config
-    cfg = config_module.load(path)
+    cfg = prepare(path, reactor).config
+    for warning in unused_keys(cfg):
+        print(f"{path}: warning: {warning}")
     listeners = ", ".join(f"{x.role} on {x.endpoint} (tls {x.tls})" for x in cfg.listeners)
     print(f"{path}: OK: hostname {cfg.server.hostname}; spool {cfg.server.spool}; "
           f"listeners: {listeners}; {len(cfg.domains)} domain(s)")

@@ -374,12 +374,17 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
     limits = _limits(_Section(source, "limits", top.get("limits", {}, kind=dict)))
     top.finish()
 
-    for listener in listeners:
+    for i, listener in enumerate(listeners):
         if listener.tls != "off" and not tls.enabled:
             raise ConfigError(
                 f"{source}: [tls] certificate: required by listener {listener.endpoint} "
                 f"(tls = \"{listener.tls}\")"
             )
+        if listener.require_auth and auth.passwords is None:
+            # Nobody could ever send there: say so now rather than answer 530 forever.
+            raise ConfigError(
+                f"{source}: [auth] passwords: required by listener #{i + 1} "
+                f"{listener.endpoint} (role {listener.role}: AUTH before MAIL)")
     return Config(path, server, listeners, tls, auth, relay, domains, limits)
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -46,14 +48,6 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["config"] is None:
             self["config"] = default_config_path()
-
-
-def load_config_or_exit(path: str) -> config_module.Config:
-    try:
-        return config_module.load(path)
-    except config_module.ConfigError as e:
-        sys.stderr.write(f"mta: {e}\n")
-        raise SystemExit(1) from None
 
 
 class ReloadOnHangup(service.Service):
@@ -85,30 +79,65 @@ class ReloadOnHangup(service.Service):
         self.reactor.callFromThread(self.trust.reload)
 
 
-def load_trust_or_exit(config: config_module.Config, reactor: Any) -> Any:
+def unused_keys(config: config_module.Config) -> list[str]:
+    """Keys of DESIGN.md section 11 that this version reads but does not act on yet."""
+    warnings = []
+    for domain in config.domains.values():
+        if domain.aliases is not None:
+            warnings.append(f'[domains."{domain.name}"] aliases: not used by this version; '
+                            "mail is delivered to the local part as given")
+        if domain.pull_users:
+            warnings.append(f'[domains."{domain.name}"] pull_users: not used by this version '
+                            "(no ATRN/TURN yet); use mta queue flush")
+    return warnings
+
+
+@dataclass
+class Prepared:
+    """Everything start-up needs that can be wrong in the operator's files."""
+
+    config: config_module.Config
+    trust: Any
+    endpoints: list[Any]  # one server endpoint per [[listeners]] entry, in order
+
+
+def prepare(path: str, reactor: Any) -> Prepared:
+    """Read the config, the certificate and the password file, and parse every
+    listener endpoint; a problem is a ConfigError naming the file and the key.
+
+    `mta check-config` runs exactly this, so it fails where start-up would.
+    """
     from mta.server.tls import TLSConfigError
     from mta.server.trust import Trust
 
+    config = config_module.load(path)
     try:
         trust = Trust.from_config(config, reactor)
     except TLSConfigError as e:
-        sys.stderr.write(f"mta: [tls]: {e}\n")
-        raise SystemExit(1) from None
-    if trust.tls is not None:
-        from twisted.logger import Logger
-        Logger(namespace="mta.smtpd").info("TLS certificate: {what}", what=trust.tls.describe())
-    return trust
+        raise config_module.ConfigError(f"{path}: [tls] certificate: {e}") from None
+    except (OSError, ValueError) as e:  # the password file
+        raise config_module.ConfigError(f"{path}: [auth] passwords: {e}") from None
+    parsed = []
+    for i, listener in enumerate(config.listeners):
+        try:
+            parsed.append(endpoints.serverFromString(reactor, listener.endpoint))
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise config_module.ConfigError(
+                f"{path}: [listeners #{i + 1}] endpoint: bad endpoint "
+                f"{listener.endpoint!r}: {e}") from None
+    return Prepared(config, trust, parsed)
 
 
-def warn_unused_keys(config: config_module.Config) -> None:
-    """Keys of DESIGN.md section 11 that this version reads but does not act on yet."""
-    for domain in config.domains.values():
-        if domain.aliases is not None:
-            log.warn("[domains.\"{domain}\"] aliases: not used by this version; "  # noqa: G010
-                     "mail is delivered to the local part as given", domain=domain.name)
-        if domain.pull_users:
-            log.warn("[domains.\"{domain}\"] pull_users: not used by this version "  # noqa: G010
-                     "(no ATRN/TURN yet); use mta queue flush", domain=domain.name)
+class ListeningService(StreamServerEndpointService):
+    """A listener whose failure to bind (port in use, no permission) is one line."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            sys.stderr.write(f"mta: cannot listen on {self.name}: {why}\n")
+            raise SystemExit(1) from None
 
 
 def makeService(options: Options) -> service.MultiService:
@@ -119,9 +148,16 @@ def makeService(options: Options) -> service.MultiService:
     from mta.server.session import ServerContext
     from mta.spool.store import Spool
 
-    config = load_config_or_exit(options["config"])
-    warn_unused_keys(config)
-    trust = load_trust_or_exit(config, reactor)
+    try:
+        prepared = prepare(options["config"], reactor)
+    except config_module.ConfigError as e:
+        sys.stderr.write(f"mta: {e}\n")
+        raise SystemExit(1) from None
+    config, trust = prepared.config, prepared.trust
+    for warning in unused_keys(config):
+        log.warn("{warning}", warning=warning)  # noqa: G010
+    if trust.tls is not None:
+        log.info("TLS certificate: {what}", what=trust.tls.describe())
     top = service.MultiService()
     spool = Spool(config.server.spool)
     relayer = Relayer(config, spool, reactor)
@@ -129,18 +165,12 @@ def makeService(options: Options) -> service.MultiService:
     relayer.setServiceParent(top)
     ReloadOnHangup(trust, reactor).setServiceParent(top)
     connections = ConnectionTable()
-    for listener in config.listeners:
+    for listener, endpoint in zip(config.listeners, prepared.endpoints):
         context = ServerContext(config, listener, spool, on_queued=relayer.enqueue, trust=trust)
         factory = SMTPFactory(context, connections)
         if listener.tls == "implicit":
             factory = trust.tls.wrap_factory(factory, reactor)
-        try:
-            endpoint = endpoints.serverFromString(reactor, listener.endpoint)
-        except (ValueError, KeyError, TypeError) as e:
-            sys.stderr.write(f"mta: {options['config']}: [[listeners]] endpoint: "
-                             f"bad endpoint {listener.endpoint!r}: {e}\n")
-            raise SystemExit(1) from None
-        listening = StreamServerEndpointService(endpoint, factory)
+        listening = ListeningService(endpoint, factory)
         listening._raiseSynchronously = True
         listening.setName(listener.name)
         listening.setServiceParent(top)

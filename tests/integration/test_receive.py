@@ -328,3 +328,17 @@ def test_twistd_daemonises_with_pidfile_and_stops_on_kill(tmp_path) -> None:
     wait_for("daemon gone", lambda: not (tmp_path / "mta.pid").exists())
     time.sleep(0.2)
     assert "Main loop terminated" in (tmp_path / "mta.log").read_text()
+
+
+def test_port_in_use_is_one_line(mta: MtaServer) -> None:
+    from tests.integration.harness import TWISTD
+    second = subprocess.run([str(TWISTD), "-n", "--pidfile=", "mta", "--config",
+                             str(mta.config_path)], capture_output=True, text=True, timeout=30,
+                            cwd=mta.directory, env=source_env(), check=False)
+    assert second.returncode == 1
+    output = second.stdout + second.stderr
+    assert "mta: cannot listen on smtp[tcp:" in output and "Address already in use" in output
+    assert "Traceback" not in output
+    # The running server and its spool were not touched.
+    with smtplib.SMTP("127.0.0.1", mta.port) as client:
+        assert client.noop()[0] == 250

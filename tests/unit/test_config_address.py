@@ -62,6 +62,8 @@ def test_defaults():
     ('[domains."ex.org"]\nroute = "ftp:x"', '[domains."ex.org"] route: bad route'),
     ('[domains."ex.org"]\nusers = []', '[domains."ex.org"] route: required'),
     ("not toml [", "not valid TOML"),
+    ('[[listeners]]\nendpoint = "tcp:587"\nrole = "submission"',
+     "[auth] passwords: required by listener #1 tcp:587 (role submission"),
     ('[server]\nspool = ""', "[server] spool: must name a directory"),
     ('[limits]\ncommand_timeout = "0s"', "[limits] command_timeout: must be more than zero"),
     ("[limits]\ndata_timeout = 0", "[limits] data_timeout: must be more than zero"),
@@ -171,3 +173,25 @@ def test_xtext_round_trip_of_utf8():
     assert xtext_decode(xtext_encode("j\u00f6rg \u4e2d@x")) == "j\u00f6rg \u4e2d@x"
     with pytest.raises(AddressError):
         xtext_decode("a+E9b")  # not UTF-8
+
+
+def test_check_config_fails_where_start_up_would(tmp_path, capsys):
+    from mta import cli
+    from mta.server.tls import make_cert
+    make_cert(tmp_path / "a.pem", tmp_path / "a.key", "a.test")
+    make_cert(tmp_path / "b.pem", tmp_path / "b.key", "b.test")
+    (tmp_path / "junk.pem").write_text("junk\n")
+    cases = {
+        '[[listeners]]\nendpoint = "tcp:abc"': "[listeners #1] endpoint: bad endpoint 'tcp:abc'",
+        f'[tls]\ncertificate = "{tmp_path}/a.pem"\nkey = "{tmp_path}/b.key"':
+            "[tls] certificate: ",
+        f'[tls]\ncertificate = "{tmp_path}/junk.pem"\nkey = "{tmp_path}/a.key"':
+            "cannot load certificate",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "mta.toml"
+        path.write_text(text)
+        assert cli.main(["check-config", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"mta: {path}: ") and message in err, err
+        assert err.count("\n") == 1
