@@ -92,6 +92,27 @@ def unused_keys(config: config_module.Config) -> list[str]:
     return warnings
 
 
+def give_directories_to_runtime_user(config: config_module.Config, options: Options) -> None:
+    """With ``twistd --uid U [--gid G]`` started as root, the spool (made just now,
+    as root) and the Maildir roots must belong to U, who runs everything after
+    the ports are bound; otherwise every message would be refused with 451."""
+    parent = getattr(options, "parent", None) or {}
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None or os.geteuid() != 0:
+        return
+    gid = -1 if gid is None else gid
+    roots = [config.server.spool]
+    for domain in config.domains.values():
+        if domain.route.kind == "maildir" and domain.route.path is not None:
+            domain.route.path.mkdir(parents=True, exist_ok=True)
+            roots.append(domain.route.path)
+    for root in roots:
+        os.chown(root, uid, gid)
+        for directory, subdirectories, files in os.walk(root):
+            for name in subdirectories + files:
+                os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
+
+
 @dataclass
 class Prepared:
     """Everything start-up needs that can be wrong in the operator's files."""
@@ -160,6 +181,7 @@ def makeService(options: Options) -> service.MultiService:
         log.info("TLS certificate: {what}", what=trust.tls.describe())
     top = service.MultiService()
     spool = Spool(config.server.spool)
+    give_directories_to_runtime_user(config, options)
     relayer = Relayer(config, spool, reactor)
     relayer.setName("relayer")
     relayer.setServiceParent(top)
