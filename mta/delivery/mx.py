@@ -31,6 +31,7 @@ import ipaddress
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dns.exception
 import dns.name
@@ -153,8 +154,11 @@ class MXResolver:
 
     def __init__(self, resolver: dns.resolver.Resolver, hostname: str,
                  local_addresses: frozenset[str] = frozenset(), local_wildcard: bool = False,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, hosts_file: Path | None = None) -> None:
         self.resolver = resolver
+        # Named next hops (the smart host, smtp:[host] routes) are looked up in
+        # this file first, as the system resolver would ("files dns").
+        self.hosts_file = hosts_file
         self.hostname = hostname.lower().rstrip(".")
         self.local_addresses = local_addresses
         self.local_wildcard = local_wildcard
@@ -164,7 +168,8 @@ class MXResolver:
     def from_config(cls, config: Config, rng: random.Random | None = None) -> MXResolver:
         resolver = make_resolver(config.relay.nameservers, config.relay.dns_timeout)
         addresses, wildcard = listening_addresses(config)
-        return cls(resolver, config.server.hostname, addresses, wildcard, rng)
+        hosts_file = None if config.relay.nameservers else Path("/etc/hosts")
+        return cls(resolver, config.server.hostname, addresses, wildcard, rng, hosts_file)
 
     # -- the two questions ------------------------------------------------------
 
@@ -189,6 +194,9 @@ class MXResolver:
         """One host (no MX lookup): ``smtp:[host]:port`` routes and the smart host."""
         if _is_ip(name):
             return [MXHost(name, 0, (_normal_address(name),))]
+        listed = hosts_file_addresses(self.hosts_file, name) if self.hosts_file else ()
+        if listed:
+            return [MXHost(name, 0, listed)]
         lookups = _Lookups()
         addresses = self._addresses(name.lower().rstrip("."), lookups)
         if addresses:
@@ -298,6 +306,22 @@ class MXResolver:
                 break
             found.extend(_normal_address(rdata.address) for rdata in answer)
         return tuple(dict.fromkeys(found))
+
+
+def hosts_file_addresses(path: Path, name: str) -> tuple[str, ...]:
+    """The addresses /etc/hosts (hosts(5) format) gives `name`, in file order."""
+    name = name.lower().rstrip(".")
+    found = []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ()
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and name in (f.lower().rstrip(".") for f in fields[1:]) \
+                and _is_ip(fields[0]):
+            found.append(_normal_address(fields[0]))
+    return tuple(dict.fromkeys(found))
 
 
 def _short(error: Exception) -> str:

@@ -166,3 +166,16 @@ def test_backup_mx_whose_primary_does_not_resolve_now_defers(error: Exception) -
     with pytest.raises(DeliveryError) as e:
         resolver(zone).resolve("example.test")
     assert e.value.status == "4.4.3"
+
+
+def test_named_next_hop_is_looked_up_in_the_hosts_file_first(tmp_path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n# comment\n192.0.2.9  smarthost.lan  relay # x\n"
+                     "::1 localhost ip6-localhost\n")
+    mx = MXResolver(FakeResolver({}), "mx.local.test", hosts_file=hosts)
+    assert mx.resolve_host("SmartHost.LAN.")[0].addresses == ("192.0.2.9",)
+    assert mx.resolve_host("relay")[0].addresses == ("192.0.2.9",)
+    assert mx.resolve_host("localhost")[0].addresses == ("127.0.0.1", "::1")
+    # Names the file does not list still go to DNS.
+    with pytest.raises(DeliveryError):
+        mx.resolve_host("elsewhere.test")
