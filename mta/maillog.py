@@ -60,3 +60,14 @@ def report_dropped(queue_id: str, why: str) -> None:
 
 def removed(queue_id: str) -> None:
     log.info("{queue_id}: removed", queue_id=queue_id)
+
+
+def operator(queue_id: str, action: str) -> None:
+    """A change made with the `mta queue` command: ``held``, ``released``, ``deleted``."""
+    log.info("{queue_id}: {action} by the operator", queue_id=queue_id, action=action)
+
+
+def picked_up(envelope_queue_id: str, sender: str, recipients: int, size: int) -> None:
+    """A message put in the spool by `mta sendmail`, seen by the running server."""
+    log.info("{queue_id}: from=<{sender}>, nrcpt={n}, size={size} (local submission)",
+             queue_id=envelope_queue_id, sender=sender, n=recipients, size=size)

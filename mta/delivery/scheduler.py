@@ -291,15 +291,27 @@ class Relayer(Service):
             self.flush(notice.get("domain") or None)
         elif action in ("new", "release") and queue_id:
             d = self.run_blocking(self._load, queue_id)
-            d.addCallback(lambda loaded: self.enqueue(loaded[0]) if loaded else None)
+            d.addCallback(self._noticed, action)
             return d
         elif action in ("hold", "delete") and queue_id:
+            maillog.operator(queue_id, "held" if action == "hold" else "deleted")
             entry = self._entries.get(queue_id)
             if entry is not None and not entry.running:
                 del self._entries[queue_id]
         else:
             log.warn("ignoring unknown notice {notice!r}", notice=notice)  # noqa: G010
         return None
+
+    def _noticed(self, loaded: tuple[Envelope, Path] | None, action: str) -> None:
+        if loaded is None:
+            return
+        envelope = loaded[0]
+        if action == "new":
+            maillog.picked_up(envelope.queue_id, envelope.reverse_path,
+                              len(envelope.recipients), envelope.size)
+        else:
+            maillog.operator(envelope.queue_id, "released")
+        self.enqueue(envelope)
 
     def _read_notices(self) -> defer.Deferred[None]:
         def act(notices: list[dict[str, str]]) -> defer.Deferred[Any]:

@@ -74,6 +74,10 @@ def test_queue_list_show_hold_release_delete(start_mta) -> None:
     assert f"{first}!" not in mta(server, "queue", "list").stdout.decode()
     assert mta(server, "queue", "delete", second).returncode == 0
     assert list(server.queued()) == [first]
+    # The running server saw each change and says so in its log.
+    for line in (f"{first}: held by the operator", f"{first}: released by the operator",
+                 f"{second}: deleted by the operator"):
+        wait_for(line, lambda line=line: line in server.log_text())
 
     damaged = server.directory / "spool" / "queue" / "0123456789ABCDEF012345"
     damaged.with_suffix(".env").write_text("{broken")
@@ -94,6 +98,9 @@ def test_sendmail_is_delivered_by_the_running_server(start_mta) -> None:
     done = mta(server, "sendmail", "-t", "-v", "-f", "alice@local.test", stdin=message)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(b"queued as ")
+    queue_id = done.stdout.split()[-1].decode()
+    wait_for("the pick-up line", lambda: f"{queue_id}: from=<alice@local.test>, nrcpt=3"
+             in server.log_text())
     for user in ("bob", "carol", "dave"):
         delivered = wait_for(f"delivery to {user}", lambda u=user: maildir_messages(server, u))
         # Maildir files use the local line ending, LF.
