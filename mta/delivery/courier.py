@@ -29,6 +29,7 @@ from typing import Any
 
 from twisted.internet import defer, endpoints, ssl
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -53,6 +54,12 @@ log = Logger(namespace="mta.delivery.courier")
 RunBlocking = Callable[..., "defer.Deferred[Any]"]
 
 MAX_RECIPIENTS = 100  # per transaction: what every server must take [RFC 5321 4.5.3.1.8]
+
+
+class _QuietFactory(Factory):
+    """One connection's factory, without a "Starting factory" log line per delivery."""
+
+    noisy = False
 
 
 @dataclass(frozen=True)
@@ -268,5 +275,6 @@ class SMTPCourier:
         else:
             endpoint = endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout)
         clock: IReactorTime = self.reactor
-        return endpoints.connectProtocol(endpoint, SMTPClient(policy, clock, self.timeouts))
+        client = SMTPClient(policy, clock, self.timeouts)
+        return endpoint.connect(_QuietFactory.forProtocol(lambda: client))
 
