@@ -78,6 +78,15 @@ def free_port(address: str = "127.0.0.1") -> int:
             return port
 
 
+def greets(port: int, address: str = "127.0.0.1", timeout: float = 1) -> bool:
+    """Whether an SMTP server on `address`:`port` answers with its 220 now."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as s:
+            return s.recv(512).startswith(b"220 ")
+    except OSError:
+        return False
+
+
 def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     if process.poll() is None:
         process.send_signal(sig)
@@ -138,13 +147,9 @@ class MtaServer:
     def _ready(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"mta exited with {self.process.returncode}:\n{self.log_text()}")
-        try:
-            # The 220 may come after [limits] greeting_delay (1s by default) when
-            # 127.0.0.1 is not in the config's mynetworks: wait longer than that.
-            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                return s.recv(512).startswith(b"220 ")
-        except OSError:
-            return False
+        # The 220 may come after [limits] greeting_delay (1s by default) when
+        # 127.0.0.1 is not in the config's mynetworks: wait longer than that.
+        return greets(self.port, timeout=5)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -26,6 +26,7 @@ from tests.integration.harness import (
     MtaServer,
     WireTap,
     free_port,
+    greets,
     need,
     source_env,
     stop_process,
@@ -316,13 +317,7 @@ def test_twistd_daemonises_with_pidfile_and_stops_on_kill(tmp_path) -> None:
     pid = int(wait_for("pid file", lambda: (tmp_path / "mta.pid").exists() and
                        (tmp_path / "mta.pid").read_text().strip()))
     try:
-        def greets() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    return s.recv(100).startswith(b"220 ")
-            except OSError:
-                return False
-        wait_for("daemon listening", greets)
+        wait_for("daemon listening", lambda: greets(port))
     finally:
         subprocess.run(["kill", str(pid)], check=False)
     wait_for("daemon gone", lambda: not (tmp_path / "mta.pid").exists())
@@ -359,13 +354,7 @@ def test_twistd_uid_gives_the_spool_to_that_user(tmp_path) -> None:
          str(nobody.pw_gid), "mta", "--config", "mta.toml"],
         cwd=work, env=source_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        def greets() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    return s.recv(100).startswith(b"220 ")
-            except OSError:
-                return False
-        wait_for("mta running as nobody", greets)
+        wait_for("mta running as nobody", lambda: greets(port))
         with smtplib.SMTP("127.0.0.1", port) as client:
             assert client.sendmail("c@client.test", ["a@example.org"], MESSAGE) == {}
         queue = work / "spool" / "queue"
