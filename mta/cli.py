@@ -138,10 +138,20 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     return 0
 
 
+FLUSH_WAIT = 3.0  # seconds
+
+
 def cmd_queue_flush(args: argparse.Namespace) -> int:
     spool = _spool(args)
-    spool.notify("flush", domain=args.domain or "")
+    notice = spool.notify("flush", domain=args.domain or "")
     print("flush requested" + (f" for {args.domain}" if args.domain else ""))
+    # A running server reads its notices every second: say so if none did.
+    deadline = time.monotonic() + FLUSH_WAIT
+    while notice.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if notice.exists():
+        print(f"mta: no running server took the request within {FLUSH_WAIT:.0f} s; "
+              "it will act on it when it starts", file=sys.stderr)
     return 0
 
 

@@ -281,14 +281,16 @@ class Spool:
 
     # -- notices between the command line and a running server ---------------------
 
-    def notify(self, action: str, **fields: str) -> None:
+    def notify(self, action: str, **fields: str) -> Path:
         """Tell a running server that the queue changed (``new``, ``hold``, ``release``,
-        ``delete``, ``flush``); it reads ``control/`` and acts on each notice once."""
+        ``delete``, ``flush``); it reads ``control/`` and acts on each notice once.
+        Returns the notice's file, which is gone once a server has read it."""
         directory = self.root / CONTROL
         name = f"{int(self.clock() * 1_000_000):016d}-{os.getpid()}-{next(self.new_id.counter)}"
         tmp = directory / f".{name}.tmp"
         tmp.write_text(json.dumps({"action": action, **fields}))
         os.rename(tmp, directory / f"{name}.json")
+        return directory / f"{name}.json"
 
     def take_notices(self) -> list[dict[str, str]]:
         """Notices in the order they were written; each is returned once, then removed."""

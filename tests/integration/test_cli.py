@@ -86,6 +86,10 @@ def test_queue_list_show_hold_release_delete(start_mta) -> None:
     assert "0123456789ABCDEF012345? unreadable envelope" in listing
     assert "1 message(s)" in listing
 
+    flushed = mta(server, "queue", "flush", "held.test")
+    assert flushed.returncode == 0 and flushed.stdout == b"flush requested for held.test\n"
+    assert flushed.stderr == b""  # the running server took the request
+
     missing = mta(server, "queue", "show", "0123456789ABCDEF")
     assert missing.returncode == 1 and b"no message" in missing.stderr
     bad = mta(server, "queue", "delete", "../etc")
@@ -127,3 +131,12 @@ def test_make_cert(tmp_path: Path) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
     assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0
+
+
+def test_flush_without_a_running_server_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "mta.toml"
+    config.write_text(f'[server]\nspool = "{tmp_path / "spool"}"\n')
+    done = subprocess.run([str(MTA), "queue", "flush", "--config", str(config)],
+                          capture_output=True, env=source_env(), timeout=60, check=False)
+    assert done.returncode == 0
+    assert b"no running server took the request" in done.stderr
