@@ -94,10 +94,8 @@ def chunk_ok(size: int) -> Reply:
 
 VRFY_CANNOT = Reply(252, "2.5.2", "cannot VRFY user, but will accept message and attempt delivery")
 EXPN_DISABLED = Reply(502, "5.5.1", "EXPN not available")
-VRFY_DISABLED = Reply(502, "5.5.1", "VRFY not available")
 
 # 4xx
-SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, closing connection")
 TIMEOUT = Reply(421, "4.4.2", "timeout exceeded, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "too many errors, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections, try again later")
@@ -120,8 +118,6 @@ NEED_RCPT = Reply(503, "5.5.1", "need RCPT before DATA")
 NESTED_MAIL = Reply(503, "5.5.1", "sender already specified")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "no valid recipients")
 MIXED_DATA_BDAT = Reply(503, "5.5.1", "DATA and BDAT cannot be mixed in one transaction")
-BDAT_AFTER_FAILURE = Reply(503, "5.5.1", "previous BDAT failed, send RSET")
-PARAM_NOT_RECOGNIZED = Reply(555, "5.5.4", "parameter not recognized")
 PARAM_NOT_SUPPORTED = Reply(504, "5.5.4", "parameter not supported")
 
 
@@ -139,7 +135,6 @@ def unknown_parameter(name: str) -> Reply:
 
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "message size exceeds fixed maximum message size")
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "message has a line longer than 1000 octets")
-BARE_LINE_ENDING = Reply(550, "5.6.0", "message contains bare CR or bare LF; use CRLF line endings")
 LOOP_DETECTED = Reply(554, "5.4.6", "too many Received headers: mail loop")
 NON_ASCII_WITHOUT_SMTPUTF8 = Reply(553, "5.6.7", "non-ASCII address requires SMTPUTF8")
 BAD_SENDER = Reply(501, "5.1.7", "bad sender address syntax")
@@ -170,10 +165,8 @@ def auth_challenge(base64_text: str) -> Reply:
 
 # STARTTLS [RFC 3207 4]
 TLS_READY = Reply(220, "2.0.0", "ready to start TLS")
-TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
 TLS_NO_PARAMETERS = Reply(501, "5.5.4", "syntax error (no parameters allowed)")
-TLS_REQUIRED = Reply(530, "5.7.0", "must issue a STARTTLS command first")
 
 # AUTH [RFC 4954 4, 6]
 AUTH_OK = Reply(235, "2.7.0", "authentication successful")
@@ -185,7 +178,6 @@ AUTH_NO_INITIAL_RESPONSE = Reply(501, "5.5.4", "this mechanism does not take an 
 AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "authentication exchange line is too long")
 AUTH_ALREADY = Reply(503, "5.5.1", "already authenticated")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not permitted during a mail transaction")
-AUTH_NOT_ENABLED = Reply(503, "5.5.1", "authentication not enabled")
 AUTH_MECH_UNKNOWN = Reply(504, "5.5.4", "unrecognized authentication mechanism")
 AUTH_ENCRYPTION_REQUIRED = Reply(
     538, "5.7.11", "encryption required for requested authentication mechanism")
