@@ -9,7 +9,9 @@ CONFIG ?= etc/mta.toml
 SOURCES = pyproject.toml $(shell find mta twisted -name '*.py' 2>/dev/null)
 
 # Debian packages of the peers the integration tests talk to (PEERS.md).
-PEER_PACKAGES = swaks postfix curl fetchmail msmtp dnsmasq-base openssl
+# swaks needs libnet-ssleay-perl for --tls/--tlsc (a Recommends, which
+# --no-install-recommends would leave out).
+PEER_PACKAGES = swaks libnet-ssleay-perl postfix curl fetchmail msmtp dnsmasq-base openssl
 
 .PHONY: run test venv peers bench lint clean
 
@@ -30,8 +32,8 @@ run: venv
 
 peers:
 	@missing=""; \
-	for p in swaks smtp-sink smtp-source curl fetchmail msmtp dnsmasq openssl; do \
-	  command -v $$p >/dev/null 2>&1 || [ -x /usr/sbin/$$p ] || missing="$$missing $$p"; \
+	for p in $(PEER_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing peers for the tests (missing:$$missing)"; \
