@@ -43,6 +43,9 @@ class Listener:
     # SASL mechanisms this listener may offer; which of them are offered in a
     # session still depends on TLS, the client and the password file.
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
+    # ATRN [RFC 2645] for authenticated users: always on odmr listeners, on
+    # submission listeners when the operator says so.
+    atrn: bool = False
 
     @property
     def name(self) -> str:
@@ -76,6 +79,13 @@ class Domain:
     aliases: Path | None = None
     pull_users: tuple[str, ...] = ()
     etrn_route: Route | None = None
+    # Client networks that may ETRN this domain; None: those of [etrn] clients.
+    etrn_clients: tuple[IPNetwork, ...] | None = None
+
+    @property
+    def held(self) -> bool:
+        """Mail for this domain waits for its customer to pull it (ETRN, ATRN, TURN)."""
+        return self.route.kind == "hold"
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,34 @@ class LimitsSection:
 
 
 @dataclass(frozen=True)
+class ETRNSection:
+    """Who may ask for a queue run with ETRN [RFC 1985], and how often."""
+
+    clients: tuple[IPNetwork, ...]  # for domains without their own etrn_clients
+    per_client: int  # ETRN commands one client address may give within `window`
+    window: float
+
+
+@dataclass(frozen=True)
+class Pull:
+    """One ``[[pull]]`` entry: fetch our mail from a provider on a schedule (mta odmr / etrn)."""
+
+    protocol: str  # odmr | etrn
+    host: str
+    port: int
+    domains: tuple[str, ...]  # odmr: () = every domain the user may pull
+    interval: float
+    user: str = ""
+    password_file: Path | None = None
+    tls_verify: bool = True  # odmr: check the provider's certificate when it offers STARTTLS
+    ca_file: Path | None = None  # PEM CA certificates for that check; None: the system's
+
+    @property
+    def server(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     server: ServerSection
@@ -156,6 +194,8 @@ class Config:
     relay: RelaySection
     domains: dict[str, Domain]
     limits: LimitsSection
+    etrn: ETRNSection = field(default_factory=lambda: ETRNSection(_ANYWHERE, 10, 60.0))
+    pulls: tuple[Pull, ...] = ()
 
     def domain_for(self, domain: str) -> Domain | None:
         """The configured domain for `domain` (lower case, no trailing dot)."""
@@ -168,6 +208,8 @@ class Config:
 
 # -- value parsers -------------------------------------------------------------
 
+_ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+ODMR_PORT = 366  # RFC 2645 6
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*\Z")
 _DURATION_UNITS = {None: 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*\Z", re.IGNORECASE)
@@ -372,6 +414,8 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
     relay = _relay(_Section(source, "relay", top.get("relay", {}, kind=dict)))
     domains = _domains(source, top.get("domains", {}, kind=dict))
     limits = _limits(_Section(source, "limits", top.get("limits", {}, kind=dict)))
+    etrn = _etrn(_Section(source, "etrn", top.get("etrn", {}, kind=dict)))
+    pulls = _pulls(source, top.get("pull", [], kind=list))
     top.finish()
 
     for i, listener in enumerate(listeners):
@@ -385,7 +429,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
             raise ConfigError(
                 f"{source}: [auth] passwords: required by listener #{i + 1} "
                 f"{listener.endpoint} (role {listener.role}: AUTH before MAIL)")
-    return Config(path, server, listeners, tls, auth, relay, domains, limits)
+    return Config(path, server, listeners, tls, auth, relay, domains, limits, etrn, pulls)
 
 
 def _server(s: _Section) -> ServerSection:
@@ -431,8 +475,14 @@ def _listeners(source: str, items: list[Any]) -> tuple[Listener, ...]:
         if unknown:
             raise s.error("auth_mechanisms", f"expected PLAIN, LOGIN or CRAM-MD5, "
                                              f"got {min(unknown)!r}")
+        atrn = s.get("atrn", role == "odmr", kind=bool)
+        if atrn and role not in ("odmr", "submission"):
+            raise s.error("atrn", "ATRN is offered on odmr and submission listeners only")
+        if role == "odmr" and not atrn:
+            raise s.error("atrn", "an odmr listener exists to offer ATRN")
         s.finish()
-        result.append(Listener(endpoint, role, tls, require_auth, plaintext_auth, mechanisms))
+        result.append(Listener(endpoint, role, tls, require_auth, plaintext_auth, mechanisms,
+                               atrn))
     return tuple(result)
 
 
@@ -536,11 +586,11 @@ def _port(value: int) -> int:
     return value
 
 
-def _network_or_error(s: _Section, value: str) -> IPNetwork:
+def _network_or_error(s: _Section, value: str, key: str = "mynetworks") -> IPNetwork:
     try:
         return _network(value)
     except ValueError as e:
-        raise s.error("mynetworks", str(e)) from None
+        raise s.error(key, str(e)) from None
 
 
 def _nameserver(s: _Section, value: str) -> tuple[str, int]:
@@ -565,6 +615,10 @@ def _domains(source: str, table: dict[str, Any]) -> dict[str, Domain]:
         etrn = s.get("etrn_route", None, parse_route, kind=str)
         if etrn is not None and etrn.kind != "smtp":
             raise s.error("etrn_route", "must be an smtp: route")
+        etrn_clients = None
+        if "etrn_clients" in s.table:
+            etrn_clients = tuple(_network_or_error(s, v, "etrn_clients")
+                                 for v in s.strings("etrn_clients"))
         domain = Domain(
             name=key,
             route=route,
@@ -572,7 +626,10 @@ def _domains(source: str, table: dict[str, Any]) -> dict[str, Domain]:
             aliases=s.path("aliases", ""),
             pull_users=s.strings("pull_users"),
             etrn_route=etrn,
+            etrn_clients=etrn_clients,
         )
+        if domain.pull_users and not domain.held:
+            raise s.error("pull_users", "only a domain with route = \"hold\" can be pulled")
         if domain.aliases is not None and not domain.aliases.is_file():
             raise s.error("aliases", f"no such file: {domain.aliases}")
         s.finish()
@@ -603,6 +660,65 @@ def _limits(s: _Section) -> LimitsSection:
         raise s.error("command_line_length", "must be at least 512 (RFC 5321 4.5.3.1.4)")
     s.finish()
     return section
+
+
+def _etrn(s: _Section) -> ETRNSection:
+    clients = tuple(_network_or_error(s, v, "clients")
+                    for v in s.strings("clients", ("0.0.0.0/0", "::/0")))
+    section = ETRNSection(
+        clients=clients,
+        per_client=s.positive_int("per_client", 10),
+        window=s.get("window", "1m", parse_duration),
+    )
+    if section.window <= 0:
+        raise s.error("window", "must be more than zero")
+    s.finish()
+    return section
+
+
+def _pulls(source: str, items: list[Any]) -> tuple[Pull, ...]:
+    result = []
+    for i, item in enumerate(items):
+        s = _Section(source, f"pull #{i + 1}", item)
+        protocol = s.get("protocol", "odmr", _choice("odmr", "etrn"), kind=str)
+        server = s.get("server", "", kind=str)
+        if not server:
+            raise s.error("server", "required, e.g. \"mail.provider.example\"")
+        try:
+            host, port = parse_hostport(server, ODMR_PORT if protocol == "odmr" else 25)
+        except ValueError as e:
+            raise s.error("server", str(e)) from None
+        domains = s.strings("domains")
+        for name in domains:
+            if not is_valid_domain(name.rstrip(".")):
+                raise s.error("domains", f"not a valid domain name: {name!r}")
+        pull = Pull(
+            protocol=protocol,
+            host=host,
+            port=port,
+            domains=tuple(d.lower().rstrip(".") for d in domains),
+            interval=s.get("interval", "15m", parse_duration),
+            user=s.get("user", "", kind=str),
+            password_file=s.path("password_file", ""),
+            tls_verify=s.get("tls_verify", True, kind=bool),
+            ca_file=s.path("ca_file", ""),
+        )
+        if pull.interval <= 0:
+            raise s.error("interval", "must be more than zero")
+        if protocol == "odmr":
+            if not pull.user:
+                raise s.error("user", "required for protocol \"odmr\"")
+            if pull.password_file is None:
+                raise s.error("password_file", "required for protocol \"odmr\"")
+            if not pull.password_file.is_file():
+                raise s.error("password_file", f"no such file: {pull.password_file}")
+        elif not pull.domains:
+            raise s.error("domains", "required for protocol \"etrn\": the domains to ask for")
+        if pull.ca_file is not None and not pull.ca_file.is_file():
+            raise s.error("ca_file", f"no such file: {pull.ca_file}")
+        s.finish()
+        result.append(pull)
+    return tuple(result)
 
 
 def default() -> Config:

@@ -189,3 +189,40 @@ AUTH_CLIENT_BLOCKED = Reply(
     421, "4.7.0", "too many authentication failures from your address, try again later")
 TLS_IN_TRANSACTION = Reply(503, "5.5.1", "STARTTLS not permitted during a mail transaction")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "sender address not owned by the authenticated user")
+
+
+# -- role reversal: ETRN [RFC 1985], ATRN [RFC 2645], TURN [RFC 821] -------------------
+
+def etrn_started(node: str, messages: int) -> Reply:
+    """253 with the count [RFC 1985 5]; 251 when nothing waits."""
+    if messages == 0:
+        return Reply(251, "2.0.0", f"OK, no messages waiting for node {node}")
+    return Reply(253, "2.0.0", f"OK, {messages} pending messages for node {node} started")
+
+
+def etrn_no_queue(node: str) -> Reply:
+    return Reply(458, "4.5.1", f"Unable to queue messages for node {node}: no such queue")
+
+
+def etrn_not_allowed(node: str, why: str) -> Reply:
+    return Reply(459, "4.7.1", f"Node {node} not allowed: {why}")
+
+
+ETRN_SYNTAX = Reply(501, "5.5.4", "syntax: ETRN <domain>, ETRN @<domain> or ETRN #<queue>")
+ETRN_TOO_OFTEN = Reply(458, "4.7.0", "Unable to queue messages: too many ETRN requests "
+                                     "from your address, try again later")
+ATRN_SYNTAX = Reply(501, "5.5.4", "syntax: ATRN [domain[,domain...]]")
+ATRN_TURNING = Reply(250, "2.0.0", "OK, now reversing the connection")
+ATRN_NO_MAIL = Reply(453, "4.2.0", "You have no mail")
+TURN_TURNING = Reply(250, "2.0.0", "OK, turning round: send your greeting")
+TURN_REFUSED = Reply(502, "5.7.0", "TURN refused: authenticate, and HELO/EHLO with a "
+                                   "domain you may pull")
+
+
+def atrn_refused(why: str) -> Reply:
+    return Reply(450, "4.7.1", f"ATRN request refused: {why}")
+
+
+def turn_busy(domain: str) -> Reply:
+    return Reply(451, "4.3.0", f"Unable to process ATRN request now: {domain} is being "
+                               "turned on another connection")

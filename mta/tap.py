@@ -86,9 +86,6 @@ def unused_keys(config: config_module.Config) -> list[str]:
         if domain.aliases is not None:
             warnings.append(f'[domains."{domain.name}"] aliases: not used by this version; '
                             "mail is delivered to the local part as given")
-        if domain.pull_users:
-            warnings.append(f'[domains."{domain.name}"] pull_users: not used by this version '
-                            "(no ATRN/TURN yet); use mta queue flush")
     return warnings
 
 
@@ -165,8 +162,9 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     from mta.delivery.scheduler import Relayer
+    from mta.server.context import ServerContext
     from mta.server.protocol import ConnectionTable, SMTPFactory
-    from mta.server.session import ServerContext
+    from mta.server.reversal import Pickup
     from mta.spool.store import Spool
 
     try:
@@ -187,8 +185,10 @@ def makeService(options: Options) -> service.MultiService:
     relayer.setServiceParent(top)
     ReloadOnHangup(trust, reactor).setServiceParent(top)
     connections = ConnectionTable()
+    pickup = Pickup(config, relayer, reactor)
     for listener, endpoint in zip(config.listeners, prepared.endpoints):
-        context = ServerContext(config, listener, spool, on_queued=relayer.enqueue, trust=trust)
+        context = ServerContext(config, listener, spool, queue=relayer, pickup=pickup,
+                                trust=trust)
         factory = SMTPFactory(context, connections)
         if listener.tls == "implicit":
             factory = trust.tls.wrap_factory(factory, reactor)

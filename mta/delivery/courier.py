@@ -16,6 +16,10 @@ error becomes an outcome through `outcome.classify`.
   address, as Postfix does for "may".  More than 100 recipients go in
   100-recipient transactions, one after the other [RFC 5321 4.5.3.1.8].
 - `MaildirCourier`: local delivery in a thread (`maildir.deliver`).
+- `TurnedCourier`: one message after another over a connection that a
+  customer opened and we turned round (ATRN, TURN), with a client that is
+  already past its EHLO; the relay in the log is ``turned[address]``.
+  A lost connection defers what it left undecided: the message stays queued.
 
 `abort_all()` drops every live connection (service shutdown).
 """
@@ -106,6 +110,28 @@ class MaildirCourier:
 
     def abort_all(self) -> None:
         pass
+
+
+class TurnedCourier:
+    def __init__(self, client: SMTPClient, peer: str) -> None:
+        self.client = client
+        self.relay = f"turned[{peer}]"
+
+    @defer.inlineCallbacks
+    def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
+                data_path: Path) -> Any:
+        results: list[Result] = []
+        for start in range(0, len(recipients), MAX_RECIPIENTS):
+            chunk = recipients[start:start + MAX_RECIPIENTS]
+            result = yield self.client.deliver(transaction_for(envelope, chunk, data_path))
+            undecided = classify(result.error) if result.error is not None else \
+                Deferred("4.4.2", "turned connection closed")
+            results += [Result(o if o is not None else undecided, self.relay)
+                        for o in result.outcomes]
+        return results
+
+    def abort_all(self) -> None:
+        self.client.abort()
 
 
 class SMTPCourier:

@@ -27,6 +27,7 @@ from pathlib import Path
 from mta.config import Config, Route, parse_hostport
 
 MAILDIR, SMTP, HOLD = "maildir", "smtp", "hold"
+TURNED = "turned"  # over a connection the customer opened and we turned round (ATRN, TURN)
 
 # TLS policies of a next hop.  "opportunistic": STARTTLS when offered, no
 # certificate check, plain text when the peer cannot; "required": STARTTLS
@@ -36,7 +37,7 @@ OPPORTUNISTIC, REQUIRED, VERIFY = "opportunistic", "required", "verify"
 
 @dataclass(frozen=True)
 class NextHop:
-    kind: str  # maildir | smtp | hold
+    kind: str  # maildir | smtp | hold | turned
     destination: str  # grouping and concurrency key, also shown in logs
     domain: str = ""  # the recipient domain this hop was chosen for
     # smtp

@@ -1,10 +1,14 @@
-"""The relayer: decides when each queued message is tried, and records what happened.
+"""The relayer: decides when each queued message is tried, and by which plan.
 
 `Relayer` is a Twisted `Service`.  `startService()` runs `spool.recover()`
 (synchronously, before any listener starts) and schedules every committed
 message; `enqueue(envelope)` schedules a message the server just committed;
-`flush(domain)` makes queued mail due now (ETRN); `stopService()` stops
-starting attempts and abandons the ones in flight.
+`flush(domain)` makes queued mail due now (ETRN, `mta queue flush`);
+`turn(domains, peer)` delivers held mail over a connection a customer
+turned round (ATRN, TURN); `stopService()` stops starting attempts and
+abandons the ones in flight.  What one attempt does (group by next hop,
+couriers, record outcomes, reports, remove or reschedule) is attempt.py's;
+this module only says when, and over which plan.
 
 Strategies, each in one place:
 
@@ -13,44 +17,35 @@ A new message is due at once; at start-up a message is due at its stored
 `next_attempt` (or at once if it was never tried).  Time comes from the
 injected reactor (`IReactorTime`), so tests run on `task.Clock`.
 
-Back-off.  After an attempt that leaves recipients pending, the message is
-due again after `retry_min`, doubling with each attempt up to `retry_max`,
-times a jitter of +-10% so that messages deferred together spread out.  The
-next attempt is never later than the end of the message's lifetime.
+Back-off and lifetime (attempt.py).  After an attempt that leaves
+recipients pending, the message is due again after `retry_min`, doubling
+up to `retry_max`, with +-10% jitter, never later than the end of its
+lifetime, when its pending recipients fail (4.4.7).
 
-Lifetime.  A message older than `relay.lifetime` fails its pending
-recipients (status 4.4.7, the last reason kept in the diagnostic) after its
-next attempt [RFC 5321 4.5.4.1].  A delay warning (action=delayed) is sent
-once, after an attempt, for recipients older than `relay.delay_warning`
-that asked for DELAY or gave no NOTIFY [RFC 3461 4.1]; ``delay_warning = "0"``
-turns warnings off.
-
-Concurrency.  A message is attempted by one attempt at a time.  Within an
-attempt its pending recipients are grouped by next hop; each group is one
-SMTP transaction (or one local delivery) and needs a slot: at most
+Concurrency.  A message is in one attempt at a time (a flush or a turn
+that finds it running waits for that attempt).  Within an attempt each
+group of recipients with one next hop needs a slot: at most
 `relay.concurrency` in total and `relay.concurrency_per_destination` per
-destination.  Waiting groups are served first come, first served, but a
-group whose destination is full does not hold up the others.
+destination; a group whose destination is full does not hold up others.
 
-Hold.  Recipients routed to ``hold`` are not attempted; `flush(domain)`
-releases them for one attempt (to the domain's `etrn_route`, or its MX).
-A message with only held recipients is due again at the end of its
-lifetime, when it expires.  `turn(domains)` delivers them over a connection
-that ATRN or TURN turned round [RFC 2645]: it returns the client protocol
-to attach to that connection.
+Held mail.  A message whose pending recipients are all in ``hold`` domains
+is not attempted: it costs a heap entry at the end of its lifetime and a
+place in the domain index, no timer and no disk work, until ETRN, ATRN or
+TURN asks for it (or it expires and bounces as usual).  `flush(domain)`
+releases a held domain's recipients for one attempt over its
+``etrn_route``; `turn()` attempts them over the turned connection, one
+message after another, until none is left or the customer goes away; a
+domain is turned on one connection at a time.
+
+The domain index.  Each message is listed under the domains of its pending
+recipients, so that flush, waiting and turn find their messages without
+walking the whole queue.
 
 Notices.  Every second the spool's ``control/`` notices from the command
 line are read (in a thread) and acted on: ``new`` and ``release`` schedule
 the message now, ``flush`` is `flush(domain)`, ``hold`` and ``delete``
 forget it (an attempt re-reads the envelope from disk anyway).
 
-Durability.  Each group's outcomes are written to the envelope with
-`spool.save` as soon as its transaction ends, before anything depends on
-them.  Then reports are injected (one failure report, one success report,
-one delay report per message and attempt), the recipients marked
-notified, the envelope saved again; a complete message is removed.  A
-crash between these steps at worst sends a report twice; it never loses a
-recipient's result nor delivers to a recipient recorded as delivered.
 Spool work runs in the reactor's thread pool, DNS resolution in a pool of
 its own (a dead name server must not delay the server's commits); neither
 ever in the reactor thread.
@@ -58,13 +53,11 @@ ever in the reactor thread.
 
 from __future__ import annotations
 
-import copy
 import heapq
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
@@ -73,28 +66,23 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mta import bounce, maillog
+from mta import maillog
 from mta.config import Config
+from mta.delivery.attempt import Attempts, Plan, Verdict, backoff
 from mta.delivery.client import SessionPolicy, SMTPClient
-from mta.delivery.courier import MaildirCourier, Result, SMTPCourier, transaction_for
-from mta.delivery.outcome import Delivered, Failed, Outcome, classify
-from mta.delivery.router import HOLD, MAILDIR, SMTP, NextHop, Router
-from mta.spool.envelope import DELIVERED, FAILED, PENDING, Envelope, EnvelopeError, Recipient
-from mta.spool.store import QUEUE, Spool, SpoolError
+from mta.delivery.courier import MaildirCourier, SMTPCourier, TurnedCourier
+from mta.delivery.router import MAILDIR, SMTP, Router
+from mta.server.context import TurnBusy
+from mta.spool.envelope import Envelope
+from mta.spool.store import Spool
 
 log = Logger(namespace="mta.delivery.scheduler")
 
-JITTER = 0.1  # back-off delays are multiplied by a random factor in [0.9, 1.1]
-EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 STOP_GRACE = 10.0  # seconds stopService waits for abandoned attempts to record themselves
 NOTICE_INTERVAL = 1.0  # seconds between reads of the spool's control/ notices
 DNS_THREADS = 10  # at most this many DNS resolutions at once
 
-
-def backoff(attempts: int, retry_min: float, retry_max: float, rng: random.Random) -> float:
-    """Seconds to wait after the `attempts`-th attempt: retry_min doubling, at most retry_max."""
-    base = min(retry_max, retry_min * 2 ** max(0, min(attempts - 1, 30)))
-    return base * rng.uniform(1 - JITTER, 1 + JITTER)
+__all__ = ["Relayer", "backoff", "domain_matches"]
 
 
 def domain_matches(domain: str, wanted: str, subdomains: bool = False) -> bool:
@@ -110,9 +98,9 @@ class _Entry:
     due: float | None = None
     running: bool = False
     again: bool = False  # flushed while running: due again as soon as it ends
-    domains: set[str] = field(default_factory=set)  # of pending recipients, for flush(domain)
+    domains: frozenset[str] = frozenset()  # of pending recipients: the domain index
     release: set[str] = field(default_factory=set)  # held domains to attempt next time
-    save_lock: defer.DeferredLock = field(default_factory=defer.DeferredLock)
+    idle: list[defer.Deferred[None]] = field(default_factory=list)  # waiting for it to stop
 
 
 class _Limiter:
@@ -167,6 +155,8 @@ class _Limiter:
                 d.callback(None)
 
 
+
+
 class Relayer(Service):
     name = "relayer"
 
@@ -196,11 +186,17 @@ class Relayer(Service):
         self.couriers = couriers
         relay = config.relay
         self.limiter = _Limiter(relay.concurrency, relay.concurrency_per_destination)
+        self.attempts = Attempts(config, spool, self.router, couriers, self.limiter,
+                                 self.run_blocking, reactor, self.rng,
+                                 on_report=self.enqueue, stopping=lambda: self._stopping)
         self._entries: dict[str, _Entry] = {}
+        self._by_domain: dict[str, set[str]] = {}  # domain -> queue ids with pending mail there
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._wakeup: IDelayedCall | None = None
-        self._attempts: set[defer.Deferred[None]] = set()
+        self._attempts: set[defer.Deferred[Any]] = set()
+        self._turning: set[str] = set()  # domains being turned right now
+        self._turned_clients: set[SMTPClient] = set()
         self._stopping = False
         self._notices: task.LoopingCall | None = None
 
@@ -213,7 +209,7 @@ class Relayer(Service):
         assert self._dns_pool is not None
         return threads.deferToThreadPool(self.reactor, self._dns_pool, f, *args, **kwargs)
 
-    # -- the public interface ---------------------------------------------------------
+    # -- the service --------------------------------------------------------------------
 
     def startService(self) -> None:
         self._stopping = False
@@ -222,43 +218,18 @@ class Relayer(Service):
             self._dns_pool.start()
         super().startService()
         now = self.reactor.seconds()
+        held = 0
         for envelope in envelopes:
             due = envelope.next_attempt if envelope.attempts and envelope.next_attempt > now \
                 else now
-            self._track(envelope, due)
-        log.info("relayer started: {count} queued messages", count=len(envelopes))
+            held += self._track(envelope, due)
+        log.info("relayer started: {count} queued messages, {held} held for pickup",
+                 count=len(envelopes), held=held)
         self._arm()
         self._notices = task.LoopingCall(self._read_notices)
         self._notices.clock = self.reactor
         self._notices.start(NOTICE_INTERVAL, now=False).addErrback(
             lambda f: log.failure("reading control notices stopped", f))
-
-    def enqueue(self, envelope: Envelope) -> None:
-        """A message just committed to the queue: try it at once."""
-        if self._stopping:
-            return
-        self._track(envelope, self.reactor.seconds())
-        self._arm()
-
-    def flush(self, domain: str | None = None, subdomains: bool = False) -> int:
-        """Make queued mail due now (all, or with pending recipients in `domain`, held ones too)."""
-        if self._stopping:
-            return 0
-        now = self.reactor.seconds()
-        count = 0
-        for entry in self._entries.values():
-            if domain is not None:
-                matched = {d for d in entry.domains if domain_matches(d, domain, subdomains)}
-                if not matched:
-                    continue
-                entry.release |= matched
-            count += 1
-            if entry.running:
-                entry.again = True
-            else:
-                self._set_due(entry, now)
-        self._arm()
-        return count
 
     def stopService(self) -> defer.Deferred[None] | None:
         self._stopping = True
@@ -271,6 +242,8 @@ class Relayer(Service):
         self.limiter.cancel_waiting()
         for courier in self.couriers.values():
             courier.abort_all()
+        for client in list(self._turned_clients):
+            client.abort()
         if not self._attempts:
             self._stop_dns_pool()
             return None
@@ -284,119 +257,136 @@ class Relayer(Service):
         if self._dns_pool is not None and self._dns_pool.started:
             self._dns_pool.stop()  # joins: a lookup in progress ends within dns_timeout
 
-    def notice(self, notice: dict[str, str]) -> defer.Deferred[None] | None:
-        """Act on one notice from the command line (see `Spool.notify`)."""
-        action, queue_id = notice.get("action"), notice.get("queue_id", "")
-        if action == "flush":
-            self.flush(notice.get("domain") or None)
-        elif action in ("new", "release") and queue_id:
-            d = self.run_blocking(self._load, queue_id)
-            d.addCallback(self._noticed, action)
-            return d
-        elif action in ("hold", "delete") and queue_id:
-            maillog.operator(queue_id, "held" if action == "hold" else "deleted")
-            entry = self._entries.get(queue_id)
-            if entry is not None and not entry.running:
-                del self._entries[queue_id]
-        else:
-            log.warn("ignoring unknown notice {notice!r}", notice=notice)  # noqa: G010
-        return None
+    # -- the queue's interfaces (server/context.py: MailQueue, HeldMail) ----------------------
 
-    def _noticed(self, loaded: tuple[Envelope, Path] | None, action: str) -> None:
-        if loaded is None:
+    def enqueue(self, envelope: Envelope) -> None:
+        """A message just committed to the queue: try it at once (held mail: not until asked)."""
+        if self._stopping:
             return
-        envelope = loaded[0]
-        if action == "new":
-            maillog.picked_up(envelope.queue_id, envelope.reverse_path,
-                              len(envelope.recipients), envelope.size)
+        self._track(envelope, self.reactor.seconds())
+        self._arm()
+
+    def flush(self, domain: str | None = None, subdomains: bool = False) -> int:
+        """Make queued mail due now: all of it, or the messages with pending recipients
+        in `domain` (and its sub-domains), whose held recipients then go to the
+        domain's etrn_route.  Returns the number of messages started."""
+        if self._stopping:
+            return 0
+        now = self.reactor.seconds()
+        if domain is None:
+            entries = list(self._entries.values())
         else:
-            maillog.operator(envelope.queue_id, "released")
-        self.enqueue(envelope)
+            entries = self._entries_for(
+                [d for d in self._by_domain if domain_matches(d, domain, subdomains)])
+        for entry in entries:
+            if domain is not None:
+                entry.release |= {d for d in entry.domains
+                                  if domain_matches(d, domain, subdomains)}
+            if entry.running:
+                entry.again = True
+            else:
+                self._set_due(entry, now)
+        self._arm()
+        return len(entries)
 
-    def _read_notices(self) -> defer.Deferred[None]:
-        def act(notices: list[dict[str, str]]) -> defer.Deferred[Any]:
-            return defer.gatherResults([defer.maybeDeferred(self.notice, n) for n in notices],
-                                       consumeErrors=True)
-        d = self.run_blocking(self.spool.take_notices)
-        d.addCallback(act)
-        d.addErrback(lambda f: log.failure("cannot read control notices", f))
-        return d
+    def waiting(self, domains: Collection[str]) -> int:
+        """Messages with pending recipients in `domains` (exact names)."""
+        return len(self._entries_for(domains))
 
-    def turn(self, domains: list[str]) -> tuple[SMTPClient, defer.Deferred[int]]:
-        """ATRN/TURN [RFC 2645 4, RFC 821]: deliver held mail for `domains` over a turned connection.
+    def turn(self, domains: Collection[str], peer: str) -> tuple[SMTPClient, defer.Deferred[int]]:
+        """ATRN/TURN [RFC 2645, RFC 821]: deliver the held mail of `domains` over a turned connection.
 
-        Returns a client protocol and a Deferred.  The caller (the server's
-        role reversal) attaches the client to the live transport with
-        ``client.makeConnection(transport)`` and routes further bytes to it;
-        the client waits for the other side's 220, delivers every queued
-        message with pending recipients in `domains` (one transaction
-        each, per-recipient results recorded as for any attempt), then
-        says QUIT.  The Deferred fires with the number of messages sent.
-        Mail that fails to go stays queued.
+        Returns a client protocol and a Deferred.  The server's role reversal
+        connects the client to the live transport; the client waits for the
+        other side's 220, every queued message with pending recipients in
+        `domains` is attempted over it (attempt.py, the turned plan), and the
+        client says QUIT.  The Deferred fires with the number of messages
+        with recipients delivered.  What fails to go stays queued.  Raises
+        `TurnBusy` when one of `domains` is being turned already.
         """
+        wanted = frozenset(d.lower().rstrip(".") for d in domains)
+        busy = sorted(wanted & self._turning)
+        if busy:
+            raise TurnBusy(busy[0])
         policy = SessionPolicy(helo_name=self.config.server.hostname,
-                               peer_name="turned connection", tls="off")
+                               peer_name=f"turned[{peer}]", tls="off")
         client = SMTPClient(policy, self.reactor)
-        d = self._serve_turn(client, [d.lower().rstrip(".") for d in domains])
+        self._turning |= wanted
+        self._turned_clients.add(client)
+        d = self._serve_turn(client, wanted, peer)
+        self._attempts.add(d)
+
+        def ended(result: Any) -> Any:
+            self._turning -= wanted
+            self._turned_clients.discard(client)
+            self._attempts.discard(d)
+            return result
+        d.addBoth(ended)
         return client, d
 
     @defer.inlineCallbacks
-    def _serve_turn(self, client: SMTPClient, domains: list[str]) -> Any:
+    def _serve_turn(self, client: SMTPClient, domains: frozenset[str], peer: str) -> Any:
         try:
             yield client.ready
         except Exception as e:  # noqa: BLE001 (the peer went away: nothing sent)
-            log.info("turned connection failed before delivery: {error}", error=e)
+            log.info("turned connection to [{peer}] failed before delivery: {error}",
+                     peer=peer, error=e)
             return 0
+        plan = self.attempts.turned(domains, peer, TurnedCourier(client, peer))
+        tried: set[str] = set()
         sent = 0
-        for entry in [e for e in self._entries.values()
-                      if not e.running and any(d in domains for d in e.domains)]:
-            if client.closed or self._stopping:
+        while not client.closed and not self._stopping:
+            entry = next((e for e in self._entries_for(domains) if e.queue_id not in tried),
+                         None)
+            if entry is None:
                 break
-            entry.running = True
-            try:
-                sent += (yield self._turn_one(client, entry, domains))
-            except Exception:  # noqa: BLE001 (one message must not stop the others)
-                log.failure("{queue_id}: delivery over the turned connection failed",
-                            queue_id=entry.queue_id)
-            finally:
-                entry.running = False
-                if self._entries.get(entry.queue_id) is entry:
-                    self._arm()
+            tried.add(entry.queue_id)
+            if entry.running:
+                yield self._when_idle(entry)  # its attempt over another route ends first
+                if self._entries.get(entry.queue_id) is not entry or entry.running:
+                    continue
+            verdict = yield self._run(entry, plan)
+            if verdict is not None and verdict.delivered:
+                sent += 1
         client.quit()
         return sent
 
-    @defer.inlineCallbacks
-    def _turn_one(self, client: SMTPClient, entry: _Entry, domains: list[str]) -> Any:
-        loaded = yield self.run_blocking(self._load, entry.queue_id)
-        if loaded is None:
-            self._entries.pop(entry.queue_id, None)
-            return 0
-        envelope, data_path = loaded
-        recipients = [r for r in envelope.pending if r.domain in domains]
-        if not recipients:
-            return 0
-        result = yield client.deliver(transaction_for(envelope, recipients, data_path))
-        undecided = classify(result.error) if result.error is not None else None
-        now = self.reactor.seconds()
-        for recipient, outcome in zip(recipients, result.outcomes):
-            outcome = outcome or undecided
-            if outcome is not None:
-                self._apply(envelope, recipient, Result(outcome, "turned-connection"), now)
-        yield self._save(entry, envelope)
-        yield self._after_attempt(entry, envelope, data_path)
-        return 1
-
     # -- due times --------------------------------------------------------------------
 
-    def _track(self, envelope: Envelope, due: float) -> None:
+    def _track(self, envelope: Envelope, due: float) -> bool:
+        """Schedule a message; held mail waits for its lifetime's end.  True if held."""
         entry = self._entries.get(envelope.queue_id)
         if entry is None:
             entry = self._entries[envelope.queue_id] = _Entry(envelope.queue_id)
-        entry.domains = {r.domain for r in envelope.pending}
+        self._index(entry, frozenset(r.domain for r in envelope.pending))
+        held = self.attempts.held_only(envelope)
+        if held:
+            due = max(due, envelope.arrival + self.config.relay.lifetime)
         if entry.running:
             entry.again = True
         else:
             self._set_due(entry, due)
+        return held
+
+    def _index(self, entry: _Entry, domains: frozenset[str]) -> None:
+        for domain in entry.domains - domains:
+            ids = self._by_domain.get(domain)
+            if ids is not None:
+                ids.discard(entry.queue_id)
+                if not ids:
+                    del self._by_domain[domain]
+        for domain in domains - entry.domains:
+            self._by_domain.setdefault(domain, set()).add(entry.queue_id)
+        entry.domains = domains
+
+    def _forget(self, entry: _Entry) -> None:
+        self._index(entry, frozenset())
+        if self._entries.get(entry.queue_id) is entry:
+            del self._entries[entry.queue_id]
+
+    def _entries_for(self, domains: Collection[str]) -> list[_Entry]:
+        ids = set().union(*(self._by_domain.get(d, ()) for d in domains)) if domains else set()
+        return [self._entries[i] for i in sorted(ids) if i in self._entries]
 
     def _set_due(self, entry: _Entry, due: float) -> None:
         entry.due = due
@@ -427,232 +417,98 @@ class Relayer(Service):
         while self._heap and self._heap[0][0] <= now and not self._stopping:
             item = heapq.heappop(self._heap)
             if self._valid(item):
-                self._start(self._entries[item[2]])
+                entry = self._entries[item[2]]
+                release, entry.release = frozenset(entry.release), set()
+                self._run(entry, self.attempts.scheduled(release))
         self._arm()
 
-    def _start(self, entry: _Entry) -> None:
+    # -- running attempts -----------------------------------------------------------------
+
+    def _run(self, entry: _Entry, plan: Plan) -> defer.Deferred[Verdict | None]:
+        """One attempt of `entry` under `plan`; settles its due time when it ends.
+        Fires with the attempt's Verdict, or None when it found no message or failed."""
         entry.running = True
         entry.due = None
-        d = self._attempt(entry)
+        d = self.attempts.run(entry.queue_id, plan)
         self._attempts.add(d)
-        d.addErrback(lambda f: log.failure("attempt of {queue_id} failed", f,
-                                           queue_id=entry.queue_id))
-        d.addBoth(lambda _: self._attempt_ended(entry, d))
 
-    def _attempt_ended(self, entry: _Entry, d: defer.Deferred[None]) -> None:
-        self._attempts.discard(d)
+        def ended(verdict: Verdict | None) -> Verdict | None:
+            self._attempts.discard(d)
+            if verdict is None:  # not in queue/ any more: delivered, held or deleted
+                self._settle(entry, None, gone=True)
+            else:
+                self._settle(entry, verdict)
+            return verdict
+
+        def failed(f: Any) -> None:
+            log.failure("attempt of {queue_id} failed", f, queue_id=entry.queue_id)
+            self._attempts.discard(d)
+            self._settle(entry, None)
+        d.addCallbacks(ended, failed)
+        return d
+
+    def _settle(self, entry: _Entry, verdict: Verdict | None, gone: bool = False) -> None:
         entry.running = False
-        if self._entries.get(entry.queue_id) is not entry:
-            return
-        if entry.again and not self._stopping:
-            entry.again = False
-            self._set_due(entry, self.reactor.seconds())
-        elif entry.due is None and not self._stopping:
-            # The attempt ended without a verdict on timing (an error): retry later.
-            self._set_due(entry, self.reactor.seconds() + self.config.relay.retry_min)
+        idle, entry.idle = entry.idle, []
+        if self._entries.get(entry.queue_id) is entry:
+            if gone or (verdict is not None and verdict.removed):
+                self._forget(entry)
+            elif not self._stopping:
+                if verdict is not None:
+                    self._index(entry, verdict.domains)
+                if entry.again:
+                    entry.again = False
+                    self._set_due(entry, self.reactor.seconds())
+                elif verdict is not None and verdict.next_attempt is not None:
+                    self._set_due(entry, verdict.next_attempt)
+                else:
+                    # The attempt failed without a verdict on timing (an error): retry later.
+                    self._set_due(entry, self.reactor.seconds() + self.config.relay.retry_min)
+        for d in idle:
+            d.callback(None)
         self._arm()
 
-    # -- one attempt --------------------------------------------------------------------
+    def _when_idle(self, entry: _Entry) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        entry.idle.append(d)
+        return d
 
-    @defer.inlineCallbacks
-    def _attempt(self, entry: _Entry) -> Any:
-        loaded = yield self.run_blocking(self._load, entry.queue_id)
-        if loaded is None:
-            self._entries.pop(entry.queue_id, None)
-            return
-        envelope, data_path = loaded
-        release, entry.release = entry.release, set()
-        groups = self._groups(envelope, release)
-        if groups:
-            envelope.attempts += 1
-            delivered = yield defer.DeferredList(
-                [self._deliver_group(entry, envelope, hop, indices, data_path)
-                 for hop, indices in groups.values()], consumeErrors=True)
-            failures = [result for ok, result in delivered if not ok]
-            if failures:
-                # An outcome that could not be saved must not be reported (or the
-                # message removed) as if it were on disk: retry later from the disk.
-                failures[0].raiseException()
-        if self._stopping:
-            return
-        yield self._after_attempt(entry, envelope, data_path)
+    # -- notices from the command line ------------------------------------------------------
 
-    def _load(self, queue_id: str) -> tuple[Envelope, Path] | None:
-        """Blocking: the envelope as it is on disk now (the command line may have changed it)."""
-        try:
-            if self.spool.state_of(queue_id) != QUEUE:
-                return None
-            return self.spool.load(queue_id), self.spool.data_path(queue_id)
-        except SpoolError:
-            return None
-        except (OSError, EnvelopeError) as e:
-            log.error("{queue_id}: cannot read the envelope: {error}", queue_id=queue_id, error=e)
-            return None
-
-    def _groups(self, envelope: Envelope, release: set[str]) -> dict[str, tuple[NextHop, list[int]]]:
-        """Pending recipients by next hop: each group is one transaction."""
-        groups: dict[str, tuple[NextHop, list[int]]] = {}
-        for index, recipient in enumerate(envelope.recipients):
-            if recipient.state != PENDING:
-                continue
-            hop = self.router.next_hop(recipient.address,
-                                       release_hold=recipient.domain in release)
-            if hop.kind == HOLD:
-                continue
-            groups.setdefault(hop.destination, (hop, []))[1].append(index)
-        return groups
-
-    @defer.inlineCallbacks
-    def _deliver_group(self, entry: _Entry, envelope: Envelope, hop: NextHop,
-                       indices: list[int], data_path: Path) -> Any:
-        yield self.limiter.acquire(hop.destination)
-        recipients = [envelope.recipients[i] for i in indices]
-        try:
-            if self._stopping:
-                return
-            courier = self.couriers[hop.kind]
-            try:
-                results = yield courier.deliver(hop, envelope, recipients, data_path)
-            except Exception as e:  # noqa: BLE001 (a courier bug must not lose the attempt)
-                log.failure("courier error for {queue_id}", queue_id=envelope.queue_id)
-                results = [Result(classify(e), "none")] * len(recipients)
-        finally:
-            self.limiter.release(hop.destination)
-        now = self.reactor.seconds()
-        changed = False
-        for recipient, result in zip(recipients, results):
-            # When shutting down, a deferral is only the interruption: record final verdicts only.
-            if self._stopping and not result.outcome.is_final:
-                continue
-            self._apply(envelope, recipient, result, now)
-            changed = True
-        if changed:
-            yield self._save(entry, envelope)
-
-    def _apply(self, envelope: Envelope, recipient: Recipient, result: Result, now: float) -> None:
-        outcome: Outcome = result.outcome
-        recipient.status = outcome.status
-        recipient.diagnostic = outcome.diagnostic
-        recipient.remote_mta = outcome.remote_mta
-        recipient.updated = now
-        delay = now - envelope.arrival
-        if isinstance(outcome, Delivered):
-            recipient.state = DELIVERED
-            recipient.notified = not (self._success_report_due(envelope, recipient)
-                                      and not outcome.dsn_passed)
-            status = maillog.SENT
-        elif isinstance(outcome, Failed):
-            recipient.state = FAILED
-            recipient.notified = not self._failure_report_due(envelope, recipient)
-            status = maillog.BOUNCED
+    def notice(self, notice: dict[str, str]) -> defer.Deferred[None] | None:
+        """Act on one notice from the command line (see `Spool.notify`)."""
+        action, queue_id = notice.get("action"), notice.get("queue_id", "")
+        if action == "flush":
+            self.flush(notice.get("domain") or None)
+        elif action in ("new", "release") and queue_id:
+            d = self.run_blocking(self.attempts.load, queue_id)
+            d.addCallback(self._noticed, action)
+            return d
+        elif action in ("hold", "delete") and queue_id:
+            maillog.operator(queue_id, "held" if action == "hold" else "deleted")
+            entry = self._entries.get(queue_id)
+            if entry is not None and not entry.running:
+                self._forget(entry)
         else:
-            envelope.last_error = outcome.diagnostic
-            status = maillog.DEFERRED
-        maillog.delivery(envelope.queue_id, recipient.address, result.relay, delay,
-                         outcome.status, status, outcome.diagnostic)
+            log.warn("ignoring unknown notice {notice!r}", notice=notice)  # noqa: G010
+        return None
 
-    def _success_report_due(self, envelope: Envelope, recipient: Recipient) -> bool:
-        return bool(envelope.reverse_path) and recipient.wants("SUCCESS")
-
-    def _failure_report_due(self, envelope: Envelope, recipient: Recipient) -> bool:
-        if not recipient.wants("FAILURE"):
-            return False
-        return bounce.report_recipient(envelope, bounce.FAILURE,
-                                       self.config.server.postmaster) is not None
-
-    def _save(self, entry: _Entry, envelope: Envelope) -> defer.Deferred[None]:
-        """Write a snapshot of the envelope in a thread, one save at a time per message."""
-        snapshot = copy.deepcopy(envelope)
-        return entry.save_lock.run(self.run_blocking, self.spool.save, snapshot)
-
-    # -- after the transactions -------------------------------------------------------------
-
-    @defer.inlineCallbacks
-    def _after_attempt(self, entry: _Entry, envelope: Envelope, data_path: Path) -> Any:
-        now = self.reactor.seconds()
-        relay = self.config.relay
-        expiring = envelope.pending if now >= envelope.arrival + relay.lifetime else []
-        for recipient in expiring:
-            self._expire(envelope, recipient, now)
-        if expiring:
-            yield self._save(entry, envelope)
-        yield self._send_reports(envelope, data_path, now)
-        if envelope.is_complete:
-            yield self.run_blocking(self.spool.remove, envelope.queue_id)
-            self._entries.pop(envelope.queue_id, None)
-            maillog.removed(envelope.queue_id)
+    def _noticed(self, loaded: tuple[Envelope, Any] | None, action: str) -> None:
+        if loaded is None:
             return
-        entry.domains = {r.domain for r in envelope.pending}
-        envelope.next_attempt = self._next_due(envelope, now)
-        yield self._save(entry, envelope)
-        self._set_due(entry, envelope.next_attempt)
+        envelope = loaded[0]
+        if action == "new":
+            maillog.picked_up(envelope.queue_id, envelope.reverse_path,
+                              len(envelope.recipients), envelope.size)
+        else:
+            maillog.operator(envelope.queue_id, "released")
+        self.enqueue(envelope)
 
-    def _expire(self, envelope: Envelope, recipient: Recipient, now: float) -> None:
-        last = recipient.diagnostic or "never attempted"
-        recipient.state = FAILED
-        recipient.status = EXPIRED_STATUS
-        recipient.diagnostic = f"delivery time expired; last error: {last}"
-        recipient.updated = now
-        recipient.notified = not self._failure_report_due(envelope, recipient)
-        maillog.delivery(envelope.queue_id, recipient.address, "none", now - envelope.arrival,
-                         EXPIRED_STATUS, maillog.EXPIRED, recipient.diagnostic)
-
-    def _next_due(self, envelope: Envelope, now: float) -> float:
-        relay = self.config.relay
-        wait = backoff(envelope.attempts, relay.retry_min, relay.retry_max, self.rng)
-        if not envelope.pending:
-            return now + wait  # only reports left to send, which failed: try them again later
-        end = envelope.arrival + relay.lifetime  # after `now`: expired recipients are not pending
-        if all(self.router.next_hop(r.address).kind == HOLD for r in envelope.pending):
-            return end  # only held recipients: wake up to expire them
-        return min(now + wait, end)
-
-    @defer.inlineCallbacks
-    def _send_reports(self, envelope: Envelope, data_path: Path, now: float) -> Any:
-        """Failure, success and delay reports due for this message; marks who was told."""
-        failed = [r for r in envelope.recipients if r.state == FAILED and not r.notified]
-        succeeded = [r for r in envelope.recipients if r.state == DELIVERED and not r.notified]
-        delayed = self._delay_warnings_due(envelope, now)
-        batches = [
-            (bounce.FAILURE, [bounce.ReportLine(r, bounce.FAILED) for r in failed]),
-            (bounce.SUCCESS, [bounce.ReportLine(r, bounce.RELAYED if r.remote_mta
-                                                else bounce.DELIVERED) for r in succeeded]),
-            (bounce.DELAY, [bounce.ReportLine(r, bounce.DELAYED) for r in delayed]),
-        ]
-        changed = False
-        for kind, lines in batches:
-            if not lines:
-                continue
-            try:
-                report = yield self.run_blocking(
-                    bounce.send_report, self.spool, self.config.server.hostname, envelope,
-                    data_path, kind, lines, now,
-                    retry_until=envelope.arrival + self.config.relay.lifetime,
-                    postmaster=self.config.server.postmaster)
-            except Exception:  # noqa: BLE001 (retried at the next attempt)
-                log.failure("{queue_id}: cannot create a {kind} report",
-                            queue_id=envelope.queue_id, kind=kind)
-                continue
-            for line in lines:
-                if kind == bounce.DELAY:
-                    line.recipient.delay_warned = True
-                else:
-                    line.recipient.notified = True
-            changed = True
-            if report is None:
-                maillog.report_dropped(envelope.queue_id, f"no one to send a {kind} report to")
-                continue
-            maillog.report_created(envelope.queue_id, bounce.log_kind(kind), report.queue_id)
-            self.enqueue(report)
-        if changed:
-            entry = self._entries.get(envelope.queue_id)
-            if entry is not None:
-                yield self._save(entry, envelope)
-
-    def _delay_warnings_due(self, envelope: Envelope, now: float) -> list[Recipient]:
-        if not envelope.reverse_path or envelope.is_report or not self.config.relay.delay_warning:
-            return []
-        if now < envelope.arrival + self.config.relay.delay_warning:
-            return []
-        return [r for r in envelope.pending if not r.delay_warned and r.wants("DELAY")
-                and self.router.next_hop(r.address).kind != HOLD]
+    def _read_notices(self) -> defer.Deferred[None]:
+        def act(notices: list[dict[str, str]]) -> defer.Deferred[Any]:
+            return defer.gatherResults([defer.maybeDeferred(self.notice, n) for n in notices],
+                                       consumeErrors=True)
+        d = self.run_blocking(self.spool.take_notices)
+        d.addCallback(act)
+        d.addErrback(lambda f: log.failure("cannot read control notices", f))
+        return d

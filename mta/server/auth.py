@@ -37,8 +37,9 @@ What it owns:
 - The SASL exchanges themselves live in `mta.server.sasl`; they produce the
   twisted.cred credentials that `login(portal, credentials)` checks here.
 
-- `FailureCounter`: AUTH failures per client address within a window
-  (``[auth] failures_per_client``, ``failure_window``), on an injected clock.
+- AUTH failures per client address within a window (``[auth]
+  failures_per_client``, ``failure_window``) are counted by a
+  `ratelimit.WindowCounter` that `Trust` holds.
 
 What errors mean: the checker fails with `UnauthorizedLogin` for wrong
 credentials (-> 535 5.7.8, count it) and with `UnhandledCredentials` for
@@ -61,7 +62,6 @@ import secrets
 import stat
 import struct
 import sys
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -486,59 +486,3 @@ def login(portal: Portal, credentials: Any) -> Deferred:
     """Deferred firing with the user name, or failing with `UnauthorizedLogin`."""
     d = portal.login(credentials, None, IAuthenticatedUser)
     return d.addCallback(lambda result: result[1])
-
-
-# -- failures per client address ----------------------------------------------------
-
-class FailureCounter:
-    """AUTH failures per client address in a sliding window.
-
-    `record(address)` after each failed AUTH; `blocked(address)` before
-    starting one (then 421 4.7.0 and close).  `clock` is an `IReactorTime`
-    (anything with ``seconds()``), so tests use `task.Clock`.
-    """
-
-    def __init__(self, limit: int, window: float, clock: Any) -> None:
-        self.limit = limit
-        self.window = window
-        self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
-        self._last_sweep = clock.seconds()
-
-    @classmethod
-    def from_config(cls, auth: Any, clock: Any) -> FailureCounter:
-        """From the ``[auth]`` section: ``failures_per_client`` within ``failure_window``."""
-        return cls(auth.failures_per_client, auth.failure_window, clock)
-
-    def record(self, address: str) -> int:
-        """Count one failure; returns the failures now in the window."""
-        self._sweep()
-        times = self._failures.setdefault(address, deque())
-        times.append(self._clock.seconds())
-        return self.count(address)
-
-    def count(self, address: str) -> int:
-        times = self._failures.get(address)
-        if times is None:
-            return 0
-        self._expire(address, times)
-        return len(times)
-
-    def blocked(self, address: str) -> bool:
-        return self.count(address) >= self.limit
-
-    def _expire(self, address: str, times: deque[float]) -> None:
-        horizon = self._clock.seconds() - self.window
-        while times and times[0] <= horizon:
-            times.popleft()
-        if not times:
-            del self._failures[address]
-
-    def _sweep(self) -> None:
-        # Once a window, forget every address whose failures all expired, so
-        # memory is bounded by the failures of about two windows.
-        if self._clock.seconds() - self._last_sweep < self.window:
-            return
-        self._last_sweep = self._clock.seconds()
-        for address, times in list(self._failures.items()):
-            self._expire(address, times)

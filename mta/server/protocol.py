@@ -33,13 +33,21 @@ delayed.
 Connection limits (``[limits] connections`` and ``connections_per_client``)
 are counted over all listeners together (`ConnectionTable`); past them the
 client gets 421 4.7.0 and a close.
+
+What happens after each reply is the `Answer`'s next step (answer.py):
+go on, close, start TLS, read a body, or turn round.  Turning round (ATRN,
+TURN) gives the live transport to a client protocol (reversal.py): from
+then on this protocol has no timeouts and no producer registration, and
+forwards every byte and the connection's loss to its successor.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -47,7 +55,10 @@ from twisted.protocols.policies import TimeoutMixin
 
 from mta import reply
 from mta.reply import Reply
-from mta.server.session import ServerContext, Session
+from mta.server.answer import Answer, Close, ReadBody, StartTLS, TurnRound
+from mta.server.context import ServerContext
+from mta.server.reversal import Reversible
+from mta.server.session import Session
 
 log = Logger(namespace="mta.smtpd")
 
@@ -58,7 +69,7 @@ MAX_FRAME = 12288
 MAX_BUFFERED = 64 * 1024
 
 
-class SMTPServerProtocol(LineReceiver, TimeoutMixin):
+class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
     delimiter = b"\r\n"
     MAX_LENGTH = MAX_FRAME
 
@@ -74,6 +85,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._reading_paused = False  # we told the transport to stop reading
         self._processing = False
         self._closed = False
+        self._reader: Any = None  # a body reader taking the bytes that follow DATA/BDAT
         self.client_address = ""
 
     # -- connection ----------------------------------------------------------
@@ -89,6 +101,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return
         self.session = Session(self.context, self.client_address, getattr(peer, "port", 0),
                                tls=self._transport_is_tls())
+        if self.context.turned:
+            log.info("turned connection: serving [{client}] as its SMTP server",
+                     client=self.client_address)
         # Flow control: a client that pipelines without reading its replies must
         # not make us buffer them without end; the transport pauses us instead.
         self.transport.registerProducer(self, True)
@@ -100,9 +115,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._greet()
 
     def _greeting_delay(self) -> float:
-        if self.context.listener.role != "smtp" or \
+        if self.context.listener.role != "smtp" or self.context.turned or \
                 self.context.config.is_mynetwork(self.client_address):
-            return 0.0
+            return 0.0  # a turned connection's other side waits for our 220 [RFC 2645 5.3]
         return self.limits.greeting_delay
 
     def _greet(self) -> None:
@@ -110,9 +125,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.transport.write(self.session.greeting().render())
 
     def _transport_is_tls(self) -> bool:
+        if self.context.turned:
+            return ISSLTransport.providedBy(self.transport)
         return self.context.listener.tls == "implicit"
 
     def connectionLost(self, reason=None) -> None:
+        if self.successor is not None:
+            self.successor.connectionLost(reason)
         self.setTimeout(None)
         self._closed = True
         if self._greeting_call is not None and self._greeting_call.active():
@@ -185,6 +204,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- input -----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.successor is not None:
+            self.successor.dataReceived(data)
+            return
         if self._closed or self.session is None:
             return
         if self._greeting_call is not None:
@@ -206,8 +228,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _process(self) -> None:
         self._processing = True
         try:
-            while self._buffer and not (self._waiting or self._write_blocked or self._closed):
-                if self.session.body is not None:
+            while self._buffer and not (self._waiting or self._write_blocked or self._closed
+                                        or self.successor is not None):
+                if self._reader is not None:
                     self._feed_body()
                 elif not self._next_command():
                     break
@@ -215,11 +238,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._processing = False
 
     def _feed_body(self) -> None:
-        rest = self.session.body.feed(self._buffer)
+        rest = self._reader.feed(self._buffer)
         if rest is None:
             self._buffer = b""
             return
         self._buffer = rest
+        self._reader = None
         self._answer(self.session.body_done())
 
     def _next_command(self) -> bool:
@@ -231,7 +255,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 return False
             self._buffer = self._buffer[end + 1:]
             self._discarding = False
-            self._answer(self.session.line_too_long())
+            self._answer(Answer(self.session.line_too_long()))
             return True
         if end < 0:
             if len(self._buffer) > MAX_FRAME:
@@ -246,7 +270,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def lineReceived(self, line: bytes) -> None:
         if len(line) + 2 > self._line_limit(line):
-            self._answer(self.session.line_too_long())
+            self._answer(Answer(self.session.line_too_long()))
             return
         self._answer(self.session.command(line))
 
@@ -264,27 +288,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     # -- output ----------------------------------------------------------------
 
-    def _answer(self, result: Reply | defer.Deferred | None) -> None:
+    def _answer(self, result: Answer | defer.Deferred[Answer]) -> None:
         if isinstance(result, defer.Deferred):
             self._wait_for(result)
-        elif result is None:
-            self._after_body_command()
         else:
             self._send(result)
-
-    def _after_body_command(self) -> None:
-        """A BDAT was accepted for reading; an empty chunk is complete at once."""
-        body = self.session.body
-        self.setTimeout(self.limits.data_timeout)
-        if body is not None and getattr(body, "remaining", None) == 0:
-            self._answer(self.session.body_done())
 
     def _wait_for(self, d: defer.Deferred) -> None:
         self._waiting = True
         self.setTimeout(None)
         self._sync_reading()
 
-        def done(result: Reply) -> None:
+        def done(result: Answer) -> None:
             self._waiting = False
             if self._closed:
                 return
@@ -302,29 +317,54 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         d.addCallback(done)
         d.addErrback(broken)
 
-    def _send(self, answer: Reply) -> None:
+    def _send(self, answer: Answer) -> None:
         if self._closed:
             return
         session = self.session
-        self.transport.write(answer.render(session.enhanced))
-        if session.closing:
-            self._closed = True
-            self._lose()
-            return
-        if session.starttls:
-            self._start_tls()
-            return
+        said = answer.reply
+        if said is not None:
+            self.transport.write(said.render(session.enhanced))
+        match answer.next:
+            case Close():
+                self._closed = True
+                self._lose()
+                return
+            case StartTLS():
+                self._start_tls()
+                return
+            case TurnRound(successor=successor):
+                self._turn_round(successor)
+                return
+            case ReadBody(reader=reader):
+                self._reader = reader
+                self.setTimeout(self.limits.data_timeout)
+                if getattr(reader, "remaining", None) == 0:
+                    self._reader = None  # an empty BDAT chunk is complete at once
+                    self._answer(session.body_done())
+                return
         # 452 4.5.3 (too many recipients) is the limit working as RFC 5321 4.5.3.1.10
         # says, not a client error: the client sends the rest in another transaction.
-        if answer.code >= 400 and answer != reply.TOO_MANY_RECIPIENTS:
+        if said is not None and said.code >= 400 and said != reply.TOO_MANY_RECIPIENTS:
             session.errors += 1
             if session.errors >= self.limits.errors:
                 log.info("too many errors from [{client}]", client=self.client_address)
                 self._close_with(reply.TOO_MANY_ERRORS)
                 return
-        self.setTimeout(self.limits.data_timeout if session.body is not None
-                        else self.limits.command_timeout)
+        self.setTimeout(self.limits.command_timeout)
 
+    def _turn_round(self, successor: Any) -> None:
+        """The 250 to ATRN or TURN is written: the connection is `successor`'s now [RFC 2645 5.3]."""
+        self.setTimeout(None)
+        leftover, self._buffer = self._buffer, b""
+        self._reader = None
+        # Our producer registration and any reading pause are ours, not the successor's.
+        self.transport.unregisterProducer()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        log.info("turned round: delivering to [{client}] on this connection",
+                 client=self.client_address)
+        self.turn_round(successor, leftover)
 
     def _start_tls(self) -> None:
         """The 220 to STARTTLS is written (in plain text): switch the transport to TLS."""

@@ -1,4 +1,4 @@
-"""The SMTP state machine: one command in, one Reply out.
+"""The SMTP state machine: one command in, one Answer out.
 
 `Session` is the per-connection state (greeting, TLS, AUTH, counters);
 `Transaction` is the per-message state, replaced on RSET, on a new
@@ -6,12 +6,12 @@ EHLO/HELO and after each message [RFC 5321 4.1.4].  Neither does network
 I/O: the Twisted adapter (protocol.py) feeds lines and body bytes in and
 writes replies out.
 
-`command(line)` returns a Reply, or a Deferred firing with one when the
-answer needs the disk or a password check.  After it the adapter looks at
-`body` (a DATA/BDAT reader now wants the bytes that follow), `closing`
-(send the reply, then close) and `starttls` (hand the transport to TLS, then
-call `start_tls()`).  While `expects_sasl` is true the next line is a SASL
-response of an AUTH exchange (trust.py), not a command.
+`command(line)` returns an `Answer` (answer.py): the reply and what the
+connection does next (continue, close, start TLS, read a body, turn round),
+or a Deferred firing with one when the answer needs the disk or a password
+check.  When a body reader has all its bytes, `body_done()` answers the
+DATA or BDAT.  While `expects_sasl` is true the next line is a SASL response
+of an AUTH exchange (trust.py), not a command.
 
 Trust [DESIGN.md 8]: STARTTLS is offered when the listener says
 ``tls = "starttls"``, a certificate is configured and the session is not yet
@@ -19,21 +19,26 @@ in TLS; AUTH when a password file is configured, after EHLO, outside a
 transaction and only once; PLAIN and LOGIN only inside TLS, from loopback,
 or where the listener's ``plaintext_auth`` allows them.
 
-States (`Phase`): connected -> greeted -> mail (MAIL seen) -> rcpt
-(a recipient accepted) -> data (a body is being read); ordering errors are
-503, bad arguments 501, unknown commands 500 [RFC 5321 4.2.4, 4.1.4].
+Role reversal [DESIGN.md 5]: ETRN, ATRN and TURN are ordered here (after
+a greeting, outside a transaction) and decided in reversal.py.
+
+`phase` is the ordering state and nothing else decides ordering:
+connected -> greeted -> mail (MAIL accepted) -> rcpt (a recipient accepted)
+-> data (a body started: DATA being read, or BDAT chunks until LAST);
+RSET, a new HELO/EHLO and the end of a message go back to greeted.
+Ordering errors are 503, bad arguments 501, unknown commands 500
+[RFC 5321 4.2.4, 4.1.4].
 """
 
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from mta import reply
@@ -45,14 +50,15 @@ from mta.address import (
     split_path_and_params,
     xtext_decode,
 )
-from mta.config import Config, Listener
 from mta.reply import Reply
 from mta.server import sasl
+from mta.server.answer import CLOSE, START_TLS, Answer, ReadBody, answer
+from mta.server.context import ServerContext
 from mta.server.dataread import BodyReader, ChunkReader, DataReader
 from mta.server.policy import Policy
-from mta.server.trust import AuthExchange, Trust, is_loopback
+from mta.server.trust import AuthExchange, is_loopback
 from mta.spool.envelope import Envelope, Recipient
-from mta.spool.store import Incoming, Spool
+from mta.spool.store import Incoming
 
 log = Logger(namespace="mta.smtpd")
 
@@ -62,17 +68,19 @@ DSN_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 
 
 class Phase(enum.Enum):
-    CONNECTED = "connected"
-    GREETED = "greeted"
-    MAIL = "mail"
-    RCPT = "rcpt"
-    DATA = "data"
+    CONNECTED = "connected"  # no HELO/EHLO yet
+    GREETED = "greeted"  # no transaction
+    MAIL = "mail"  # MAIL accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+    DATA = "data"  # a body started: DATA being read, or BDAT chunks until LAST
+
+
+TRANSACTION = (Phase.MAIL, Phase.RCPT, Phase.DATA)
 
 
 @dataclass
 class Transaction:
-    reverse_path: Mailbox | None = None  # None with `started` = the null path <>
-    started: bool = False
+    reverse_path: Mailbox | None = None  # None in a transaction: the null path <>
     smtputf8: bool = False
     body_type: str = "7BIT"
     ret: str | None = None
@@ -84,19 +92,6 @@ class Transaction:
     body: BodyReader | None = None
 
 
-@dataclass
-class ServerContext:
-    """What every session of one listener shares."""
-
-    config: Config
-    listener: Listener
-    spool: Spool
-    on_queued: Callable[[Envelope], None] = lambda envelope: None
-    clock: Callable[[], float] = time.time
-    run_blocking: Callable[..., defer.Deferred] = threads.deferToThread
-    trust: Trust | None = None  # None: neither STARTTLS nor AUTH
-
-
 # -- the command table ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -104,7 +99,7 @@ class Verb:
     name: str
     syntax: str
     help: str
-    handler: Callable[[Session, str], Reply | defer.Deferred]
+    handler: Callable[[Session, str], Reply | Answer | defer.Deferred]
 
 
 _VERBS: dict[str, Verb] = {}
@@ -135,9 +130,8 @@ class Session:
         self.authenticated: str | None = None
         self.transaction = Transaction()
         self.errors = 0
-        self.body: BodyReader | None = None
-        self.closing = False
-        self.starttls = False
+        self.reading: BodyReader | None = None  # the body reader handed to the adapter
+        self._chunk_outcome: tuple[Reply | None, bool] = (None, False)
         self.auth_exchange: AuthExchange | None = None
         self.auth_failures = 0
 
@@ -165,27 +159,31 @@ class Session:
 
     # -- dispatch ----------------------------------------------------------------
 
-    def command(self, line: bytes) -> Reply | defer.Deferred:
+    def command(self, line: bytes) -> Answer | defer.Deferred[Answer]:
         if self.expects_sasl:
-            return self._auth_result(self.auth_exchange.respond(line))
+            return _answered(self._auth_result(self.auth_exchange.respond(line)))
         if b"\x00" in line:
-            return reply.BAD_BYTES
+            return Answer(reply.BAD_BYTES)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return reply.BAD_BYTES
+            return Answer(reply.BAD_BYTES)
         name, _, arg = text.partition(" ")
         found = _VERBS.get(name.upper())
         if found is None:
-            return reply.UNKNOWN_COMMAND
-        return found.handler(self, arg.strip(" "))
+            return Answer(reply.UNKNOWN_COMMAND)
+        return _answered(found.handler(self, arg.strip(" ")))
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.phase in TRANSACTION
 
     def reset_transaction(self) -> None:
         if self.transaction.incoming is not None:
             self.transaction.incoming.abort()
         self.transaction = Transaction()
-        self.body = None
-        if self.phase in (Phase.MAIL, Phase.RCPT, Phase.DATA):
+        self.reading = None
+        if self.in_transaction:
             self.phase = Phase.GREETED
 
     def connection_lost(self) -> None:
@@ -231,7 +229,12 @@ class Session:
         mechanisms = self.auth_mechanisms()
         if mechanisms and self.authenticated is None:
             keywords.append("AUTH " + " ".join(mechanisms))
+        if self.context.pickup is not None:
+            keywords.append("ETRN")  # RFC 1985
+        if self.atrn_offered():
+            keywords.append("ATRN")  # RFC 2645 5.1.1: before AUTH too, so clients know
         # RFC 5321 Appendix F.6: SEND, SOML, SAML are implemented, so advertised.
+        # TURN is not: it works only after AUTH, for a domain the user may pull.
         return keywords + ["HELP", "SEND", "SOML", "SAML"]
 
     # -- trust: STARTTLS [RFC 3207] and AUTH [RFC 4954] -------------------------------
@@ -258,10 +261,9 @@ class Session:
         self.esmtp = False
         self.authenticated = None
         self.auth_exchange = None
-        self.starttls = False
         self.tls = True
 
-    def _auth_result(self, result: Reply | defer.Deferred) -> Reply | defer.Deferred:
+    def _auth_result(self, result: Reply | defer.Deferred) -> Answer | defer.Deferred:
         """Follow the exchange's answer: remember the user, or its end and failures."""
         if isinstance(result, defer.Deferred):
             return result.addCallback(self._auth_result)
@@ -270,8 +272,9 @@ class Session:
             self.auth_exchange = None
             self.auth_failures = exchange.failures
             self.authenticated = exchange.result
-            self.closing = self.closing or exchange.closing
-        return result
+            if exchange.closing:
+                return Answer(result, CLOSE)
+        return Answer(result)
 
     @verb("RSET", "RSET", "Abort the current mail transaction")
     def rset(self, arg: str) -> Reply:
@@ -285,12 +288,11 @@ class Session:
         return reply.NOOP_OK
 
     @verb("QUIT", "QUIT", "Close the connection")
-    def quit(self, arg: str) -> Reply:
+    def quit(self, arg: str) -> Reply | Answer:
         if arg:
             return reply.syntax_error("QUIT takes no arguments")
         self.reset_transaction()
-        self.closing = True
-        return reply.closing(self.hostname)
+        return Answer(reply.closing(self.hostname), CLOSE)
 
     @verb("HELP", "HELP [command]", "Show the commands, or one command's syntax")
     def help(self, arg: str) -> Reply:
@@ -317,20 +319,19 @@ class Session:
         return reply.EXPN_DISABLED
 
     @verb("STARTTLS", "STARTTLS", "Start TLS (RFC 3207), where offered")
-    def starttls_(self, arg: str) -> Reply:
+    def starttls_(self, arg: str) -> Reply | Answer:
         if self.tls:
             return reply.TLS_ALREADY_ACTIVE
         if not self.starttls_offered():
             return reply.NOT_IMPLEMENTED  # not advertised here
         if arg:
             return reply.TLS_NO_PARAMETERS  # RFC 3207 4
-        if self.transaction.started:
+        if self.in_transaction:
             return reply.TLS_IN_TRANSACTION
-        self.starttls = True
-        return reply.TLS_READY
+        return Answer(reply.TLS_READY, START_TLS)
 
     @verb("AUTH", "AUTH <mechanism> [initial-response]", "Authenticate (RFC 4954), where offered")
-    def auth(self, arg: str) -> Reply | defer.Deferred:
+    def auth(self, arg: str) -> Reply | Answer | defer.Deferred:
         trust = self.context.trust
         if trust is None or not trust.auth_enabled:
             return reply.NOT_IMPLEMENTED  # no password file: not advertised
@@ -338,29 +339,57 @@ class Session:
             return reply.AUTH_NEED_EHLO  # RFC 4954 4: after EHLO
         if self.authenticated is not None:
             return reply.AUTH_ALREADY  # RFC 4954 4: once per session
-        if self.transaction.started:
+        if self.in_transaction:
             return reply.AUTH_IN_TRANSACTION  # RFC 4954 4
         if trust.failures.blocked(self.client_address):
             log.info("AUTH refused: too many failures from [{client}]", client=self.client_address)
-            self.closing = True
-            return reply.AUTH_CLIENT_BLOCKED
+            return Answer(reply.AUTH_CLIENT_BLOCKED, CLOSE)
         self.auth_exchange = AuthExchange(trust, self.config, self.client_address,
                                           self.hostname, self.auth_failures)
         return self._auth_result(self.auth_exchange.start(arg, self.auth_mechanisms(),
                                                           self.listener.auth_mechanisms))
 
-    # Commands of later stages: not advertised, so refused honestly.
-    @verb("ETRN", "ETRN <domain>", "Start a queue run (not offered)")
+    # -- role reversal: ETRN [RFC 1985], ATRN [RFC 2645], TURN [RFC 821] -------------------
+
+    def _reversal_refused(self) -> Reply | None:
+        """What ETRN, ATRN and TURN share: after a greeting, outside a transaction."""
+        if self.context.pickup is None:
+            return reply.NOT_IMPLEMENTED  # not advertised here
+        if self.phase == Phase.CONNECTED:
+            return reply.NEED_HELO
+        if self.in_transaction:
+            return reply.BAD_SEQUENCE  # RFC 1985 5, RFC 2645 5.2.1: 503 inside a transaction
+        return None
+
+    @verb("ETRN", "ETRN <domain> | @<domain> | #<queue>", "Start a queue run (RFC 1985)")
     def etrn(self, arg: str) -> Reply:
-        return reply.NOT_IMPLEMENTED
+        refused = self._reversal_refused()
+        if refused is not None:
+            return refused
+        return self.context.pickup.etrn(arg, self.client_address, self.authenticated)
 
-    @verb("ATRN", "ATRN [domain,...]", "On-demand relay (not offered)")
-    def atrn(self, arg: str) -> Reply:
-        return reply.NOT_IMPLEMENTED
+    @verb("ATRN", "ATRN [domain[,domain...]]", "Turn round and receive held mail (RFC 2645)")
+    def atrn(self, arg: str) -> Reply | Answer:
+        if not self.atrn_offered():
+            return reply.NOT_IMPLEMENTED  # not advertised here
+        refused = self._reversal_refused()
+        if refused is not None:
+            return refused
+        if self.authenticated is None:
+            return reply.AUTH_REQUIRED  # RFC 2645 5.2.1: 530 before AUTH
+        return self.context.pickup.atrn(arg, self.authenticated, self.client_address)
 
-    @verb("TURN", "TURN", "Turn the connection round (not offered)")
-    def turn(self, arg: str) -> Reply:
-        return reply.NOT_IMPLEMENTED
+    @verb("TURN", "TURN", "Turn round for an authenticated client's domain (RFC 821)")
+    def turn(self, arg: str) -> Reply | Answer:
+        refused = self._reversal_refused()
+        if refused is not None:
+            return refused
+        if arg:
+            return reply.syntax_error("TURN takes no arguments")
+        return self.context.pickup.turn(self.helo, self.authenticated, self.client_address)
+
+    def atrn_offered(self) -> bool:
+        return self.listener.atrn and self.context.pickup is not None
 
     # -- the transaction ---------------------------------------------------------
 
@@ -384,7 +413,7 @@ class Session:
     def _mail(self, arg: str, name: str) -> Reply:
         if self.phase == Phase.CONNECTED:
             return reply.NEED_HELO
-        if self.transaction.started:
+        if self.in_transaction:
             return reply.NESTED_MAIL
         if arg[:5].upper() != "FROM:":
             return reply.syntax_error(f"syntax: {name} FROM:<address>")
@@ -409,7 +438,6 @@ class Session:
         refused = self.policy.check_mail(self.authenticated, tx.reverse_path, declared)
         if refused is not None:
             return refused
-        tx.started = True
         self.transaction = tx
         self.phase = Phase.MAIL
         return reply.SENDER_OK
@@ -463,9 +491,11 @@ class Session:
     def rcpt(self, arg: str) -> Reply:
         if self.phase == Phase.CONNECTED:
             return reply.NEED_HELO
+        if self.phase == Phase.GREETED:
+            return reply.NEED_MAIL
+        if self.phase == Phase.DATA:
+            return reply.BAD_SEQUENCE
         tx = self.transaction
-        if not tx.started or tx.mode is not None:
-            return reply.NEED_MAIL if not tx.started else reply.BAD_SEQUENCE
         if arg[:3].upper() != "TO:":
             return reply.syntax_error("syntax: RCPT TO:<address>")
         tx.rcpt_attempts += 1
@@ -524,16 +554,16 @@ class Session:
         """The ordering checks DATA and BDAT share [RFC 5321 4.1.4, RFC 2920 3.1]."""
         if self.phase == Phase.CONNECTED:
             return reply.NEED_HELO
-        tx = self.transaction
-        if not tx.started:
+        if self.phase == Phase.GREETED:
             return reply.NEED_MAIL
-        if not tx.recipients:
+        if self.phase == Phase.MAIL:
             # With PIPELINING, DATA after only failed RCPTs gets 554 [RFC 2920 3.1].
-            return reply.NO_VALID_RECIPIENTS if tx.rcpt_attempts else reply.NEED_RCPT
+            return reply.NO_VALID_RECIPIENTS if self.transaction.rcpt_attempts \
+                else reply.NEED_RCPT
         return None
 
     @verb("DATA", "DATA", "Send the message, ended by a line with a single dot")
-    def data(self, arg: str) -> Reply:
+    def data(self, arg: str) -> Reply | Answer:
         if arg:
             return reply.syntax_error("DATA takes no arguments")
         refused = self._body_refused()
@@ -548,12 +578,11 @@ class Session:
         tx.mode = "DATA"
         tx.body = DataReader(tx.incoming, self.config.limits.message_size,
                              self.config.limits.received_headers)
-        self.body = tx.body
         self.phase = Phase.DATA
-        return reply.START_DATA
+        return self._read(tx.body, reply.START_DATA)
 
     @verb("BDAT", "BDAT <size> [LAST]", "Send a chunk of the message (RFC 3030)")
-    def bdat(self, arg: str) -> Reply | None:
+    def bdat(self, arg: str) -> Reply | Answer:
         parts = arg.split()
         if not (1 <= len(parts) <= 2 and _is_number(parts[0]) and len(parts[0]) <= 20
                 and (len(parts) == 1 or parts[1].upper() == "LAST")):
@@ -562,23 +591,27 @@ class Session:
         limits = self.config.limits
         if size > limits.message_size + 1024 * 1024:
             # We cannot stay in step without reading it all: refuse and close.
-            self.closing = True
-            return reply.MESSAGE_TOO_BIG.with_text("chunk exceeds the maximum message size")
+            return Answer(reply.MESSAGE_TOO_BIG.with_text(
+                "chunk exceeds the maximum message size"), CLOSE)
         tx = self.transaction
         refused = self._body_refused() or (reply.MIXED_DATA_BDAT if tx.mode == "DATA" else None)
         if refused is None and tx.incoming is None:
             refused = self._open_incoming()
         if refused is not None:
             # RFC 3030 3: the chunk's octets are read even when the command fails.
-            self.body = ChunkReader(None, _NullIncoming(), size, 0, 0, discard=True)
             self._chunk_outcome = (refused, False)
-            return None
+            return self._read(ChunkReader(None, _NullIncoming(), size, 0, 0, discard=True))
         tx.mode = "BDAT"
         tx.body = ChunkReader(tx.body, tx.incoming, size, limits.message_size,
                               limits.received_headers)
-        self.body = tx.body
+        self.phase = Phase.DATA
         self._chunk_outcome = (None, last)
-        return None
+        return self._read(tx.body)
+
+    def _read(self, reader: BodyReader, said: Reply | None = None) -> Answer:
+        """The bytes that follow are a body for `reader`; `body_done` answers when it is full."""
+        self.reading = reader
+        return Answer(said, ReadBody(reader))
 
     def _open_incoming(self) -> Reply | None:
         try:
@@ -590,9 +623,12 @@ class Session:
         self.transaction.incoming = incoming
         return None
 
-    def body_done(self) -> Reply | defer.Deferred:
-        """The reader in `body` has all its bytes: answer the DATA or the BDAT chunk."""
-        reader, self.body = self.body, None
+    def body_done(self) -> Answer | defer.Deferred[Answer]:
+        """The reader handed out has all its bytes: answer the DATA or the BDAT chunk."""
+        return _answered(self._body_verdict())
+
+    def _body_verdict(self) -> Reply | defer.Deferred:
+        reader, self.reading = self.reading, None
         if isinstance(reader, ChunkReader):
             refused, last = self._chunk_outcome
             if refused is not None:
@@ -634,7 +670,7 @@ class Session:
                      queue_id=queue_id, client=self.client_address, sender=envelope.reverse_path,
                      n=len(envelope.recipients), size=envelope.size)
             try:
-                self.context.on_queued(envelope)
+                self.context.queue.enqueue(envelope)
             except Exception:  # noqa: BLE001 (whatever broke, the message is committed)
                 # The message is safely in queue/ (a restart schedules it): still 250.
                 log.failure("{queue_id}: scheduling failed", queue_id=queue_id)
@@ -674,6 +710,12 @@ class Session:
         now = datetime.fromtimestamp(self.context.clock(), UTC).astimezone()
         lines.append(f"\t{format_datetime(now)}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _answered(result: Reply | Answer | defer.Deferred) -> Answer | defer.Deferred[Answer]:
+    if isinstance(result, defer.Deferred):
+        return result.addCallback(answer)
+    return answer(result)
 
 
 class _NullIncoming:

@@ -39,7 +39,8 @@ from mta.address import client_ip
 from mta.config import Config
 from mta.reply import Reply
 from mta.server import sasl
-from mta.server.auth import FailureCounter, PasswordFileChecker, login, make_portal
+from mta.server.auth import PasswordFileChecker, login, make_portal
+from mta.server.ratelimit import WindowCounter
 from mta.server.tls import ServerTLS
 
 log = Logger(namespace="mta.smtpd")
@@ -50,7 +51,7 @@ class Trust:
     """The TLS context, the password portal and the failure counter every session consults."""
 
     reactor: Any  # IReactorTime: failure delays and the failure window
-    failures: FailureCounter
+    failures: WindowCounter  # AUTH failures per client address
     tls: ServerTLS | None = None
     checker: PasswordFileChecker | None = None
     portal: Portal | None = None
@@ -64,7 +65,8 @@ class Trust:
             checker = PasswordFileChecker(config.auth.passwords, run_in_thread)
         return cls(
             reactor=reactor,
-            failures=FailureCounter.from_config(config.auth, reactor),
+            failures=WindowCounter(config.auth.failures_per_client, config.auth.failure_window,
+                                   reactor),
             tls=ServerTLS.from_config(config.tls),
             checker=checker,
             portal=make_portal(checker) if checker is not None else None,

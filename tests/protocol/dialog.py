@@ -14,9 +14,16 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from mta import config as config_module
+from mta.server.context import ServerContext
 from mta.server.protocol import SMTPFactory
-from mta.server.session import ServerContext
 from mta.spool.store import Spool
+
+
+class ListQueue(list):
+    """The queue a session sees (context.MailQueue): committed envelopes, in order."""
+
+    def enqueue(self, envelope) -> None:
+        self.append(envelope)
 
 
 def make_config(tmp_path: Path, **sections) -> config_module.Config:
@@ -40,10 +47,10 @@ class Server:
         if factory is None:
             self.config = make_config(tmp_path, **sections)
             self.spool = Spool(self.config.server.spool)
-            self.queued = []
+            self.queued = ListQueue()
             context = ServerContext(
                 self.config, self.config.listeners[listener_index], self.spool,
-                on_queued=self.queued.append, clock=lambda: 1_800_000_000.0,
+                queue=self.queued, clock=lambda: 1_800_000_000.0,
                 run_blocking=lambda f, *a: defer.maybeDeferred(f, *a),
             )
             factory = SMTPFactory(context)

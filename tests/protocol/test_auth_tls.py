@@ -24,11 +24,11 @@ from twisted.logger import formatEvent, globalLogPublisher
 from mta import config as config_module
 from mta import reply
 from mta.server import auth, tls
+from mta.server.context import ServerContext
 from mta.server.protocol import ConnectionTable, SMTPFactory
-from mta.server.session import ServerContext
 from mta.server.trust import Trust
 from mta.spool.store import Spool
-from tests.protocol.dialog import Server, body_of, reply_codes
+from tests.protocol.dialog import ListQueue, Server, body_of, reply_codes
 
 PASSWORD = "correct horse battery"
 EHLO = "EHLO client.test\r\n"
@@ -120,9 +120,9 @@ def make_factory(tmp_path: Path, keys: Path, listener: int = 0,
     clock = task.Clock()
     synchronous = lambda f, *a: defer.maybeDeferred(f, *a)
     trust = Trust.from_config(config, clock, run_in_thread=synchronous)
-    queued: list = []
+    queued = ListQueue()
     context = ServerContext(config, config.listeners[listener], Spool(config.server.spool),
-                            on_queued=queued.append, clock=lambda: 1_800_000_000.0,
+                            queue=queued, clock=lambda: 1_800_000_000.0,
                             run_blocking=synchronous, trust=trust)
     factory = SMTPFactory(context, table)
     factory.queued = queued

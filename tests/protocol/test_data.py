@@ -92,7 +92,7 @@ def test_very_long_line_is_not_buffered_and_ends_cleanly(tmp_path):
     s.send(TX + "DATA\r\n")
     for _ in range(100):
         assert s.send(b"z" * 10000) == b""
-    assert len(s.protocol.session.body.partial) <= 2
+    assert len(s.protocol._reader.partial) <= 2
     assert s.codes(b"\r\n.\r\nNOOP\r\n") == ["500 5.5.2", "250 2.0.0"]
 
 
@@ -321,10 +321,11 @@ def test_non_ascii_digits_are_bad_syntax_not_a_crash(tmp_path, number):
 def test_committed_message_is_250_even_if_scheduling_fails(tmp_path):
     s = greeted(tmp_path)
 
-    def broken(envelope):
-        raise RuntimeError("scheduler bug")
+    class Broken:
+        def enqueue(self, envelope):
+            raise RuntimeError("scheduler bug")
 
-    s.factory.context.on_queued = broken
+    s.factory.context.queue = Broken()
     s.send(TX + "DATA\r\n")
     assert s.codes("x\r\n.\r\nNOOP\r\n") == ["250 2.0.0", "250 2.0.0"]
     assert len(s.spool.queue_ids()) == 1

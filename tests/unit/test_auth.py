@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from mta.server import auth
+from mta.server.ratelimit import WindowCounter
 
 
 def synchronous(f, *args):
@@ -328,7 +329,7 @@ def test_checker_uses_a_thread_by_default():
 
 def test_failure_counter_blocks_within_the_window():
     clock = task.Clock()
-    counter = auth.FailureCounter(limit=3, window=60, clock=clock)
+    counter = WindowCounter(limit=3, window=60, clock=clock)
     assert not counter.blocked("192.0.2.1")
     assert counter.record("192.0.2.1") == 1
     clock.advance(10)
@@ -344,16 +345,17 @@ def test_failure_counter_blocks_within_the_window():
 
 def test_failure_counter_forgets_old_addresses():
     clock = task.Clock()
-    counter = auth.FailureCounter(limit=3, window=60, clock=clock)
+    counter = WindowCounter(limit=3, window=60, clock=clock)
     for i in range(100):
         counter.record(f"192.0.2.{i}")
     clock.advance(61)
     counter.record("198.51.100.1")
-    assert list(counter._failures) == ["198.51.100.1"]
+    assert list(counter._events) == ["198.51.100.1"]
 
 
 def test_failure_counter_from_config():
     from mta.config import from_dict
+    from mta.server.trust import Trust
     config = from_dict({"auth": {"failures_per_client": 5, "failure_window": "10m"}}, "<test>")
-    counter = auth.FailureCounter.from_config(config.auth, task.Clock())
+    counter = Trust.from_config(config, task.Clock()).failures
     assert (counter.limit, counter.window) == (5, 600)

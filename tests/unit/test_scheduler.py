@@ -7,6 +7,8 @@ import itertools
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -329,13 +331,29 @@ class RelayerTest(SynchronousTestCase):
                                                                     2600, False))
         self.assertNotIn(envelope.queue_id, self.spool.queue_ids())
 
-    def test_held_mail_expires(self) -> None:
+    def test_held_mail_costs_no_disk_work_and_expires(self) -> None:
         envelope = self.submit("x@held.test")
+        path = self.spool.root / "queue" / f"{envelope.queue_id}.env"
+        written = path.read_bytes()
+        self.clock.advance(3599)
+        # Waiting for pickup: never attempted, the envelope never rewritten.
         self.assertEqual(self.courier.calls, [])
-        self.assertEqual(self.spool.load(envelope.queue_id).next_attempt,
-                         envelope.arrival + 3600)
-        self.clock.advance(3600)
+        self.assertEqual(path.read_bytes(), written)
+        self.assertEqual(self.spool.load(envelope.queue_id).attempts, 0)
+        self.assertEqual(self.relayer.waiting(["held.test"]), 1)
+        self.clock.advance(1)
+        # Its lifetime over, it bounces to alice as any other mail would.
         self.assertNotIn(envelope.queue_id, self.spool.queue_ids())
+        self.assertEqual(self.courier.addresses, [["alice@here.test"]])
+        self.assertEqual(self.relayer.waiting(["held.test"]), 0)
+
+    def test_held_mail_waits_after_a_restart_too(self) -> None:
+        envelope = self.submit("x@held.test", start=False)
+        self.relayer.startService()
+        self.clock.advance(100)
+        self.assertEqual(self.courier.calls, [])
+        self.assertEqual(self.spool.load(envelope.queue_id).attempts, 0)
+        self.assertEqual(self.relayer.waiting(["held.test"]), 1)
 
     def test_flush_all_retries_deferred_mail_now(self) -> None:
         self.courier.default = Deferred("4.4.1", "refused")
@@ -347,7 +365,7 @@ class RelayerTest(SynchronousTestCase):
     def test_turn_delivers_held_mail_over_the_given_connection(self) -> None:
         envelope = self.submit("x@held.test", "z@held.test", "y@far.test")
         self.submit("w@other.test")
-        client, done = self.relayer.turn(["HELD.test"])
+        client, done = self.relayer.turn(["HELD.test"], "192.0.2.7")
         transport = StringTransport()
         client.makeConnection(transport)
         client.dataReceived(b"220 customer.held.test ESMTP\r\n")
@@ -373,12 +391,107 @@ class RelayerTest(SynchronousTestCase):
 
     def test_turn_with_nothing_held_just_quits(self) -> None:
         self.relayer.startService()
-        client, done = self.relayer.turn(["held.test"])
+        client, done = self.relayer.turn(["held.test"], "192.0.2.7")
         transport = StringTransport()
         client.makeConnection(transport)
         client.dataReceived(b"220 hi\r\n250 customer\r\n")
         self.assertEqual(self.successResultOf(done), 0)
         self.assertTrue(transport.value().endswith(b"QUIT\r\n"))
+
+    def turned_connection(self, *domains: str) -> tuple[Any, defer.Deferred[int],
+                                                         StringTransport]:
+        """A turn for `domains`, past the customer's greeting and EHLO (PIPELINING)."""
+        client, done = self.relayer.turn(list(domains), "192.0.2.7")
+        transport = StringTransport()
+        client.makeConnection(transport)
+        client.dataReceived(b"220 customer ESMTP\r\n250-customer\r\n250 PIPELINING\r\n")
+        return client, done, transport
+
+    def test_turned_delivery_is_an_attempt_like_any_other(self) -> None:
+        envelope = self.submit("x@held.test")
+        client, done, transport = self.turned_connection("held.test")
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        with self.captured_log() as lines:
+            client.dataReceived(b"250 2.0.0 got it\r\n")
+        self.assertEqual(self.successResultOf(done), 1)
+        self.assertIn(f"{envelope.queue_id}: to=<x@held.test>, relay=turned[192.0.2.7], "
+                      "delay=0, dsn=2.0.0, status=sent (250 2.0.0 got it)", lines)
+        self.assertEqual(self.spool.queue_ids(), [])
+
+    def test_a_lost_turned_connection_keeps_what_was_not_acknowledged(self) -> None:
+        first = self.submit("a@held.test")
+        second = self.submit("b@held.test")
+        client, done, transport = self.turned_connection("held.test")
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        client.dataReceived(b"250 2.0.0 first one\r\n")  # the first message is theirs now
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+        client.connectionLost(Failure(ConnectionLost("customer went away")))
+        self.assertEqual(self.successResultOf(done), 1)
+        self.assertEqual(self.spool.queue_ids(), [second.queue_id])
+        kept = self.spool.load(second.queue_id)
+        # Recorded as an attempt, still pending and held: it waits for the next pickup.
+        self.assertEqual((kept.attempts, kept.recipients[0].state), (1, PENDING))
+        self.assertEqual(kept.recipients[0].status, "4.4.2")
+        self.assertEqual(kept.next_attempt, kept.arrival + 3600)
+        self.assertNotIn(first.queue_id, self.spool.queue_ids())
+        self.assertEqual(self.relayer.waiting(["held.test"]), 1)
+
+    def test_one_turn_per_domain_at_a_time(self) -> None:
+        from mta.server.context import TurnBusy
+        self.submit("a@held.test")
+        client, done, _ = self.turned_connection("held.test")
+        with self.assertRaises(TurnBusy):
+            self.relayer.turn(["other.test", "held.test"], "192.0.2.8")
+        client.abort()
+        self.successResultOf(done)
+        second, again = self.relayer.turn(["held.test"], "192.0.2.8")
+        second.makeConnection(StringTransport())
+        second.abort()
+        self.successResultOf(again)
+
+    def test_turn_waits_for_an_attempt_in_progress(self) -> None:
+        self.courier.hold = True
+        envelope = self.submit("x@held.test", "y@far.test")  # y's attempt is in flight
+        client, done, transport = self.turned_connection("held.test")
+        self.assertEqual(transport.value(), b"EHLO mx.here.test\r\n")  # nothing sent yet
+        self.courier.release()
+        self.assertIn(b"RCPT TO:<x@held.test>", transport.value())
+        self.assertNotIn(b"y@far.test", transport.value())
+        client.abort()
+        self.successResultOf(done)
+        self.assertEqual([r.state for r in self.spool.load(envelope.queue_id).recipients],
+                         [PENDING, DELIVERED])
+
+    def test_flush_of_a_domain_counts_and_covers_subdomains(self) -> None:
+        self.courier.default = Deferred("4.4.1", "refused")
+        self.submit("a@far.test")
+        self.submit("b@sub.far.test", "c@other.test")
+        self.assertEqual(self.relayer.waiting(["far.test"]), 1)
+        self.assertEqual(self.relayer.flush("far.test"), 1)
+        self.assertEqual(self.relayer.flush("far.test", subdomains=True), 2)
+        self.assertEqual(self.relayer.flush("nowhere.test"), 0)
+        calls = len(self.courier.calls)
+        self.clock.advance(0)
+        self.assertEqual(len(self.courier.calls), calls + 3)  # a, then b and c of one message
+
+    @contextmanager
+    def captured_log(self) -> Iterator[list[str]]:
+        from twisted.logger import formatEvent, globalLogPublisher
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        try:
+            yield lines
+        finally:
+            globalLogPublisher.removeObserver(observe)
 
     # -- notices from the command line -------------------------------------------------------
 

@@ -1,0 +1,345 @@
+"""One delivery attempt of one message, whoever starts it.
+
+A scheduled attempt, an ETRN run and a delivery over a turned connection
+(ATRN, TURN) all call `Attempts.run(queue_id, plan)`; only the `Plan`
+differs: which next hop each pending recipient takes now, and which courier
+serves each kind of hop.
+
+One attempt:
+
+1. the envelope is read from disk (the command line may have changed it;
+   a message no longer in ``queue/`` is not attempted);
+2. pending recipients are grouped by next hop (`Plan.route`); a recipient
+   whose hop is ``hold`` is not attempted; each group is one SMTP
+   transaction or one local delivery and needs a concurrency slot, except
+   over a turned connection, which exists already;
+3. each group's outcomes are applied to the envelope, logged (one mail log
+   line per recipient) and saved (`spool.save`) as soon as its transaction
+   ends, before anything depends on them;
+4. recipients older than the lifetime fail (4.4.7), reports are injected
+   (one failure, one success and one delay report per message and
+   attempt; bounce.py) and the recipients marked notified;
+5. a complete message is removed; otherwise its next attempt is set
+   (back-off, or the end of its lifetime when all it has left is held
+   mail) and saved.
+
+A crash between these steps at worst sends a report twice; it never loses
+a recipient's result nor delivers to a recipient recorded as delivered.
+If an outcome cannot be saved, `run` fails: no report is sent and the
+message is not removed, and the caller retries it later from the disk.
+While the service stops, deferrals caused by the interruption are not
+recorded (only final verdicts are).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mta import bounce, maillog
+from mta.config import Config
+from mta.delivery.courier import Result
+from mta.delivery.outcome import Delivered, Failed, Outcome, classify
+from mta.delivery.router import HOLD, TURNED, NextHop, Router
+from mta.spool.envelope import DELIVERED, FAILED, PENDING, Envelope, EnvelopeError, Recipient
+from mta.spool.store import QUEUE, Spool, SpoolError
+
+log = Logger(namespace="mta.delivery.attempt")
+
+JITTER = 0.1  # back-off delays are multiplied by a random factor in [0.9, 1.1]
+EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+
+
+def backoff(attempts: int, retry_min: float, retry_max: float, rng: random.Random) -> float:
+    """Seconds to wait after the `attempts`-th attempt: retry_min doubling, at most retry_max."""
+    base = min(retry_max, retry_min * 2 ** max(0, min(attempts - 1, 30)))
+    return base * rng.uniform(1 - JITTER, 1 + JITTER)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one attempt routes: the next hop of each pending recipient, and the couriers."""
+
+    route: Callable[[Recipient], NextHop]
+    couriers: Mapping[str, Any]  # hop kind -> courier (courier.py)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one attempt left behind, for the scheduler."""
+
+    removed: bool  # the message is complete and gone from the queue
+    next_attempt: float | None  # when to try again (None when removed)
+    domains: frozenset[str]  # the domains of the recipients still pending
+    delivered: int  # recipients delivered in this attempt
+
+
+class Attempts:
+    def __init__(self, config: Config, spool: Spool, router: Router, couriers: Mapping[str, Any],
+                 limiter: Any, run_blocking: Callable[..., defer.Deferred[Any]], clock: Any,
+                 rng: random.Random, on_report: Callable[[Envelope], None],
+                 stopping: Callable[[], bool]) -> None:
+        self.config = config
+        self.spool = spool
+        self.router = router
+        self.couriers = couriers
+        self.limiter = limiter
+        self.run_blocking = run_blocking
+        self.clock = clock
+        self.rng = rng
+        self.on_report = on_report
+        self.stopping = stopping
+
+    # -- plans ----------------------------------------------------------------------------
+
+    def scheduled(self, release: frozenset[str] = frozenset()) -> Plan:
+        """Every recipient over its route; held domains in `release` over their etrn_route."""
+        def route(recipient: Recipient) -> NextHop:
+            return self.router.next_hop(recipient.address,
+                                        release_hold=recipient.domain in release)
+        return Plan(route, self.couriers)
+
+    def turned(self, domains: frozenset[str], peer: str, courier: Any) -> Plan:
+        """Recipients in `domains` over a turned connection to `peer`; the rest wait."""
+        hop = NextHop(TURNED, f"turned[{peer}]")
+
+        def route(recipient: Recipient) -> NextHop:
+            if recipient.domain in domains:
+                return hop
+            return NextHop(HOLD, "not-now")
+        return Plan(route, {TURNED: courier})
+
+    def is_held(self, recipient: Recipient) -> bool:
+        return self.router.next_hop(recipient.address).kind == HOLD
+
+    def held_only(self, envelope: Envelope) -> bool:
+        """All that is left of `envelope` waits for ETRN, ATRN or TURN."""
+        pending = envelope.pending
+        return bool(pending) and all(self.is_held(r) for r in pending)
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    def load(self, queue_id: str) -> tuple[Envelope, Path] | None:
+        """Blocking: the envelope as it is on disk now (the command line may have changed it)."""
+        try:
+            if self.spool.state_of(queue_id) != QUEUE:
+                return None
+            return self.spool.load(queue_id), self.spool.data_path(queue_id)
+        except SpoolError:
+            return None
+        except (OSError, EnvelopeError) as e:
+            log.error("{queue_id}: cannot read the envelope: {error}", queue_id=queue_id, error=e)
+            return None
+
+    @defer.inlineCallbacks
+    def run(self, queue_id: str, plan: Plan) -> Any:
+        """Attempt `queue_id` as `plan` says; a `Verdict`, or None when it is not in the queue."""
+        loaded = yield self.run_blocking(self.load, queue_id)
+        if loaded is None:
+            return None
+        envelope, data_path = loaded
+        save = _Saver(self, envelope)
+        groups = self._groups(envelope, plan)
+        delivered = 0
+        if groups:
+            envelope.attempts += 1
+            results = yield defer.DeferredList(
+                [self._deliver_group(save, envelope, plan, hop, indices, data_path)
+                 for hop, indices in groups.values()], consumeErrors=True)
+            failures = [result for ok, result in results if not ok]
+            if failures:
+                # An outcome that could not be saved must not be reported (or the
+                # message removed) as if it were on disk: retry later from the disk.
+                failures[0].raiseException()
+            delivered = sum(results_ok for ok, results_ok in results if ok)
+        if self.stopping():
+            return Verdict(False, envelope.next_attempt,
+                           frozenset(r.domain for r in envelope.pending), delivered)
+        return (yield self._after_attempt(save, envelope, data_path, delivered))
+
+    def _groups(self, envelope: Envelope, plan: Plan) -> dict[str, tuple[NextHop, list[int]]]:
+        """Pending recipients by next hop: each group is one transaction."""
+        groups: dict[str, tuple[NextHop, list[int]]] = {}
+        for index, recipient in enumerate(envelope.recipients):
+            if recipient.state != PENDING:
+                continue
+            hop = plan.route(recipient)
+            if hop.kind == HOLD:
+                continue
+            groups.setdefault(hop.destination, (hop, []))[1].append(index)
+        return groups
+
+    @defer.inlineCallbacks
+    def _deliver_group(self, save: _Saver, envelope: Envelope, plan: Plan, hop: NextHop,
+                       indices: list[int], data_path: Path) -> Any:
+        """Deliver one group; returns how many of its recipients were delivered."""
+        # A turned connection exists already and serves one message at a time: no slot.
+        slot = hop.kind != TURNED
+        if slot:
+            yield self.limiter.acquire(hop.destination)
+        recipients = [envelope.recipients[i] for i in indices]
+        try:
+            if self.stopping():
+                return 0
+            courier = plan.couriers[hop.kind]
+            try:
+                results = yield courier.deliver(hop, envelope, recipients, data_path)
+            except Exception as e:  # noqa: BLE001 (a courier bug must not lose the attempt)
+                log.failure("courier error for {queue_id}", queue_id=envelope.queue_id)
+                results = [Result(classify(e), "none")] * len(recipients)
+        finally:
+            if slot:
+                self.limiter.release(hop.destination)
+        now = self.clock.seconds()
+        changed = False
+        for recipient, result in zip(recipients, results):
+            # When shutting down, a deferral is only the interruption: record final verdicts only.
+            if self.stopping() and not result.outcome.is_final:
+                continue
+            self._apply(envelope, recipient, result, now)
+            changed = True
+        if changed:
+            yield save()
+        return sum(1 for r in results if isinstance(r.outcome, Delivered))
+
+    def _apply(self, envelope: Envelope, recipient: Recipient, result: Result, now: float) -> None:
+        outcome: Outcome = result.outcome
+        recipient.status = outcome.status
+        recipient.diagnostic = outcome.diagnostic
+        recipient.remote_mta = outcome.remote_mta
+        recipient.updated = now
+        delay = now - envelope.arrival
+        if isinstance(outcome, Delivered):
+            recipient.state = DELIVERED
+            recipient.notified = not (self._success_report_due(envelope, recipient)
+                                      and not outcome.dsn_passed)
+            status = maillog.SENT
+        elif isinstance(outcome, Failed):
+            recipient.state = FAILED
+            recipient.notified = not self._failure_report_due(envelope, recipient)
+            status = maillog.BOUNCED
+        else:
+            envelope.last_error = outcome.diagnostic
+            status = maillog.DEFERRED
+        maillog.delivery(envelope.queue_id, recipient.address, result.relay, delay,
+                         outcome.status, status, outcome.diagnostic)
+
+    def _success_report_due(self, envelope: Envelope, recipient: Recipient) -> bool:
+        return bool(envelope.reverse_path) and recipient.wants("SUCCESS")
+
+    def _failure_report_due(self, envelope: Envelope, recipient: Recipient) -> bool:
+        if not recipient.wants("FAILURE"):
+            return False
+        return bounce.report_recipient(envelope, bounce.FAILURE,
+                                       self.config.server.postmaster) is not None
+
+    # -- after the transactions -------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _after_attempt(self, save: _Saver, envelope: Envelope, data_path: Path,
+                       delivered: int) -> Any:
+        now = self.clock.seconds()
+        relay = self.config.relay
+        expiring = envelope.pending if now >= envelope.arrival + relay.lifetime else []
+        for recipient in expiring:
+            self._expire(envelope, recipient, now)
+        if expiring:
+            yield save()
+        yield self._send_reports(save, envelope, data_path, now)
+        if envelope.is_complete:
+            yield self.run_blocking(self.spool.remove, envelope.queue_id)
+            maillog.removed(envelope.queue_id)
+            return Verdict(True, None, frozenset(), delivered)
+        envelope.next_attempt = self.next_due(envelope, now)
+        yield save()
+        return Verdict(False, envelope.next_attempt,
+                       frozenset(r.domain for r in envelope.pending), delivered)
+
+    def _expire(self, envelope: Envelope, recipient: Recipient, now: float) -> None:
+        last = recipient.diagnostic or "never attempted"
+        recipient.state = FAILED
+        recipient.status = EXPIRED_STATUS
+        recipient.diagnostic = f"delivery time expired; last error: {last}"
+        recipient.updated = now
+        recipient.notified = not self._failure_report_due(envelope, recipient)
+        maillog.delivery(envelope.queue_id, recipient.address, "none", now - envelope.arrival,
+                         EXPIRED_STATUS, maillog.EXPIRED, recipient.diagnostic)
+
+    def next_due(self, envelope: Envelope, now: float) -> float:
+        relay = self.config.relay
+        wait = backoff(envelope.attempts, relay.retry_min, relay.retry_max, self.rng)
+        if not envelope.pending:
+            return now + wait  # only reports left to send, which failed: try them again later
+        end = envelope.arrival + relay.lifetime  # after `now`: expired recipients are not pending
+        if self.held_only(envelope):
+            return end  # only held recipients: wake up to expire them
+        return min(now + wait, end)
+
+    @defer.inlineCallbacks
+    def _send_reports(self, save: _Saver, envelope: Envelope, data_path: Path,
+                      now: float) -> Any:
+        """Failure, success and delay reports due for this message; marks who was told."""
+        failed = [r for r in envelope.recipients if r.state == FAILED and not r.notified]
+        succeeded = [r for r in envelope.recipients if r.state == DELIVERED and not r.notified]
+        delayed = self._delay_warnings_due(envelope, now)
+        batches = [
+            (bounce.FAILURE, [bounce.ReportLine(r, bounce.FAILED) for r in failed]),
+            (bounce.SUCCESS, [bounce.ReportLine(r, bounce.RELAYED if r.remote_mta
+                                                else bounce.DELIVERED) for r in succeeded]),
+            (bounce.DELAY, [bounce.ReportLine(r, bounce.DELAYED) for r in delayed]),
+        ]
+        changed = False
+        for kind, lines in batches:
+            if not lines:
+                continue
+            try:
+                report = yield self.run_blocking(
+                    bounce.send_report, self.spool, self.config.server.hostname, envelope,
+                    data_path, kind, lines, now,
+                    retry_until=envelope.arrival + self.config.relay.lifetime,
+                    postmaster=self.config.server.postmaster)
+            except Exception:  # noqa: BLE001 (retried at the next attempt)
+                log.failure("{queue_id}: cannot create a {kind} report",
+                            queue_id=envelope.queue_id, kind=kind)
+                continue
+            for line in lines:
+                if kind == bounce.DELAY:
+                    line.recipient.delay_warned = True
+                else:
+                    line.recipient.notified = True
+            changed = True
+            if report is None:
+                maillog.report_dropped(envelope.queue_id, f"no one to send a {kind} report to")
+                continue
+            maillog.report_created(envelope.queue_id, bounce.log_kind(kind), report.queue_id)
+            self.on_report(report)
+        if changed:
+            yield save()
+
+    def _delay_warnings_due(self, envelope: Envelope, now: float) -> list[Recipient]:
+        if not envelope.reverse_path or envelope.is_report or not self.config.relay.delay_warning:
+            return []
+        if now < envelope.arrival + self.config.relay.delay_warning:
+            return []
+        return [r for r in envelope.pending if not r.delay_warned and r.wants("DELAY")
+                and not self.is_held(r)]
+
+
+class _Saver:
+    """Writes snapshots of one attempt's envelope in a thread, one save at a time."""
+
+    def __init__(self, attempts: Attempts, envelope: Envelope) -> None:
+        self.attempts = attempts
+        self.envelope = envelope
+        self.lock = defer.DeferredLock()
+
+    def __call__(self) -> defer.Deferred[None]:
+        snapshot = copy.deepcopy(self.envelope)
+        return self.lock.run(self.attempts.run_blocking, self.attempts.spool.save, snapshot)

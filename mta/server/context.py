@@ -1,0 +1,67 @@
+"""What every session of one listener shares, and the narrow interfaces to the queue.
+
+A session never sees the relayer.  It reaches the queue through two small
+interfaces passed to it in its `ServerContext`:
+
+- `MailQueue.enqueue(envelope)`: a message was just committed to the spool;
+  deliver it.  The running service passes the relayer; `mta odmr` passes a
+  spool notice, so that the running service picks the message up.
+- `HeldMail` (ETRN, ATRN, TURN: reversal.py): how much mail waits for some
+  domains, a queue run for a domain now, and a delivery of held mail over a
+  connection that was turned round.  Only the running service has one;
+  without it ETRN, ATRN and TURN are not offered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet import defer, threads
+
+from mta.config import Config, Listener
+from mta.spool.envelope import Envelope
+from mta.spool.store import Spool
+
+if TYPE_CHECKING:
+    from mta.server.reversal import Pickup
+    from mta.server.trust import Trust
+
+
+class MailQueue(Protocol):
+    def enqueue(self, envelope: Envelope) -> None:
+        """A message just committed to the spool: schedule its delivery."""
+
+
+class TurnBusy(Exception):
+    """A domain asked for is being turned on another connection right now."""
+
+
+class HeldMail(Protocol):
+    def waiting(self, domains: Collection[str]) -> int:
+        """Messages with undelivered recipients in `domains` (exact names)."""
+
+    def flush(self, domain: str, subdomains: bool = False) -> int:
+        """Try mail for `domain` now (a held domain over its etrn_route); messages started."""
+
+    def turn(self, domains: Collection[str], peer: str) -> tuple[Any, defer.Deferred[int]]:
+        """A client protocol that delivers the held mail of `domains` over a turned
+        connection to `peer`, and a Deferred firing with the messages sent.
+        Raises `TurnBusy`."""
+
+
+@dataclass
+class ServerContext:
+    """What every session of one listener shares."""
+
+    config: Config
+    listener: Listener
+    spool: Spool
+    queue: MailQueue
+    pickup: Pickup | None = None  # None: no ETRN, ATRN or TURN here
+    clock: Callable[[], float] = time.time
+    run_blocking: Callable[..., defer.Deferred] = threads.deferToThread
+    trust: Trust | None = None  # None: neither STARTTLS nor AUTH
+    turned: bool = False  # the session runs on a connection we turned round (mta odmr)
