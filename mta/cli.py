@@ -8,6 +8,9 @@
     mta queue flush [DOMAIN]           try queued mail now (all, or one domain)
     mta queue hold ID | release ID | delete ID
     mta sendmail [-t] [-f SENDER] [RCPT ...]   inject a message read from stdin
+    mta odmr --server HOST[:PORT] --user U --password-file F [--domains a,b]
+                                       pull our held mail from a provider (ATRN, RFC 2645)
+    mta etrn HOST[:PORT] DOMAIN...     ask a server to start a queue run (RFC 1985)
 
 Every subcommand takes ``--config FILE`` (default: $MTA_CONFIG, else
 etc/mta.toml).  Queue changes are made on the spool directly and announced
@@ -30,6 +33,8 @@ import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
+from twisted.internet import defer
+
 from mta import config as config_module
 from mta.address import AddressError, parse_mailbox
 from mta.spool.envelope import Envelope, EnvelopeError, Recipient
@@ -48,10 +53,11 @@ def _load(args: argparse.Namespace) -> config_module.Config:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
-    from mta.tap import prepare, unused_keys
+    from mta.tap import pickup_warnings, prepare, unused_keys
     path = args.file or args.config
-    cfg = prepare(path, reactor).config
-    for warning in unused_keys(cfg):
+    prepared = prepare(path, reactor)
+    cfg = prepared.config
+    for warning in unused_keys(cfg) + pickup_warnings(cfg, prepared.trust):
         print(f"{path}: warning: {warning}")
     listeners = ", ".join(f"{x.role} on {x.endpoint} (tls {x.tls})" for x in cfg.listeners)
     print(f"{path}: OK: hostname {cfg.server.hostname}; spool {cfg.server.spool}; "
@@ -70,7 +76,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_make_cert(args: argparse.Namespace) -> int:
-    from mta.server.tls import make_cert
+    from mta.tls import make_cert
     hostname = args.hostname or _configured_hostname(args.config)
     for path in (args.cert, args.key):
         Path(path).parent.mkdir(parents=True, exist_ok=True)  # etc/ in a fresh directory
@@ -101,8 +107,11 @@ def _when(timestamp: float) -> str:
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    spool = _spool(args)
-    count = 0
+    from mta.delivery import router as routing
+    cfg = _load(args)
+    spool = Spool(cfg.server.spool)
+    router = routing.Router(cfg)
+    count = pickup = 0
     for state in (QUEUE, HOLD):
         for queue_id in spool.queue_ids(state):
             try:
@@ -114,14 +123,19 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
                 print(f"{queue_id}? unreadable envelope: {e}")
                 continue
             count += 1
-            mark = "!" if state == HOLD else " "
             pending = [r for r in envelope.recipients if not r.is_final]
+            waiting = [router.next_hop(r.address).kind == routing.HOLD for r in pending]
+            held = bool(pending) and all(waiting)
+            pickup += held
+            mark = "!" if state == HOLD else "*" if held else " "
             print(f"{queue_id}{mark} {envelope.size:>9} {_when(envelope.arrival)}  "
                   f"<{envelope.reverse_path}>")
-            for r in pending:
+            for r, for_pickup in zip(pending, waiting):
+                note = "  [held for pickup]" if for_pickup else ""
                 why = f"  ({r.status} {r.diagnostic})" if r.diagnostic else ""
-                print(f"{'':>22}<{r.address}>{why}")
-    print(f"-- {count} message(s); ! = on hold, ? = damaged")
+                print(f"{'':>22}<{r.address}>{note}{why}")
+    print(f"-- {count} message(s), {pickup} held for pickup; "
+          "! = on hold, * = held for pickup, ? = damaged")
     return 0
 
 
@@ -138,20 +152,11 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     return 0
 
 
-FLUSH_WAIT = 3.0  # seconds
-
-
 def cmd_queue_flush(args: argparse.Namespace) -> int:
     spool = _spool(args)
-    notice = spool.notify("flush", domain=args.domain or "")
+    spool.notify("flush", domain=args.domain or "")
     print("flush requested" + (f" for {args.domain}" if args.domain else ""))
-    # A running server reads its notices every second: say so if none did.
-    deadline = time.monotonic() + FLUSH_WAIT
-    while notice.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if notice.exists():
-        print(f"mta: no running server took the request within {FLUSH_WAIT:.0f} s; "
-              "it will act on it when it starts", file=sys.stderr)
+    _wait_for_pickup(spool, "took the request; it will act on it when it starts")
     return 0
 
 
@@ -277,6 +282,107 @@ def _drop_header(data: bytes, name: bytes) -> bytes:
     return b"".join(x + b"\r\n" for x in out) + body
 
 
+# -- role reversal: the customer side ---------------------------------------------------
+
+def _hostport(value: str, default_port: int) -> tuple[str, int]:
+    try:
+        return config_module.parse_hostport(value, default_port)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_odmr(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+
+    from mta import pull
+    cfg = _load(args)
+    host, port = _hostport(args.server, config_module.ODMR_PORT)
+    try:
+        password = pull.read_password(Path(args.password_file))
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"mta odmr: {args.password_file}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return 1
+    domains = tuple(d.strip().lower() for d in (args.domains or "").split(",") if d.strip())
+    spool = Spool(cfg.server.spool)
+    outcome: dict[str, int] = {}
+
+    def run(reactor) -> defer.Deferred:
+        d = pull.odmr(reactor, cfg, spool, pull.SpoolNotices(spool), host=host, port=port,
+                      user=args.user, password=password, domains=domains,
+                      tls_verify=not args.no_verify,
+                      ca_file=Path(args.ca_file) if args.ca_file else None)
+
+        def done(result: pull.OdmrResult) -> None:
+            print(f"mta odmr: {result.summary(f'{host}:{port}')}")
+            outcome["status"] = 0 if result.ok else 1
+            outcome["received"] = len(result.received)
+
+        def failed(failure) -> None:
+            print(f"mta odmr: {host}:{port}: {_why(failure)}", file=sys.stderr)
+            outcome["status"] = 1
+        return d.addCallbacks(done, failed)
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    if outcome.get("received"):
+        _wait_for_pickup(spool, "picked the messages up; they are in the spool and go "
+                                "out when it starts")
+    return outcome.get("status", 1)
+
+
+def cmd_etrn(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+
+    from mta import pull
+    from mta.delivery.outcome import reply_text
+    cfg = _load(args)
+    host, port = _hostport(args.server, 25)
+    outcome: dict[str, int] = {}
+
+    def run(reactor) -> defer.Deferred:
+        d = pull.etrn(reactor, cfg, host=host, port=port, domains=tuple(args.domains))
+
+        def done(result: pull.EtrnResult) -> None:
+            for domain, reply in result.replies:
+                print(f"{domain}: {reply_text(reply)}")
+            outcome["status"] = 0 if result.ok else 1
+
+        def failed(failure) -> None:
+            print(f"mta etrn: {host}:{port}: {_why(failure)}", file=sys.stderr)
+            outcome["status"] = 1
+        return d.addCallbacks(done, failed)
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    return outcome.get("status", 1)
+
+
+def _why(failure) -> str:
+    from mta.reply import printable
+    error = failure.value
+    text = getattr(error, "text", None) or failure.getErrorMessage() or repr(error)
+    return printable(str(text), 300)
+
+
+PICKUP_WAIT = 3.0  # seconds
+
+
+def _wait_for_pickup(spool: Spool, unread: str) -> None:
+    """A running server reads its notices every second: say `unread` if none did."""
+    deadline = time.monotonic() + PICKUP_WAIT
+    while spool.pending_notices() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if spool.pending_notices():
+        print(f"mta: no running server {unread} within {PICKUP_WAIT:.0f} s", file=sys.stderr)
+
+
 # -- argument parsing ------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +434,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-bm", action="store_true", help="accepted: deliver mail (the default)")
     p.add_argument("recipients", nargs="*")
     p.set_defaults(func=cmd_sendmail)
+
+    p = sub.add_parser("odmr", parents=[common],
+                       help="pull our held mail from a provider with ATRN (RFC 2645)")
+    p.add_argument("--server", required=True, metavar="HOST[:PORT]",
+                   help="the provider's ODMR service (default port 366)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--password-file", required=True, metavar="FILE",
+                   help="the password is its first line (never on the command line)")
+    p.add_argument("--domains", metavar="A,B", help="default: every domain the user may pull")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not check the provider's TLS certificate")
+    p.add_argument("--ca-file", metavar="FILE",
+                   help="CA certificates (PEM) for checking it; default: the system's")
+    p.set_defaults(func=cmd_odmr)
+
+    p = sub.add_parser("etrn", parents=[common],
+                       help="ask a server for a queue run with ETRN (RFC 1985)")
+    p.add_argument("server", metavar="HOST[:PORT]", help="default port 25")
+    p.add_argument("domains", nargs="+", metavar="DOMAIN",
+                   help="a domain, @domain (with its sub-domains) or #queue")
+    p.set_defaults(func=cmd_etrn)
     return parser
 
 

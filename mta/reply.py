@@ -61,6 +61,12 @@ class Reply:
         return self.render().decode("utf-8", "replace").rstrip("\r\n")
 
 
+def printable(text: str, limit: int = 1000) -> str:
+    """Text from the network (a peer's reply, a HELO name) made fit for a log line or a
+    report: control characters become "?", and it is cut at `limit` characters."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 # -- the catalogue ---------------------------------------------------------
 # Grouped by when they are sent.  Functions build the replies that carry data.
 

@@ -89,6 +89,33 @@ def unused_keys(config: config_module.Config) -> list[str]:
     return warnings
 
 
+def pickup_warnings(config: config_module.Config, trust: Any) -> list[str]:
+    """What would stop a pull_users customer from pulling with ATRN (fetchmail: CRAM-MD5 only)."""
+    pullers = {user: domain.name for domain in config.domains.values()
+               for user in domain.pull_users}
+    if not pullers:
+        return []
+    listeners = [x for x in config.listeners if x.atrn]
+    if not listeners:
+        return [("pull_users are set but no listener offers ATRN: add one with "
+                "role = \"odmr\" (port 366), or only TURN can pull")]
+    warnings = []
+    if not any("CRAM-MD5" in x.auth_mechanisms for x in listeners):
+        warnings.append("no ATRN listener offers CRAM-MD5 (auth_mechanisms): fetchmail's "
+                        "ODMR client cannot log in")
+    users = trust.checker.users if trust.checker is not None else frozenset()
+    cram = trust.checker.cram_md5_users() if trust.checker is not None else frozenset()
+    for user, domain in sorted(pullers.items()):
+        if user not in users:
+            warnings.append(f'[domains."{domain}"] pull_users: {user} has no password in '
+                            f"[auth] passwords: mta passwd --cram-md5 {user}")
+        elif user not in cram:
+            warnings.append(f'[domains."{domain}"] pull_users: {user} has no CRAM-MD5 secret, '
+                            f"so fetchmail's ODMR client cannot log in: "
+                            f"mta passwd --cram-md5 {user}")
+    return warnings
+
+
 def give_directories_to_runtime_user(config: config_module.Config, options: Options) -> None:
     """With ``twistd --uid U [--gid G]`` started as root, the spool (made just now,
     as root) and the Maildir roots must belong to U, who runs everything after
@@ -125,8 +152,8 @@ def prepare(path: str, reactor: Any) -> Prepared:
 
     `mta check-config` runs exactly this, so it fails where start-up would.
     """
-    from mta.server.tls import TLSConfigError
     from mta.server.trust import Trust
+    from mta.tls import TLSConfigError
 
     config = config_module.load(path)
     try:
@@ -162,6 +189,7 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     from mta.delivery.scheduler import Relayer
+    from mta.pull import PullService
     from mta.server.context import ServerContext
     from mta.server.protocol import ConnectionTable, SMTPFactory
     from mta.server.reversal import Pickup
@@ -173,7 +201,7 @@ def makeService(options: Options) -> service.MultiService:
         sys.stderr.write(f"mta: {e}\n")
         raise SystemExit(1) from None
     config, trust = prepared.config, prepared.trust
-    for warning in unused_keys(config):
+    for warning in unused_keys(config) + pickup_warnings(config, trust):
         log.warn("{warning}", warning=warning)  # noqa: G010
     if trust.tls is not None:
         log.info("TLS certificate: {what}", what=trust.tls.describe())
@@ -184,6 +212,8 @@ def makeService(options: Options) -> service.MultiService:
     relayer.setName("relayer")
     relayer.setServiceParent(top)
     ReloadOnHangup(trust, reactor).setServiceParent(top)
+    if config.pulls:
+        PullService(config, spool, relayer, reactor).setServiceParent(top)
     connections = ConnectionTable()
     pickup = Pickup(config, relayer, reactor)
     for listener, endpoint in zip(config.listeners, prepared.endpoints):

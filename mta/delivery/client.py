@@ -10,14 +10,23 @@ Session set-up, then `ready` fires with the peer's `Capabilities`:
 
 - greeting (220), EHLO, or HELO when EHLO is refused [RFC 5321 3.2];
 - STARTTLS when offered and the policy allows it, then EHLO again
-  [RFC 3207 4.2]; "required"/"verify" policies fail without it, and
-  "verify" checks the certificate against the host name (service-identity);
-- AUTH PLAIN or LOGIN when credentials are given [RFC 4954, RFC 4616].
+  [RFC 3207 4.2]; "required"/"verify" policies fail without it, "verify"
+  and "verify-if-offered" check the certificate against the host name
+  (service-identity), with the TLS options of mta/tls.py;
+- AUTH when credentials are given [RFC 4954], with the first mechanism of
+  the policy's list that the peer offers: PLAIN [RFC 4616], LOGIN, or
+  CRAM-MD5 [RFC 2195].  PLAIN and LOGIN carry the password itself: without
+  TLS they are used only where the policy allows it (`plaintext_password`,
+  the operator's choice for a smart host); CRAM-MD5 never reveals it.
 
 Any failure there errbacks `ready` with a `DeliveryError` (always
 temporary: a host that will not talk to us is not a verdict on the
 recipients) or the connection's own error.  `TLSFailed` marks a failed
 handshake, so that an opportunistic caller may retry in plain text.
+
+`command(line)` sends one more command (ETRN) and fires with its reply;
+`reverse(line, successor)` sends ATRN and, on its 250, gives the live
+connection to `successor` (reversal.py) before anything more is read.
 
 `deliver(transaction)` then returns a `TransactionResult`: one outcome per
 recipient in order (`None` for those a broken connection left undecided),
@@ -36,23 +45,29 @@ the connection and is reported as a 4.4.2 `DeliveryError`.
 from __future__ import annotations
 
 import base64
+import binascii
 import enum
+import hashlib
+import hmac
 import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from pathlib import Path
+from typing import Any, BinaryIO
 
-from twisted.internet import defer, interfaces, ssl
+from twisted.internet import defer, interfaces
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mta import tls
 from mta.address import xtext_encode
 from mta.delivery.outcome import DeliveryError, Failed, Outcome, classify, reply_text
 from mta.reply import Reply
+from mta.server.reversal import Reversible
 
 log = Logger(namespace="mta.delivery.client")
 
@@ -70,14 +85,24 @@ class Timeouts:
     data_end: float = 600.0  # 4.5.3.2.6 after the final dot
 
 
+# TLS policies: "verify-if-offered" is STARTTLS with a checked certificate when the
+# peer offers it, plain text when it does not (the ODMR client's default).
+VERIFY_IF_OFFERED = "verify-if-offered"
+_VERIFIED = ("verify", VERIFY_IF_OFFERED)
+_PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")  # these send the password itself
+
+
 @dataclass(frozen=True)
 class SessionPolicy:
     helo_name: str  # our name in EHLO
     peer_name: str  # the host we believe we talk to: logs, TLS certificate check
-    tls: str = "opportunistic"  # off | opportunistic | required | verify
-    trust_root: object | None = None  # an IOpenSSLTrustRoot for "verify"; None = the platform's
+    tls: str = "opportunistic"  # off | opportunistic | required | verify | verify-if-offered
+    ca_file: Path | None = None  # CA certificates for checked TLS; None = the platform's
     auth_user: str = ""
     auth_password: str = ""
+    auth_mechanisms: tuple[str, ...] = _PASSWORD_MECHANISMS  # in order of preference
+    # PLAIN/LOGIN without TLS: only where the operator chose it (smarthost_tls = "opportunistic").
+    plaintext_password: bool = False
 
     def __repr__(self) -> str:
         return f"SessionPolicy({self.peer_name}, tls={self.tls}, auth={bool(self.auth_user)})"
@@ -145,6 +170,7 @@ class _Stage(enum.Enum):
     DOT = "end of data"
     RSET = "RSET"
     QUIT = "QUIT"
+    COMMAND = "command"
 
 
 MAX_REPLY_LINES = 100
@@ -268,7 +294,7 @@ class _BodyProducer:
             self.source.close()
 
 
-class SMTPClient(LineReceiver):
+class SMTPClient(Reversible, LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 4096  # a reply line is at most 512 octets [RFC 5321 4.5.3.1.5]; be lenient
 
@@ -290,6 +316,7 @@ class SMTPClient(LineReceiver):
         self._txn: _TxnState | None = None
         self._need_rset = False
         self._quit_sent = False
+        self._commands: list[defer.Deferred[Reply]] = []  # command() replies still to come
 
     # -- connection events ------------------------------------------------------
 
@@ -297,6 +324,8 @@ class SMTPClient(LineReceiver):
         self._expect(_Stage.GREETING, self._on_greeting)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.successor is not None:
+            self.successor.connectionLost(reason)
         self.closed = True
         self._cancel_timer()
         self._handlers.clear()
@@ -306,6 +335,12 @@ class SMTPClient(LineReceiver):
                                        self.policy.peer_name))
         self._fail(reason)
         self.done.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.successor is not None:
+            self.successor.dataReceived(data)
+            return
+        super().dataReceived(data)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._abort(DeliveryError("4.5.0", "reply line too long", self.policy.peer_name))
@@ -395,6 +430,9 @@ class SMTPClient(LineReceiver):
     def _fail(self, reason: Failure) -> None:
         if not self.ready.called:
             self.ready.errback(reason)
+        commands, self._commands = self._commands, []
+        for d in commands:
+            d.errback(reason)
         if self._txn is not None:
             txn, self._txn = self._txn, None
             txn.finish(reason)
@@ -476,31 +514,51 @@ class SMTPClient(LineReceiver):
         self._send_ehlo()
 
     def _tls_options(self) -> object:
-        if self.policy.tls == "verify":
-            return ssl.optionsForClientTLS(self.policy.peer_name, trustRoot=self.policy.trust_root)
-        return ssl.CertificateOptions(verify=False)
+        return tls.client_options(self.policy.peer_name, verify=self.policy.tls in _VERIFIED,
+                                  trust_root=self.policy.ca_file)
 
     def _authenticate(self) -> None:
         if not self.policy.auth_user:
             self._set_ready()
             return
         caps = self.capabilities
-        if not caps.tls and self.policy.tls != "opportunistic":
+        offered = caps.auth_mechanisms
+        usable = [m for m in self.policy.auth_mechanisms if m in offered]
+        if not caps.tls and not self.policy.plaintext_password:
+            usable = [m for m in usable if m not in _PASSWORD_MECHANISMS]
+            if not usable and offered & set(_PASSWORD_MECHANISMS):
+                self._quit_after_error(DeliveryError(
+                    "4.7.4", "refusing to send a password without TLS", self.policy.peer_name))
+                return
+        if not usable:
             self._quit_after_error(DeliveryError(
-                "4.7.4", "refusing to send a password without TLS", self.policy.peer_name))
+                "4.7.4", f"{self.policy.peer_name} offers no AUTH "
+                         f"{' or '.join(self.policy.auth_mechanisms)}", self.policy.peer_name))
             return
-        mechanisms = caps.auth_mechanisms
         user, password = self.policy.auth_user, self.policy.auth_password
-        if "PLAIN" in mechanisms:
+        if usable[0] == "PLAIN":
             # RFC 4616 2: authzid NUL authcid NUL passwd, empty authzid.
             token = _b64(f"\0{user}\0{password}")
             self._send(f"AUTH PLAIN {token}", _Stage.AUTH, self._on_auth_done)
-        elif "LOGIN" in mechanisms:
+        elif usable[0] == "LOGIN":
             self._send("AUTH LOGIN", _Stage.AUTH, self._on_login_user)
         else:
-            self._quit_after_error(DeliveryError(
-                "4.7.4", f"{self.policy.peer_name} offers no AUTH PLAIN or LOGIN",
-                self.policy.peer_name))
+            self._send("AUTH CRAM-MD5", _Stage.AUTH, self._on_cram_challenge)
+
+    def _on_cram_challenge(self, reply: Reply) -> None:
+        if reply.code != 334:
+            self._auth_failed(reply)
+            return
+        try:
+            challenge = base64.b64decode(reply.lines[0].strip(), validate=True)
+        except (ValueError, binascii.Error):
+            self._abort(DeliveryError("4.7.0", "malformed CRAM-MD5 challenge",
+                                      self.policy.peer_name))
+            return
+        # RFC 2195 2: the user name, a space, and HMAC-MD5(password, challenge) in hex.
+        digest = hmac.new(self.policy.auth_password.encode("utf-8"), challenge,
+                          hashlib.md5).hexdigest()
+        self._send(_b64(f"{self.policy.auth_user} {digest}"), _Stage.AUTH, self._on_auth_done)
 
     def _on_login_user(self, reply: Reply) -> None:
         if reply.code != 334:
@@ -592,6 +650,36 @@ class SMTPClient(LineReceiver):
                 kind, _, address = r.orcpt.partition(";")
                 args.append(f"ORCPT={kind.strip()};{xtext_encode(address.strip())}")
         return " ".join(args)
+
+    def command(self, line: str) -> defer.Deferred[Reply]:
+        """Send one command (ETRN ...); fires with its reply, or fails with the connection."""
+        d: defer.Deferred[Reply] = defer.Deferred()
+        if self.closed or self._aborting:
+            return defer.fail(DeliveryError("4.4.2", "connection closed", self.policy.peer_name))
+        self._commands.append(d)
+
+        def answered(reply: Reply) -> None:
+            self._commands.remove(d)
+            d.callback(reply)
+        self._send(line, _Stage.COMMAND, answered)
+        return d
+
+    def reverse(self, line: str, successor: Callable[[], Any]) -> defer.Deferred[Reply]:
+        """Send `line` (ATRN); on a 250, the connection turns round [RFC 2645 5.3]: it
+        is handed, with whatever the peer sent after the reply, to ``successor()``
+        (our SMTP server), which speaks first.  Fires with the reply."""
+        d: defer.Deferred[Reply] = defer.Deferred()
+        self._commands.append(d)
+
+        def answered(reply: Reply) -> None:
+            self._commands.remove(d)
+            if reply.code == 250:
+                self._cancel_timer()
+                self._handlers.clear()
+                self.turn_round(successor(), self.clearLineBuffer())
+            d.callback(reply)
+        self._send(line, _Stage.COMMAND, answered)
+        return d
 
     def quit(self) -> None:
         """Say QUIT and close when the reply comes (or at the command timeout)."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, endpoints, ssl
+from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -85,16 +85,6 @@ def transaction_for(envelope: Envelope, recipients: list[Recipient], data_path: 
     )
 
 
-def load_trust_root(ca_file: Path | None) -> Any:
-    """The trust root for verified TLS: the CA file's certificates, else the platform's."""
-    if ca_file is None:
-        return ssl.platformTrust()
-    pem = ca_file.read_bytes()
-    certificates = [ssl.Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + block)
-                    for block in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
-    return ssl.trustRootFromCertificates(certificates)
-
-
 class MaildirCourier:
     def __init__(self, config: Config, run_blocking: RunBlocking) -> None:
         self.hostname = config.server.hostname
@@ -145,7 +135,6 @@ class SMTPCourier:
         self.resolver = resolver or MXResolver.from_config(config)
         self.connect = connect or self._connect_tcp
         self.timeouts = timeouts or Timeouts()
-        self._trust_root: Any = None
         self._clients: set[SMTPClient] = set()
         self._connecting: set[defer.Deferred[SMTPClient]] = set()
         self._generation = 0  # counts abort_all() calls
@@ -268,13 +257,10 @@ class SMTPCourier:
         return [None] * len(txn.recipients), False, failure
 
     def _policy(self, hop: NextHop, host: MXHost) -> SessionPolicy:
-        trust = None
-        if hop.tls == "verify":
-            if self._trust_root is None:
-                self._trust_root = load_trust_root(self.config.relay.tls_ca_file)
-            trust = self._trust_root
         return SessionPolicy(helo_name=self.config.server.hostname, peer_name=host.name,
-                             tls=hop.tls, trust_root=trust, auth_user=hop.auth_user,
+                             tls=hop.tls, ca_file=self.config.relay.tls_ca_file,
+                             plaintext_password=hop.tls == OPPORTUNISTIC,
+                             auth_user=hop.auth_user,
                              auth_password=hop.auth_password)
 
     @defer.inlineCallbacks

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from twisted.internet import error as net_error
 from twisted.python.failure import Failure
 
-from mta.reply import Reply
+from mta.reply import Reply, printable
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ def status_of(reply: Reply) -> str:
 
 
 def reply_text(reply: Reply) -> str:
-    """One line for logs and Diagnostic-Code: ``550 5.1.1 no such user``."""
-    text = " ".join(line.strip() for line in reply.lines if line.strip())
+    """One printable line for logs and Diagnostic-Code: ``550 5.1.1 no such user``."""
+    text = printable(" ".join(line.strip() for line in reply.lines if line.strip()))
     parts = [str(reply.code)]
     if reply.enhanced:
         parts.append(reply.enhanced)

@@ -388,8 +388,12 @@ class PasswordFileChecker:
 
     def has_cram_md5(self) -> bool:
         """Whether any user can log in with CRAM-MD5 (only then is it offered)."""
+        return bool(self.cram_md5_users())
+
+    def cram_md5_users(self) -> frozenset[str]:
+        """The users whose entry serves CRAM-MD5."""
         self.refresh()
-        return any(e.cram_md5 is not None for e in self._entries.values())
+        return frozenset(e.user for e in self._entries.values() if e.cram_md5 is not None)
 
     def refresh(self) -> None:
         """Re-read the file if it changed since the last look (stat per call)."""

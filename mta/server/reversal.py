@@ -47,7 +47,7 @@ from twisted.logger import Logger
 from mta import reply
 from mta.address import client_ip, is_valid_domain
 from mta.config import Config, IPNetwork
-from mta.reply import Reply
+from mta.reply import Reply, printable
 from mta.server.answer import Answer, TurnRound
 from mta.server.context import HeldMail, TurnBusy
 from mta.server.ratelimit import WindowCounter
@@ -149,7 +149,7 @@ class Pickup:
         domain = (helo or "").lower().rstrip(".")
         if user is None or domain not in self.pullable(user):
             log.info("TURN refused for [{client}] (user {user}, HELO {helo})",
-                     client=peer, user=user or "none", helo=_printable(helo or ""))
+                     client=peer, user=user or "none", helo=printable(helo or "", 100))
             return reply.TURN_REFUSED
         # RFC 821 has no "no mail" reply: with nothing waiting we turn round and QUIT.
         return self._turn([domain], peer, reply.TURN_TURNING)
@@ -173,7 +173,3 @@ class Pickup:
 def _in(address: str, networks: tuple[IPNetwork, ...]) -> bool:
     ip = client_ip(address)
     return ip is not None and any(ip in net for net in networks)
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text)[:100]

@@ -41,7 +41,7 @@ from mta.reply import Reply
 from mta.server import sasl
 from mta.server.auth import PasswordFileChecker, login, make_portal
 from mta.server.ratelimit import WindowCounter
-from mta.server.tls import ServerTLS
+from mta.tls import ServerTLS
 
 log = Logger(namespace="mta.smtpd")
 
@@ -59,7 +59,7 @@ class Trust:
     @classmethod
     def from_config(cls, config: Config, reactor: Any,
                     run_in_thread: Callable[..., defer.Deferred] = deferToThread) -> Trust:
-        """Raises `mta.server.tls.TLSConfigError` when the certificate cannot be used."""
+        """Raises `mta.tls.TLSConfigError` when the certificate cannot be used."""
         checker = None
         if config.auth.passwords is not None:
             checker = PasswordFileChecker(config.auth.passwords, run_in_thread)

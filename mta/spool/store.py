@@ -292,6 +292,10 @@ class Spool:
         os.rename(tmp, directory / f"{name}.json")
         return directory / f"{name}.json"
 
+    def pending_notices(self) -> int:
+        """Notices no running server has read yet."""
+        return sum(1 for _ in (self.root / CONTROL).glob("*.json"))
+
     def take_notices(self) -> list[dict[str, str]]:
         """Notices in the order they were written; each is returned once, then removed."""
         notices = []

@@ -530,7 +530,7 @@ def test_smarthost_is_a_second_mta_with_starttls_and_auth(
         sinks: Callable[..., Sink], dns_port: int, smtp_port: int, tmp_path: Path) -> None:
     """A -> (STARTTLS, certificate checked, AUTH PLAIN) -> B, a submission listener -> MX."""
     from mta.server.auth import set_password
-    from mta.server.tls import make_cert
+    from mta.tls import make_cert
 
     mx = sinks("127.0.0.3")
     secrets = tmp_path / "secrets"
@@ -586,7 +586,7 @@ class AuthPeer:
         from aiosmtpd.controller import Controller
         from aiosmtpd.smtp import AuthResult, LoginPassword
 
-        from mta.server.tls import make_cert
+        from mta.tls import make_cert
 
         cert, key = directory / "peer-cert.pem", directory / "peer-key.pem"
         make_cert(cert, key, "smarthost.test")

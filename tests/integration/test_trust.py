@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from mta.server import auth, tls
+from mta import tls
+from mta.server import auth
 from tests.integration.harness import REPO, MtaServer, free_port, need, wait_for
 
 PASSWORD = "s3cret pass phrase"

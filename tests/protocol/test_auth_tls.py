@@ -22,8 +22,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 
 from mta import config as config_module
-from mta import reply
-from mta.server import auth, tls
+from mta import reply, tls
+from mta.server import auth
 from mta.server.context import ServerContext
 from mta.server.protocol import ConnectionTable, SMTPFactory
 from mta.server.trust import Trust

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import io
 
 from twisted.internet import task
+from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -39,6 +42,24 @@ def txn(*addresses: str, data: bytes = b"Subject: hi\r\n\r\nbody\r\n", **kw: obj
     recipients = [a if isinstance(a, RecipientSpec) else RecipientSpec(a) for a in addresses]
     return Transaction("sender@here.test", recipients, lambda: io.BytesIO(data),
                        size=len(data), **kw)
+
+
+class Recorder:
+    """A successor protocol that records what reaches it."""
+
+    def __init__(self) -> None:
+        self.transport = None
+        self.received = b""
+        self.lost = False
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost = True
 
 
 class ClientTest(SynchronousTestCase):
@@ -263,6 +284,71 @@ class ClientTest(SynchronousTestCase):
         self.failureResultOf(self.client.ready, DeliveryError)
         self.assertNotIn("AUTH", self.sent())
 
+    def test_auth_cram_md5_without_tls_never_sends_the_password(self) -> None:
+        # The ODMR client's preference [RFC 2645 5.1.2]: CRAM-MD5 works without TLS.
+        self.connect("verify-if-offered", auth_user="joe", auth_password="s3cret",
+                     auth_mechanisms=("CRAM-MD5", "PLAIN", "LOGIN"))
+        self.feed("220 hi\r\n250-x\r\n250 AUTH PLAIN LOGIN CRAM-MD5\r\n")
+        self.assertEqual(self.sent(), "EHLO relay.here.test\r\nAUTH CRAM-MD5\r\n")
+        challenge = b"<1896.697170952@postoffice.example.net>"
+        self.feed(f"334 {base64.b64encode(challenge).decode()}\r\n")
+        answer = base64.b64decode(self.sent().strip()).decode()
+        digest = hmac.new(b"s3cret", challenge, hashlib.md5).hexdigest()
+        self.assertEqual(answer, f"joe {digest}")
+        self.feed("235 2.7.0 ok\r\n")
+        self.assertTrue(self.successResultOf(self.client.ready).authenticated)
+
+    def test_plain_only_peer_without_tls_gets_no_password(self) -> None:
+        self.connect("verify-if-offered", auth_user="joe", auth_password="s3cret",
+                     auth_mechanisms=("CRAM-MD5", "PLAIN", "LOGIN"))
+        self.feed("220 hi\r\n250-x\r\n250 AUTH PLAIN LOGIN\r\n")
+        self.assertIn("without TLS", str(self.failureResultOf(self.client.ready).value))
+        self.assertNotIn("AUTH", self.sent())
+
+    def test_verify_if_offered_checks_the_certificate_when_starttls_is_offered(self) -> None:
+        self.connect("verify-if-offered")
+        self.feed("220 hi\r\n250-x\r\n250 STARTTLS\r\n")
+        self.assertEqual(self.sent(), "EHLO relay.here.test\r\nSTARTTLS\r\n")
+        self.feed("220 go\r\n")
+        options = self.transport.tls_options
+        self.assertEqual(type(options).__name__, "ClientTLSOptions")  # verifying, not "any"
+
+    def test_command_and_its_reply(self) -> None:
+        self.ready(EHLO_PLAIN)
+        d = self.client.command("ETRN @example.org")
+        self.assertEqual(self.sent(), "ETRN @example.org\r\n")
+        self.feed("253 2.0.0 OK, 3 pending messages for node @example.org started\r\n")
+        self.assertEqual(self.successResultOf(d).code, 253)
+        lost = self.client.command("ETRN other.example")
+        self.client.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(lost)
+
+    def test_reverse_hands_the_connection_over_on_250(self) -> None:
+        self.ready(EHLO_PLAIN)
+        successor = Recorder()
+        d = self.client.reverse("ATRN a.example", lambda: successor)
+        self.assertEqual(self.sent(), "ATRN a.example\r\n")
+        # The reply and what the peer sent after it arrive together.
+        self.feed("250 OK, now reversing the connection\r\nEHLO early\r\n")
+        self.assertEqual(self.successResultOf(d).code, 250)
+        self.assertIs(successor.transport, self.transport)
+        self.feed("MAIL FROM:<a@b>\r\n")
+        self.assertEqual(successor.received, b"EHLO early\r\nMAIL FROM:<a@b>\r\n")
+        self.clock.advance(Timeouts().command * 2)  # the client's own timers are gone
+        self.assertFalse(self.transport.disconnecting)
+        self.client.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(successor.lost)
+
+    def test_reverse_refused_keeps_the_client(self) -> None:
+        self.ready(EHLO_PLAIN)
+        successor = Recorder()
+        d = self.client.reverse("ATRN", lambda: successor)
+        self.feed("453 You have no mail\r\n")
+        self.assertEqual(self.successResultOf(d).code, 453)
+        self.assertIsNone(successor.transport)
+        self.client.quit()
+        self.assertEqual(self.sent(), "ATRN\r\nQUIT\r\n")
+
     def test_greeting_timeout(self) -> None:
         self.connect()
         self.clock.advance(Timeouts().greeting - 1)
@@ -324,7 +410,8 @@ class ClientTest(SynchronousTestCase):
     def test_odd_spacing_in_replies(self) -> None:
         # Extra spaces around the enhanced code, keywords and parameters; the old
         # "AUTH=PLAIN LOGIN" form of the AUTH keyword.
-        self.connect("opportunistic", auth_user="joe", auth_password="pw")
+        self.connect("opportunistic", auth_user="joe", auth_password="pw",
+                     plaintext_password=True)
         self.feed("220 hi\r\n")
         self.sent()
         self.feed("250-mx.peer.test   hello \r\n250-PIPELINING \r\n250-SIZE   1000\r\n"

@@ -25,7 +25,7 @@ def test_shipped_configs_load(tmp_path, monkeypatch):
     assert cfg.server.spool == Path("spool")
     assert cfg.domain_for("LOCALHOST.").route.kind == "maildir"
     # The examples name files an operator makes: make them, then load each example.
-    from mta.server.tls import make_cert
+    from mta.tls import make_cert
     (tmp_path / "etc").mkdir()
     make_cert(tmp_path / "etc/cert.pem", tmp_path / "etc/key.pem", "mx.example.org")
     (tmp_path / "etc/passwords").write_text("")
@@ -177,7 +177,7 @@ def test_xtext_round_trip_of_utf8():
 
 def test_check_config_fails_where_start_up_would(tmp_path, capsys):
     from mta import cli
-    from mta.server.tls import make_cert
+    from mta.tls import make_cert
     make_cert(tmp_path / "a.pem", tmp_path / "a.key", "a.test")
     make_cert(tmp_path / "b.pem", tmp_path / "b.key", "b.test")
     (tmp_path / "junk.pem").write_text("junk\n")

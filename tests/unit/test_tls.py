@@ -1,4 +1,4 @@
-"""TLS (mta.server.tls): handshakes against Python's ssl module and Twisted.
+"""TLS (mta.tls): handshakes against Python's ssl module and Twisted.
 
 The server side is our pyOpenSSL context; the client side is the standard
 library's `ssl` (a separate OpenSSL build and API) driven through memory
@@ -33,7 +33,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import TestCase as TrialTestCase
 
-from mta.server import tls
+from mta import tls
 
 
 @pytest.fixture(scope="module")
