@@ -4,6 +4,7 @@
 - `free_port()`: a port nobody listens on now (never 2525, which `make run` uses).
 - `MtaServer`: `twistd -n mta --config FILE` in its own directory, started,
   stopped (SIGTERM), killed (SIGKILL) and restarted, with its log at hand.
+- `Sink`: Postfix's smtp-sink on a loopback address, dumping what it receives.
 - `WireTap`: a recording TCP proxy; it shows exactly which bytes a client sent
   and which replies it got, so tests can compare what was sent with what the
   spool holds, byte for byte, and know which messages got their 250.
@@ -11,6 +12,8 @@
 
 from __future__ import annotations
 
+import email
+import email.message
 import os
 import re
 import shutil
@@ -18,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -83,6 +87,14 @@ def greets(port: int, address: str = "127.0.0.1", timeout: float = 1) -> bool:
     try:
         with socket.create_connection((address, port), timeout=timeout) as s:
             return s.recv(512).startswith(b"220 ")
+    except OSError:
+        return False
+
+
+def accepts(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=0.5):
+            return True
     except OSError:
         return False
 
@@ -263,3 +275,57 @@ class WireTap:
                 bodies.append(b"\r\n".join(line[1:] if line.startswith(b".") else line
                                            for line in lines))
         return bodies
+
+
+class Sink:
+    """smtp-sink on ADDRESS:PORT, dumping each transaction (envelope in X- headers) to a file."""
+
+    def __init__(self, address: str, port: int, *options: str) -> None:
+        self.program = need("smtp-sink")
+        # smtp-sink writes as "nobody": the dump directory must be reachable by it.
+        self.directory = Path(tempfile.mkdtemp(prefix="mta-sink-"))
+        self.directory.chmod(0o777)
+        self.errors = self.directory.parent / f"{self.directory.name}.err"
+        self.address, self.port, self.options = address, port, options
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.program, "-u", "nobody", "-d", f"{self.directory}/%M.", *self.options,
+             f"{self.address}:{self.port}", "100"],
+            stdout=subprocess.DEVNULL, stderr=self.errors.open("ab"))
+        wait_for(f"smtp-sink on {self.address}:{self.port}",
+                 lambda: accepts(self.address, self.port))
+
+    def restart(self, *options: str) -> None:
+        self.stop()
+        self.options = options
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+    def messages(self) -> list[email.message.Message]:
+        """Complete dumps.  smtp-sink creates a dump when a transaction starts and removes it
+        if the transaction is abandoned, so a file without a body may still be in progress."""
+        found = []
+        for path in sorted(self.directory.iterdir()):
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"\nX-Rcpt-Args:" in raw and b"\n\n" in raw:
+                found.append(email.message_from_bytes(raw))
+        return found
+
+    def wait(self, count: int) -> list[email.message.Message]:
+        return wait_for(f"{count} message(s) at {self.address}",
+                        lambda: len(m := self.messages()) >= count and m)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.errors.unlink(missing_ok=True)

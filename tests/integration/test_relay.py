@@ -15,13 +15,11 @@ from __future__ import annotations
 import email
 import email.message
 import json
-import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +31,7 @@ from tests.integration.harness import MTA as MTA_COMMAND
 from tests.integration.harness import (
     REPO,
     MtaServer,
-    need,
+    Sink,
     source_env,
     stop_process,
     wait_for,
@@ -84,14 +82,6 @@ def free_port_on(addresses: tuple[str, ...]) -> int:
     raise RuntimeError("no free port")
 
 
-def accepts(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def send(mta: MtaServer, recipients: list[str], number: int = 1, sender: str = SENDER,
          rcpt_options: tuple[str, ...] = ()) -> None:
     with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as client:
@@ -124,60 +114,6 @@ class DNSServer:
 
     def stop(self) -> None:
         stop_process(self.process)
-
-
-class Sink:
-    """smtp-sink on ADDRESS:PORT, dumping each transaction (envelope in X- headers) to a file."""
-
-    def __init__(self, address: str, port: int, *options: str) -> None:
-        self.program = need("smtp-sink")
-        # smtp-sink writes as "nobody": the dump directory must be reachable by it.
-        self.directory = Path(tempfile.mkdtemp(prefix="mta-sink-"))
-        self.directory.chmod(0o777)
-        self.errors = self.directory.parent / f"{self.directory.name}.err"
-        self.address, self.port, self.options = address, port, options
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.program, "-u", "nobody", "-d", f"{self.directory}/%M.", *self.options,
-             f"{self.address}:{self.port}", "100"],
-            stdout=subprocess.DEVNULL, stderr=self.errors.open("ab"))
-        wait_for(f"smtp-sink on {self.address}:{self.port}",
-                 lambda: accepts(self.address, self.port))
-
-    def restart(self, *options: str) -> None:
-        self.stop()
-        self.options = options
-        self.start()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
-
-    def messages(self) -> list[email.message.Message]:
-        """Complete dumps.  smtp-sink creates a dump when a transaction starts and removes it
-        if the transaction is abandoned, so a file without a body may still be in progress."""
-        found = []
-        for path in sorted(self.directory.iterdir()):
-            try:
-                raw = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            if b"\nX-Rcpt-Args:" in raw and b"\n\n" in raw:
-                found.append(email.message_from_bytes(raw))
-        return found
-
-    def wait(self, count: int) -> list[email.message.Message]:
-        return wait_for(f"{count} message(s) at {self.address}",
-                        lambda: len(m := self.messages()) >= count and m)
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
-        self.errors.unlink(missing_ok=True)
 
 
 # -- fixtures ------------------------------------------------------------------------------
