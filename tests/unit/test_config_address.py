@@ -30,9 +30,10 @@ def test_shipped_configs_load(tmp_path, monkeypatch):
     make_cert(tmp_path / "etc/cert.pem", tmp_path / "etc/key.pem", "mx.example.org")
     (tmp_path / "etc/passwords").write_text("")
     (tmp_path / "etc/smarthost.secret").write_text("secret\n")
+    (tmp_path / "etc/odmr.secret").write_text("secret\n")
     monkeypatch.chdir(tmp_path)
     examples = sorted((REPO / "etc" / "examples").glob("*.toml"))
-    assert len(examples) == 3
+    assert len(examples) == 4
     for example in examples:
         config.load(example)
 
@@ -69,6 +70,32 @@ def test_defaults():
     ("[limits]\ndata_timeout = 0", "[limits] data_timeout: must be more than zero"),
     ("[limits]\nmessage_size = 0", "[limits] message_size: must be at least 1"),
     ("[auth]\nsenders = 3", "[auth] senders: expected a table, got 3"),
+    ('[[listeners]]\nendpoint = "tcp:25"\natrn = true',
+     "[listeners #1] atrn: ATRN is offered on odmr and submission listeners only"),
+    ('[auth]\npasswords = "p"\n[[listeners]]\nendpoint = "tcp:366"\nrole = "odmr"\natrn = false',
+     "[listeners #1] atrn: an odmr listener exists to offer ATRN"),
+    ('[domains."ex.org"]\nroute = "maildir:m"\npull_users = ["a"]',
+     '[domains."ex.org"] pull_users: only a domain with route = "hold" can be pulled'),
+    ('[domains."ex.org"]\nroute = "hold"\netrn_clients = ["nonsense"]',
+     '[domains."ex.org"] etrn_clients: bad network'),
+    ('[etrn]\nclients = ["10.0.0.0/33"]', "[etrn] clients: bad network"),
+    ("[etrn]\nper_client = 0", "[etrn] per_client: must be at least 1"),
+    ("[etrn]\nwindow = \"0s\"", "[etrn] window: must be more than zero"),
+    ("[etrn]\nspeed = 1", "[etrn] speed: unknown key"),
+    ('[[pull]]\nprotocol = "pop3"', "[pull #1] protocol: expected one of odmr, etrn"),
+    ('[[pull]]\nuser = "c"', "[pull #1] server: required"),
+    ('[[pull]]\nserver = "p.example:x"', "[pull #1] server: "),
+    ('[[pull]]\nserver = "p.example"', '[pull #1] user: required for protocol "odmr"'),
+    ('[[pull]]\nserver = "p.example"\nuser = "c"',
+     '[pull #1] password_file: required for protocol "odmr"'),
+    ('[[pull]]\nserver = "p.example"\nuser = "c"\npassword_file = "/nonexistent"',
+     "[pull #1] password_file: no such file: /nonexistent"),
+    ('[[pull]]\nprotocol = "etrn"\nserver = "p.example"',
+     '[pull #1] domains: required for protocol "etrn"'),
+    ('[[pull]]\nprotocol = "etrn"\nserver = "p.example"\ndomains = ["a..b"]',
+     "[pull #1] domains: not a valid domain name"),
+    ('[[pull]]\nprotocol = "etrn"\nserver = "p.example"\ndomains = ["a.b"]\ninterval = "0s"',
+     "[pull #1] interval: must be more than zero"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "mta.toml"
@@ -78,6 +105,36 @@ def test_bad_config_names_the_key(tmp_path, text, message):
     assert str(e.value).startswith(f"{path}: ")
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_role_reversal_keys(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("pw\n")
+    cfg = config.from_dict({
+        "auth": {"passwords": str(tmp_path / "passwords")},
+        "listeners": [{"endpoint": "tcp:366", "role": "odmr"},
+                      {"endpoint": "tcp:587", "role": "submission", "atrn": True},
+                      {"endpoint": "tcp:25"}],
+        "domains": {"c.example": {"route": "hold", "pull_users": ["c"],
+                                  "etrn_clients": ["192.0.2.0/24"]}},
+        "etrn": {"clients": ["10.0.0.0/8"], "per_client": 3, "window": "10m"},
+        "pull": [{"server": "odmr.provider.example", "user": "me", "password_file": str(secret)},
+                 {"protocol": "etrn", "server": "mx.provider.example:2525",
+                  "domains": ["Me.Example."], "interval": "1h"}],
+    })
+    assert [x.atrn for x in cfg.listeners] == [True, True, False]
+    domain = cfg.domains["c.example"]
+    assert domain.held and [str(n) for n in domain.etrn_clients] == ["192.0.2.0/24"]
+    assert ([str(n) for n in cfg.etrn.clients], cfg.etrn.per_client, cfg.etrn.window) == (
+        ["10.0.0.0/8"], 3, 600)
+    odmr, etrn = cfg.pulls
+    assert (odmr.protocol, odmr.server, odmr.interval, odmr.tls_verify) == (
+        "odmr", "odmr.provider.example:366", 900, True)
+    assert (etrn.protocol, etrn.server, etrn.domains, etrn.interval) == (
+        "etrn", "mx.provider.example:2525", ("me.example",), 3600)
+    defaults = config.default()
+    assert defaults.pulls == () and defaults.etrn.per_client == 10
+    assert [str(n) for n in defaults.etrn.clients] == ["0.0.0.0/0", "::/0"]
 
 
 def test_missing_file():
