@@ -335,19 +335,23 @@ class Relayer(Service):
         plan = self.attempts.turned(domains, peer, TurnedCourier(client, peer))
         tried: set[str] = set()
         sent = 0
-        while not client.closed and not self._stopping:
-            entry = next((e for e in self._entries_for(domains) if e.queue_id not in tried),
-                         None)
-            if entry is None:
+        while True:
+            # Mail that arrives during the turn goes too: look again after each round.
+            batch = [e for e in self._entries_for(domains) if e.queue_id not in tried]
+            if not batch:
                 break
-            tried.add(entry.queue_id)
-            if entry.running:
-                yield self._when_idle(entry)  # its attempt over another route ends first
-                if self._entries.get(entry.queue_id) is not entry or entry.running:
-                    continue
-            verdict = yield self._run(entry, plan)
-            if verdict is not None and verdict.delivered:
-                sent += 1
+            for entry in batch:
+                if client.closed or self._stopping:
+                    client.quit()
+                    return sent
+                tried.add(entry.queue_id)
+                if entry.running:
+                    yield self._when_idle(entry)  # its attempt over another route ends first
+                    if self._entries.get(entry.queue_id) is not entry or entry.running:
+                        continue
+                verdict = yield self._run(entry, plan)
+                if verdict is not None and verdict.delivered:
+                    sent += 1
         client.quit()
         return sent
 

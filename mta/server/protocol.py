@@ -243,8 +243,8 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
             self._buffer = b""
             return
         self._buffer = rest
-        self._reader = None
-        self._answer(self.session.body_done())
+        reader, self._reader = self._reader, None
+        self._answer(self.session.body_done(reader))
 
     def _next_command(self) -> bool:
         """Frame and handle one command line; False when more bytes are needed."""
@@ -340,7 +340,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
                 self.setTimeout(self.limits.data_timeout)
                 if getattr(reader, "remaining", None) == 0:
                     self._reader = None  # an empty BDAT chunk is complete at once
-                    self._answer(session.body_done())
+                    self._answer(session.body_done(reader))
                 return
         # 452 4.5.3 (too many recipients) is the limit working as RFC 5321 4.5.3.1.10
         # says, not a client error: the client sends the rest in another transaction.

@@ -9,8 +9,8 @@ writes replies out.
 `command(line)` returns an `Answer` (answer.py): the reply and what the
 connection does next (continue, close, start TLS, read a body, turn round),
 or a Deferred firing with one when the answer needs the disk or a password
-check.  When a body reader has all its bytes, `body_done()` answers the
-DATA or BDAT.  While `expects_sasl` is true the next line is a SASL response
+check.  When the body reader it handed out has all its bytes,
+`body_done(reader)` answers the DATA or BDAT.  While `expects_sasl` is true the next line is a SASL response
 of an AUTH exchange (trust.py), not a command.
 
 Trust [DESIGN.md 8]: STARTTLS is offered when the listener says
@@ -130,7 +130,6 @@ class Session:
         self.authenticated: str | None = None
         self.transaction = Transaction()
         self.errors = 0
-        self.reading: BodyReader | None = None  # the body reader handed to the adapter
         self._chunk_outcome: tuple[Reply | None, bool] = (None, False)
         self.auth_exchange: AuthExchange | None = None
         self.auth_failures = 0
@@ -182,7 +181,6 @@ class Session:
         if self.transaction.incoming is not None:
             self.transaction.incoming.abort()
         self.transaction = Transaction()
-        self.reading = None
         if self.in_transaction:
             self.phase = Phase.GREETED
 
@@ -608,9 +606,9 @@ class Session:
         self._chunk_outcome = (None, last)
         return self._read(tx.body)
 
-    def _read(self, reader: BodyReader, said: Reply | None = None) -> Answer:
+    @staticmethod
+    def _read(reader: BodyReader, said: Reply | None = None) -> Answer:
         """The bytes that follow are a body for `reader`; `body_done` answers when it is full."""
-        self.reading = reader
         return Answer(said, ReadBody(reader))
 
     def _open_incoming(self) -> Reply | None:
@@ -623,12 +621,11 @@ class Session:
         self.transaction.incoming = incoming
         return None
 
-    def body_done(self) -> Answer | defer.Deferred[Answer]:
-        """The reader handed out has all its bytes: answer the DATA or the BDAT chunk."""
-        return _answered(self._body_verdict())
+    def body_done(self, reader: BodyReader) -> Answer | defer.Deferred[Answer]:
+        """`reader` (handed out with ReadBody) has all its bytes: answer the DATA or BDAT."""
+        return _answered(self._body_verdict(reader))
 
-    def _body_verdict(self) -> Reply | defer.Deferred:
-        reader, self.reading = self.reading, None
+    def _body_verdict(self, reader: BodyReader) -> Reply | defer.Deferred:
         if isinstance(reader, ChunkReader):
             refused, last = self._chunk_outcome
             if refused is not None:
