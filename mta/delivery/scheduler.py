@@ -68,7 +68,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mta import maillog
 from mta.config import Config
-from mta.delivery.attempt import Attempts, Plan, Verdict, backoff
+from mta.delivery.attempt import Attempts, Plan, Verdict
 from mta.delivery.client import SessionPolicy, SMTPClient
 from mta.delivery.courier import MaildirCourier, SMTPCourier, TurnedCourier
 from mta.delivery.router import MAILDIR, SMTP, Router
@@ -81,9 +81,6 @@ log = Logger(namespace="mta.delivery.scheduler")
 STOP_GRACE = 10.0  # seconds stopService waits for abandoned attempts to record themselves
 NOTICE_INTERVAL = 1.0  # seconds between reads of the spool's control/ notices
 DNS_THREADS = 10  # at most this many DNS resolutions at once
-
-__all__ = ["Relayer", "backoff", "domain_matches"]
-
 
 def domain_matches(domain: str, wanted: str, subdomains: bool = False) -> bool:
     domain, wanted = domain.lower().rstrip("."), wanted.lower().rstrip(".")
@@ -153,8 +150,6 @@ class _Limiter:
                 self.waiting.remove(item)
                 self._take(destination)
                 d.callback(None)
-
-
 
 
 class Relayer(Service):

@@ -18,10 +18,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mta import bounce
 from mta import config as config_mod
+from mta.delivery.attempt import backoff
 from mta.delivery.courier import MaildirCourier, Result
 from mta.delivery.outcome import Deferred, Delivered, Failed, Outcome
 from mta.delivery.router import MAILDIR, SMTP, NextHop
-from mta.delivery.scheduler import Relayer, backoff
+from mta.delivery.scheduler import Relayer
 from mta.spool.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from mta.spool.store import Spool
 
