@@ -30,8 +30,10 @@ import socket
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import defer
 
@@ -292,8 +294,6 @@ def _hostport(value: str, default_port: int) -> tuple[str, int]:
 
 
 def cmd_odmr(args: argparse.Namespace) -> int:
-    from twisted.internet import task
-
     from mta import pull
     cfg = _load(args)
     host, port = _hostport(args.server, config_module.ODMR_PORT)
@@ -305,63 +305,51 @@ def cmd_odmr(args: argparse.Namespace) -> int:
         return 1
     domains = tuple(d.strip().lower() for d in (args.domains or "").split(",") if d.strip())
     spool = Spool(cfg.server.spool)
-    outcome: dict[str, int] = {}
-
-    def run(reactor) -> defer.Deferred:
-        d = pull.odmr(reactor, cfg, spool, pull.SpoolNotices(spool), host=host, port=port,
-                      user=args.user, password=password, domains=domains,
-                      tls_verify=not args.no_verify,
-                      ca_file=Path(args.ca_file) if args.ca_file else None)
-
-        def done(result: pull.OdmrResult) -> None:
-            print(f"mta odmr: {result.summary(f'{host}:{port}')}")
-            outcome["status"] = 0 if result.ok else 1
-            outcome["received"] = len(result.received)
-
-        def failed(failure) -> None:
-            print(f"mta odmr: {host}:{port}: {_why(failure)}", file=sys.stderr)
-            outcome["status"] = 1
-        return d.addCallbacks(done, failed)
-
-    try:
-        task.react(run)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise
-    if outcome.get("received"):
+    result = _react(lambda reactor: pull.odmr(
+        reactor, cfg, spool, pull.SpoolNotices(spool), host=host, port=port, user=args.user,
+        password=password, domains=domains, tls_verify=not args.no_verify,
+        ca_file=Path(args.ca_file) if args.ca_file else None), f"mta odmr: {host}:{port}")
+    if result is None:
+        return 1
+    print(f"mta odmr: {result.summary(f'{host}:{port}')}")
+    if result.received:
         _wait_for_pickup(spool, "picked the messages up; they are in the spool and go "
                                 "out when it starts")
-    return outcome.get("status", 1)
+    return 0 if result.ok else 1
 
 
 def cmd_etrn(args: argparse.Namespace) -> int:
-    from twisted.internet import task
-
     from mta import pull
     from mta.delivery.outcome import reply_text
     cfg = _load(args)
     host, port = _hostport(args.server, 25)
-    outcome: dict[str, int] = {}
+    result = _react(lambda reactor: pull.etrn(reactor, cfg, host=host, port=port,
+                                              domains=tuple(args.domains)),
+                    f"mta etrn: {host}:{port}")
+    if result is None:
+        return 1
+    for domain, reply in result.replies:
+        print(f"{domain}: {reply_text(reply)}")
+    return 0 if result.ok else 1
 
-    def run(reactor) -> defer.Deferred:
-        d = pull.etrn(reactor, cfg, host=host, port=port, domains=tuple(args.domains))
 
-        def done(result: pull.EtrnResult) -> None:
-            for domain, reply in result.replies:
-                print(f"{domain}: {reply_text(reply)}")
-            outcome["status"] = 0 if result.ok else 1
+def _react(work: Callable[[Any], defer.Deferred], failing: str) -> Any:
+    """Run ``work(reactor)`` to its end in a reactor of its own: its result, or None
+    after saying on stderr, after `failing`, why it failed."""
+    from twisted.internet import task
+    outcome: list[Any] = [None]
 
-        def failed(failure) -> None:
-            print(f"mta etrn: {host}:{port}: {_why(failure)}", file=sys.stderr)
-            outcome["status"] = 1
-        return d.addCallbacks(done, failed)
-
+    def run(reactor: Any) -> defer.Deferred:
+        d = work(reactor)
+        d.addCallbacks(lambda result: outcome.__setitem__(0, result),
+                       lambda failure: print(f"{failing}: {_why(failure)}", file=sys.stderr))
+        return d
     try:
         task.react(run)
-    except SystemExit as e:
+    except SystemExit as e:  # react() always ends so; the outcome says how it went
         if e.code not in (0, None):
             raise
-    return outcome.get("status", 1)
+    return outcome[0]
 
 
 def _why(failure) -> str:
