@@ -158,7 +158,7 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
     spool = _spool(args)
     spool.notify("flush", domain=args.domain or "")
     print("flush requested" + (f" for {args.domain}" if args.domain else ""))
-    _wait_for_pickup(spool, "took the request; it will act on it when it starts")
+    _wait_for_pickup(spool, "took the request", "it will act on it when it starts")
     return 0
 
 
@@ -296,7 +296,7 @@ def _hostport(value: str, default_port: int) -> tuple[str, int]:
 def cmd_odmr(args: argparse.Namespace) -> int:
     from mta import pull
     cfg = _load(args)
-    host, port = _hostport(args.server, config_module.ODMR_PORT)
+    host, port = args.server  # checked by the parser (_hostport)
     try:
         password = pull.read_password(Path(args.password_file))
     except (OSError, UnicodeDecodeError) as e:
@@ -313,8 +313,8 @@ def cmd_odmr(args: argparse.Namespace) -> int:
         return 1
     print(f"mta odmr: {result.summary(f'{host}:{port}')}")
     if result.received:
-        _wait_for_pickup(spool, "picked the messages up; they are in the spool and go "
-                                "out when it starts")
+        _wait_for_pickup(spool, "picked the messages up",
+                         "they are in the spool and go out when it starts")
     return 0 if result.ok else 1
 
 
@@ -322,7 +322,7 @@ def cmd_etrn(args: argparse.Namespace) -> int:
     from mta import pull
     from mta.delivery.outcome import reply_text
     cfg = _load(args)
-    host, port = _hostport(args.server, 25)
+    host, port = args.server  # checked by the parser (_hostport)
     result = _react(lambda reactor: pull.etrn(reactor, cfg, host=host, port=port,
                                               domains=tuple(args.domains)),
                     f"mta etrn: {host}:{port}")
@@ -362,13 +362,14 @@ def _why(failure) -> str:
 PICKUP_WAIT = 3.0  # seconds
 
 
-def _wait_for_pickup(spool: Spool, unread: str) -> None:
-    """A running server reads its notices every second: say `unread` if none did."""
+def _wait_for_pickup(spool: Spool, unread: str, then: str) -> None:
+    """A running server reads its notices every second: say `unread` (and `then`) if none did."""
     deadline = time.monotonic() + PICKUP_WAIT
     while spool.pending_notices() and time.monotonic() < deadline:
         time.sleep(0.1)
     if spool.pending_notices():
-        print(f"mta: no running server {unread} within {PICKUP_WAIT:.0f} s", file=sys.stderr)
+        print(f"mta: no running server {unread} within {PICKUP_WAIT:.0f} s; {then}",
+              file=sys.stderr)
 
 
 # -- argument parsing ------------------------------------------------------------------
@@ -426,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("odmr", parents=[common],
                        help="pull our held mail from a provider with ATRN (RFC 2645)")
     p.add_argument("--server", required=True, metavar="HOST[:PORT]",
+                   type=lambda value: _hostport(value, config_module.ODMR_PORT),
                    help="the provider's ODMR service (default port 366)")
     p.add_argument("--user", required=True)
     p.add_argument("--password-file", required=True, metavar="FILE",
@@ -439,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("etrn", parents=[common],
                        help="ask a server for a queue run with ETRN (RFC 1985)")
-    p.add_argument("server", metavar="HOST[:PORT]", help="default port 25")
+    p.add_argument("server", metavar="HOST[:PORT]", type=lambda value: _hostport(value, 25),
+                   help="default port 25")
     p.add_argument("domains", nargs="+", metavar="DOMAIN",
                    help="a domain, @domain (with its sub-domains) or #queue")
     p.set_defaults(func=cmd_etrn)

@@ -204,7 +204,12 @@ class PullService(Service):
             return
         d = self.run_once(pull)
         self._running[index] = d
-        d.addBoth(lambda _: self._running.pop(index, None))
+
+        def ended(result: Any) -> Any:
+            # Not pop()'s value, d itself: a Deferred returning itself stalls its chain.
+            self._running.pop(index, None)
+            return result
+        d.addBoth(ended)
 
     def run_once(self, pull: Pull) -> defer.Deferred[Any]:
         d = defer.maybeDeferred(self._start, pull)

@@ -318,6 +318,11 @@ class SMTPClient(Reversible, LineReceiver):
         self._quit_sent = False
         self._commands: list[defer.Deferred[Reply]] = []  # command() replies still to come
 
+    @property
+    def gone(self) -> bool:
+        """Closed, or being dropped (an abort, a timeout): nothing more goes over it."""
+        return self.closed or self._aborting
+
     # -- connection events ------------------------------------------------------
 
     def connectionMade(self) -> None:

@@ -226,7 +226,9 @@ class SMTPCourier:
         policy = self._policy(hop, host)
         attempts = [policy]
         if policy.tls == OPPORTUNISTIC:
-            attempts.append(replace(policy, tls="off"))
+            # After a failed handshake, plain text, but never the password: the host offered
+            # TLS, so only a host without STARTTLS gets it in clear (smarthost_tls).
+            attempts.append(replace(policy, tls="off", plaintext_password=False))
         failure: Outcome | None = None
         for attempt in attempts:
             client = yield self._open(address, hop.port, attempt)

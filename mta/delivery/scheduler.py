@@ -336,14 +336,16 @@ class Relayer(Service):
             if not batch:
                 break
             for entry in batch:
-                if client.closed or self._stopping:
-                    client.quit()
-                    return sent
                 tried.add(entry.queue_id)
                 if entry.running:
                     yield self._when_idle(entry)  # its attempt over another route ends first
-                    if self._entries.get(entry.queue_id) is not entry or entry.running:
-                        continue
+                if client.gone or self._stopping:  # also while we waited
+                    client.quit()
+                    return sent
+                if self._entries.get(entry.queue_id) is not entry or entry.running:
+                    continue
+                if entry.due is not None and entry.due <= self.reactor.seconds():
+                    entry.again = True  # due now (a flush) but its timer has not fired: still due
                 verdict = yield self._run(entry, plan)
                 if verdict is not None and verdict.delivered:
                     sent += 1

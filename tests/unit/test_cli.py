@@ -57,3 +57,23 @@ def test_make_cert_in_a_fresh_directory_makes_etc(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["make-cert", "--config", "none.toml", "--hostname", "mx.test"]) == 0
     assert (tmp_path / "etc" / "cert.pem").is_file() and (tmp_path / "etc" / "key.pem").is_file()
+
+
+@pytest.mark.parametrize("argv", [
+    ["odmr", "--server", "bad host", "--user", "u", "--password-file", "pw"],
+    ["etrn", "provider.test:99999", "customer.test"],
+])
+def test_a_bad_server_for_odmr_or_etrn_is_a_usage_error_not_a_traceback(config, capsys, argv):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([*argv, "--config", str(config)])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "bad host 'bad host'" in err or "bad port in 'provider.test:99999'" in err
+
+
+def test_flush_without_a_running_server_says_so_in_order(config, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "PICKUP_WAIT", 0.0)
+    assert cli.main(["queue", "flush", "--config", str(config)]) == 0
+    assert capsys.readouterr().err == ("mta: no running server took the request within 0 s; "
+                                       "it will act on it when it starts\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,27 @@ class CourierTest(SynchronousTestCase):
         self.assertNotIn(b"STARTTLS", transport.value())
         self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
         self.assertIsInstance(self.successResultOf(d)[0].outcome, Delivered)
+
+    def test_no_smarthost_password_in_clear_after_a_failed_tls_handshake(self) -> None:
+        # "opportunistic": the password goes in clear only to a host without STARTTLS; one
+        # that offers it but whose handshake fails (someone in the path?) does not get it.
+        tmp = Path(tempfile.mkdtemp(prefix="mta-test-courier-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.config = make_config(tmp, smarthost="smtp.isp.test:587", smarthost_user="me",
+                                  smarthost_tls="opportunistic")
+        d = self.deliver(self.courier([MXHost("smtp.isp.test", 0, ("127.0.0.2",))]),
+                         "a@far.test")
+        _, policy, client, transport = self.connections[0]
+        transport.startTLS = lambda options: None
+        client.dataReceived(EHLO + b"220 go ahead\r\n")
+        client.connectionLost(Failure(Exception("handshake failure")))
+        _, policy, client, transport = self.connections[1]
+        self.assertEqual(policy.tls, "off")
+        client.dataReceived(b"220 peer\r\n250-peer\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n")
+        self.assertNotIn(b"AUTH", transport.value())
+        client.dataReceived(b"221 bye\r\n")
+        (result,) = self.successResultOf(d)
+        self.assertEqual((type(result.outcome), result.outcome.status), (Deferred, "4.7.4"))
 
     def test_lost_after_the_dot_is_not_retried_elsewhere(self) -> None:
         hosts = [MXHost("mx.far.test", 10, ("127.0.0.2", "127.0.0.3"))]

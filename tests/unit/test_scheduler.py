@@ -469,6 +469,92 @@ class RelayerTest(SynchronousTestCase):
         self.assertEqual([r.state for r in self.spool.load(envelope.queue_id).recipients],
                          [PENDING, DELIVERED])
 
+    def test_a_turn_that_waited_tries_nothing_over_a_connection_gone_meanwhile(self) -> None:
+        self.courier.hold = True
+        envelope = self.submit("x@held.test", "y@far.test")  # y's attempt is in flight
+        client, done, _ = self.turned_connection("held.test")
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+        client.connectionLost(Failure(ConnectionLost("customer went away")))
+        self.courier.release()
+        self.assertEqual(self.successResultOf(done), 0)
+        kept = self.spool.load(envelope.queue_id)
+        # Only y's attempt happened: x was never tried, so nothing is recorded for it.
+        self.assertEqual(kept.attempts, 1)
+        self.assertEqual((kept.recipients[0].state, kept.recipients[0].status,
+                          kept.recipients[0].diagnostic), (PENDING, None, None))
+        self.assertEqual(kept.recipients[1].state, DELIVERED)
+
+    def test_after_a_turned_connection_times_out_the_rest_is_not_tried(self) -> None:
+        from mta.delivery.client import Timeouts
+        first = self.submit("a@held.test")
+        self.clock.advance(1)
+        second = self.submit("b@held.test")
+        _, done, transport = self.turned_connection("held.test")
+        self.assertIn(b"RCPT TO:<a@held.test>", transport.value())
+        self.clock.advance(Timeouts().mail + 1)  # the customer stalls: we give up on it
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.successResultOf(done), 0)
+        tried = self.spool.load(first.queue_id)
+        self.assertEqual((tried.attempts, tried.recipients[0].status), (1, "4.4.2"))
+        # The second message never went out: no attempt, nothing recorded.
+        untouched = self.spool.load(second.queue_id)
+        self.assertEqual((untouched.attempts, untouched.recipients[0].status), (0, None))
+
+    def test_a_flush_is_kept_when_a_turn_takes_the_message_before_its_timer(self) -> None:
+        self.make(domains={
+            "held.test": {"route": "hold", "etrn_route": "smtp:[127.0.0.9]:2600"},
+            "pull.test": {"route": "hold", "etrn_route": "smtp:[127.0.0.9]:2600"},
+        })
+        self.submit("a@held.test")
+        self.clock.advance(1)
+        both = self.submit("b@held.test", "c@pull.test")
+        client, done, transport = self.turned_connection("held.test")
+        self.assertIn(b"RCPT TO:<a@held.test>", transport.value())  # the first one goes
+        transport.clear()
+        # ETRN pull.test: `both` is due now, c released to pull.test's etrn_route...
+        self.assertEqual(self.relayer.flush("pull.test"), 1)
+        # ...and the turn reaches `both` before the timer fires: b goes over the turn.
+        for _ in range(2):
+            client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+            while transport.producer is not None:
+                transport.producer.resumeProducing()
+            client.dataReceived(b"250 2.0.0 taken\r\n")
+        self.assertEqual(self.successResultOf(done), 2)
+        self.assertEqual(self.courier.calls, [])
+        self.clock.advance(0)
+        # The flush still happens: c goes to the etrn_route now, not at the end of its lifetime.
+        self.assertEqual(self.courier.addresses, [["c@pull.test"]])
+        self.assertNotIn(both.queue_id, self.spool.queue_ids())
+
+    def test_a_turn_never_runs_a_message_held_and_released_meanwhile_twice(self) -> None:
+        self.submit("a@held.test")
+        self.clock.advance(1)
+        second = self.submit("b@held.test")
+        client, done, transport = self.turned_connection("held.test")
+        self.assertIn(b"RCPT TO:<a@held.test>", transport.value())
+        transport.clear()
+        # While the first message goes, the operator holds and releases the second
+        # (mta queue hold/release) and an ETRN sends it to the etrn_route, slowly.
+        self.spool.hold(second.queue_id)
+        self.relayer.notice({"action": "hold", "queue_id": second.queue_id})
+        self.spool.release(second.queue_id)
+        self.relayer.notice({"action": "release", "queue_id": second.queue_id})
+        self.courier.hold = True
+        self.assertEqual(self.relayer.flush("held.test"), 2)
+        self.clock.advance(0)
+        self.assertEqual(self.courier.addresses, [["b@held.test"]])  # in flight
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        client.dataReceived(b"250 2.0.0 taken\r\n")
+        # The turn must not start a second attempt of the same message.
+        self.assertNotIn(b"b@held.test", transport.value())
+        self.courier.release()
+        self.assertNotIn(second.queue_id, self.spool.queue_ids())
+        client.abort()
+        self.successResultOf(done)
+
     def test_flush_of_a_domain_counts_and_covers_subdomains(self) -> None:
         self.courier.default = Deferred("4.4.1", "refused")
         self.submit("a@far.test")
