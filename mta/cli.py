@@ -109,10 +109,8 @@ def _when(timestamp: float) -> str:
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    from mta.delivery import router as routing
     cfg = _load(args)
     spool = Spool(cfg.server.spool)
-    router = routing.Router(cfg)
     count = pickup = 0
     for state in (QUEUE, HOLD):
         for queue_id in spool.queue_ids(state):
@@ -126,7 +124,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
                 continue
             count += 1
             pending = [r for r in envelope.recipients if not r.is_final]
-            waiting = [router.next_hop(r.address).kind == routing.HOLD for r in pending]
+            waiting = [_held_for_pickup(cfg, r) for r in pending]
             held = bool(pending) and all(waiting)
             pickup += held
             mark = "!" if state == HOLD else "*" if held else " "
@@ -139,6 +137,12 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     print(f"-- {count} message(s), {pickup} held for pickup; "
           "! = on hold, * = held for pickup, ? = damaged")
     return 0
+
+
+def _held_for_pickup(cfg: config_module.Config, recipient: Recipient) -> bool:
+    """The recipient's domain is held for its customer (the router's rule, config.Domain.held)."""
+    domain = cfg.domain_for(recipient.domain)
+    return domain is not None and domain.held
 
 
 def cmd_queue_show(args: argparse.Namespace) -> int:

@@ -501,7 +501,8 @@ class SMTPClient(Reversible, LineReceiver):
 
     def _on_starttls(self, reply: Reply) -> None:
         if reply.code != 220:
-            if self.policy.tls in ("required", "verify"):
+            # Offered, then refused: only plain opportunism goes on without TLS.
+            if self.policy.tls in ("required", "verify", VERIFY_IF_OFFERED):
                 self._session_error(reply, _Stage.STARTTLS)
             else:
                 self._authenticate()
@@ -512,8 +513,13 @@ class SMTPClient(Reversible, LineReceiver):
             self._abort(DeliveryError("4.7.0", f"{self.policy.peer_name} sent data after its "
                                                "reply to STARTTLS", self.policy.peer_name))
             return
+        try:
+            options = self._tls_options()
+        except tls.TLSConfigError as e:  # a CA file we cannot read: ours to fix, say so
+            self._abort(DeliveryError("4.7.5", str(e), self.policy.peer_name))
+            return
         self._tls_started = True
-        self.transport.startTLS(self._tls_options())
+        self.transport.startTLS(options)
         # RFC 3207 4.2: forget everything learnt before TLS and say EHLO again.
         self.capabilities = Capabilities(tls=True)
         self._send_ehlo()
@@ -658,9 +664,9 @@ class SMTPClient(Reversible, LineReceiver):
 
     def command(self, line: str) -> defer.Deferred[Reply]:
         """Send one command (ETRN ...); fires with its reply, or fails with the connection."""
-        d: defer.Deferred[Reply] = defer.Deferred()
-        if self.closed or self._aborting:
+        if self.gone:
             return defer.fail(DeliveryError("4.4.2", "connection closed", self.policy.peer_name))
+        d: defer.Deferred[Reply] = defer.Deferred()
         self._commands.append(d)
 
         def answered(reply: Reply) -> None:
@@ -673,6 +679,8 @@ class SMTPClient(Reversible, LineReceiver):
         """Send `line` (ATRN); on a 250, the connection turns round [RFC 2645 5.3]: it
         is handed, with whatever the peer sent after the reply, to ``successor()``
         (our SMTP server), which speaks first.  Fires with the reply."""
+        if self.gone:
+            return defer.fail(DeliveryError("4.4.2", "connection closed", self.policy.peer_name))
         d: defer.Deferred[Reply] = defer.Deferred()
         self._commands.append(d)
 

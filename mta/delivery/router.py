@@ -67,7 +67,7 @@ class Router:
         configured = self.config.domain_for(domain)
         if configured is not None:
             route = configured.route
-            if route.kind == HOLD:
+            if configured.held:
                 if not release_hold:
                     return NextHop(HOLD, f"hold:{domain}", domain)
                 if configured.etrn_route is not None:

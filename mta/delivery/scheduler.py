@@ -97,6 +97,7 @@ class _Entry:
     again: bool = False  # flushed while running: due again as soon as it ends
     domains: frozenset[str] = frozenset()  # of pending recipients: the domain index
     release: set[str] = field(default_factory=set)  # held domains to attempt next time
+    dropped: bool = False  # held or deleted by the operator while running: forget it after
     idle: list[defer.Deferred[None]] = field(default_factory=list)  # waiting for it to stop
 
 
@@ -359,6 +360,7 @@ class Relayer(Service):
         entry = self._entries.get(envelope.queue_id)
         if entry is None:
             entry = self._entries[envelope.queue_id] = _Entry(envelope.queue_id)
+        entry.dropped = False
         self._index(entry, frozenset(r.domain for r in envelope.pending))
         held = self.attempts.held_only(envelope)
         if held:
@@ -452,7 +454,7 @@ class Relayer(Service):
         entry.running = False
         idle, entry.idle = entry.idle, []
         if self._entries.get(entry.queue_id) is entry:
-            if gone or (verdict is not None and verdict.removed):
+            if gone or entry.dropped or (verdict is not None and verdict.removed):
                 self._forget(entry)
             elif not self._stopping:
                 if verdict is not None:
@@ -488,7 +490,9 @@ class Relayer(Service):
         elif action in ("hold", "delete") and queue_id:
             maillog.operator(queue_id, "held" if action == "hold" else "deleted")
             entry = self._entries.get(queue_id)
-            if entry is not None and not entry.running:
+            if entry is not None and entry.running:
+                entry.dropped = True  # its attempt ends first
+            elif entry is not None:
                 self._forget(entry)
         else:
             log.warn("ignoring unknown notice {notice!r}", notice=notice)  # noqa: G010

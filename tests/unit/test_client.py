@@ -6,6 +6,8 @@ import base64
 import hashlib
 import hmac
 import io
+import tempfile
+from pathlib import Path
 
 from twisted.internet import task
 from twisted.internet.error import ConnectionLost
@@ -304,6 +306,31 @@ class ClientTest(SynchronousTestCase):
         self.feed("220 hi\r\n250-x\r\n250 AUTH PLAIN LOGIN\r\n")
         self.assertIn("without TLS", str(self.failureResultOf(self.client.ready).value))
         self.assertNotIn("AUTH", self.sent())
+
+    def test_verify_if_offered_does_not_go_on_in_clear_when_starttls_is_refused(self) -> None:
+        self.connect("verify-if-offered", auth_user="joe", auth_password="s3cret",
+                     auth_mechanisms=("CRAM-MD5",))
+        self.feed("220 hi\r\n250-x\r\n250-AUTH CRAM-MD5\r\n250 STARTTLS\r\n")
+        self.sent()
+        self.feed("454 4.7.0 TLS not available\r\n")
+        self.assertIn("refused STARTTLS", str(self.failureResultOf(self.client.ready).value))
+        self.assertEqual(self.sent(), "QUIT\r\n")
+
+    def test_an_unreadable_ca_file_is_one_reason_not_a_traceback(self) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as bad:  # not trial's mktemp: cwd
+            bad.write("not a certificate")
+            bad.flush()
+            self.connect("verify-if-offered", ca_file=Path(bad.name))
+            self.feed("220 hi\r\n250-x\r\n250 STARTTLS\r\n220 go\r\n")
+        error = self.failureResultOf(self.client.ready, DeliveryError).value
+        self.assertEqual(error.status, "4.7.5")
+        self.assertIn("cannot load CA certificates", error.text)
+        self.assertIsNone(self.transport.tls_options)
+
+    def test_reverse_over_a_closed_connection_fails_at_once(self) -> None:
+        self.ready(EHLO_PLAIN)
+        self.client.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(self.client.reverse("ATRN", lambda: Recorder()), DeliveryError)
 
     def test_verify_if_offered_checks_the_certificate_when_starttls_is_offered(self) -> None:
         self.connect("verify-if-offered")

@@ -663,5 +663,19 @@ class RelayerTest(SynchronousTestCase):
         self.assertNotIn(envelope.queue_id, self.relayer._entries)
 
 
+    def test_held_by_the_operator_during_its_attempt_is_forgotten_after_it(self) -> None:
+        self.courier.hold = True
+        envelope = self.submit("a@far.test")
+        self.spool.hold(envelope.queue_id)  # `mta queue hold` while the attempt runs
+        self.relayer.notice({"action": "hold", "queue_id": envelope.queue_id})
+        self.assertEqual(self.relayer.waiting(["far.test"]), 1)  # still running
+        self.courier.default = Deferred("4.4.1", "refused")
+        self.courier.release()
+        self.assertNotIn(envelope.queue_id, self.relayer._entries)
+        self.assertEqual(self.relayer.waiting(["far.test"]), 0)
+        self.clock.advance(3600)
+        self.assertEqual(len(self.courier.calls), 1)  # not tried again while on hold
+
+
 def test_failed_state_constant_is_the_envelope_one() -> None:
     assert bounce.FAILED == FAILED
