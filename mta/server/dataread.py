@@ -129,6 +129,13 @@ class DataReader(BodyReader):
 
     def feed(self, data: bytes) -> bytes | None:
         buf = self.partial + data if self.partial else data
+        if self.prev_crlf and not self.continuing:
+            # Fast path for the usual last chunk: plain lines, then <CRLF>.<CRLF>.
+            end = buf.find(b"\r\n.\r\n")
+            if end >= 0 and self._is_plain(buf[:end + 2]):
+                self._store(buf[:end + 2])
+                self.partial = b""
+                return buf[end + 5:]
         end = buf.rfind(b"\n") + 1
         if end == 0:
             self._hold_partial(buf)
