@@ -25,6 +25,7 @@ import argparse
 import email.parser
 import email.policy
 import email.utils
+import json
 import re
 import socket
 import sys
@@ -148,7 +149,7 @@ def _held_for_pickup(cfg: config_module.Config, recipient: Recipient) -> bool:
 def cmd_queue_show(args: argparse.Namespace) -> int:
     spool = _spool(args)
     envelope = spool.load(args.id)
-    sys.stdout.write(envelope.to_json().decode("utf-8"))
+    print(json.dumps(json.loads(envelope.to_json()), indent=1, ensure_ascii=False))
     print("-- headers --")
     with spool.open_data(args.id) as f:
         for line in f:

@@ -22,7 +22,7 @@ recipients are all final and notified is complete and is removed.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 ENVELOPE_VERSION = 1
@@ -97,12 +97,11 @@ class Envelope:
         return all(r.is_final and r.notified for r in self.recipients)
 
     def to_json(self) -> bytes:
-        data = asdict(self)
+        """One line of compact JSON (written once per message: it must be cheap)."""
+        data = dict(self.__dict__)  # the fields, in order; json writes tuples as lists
+        data["recipients"] = [r.__dict__ for r in self.recipients]
         data["version"] = ENVELOPE_VERSION
-        for r in data["recipients"]:
-            if r["notify"] is not None:
-                r["notify"] = list(r["notify"])
-        return json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
