@@ -33,11 +33,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from pathlib import Path
 from typing import BinaryIO
 
 from mta.spool.envelope import Envelope, Recipient
-from mta.spool.store import Spool
+from mta.spool.store import MessageData, Spool
 
 FAILED, DELAYED, DELIVERED, RELAYED = "failed", "delayed", "delivered", "relayed"
 FAILURE, DELAY, SUCCESS = "failure", "delay", "success"  # report kinds
@@ -76,7 +75,7 @@ def report_recipient(envelope: Envelope, kind: str, postmaster: str) -> str | No
     return None
 
 
-def send_report(spool: Spool, hostname: str, envelope: Envelope, data_path: Path, kind: str,
+def send_report(spool: Spool, hostname: str, envelope: Envelope, data: MessageData, kind: str,
                 lines: list[ReportLine], now: float, retry_until: float | None = None,
                 postmaster: str = "") -> Envelope | None:
     """Build and inject one report; the committed report envelope, or None if none is due."""
@@ -99,13 +98,13 @@ def send_report(spool: Spool, hostname: str, envelope: Envelope, data_path: Path
         extra={REPORT_FOR: envelope.queue_id, **({DOUBLE_BOUNCE: True} if not envelope.reverse_path
                                                   else {})},
     )
-    chunks = build_report(hostname, envelope, data_path, kind, lines, now, to,
+    chunks = build_report(hostname, envelope, data, kind, lines, now, to,
                           retry_until=retry_until, utf8=utf8, full=full)
     spool.inject(report, chunks)
     return report
 
 
-def build_report(hostname: str, envelope: Envelope, data_path: Path, kind: str,
+def build_report(hostname: str, envelope: Envelope, data: MessageData, kind: str,
                  lines: list[ReportLine], now: float, to: str, retry_until: float | None = None,
                  utf8: bool = False, full: bool = True) -> Iterator[bytes]:
     """The report message, CRLF line ends, as chunks (the original is streamed)."""
@@ -124,7 +123,7 @@ def build_report(hostname: str, envelope: Envelope, data_path: Path, kind: str,
                 f"Content-Type: {status_type}\n\n"
                 f"{_status_fields(hostname, envelope, lines, now, retry_until, utf8)}\n"
                 f"--{boundary}\n")
-    yield from _original_part(envelope, data_path, full, utf8)
+    yield from _original_part(envelope, data, full, utf8)
     yield _crlf(f"\n--{boundary}--\n")
 
 
@@ -210,7 +209,7 @@ def _status(line: ReportLine) -> str:
     return status or "5.0.0"
 
 
-def _original_part(envelope: Envelope, data_path: Path, full: bool, utf8: bool) -> Iterator[bytes]:
+def _original_part(envelope: Envelope, data: MessageData, full: bool, utf8: bool) -> Iterator[bytes]:
     if full:
         kind = "message/global" if utf8 else "message/rfc822"
         encoding = "8bit" if envelope.body != "7BIT" or utf8 else "7bit"
@@ -221,7 +220,7 @@ def _original_part(envelope: Envelope, data_path: Path, full: bool, utf8: bool) 
         description = "Undelivered Message Headers"
     yield _crlf(f"Content-Description: {description}\nContent-Type: {kind}\n"
                 f"Content-Transfer-Encoding: {encoding}\n\n")
-    with data_path.open("rb") as source:
+    with data.open("rb") as source:
         yield from (_copy(source) if full else _headers_only(source))
 
 

@@ -151,7 +151,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     envelope = spool.load(args.id)
     print(json.dumps(json.loads(envelope.to_json()), indent=1, ensure_ascii=False))
     print("-- headers --")
-    with spool.open_data(args.id) as f:
+    with spool.message_data(args.id).open() as f:
         for line in f:
             if line in (b"\r\n", b"\n"):
                 break
@@ -223,7 +223,7 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     spool = Spool(cfg.server.spool)
     received = (f"Received: by {cfg.server.hostname} (mta sendmail) id %s;\r\n"
                 f"\t{email.utils.format_datetime(datetime.now(UTC).astimezone())}\r\n")
-    incoming = spool.receive()
+    incoming = spool.receive(envelope)
     try:
         incoming.write(received.replace("%s", incoming.queue_id).encode())
         if not message.get("Date"):
@@ -240,7 +240,7 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     except BaseException:
         incoming.abort()
         raise
-    queue_id = spool.commit(incoming, envelope)
+    queue_id = spool.commit(incoming)
     spool.notify("new", queue_id=queue_id)
     if args.v:
         print(f"queued as {queue_id}")

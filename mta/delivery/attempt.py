@@ -13,18 +13,21 @@ One attempt:
    whose hop is ``hold`` is not attempted; each group is one SMTP
    transaction or one local delivery and needs a concurrency slot, except
    over a turned connection, which exists already;
-3. each group's outcomes are applied to the envelope, logged (one mail log
-   line per recipient) and saved (`spool.save`) as soon as its transaction
-   ends, before anything depends on them;
-4. recipients older than the lifetime fail (4.4.7), reports are injected
-   (one failure, one success and one delay report per message and
-   attempt; bounce.py) and the recipients marked notified;
-5. a complete message is removed; otherwise its next attempt is set
-   (back-off, or the end of its lifetime when all it has left is held
-   mail) and saved.
+3. each group's outcomes are applied to the envelope and logged (one mail
+   log line per recipient); when several groups are in flight, each is saved
+   (`spool.save`) as soon as its transaction ends;
+4. recipients older than the lifetime fail (4.4.7); if reports are due
+   (one failure, one success and one delay report per message and attempt;
+   bounce.py), the outcomes are saved first, then the reports injected and
+   the recipients marked notified;
+5. a complete message is removed, with no last rewrite; otherwise its next
+   attempt is set (back-off, or the end of its lifetime when all it has
+   left is held mail) and saved.
 
-A crash between these steps at worst sends a report twice; it never loses
-a recipient's result nor delivers to a recipient recorded as delivered.
+A crash between these steps never loses a recipient's result that a later
+step depends on, and never loses a message: at worst a report is sent
+twice, or a message whose delivery was not yet recorded (or whose removal
+did not reach the disk) is delivered again.
 If an outcome cannot be saved, `run` fails: no report is sent and the
 message is not removed, and the caller retries it later from the disk.
 While the service stops, deferrals caused by the interruption are not
@@ -37,7 +40,6 @@ import copy
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -49,7 +51,7 @@ from mta.delivery.courier import Result
 from mta.delivery.outcome import Delivered, Failed, Outcome, classify
 from mta.delivery.router import HOLD, TURNED, NextHop, Router
 from mta.spool.envelope import DELIVERED, FAILED, PENDING, Envelope, EnvelopeError, Recipient
-from mta.spool.store import QUEUE, Spool, SpoolError
+from mta.spool.store import QUEUE, MessageData, Spool, SpoolError
 
 log = Logger(namespace="mta.delivery.attempt")
 
@@ -126,12 +128,12 @@ class Attempts:
 
     # -- one attempt ------------------------------------------------------------------------
 
-    def load(self, queue_id: str) -> tuple[Envelope, Path] | None:
+    def load(self, queue_id: str) -> tuple[Envelope, MessageData] | None:
         """Blocking: the envelope as it is on disk now (the command line may have changed it)."""
         try:
             if self.spool.state_of(queue_id) != QUEUE:
                 return None
-            return self.spool.load(queue_id), self.spool.data_path(queue_id)
+            return self.spool.open_message(queue_id)
         except SpoolError:
             return None
         except (OSError, EnvelopeError) as e:
@@ -144,14 +146,17 @@ class Attempts:
         loaded = yield self.run_blocking(self.load, queue_id)
         if loaded is None:
             return None
-        envelope, data_path = loaded
+        envelope, data = loaded
         save = _Saver(self, envelope)
         groups = self._groups(envelope, plan)
         delivered = 0
         if groups:
             envelope.attempts += 1
+            # With several groups in flight, each outcome is saved as soon as it is
+            # known: a slow group must not hold a fast one's result in memory only.
+            each = save if len(groups) > 1 else None
             results = yield defer.DeferredList(
-                [self._deliver_group(save, envelope, plan, hop, indices, data_path)
+                [self._deliver_group(each, envelope, plan, hop, indices, data)
                  for hop, indices in groups.values()], consumeErrors=True)
             failures = [result for ok, result in results if not ok]
             if failures:
@@ -162,7 +167,7 @@ class Attempts:
         if self.stopping():
             return Verdict(False, envelope.next_attempt,
                            frozenset(r.domain for r in envelope.pending), delivered)
-        return (yield self._after_attempt(save, envelope, data_path, delivered))
+        return (yield self._after_attempt(save, envelope, data, delivered))
 
     def _groups(self, envelope: Envelope, plan: Plan) -> dict[str, tuple[NextHop, list[int]]]:
         """Pending recipients by next hop: each group is one transaction."""
@@ -177,8 +182,8 @@ class Attempts:
         return groups
 
     @defer.inlineCallbacks
-    def _deliver_group(self, save: _Saver, envelope: Envelope, plan: Plan, hop: NextHop,
-                       indices: list[int], data_path: Path) -> Any:
+    def _deliver_group(self, save: _Saver | None, envelope: Envelope, plan: Plan, hop: NextHop,
+                       indices: list[int], data: MessageData) -> Any:
         """Deliver one group; returns how many of its recipients were delivered."""
         # A turned connection exists already and serves one message at a time: no slot.
         slot = hop.kind != TURNED
@@ -190,7 +195,7 @@ class Attempts:
                 return 0
             courier = plan.couriers[hop.kind]
             try:
-                results = yield courier.deliver(hop, envelope, recipients, data_path)
+                results = yield courier.deliver(hop, envelope, recipients, data)
             except Exception as e:  # noqa: BLE001 (a courier bug must not lose the attempt)
                 log.failure("courier error for {queue_id}", queue_id=envelope.queue_id)
                 results = [Result(classify(e), "none")] * len(recipients)
@@ -205,7 +210,7 @@ class Attempts:
                 continue
             self._apply(envelope, recipient, result, now)
             changed = True
-        if changed:
+        if changed and save is not None:
             yield save()
         return sum(1 for r in results if isinstance(r.outcome, Delivered))
 
@@ -243,17 +248,20 @@ class Attempts:
     # -- after the transactions -------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _after_attempt(self, save: _Saver, envelope: Envelope, data_path: Path,
+    def _after_attempt(self, save: _Saver, envelope: Envelope, data: MessageData,
                        delivered: int) -> Any:
         now = self.clock.seconds()
         relay = self.config.relay
         expiring = envelope.pending if now >= envelope.arrival + relay.lifetime else []
         for recipient in expiring:
             self._expire(envelope, recipient, now)
-        if expiring:
-            yield save()
-        yield self._send_reports(save, envelope, data_path, now)
+        reports = self._reports_due(envelope, now)
+        if reports:
+            yield save()  # outcomes on disk before any report depends on them
+            yield self._send_reports(envelope, data, reports, now)
         if envelope.is_complete:
+            # Removed without a last rewrite: a crash before the unlink means
+            # the message goes again (at most a duplicate), never that it is lost.
             yield self.run_blocking(self.spool.remove, envelope.queue_id)
             maillog.removed(envelope.queue_id)
             return Verdict(True, None, frozenset(), delivered)
@@ -282,10 +290,9 @@ class Attempts:
             return end  # only held recipients: wake up to expire them
         return min(now + wait, end)
 
-    @defer.inlineCallbacks
-    def _send_reports(self, save: _Saver, envelope: Envelope, data_path: Path,
-                      now: float) -> Any:
-        """Failure, success and delay reports due for this message; marks who was told."""
+    def _reports_due(self, envelope: Envelope,
+                     now: float) -> list[tuple[str, list[bounce.ReportLine]]]:
+        """Failure, success and delay reports due for this message, by kind."""
         failed = [r for r in envelope.recipients if r.state == FAILED and not r.notified]
         succeeded = [r for r in envelope.recipients if r.state == DELIVERED and not r.notified]
         delayed = self._delay_warnings_due(envelope, now)
@@ -295,14 +302,17 @@ class Attempts:
                                                 else bounce.DELIVERED) for r in succeeded]),
             (bounce.DELAY, [bounce.ReportLine(r, bounce.DELAYED) for r in delayed]),
         ]
-        changed = False
+        return [(kind, lines) for kind, lines in batches if lines]
+
+    @defer.inlineCallbacks
+    def _send_reports(self, envelope: Envelope, data: MessageData,
+                      batches: list[tuple[str, list[bounce.ReportLine]]], now: float) -> Any:
+        """Inject the reports; marks who was told (the caller saves that)."""
         for kind, lines in batches:
-            if not lines:
-                continue
             try:
                 report = yield self.run_blocking(
                     bounce.send_report, self.spool, self.config.server.hostname, envelope,
-                    data_path, kind, lines, now,
+                    data, kind, lines, now,
                     retry_until=envelope.arrival + self.config.relay.lifetime,
                     postmaster=self.config.server.postmaster)
             except Exception:  # noqa: BLE001 (retried at the next attempt)
@@ -314,14 +324,11 @@ class Attempts:
                     line.recipient.delay_warned = True
                 else:
                     line.recipient.notified = True
-            changed = True
             if report is None:
                 maillog.report_dropped(envelope.queue_id, f"no one to send a {kind} report to")
                 continue
             maillog.report_created(envelope.queue_id, bounce.log_kind(kind), report.queue_id)
             self.on_report(report)
-        if changed:
-            yield save()
 
     def _delay_warnings_due(self, envelope: Envelope, now: float) -> list[Recipient]:
         if not envelope.reverse_path or envelope.is_report or not self.config.relay.delay_warning:

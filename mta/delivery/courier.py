@@ -1,6 +1,6 @@
 """Couriers: take some recipients of one message to one next hop and say what happened.
 
-A courier's one method is ``deliver(hop, envelope, recipients, data_path)``,
+A courier's one method is ``deliver(hop, envelope, recipients, data)``,
 returning a Deferred list of `Result` (an outcome and the relay it came
 from, for the log), one per recipient, in order.  It never raises: every
 error becomes an outcome through `outcome.classify`.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, endpoints
@@ -52,6 +51,7 @@ from mta.delivery.mx import MXHost, MXResolver, _is_ip
 from mta.delivery.outcome import Deferred, DeliveryError, Outcome, classify
 from mta.delivery.router import OPPORTUNISTIC, NextHop
 from mta.spool.envelope import Envelope, Recipient
+from mta.spool.store import MessageData
 
 log = Logger(namespace="mta.delivery.courier")
 
@@ -72,11 +72,11 @@ class Result:
     relay: str  # host[address]:port, "maildir" or "none"
 
 
-def transaction_for(envelope: Envelope, recipients: list[Recipient], data_path: Path) -> Transaction:
+def transaction_for(envelope: Envelope, recipients: list[Recipient], data: MessageData) -> Transaction:
     return Transaction(
         reverse_path=envelope.reverse_path,
         recipients=[RecipientSpec(r.address, r.notify, r.orcpt) for r in recipients],
-        open_data=lambda: data_path.open("rb"),
+        open_data=lambda: data.open("rb"),
         size=envelope.size,
         body=envelope.body,
         smtputf8=envelope.smtputf8,
@@ -91,9 +91,9 @@ class MaildirCourier:
         self.run_blocking = run_blocking
 
     def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
-                data_path: Path) -> defer.Deferred[list[Result]]:
+                data: MessageData) -> defer.Deferred[list[Result]]:
         d = self.run_blocking(maildir.deliver, hop, envelope, [r.address for r in recipients],
-                              data_path, self.hostname)
+                              data, self.hostname)
         d.addCallbacks(lambda outcomes: [Result(o, "maildir") for o in outcomes],
                        lambda f: [Result(classify(f), "maildir")] * len(recipients))
         return d
@@ -109,11 +109,11 @@ class TurnedCourier:
 
     @defer.inlineCallbacks
     def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
-                data_path: Path) -> Any:
+                data: MessageData) -> Any:
         results: list[Result] = []
         for start in range(0, len(recipients), MAX_RECIPIENTS):
             chunk = recipients[start:start + MAX_RECIPIENTS]
-            result = yield self.client.deliver(transaction_for(envelope, chunk, data_path))
+            result = yield self.client.deliver(transaction_for(envelope, chunk, data))
             undecided = classify(result.error) if result.error is not None else \
                 Deferred("4.4.2", "turned connection closed")
             results += [Result(o if o is not None else undecided, self.relay)
@@ -143,7 +143,7 @@ class SMTPCourier:
 
     @defer.inlineCallbacks
     def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
-                data_path: Path) -> Any:
+                data: MessageData) -> Any:
         try:
             hosts = yield self._resolve(hop)
         except Exception as e:  # noqa: BLE001 (any failure becomes an outcome)
@@ -161,7 +161,7 @@ class SMTPCourier:
                                        "none")] * len(chunk))
                 continue
             chunk_results, reached = yield self._deliver_to_hosts(hop, hosts, envelope, chunk,
-                                                                  data_path)
+                                                                  data)
             results.extend(chunk_results)
             if not reached:
                 # No host would hold a transaction: the others share that reason.
@@ -171,7 +171,7 @@ class SMTPCourier:
 
     @defer.inlineCallbacks
     def _deliver_to_hosts(self, hop: NextHop, hosts: list[MXHost], envelope: Envelope,
-                          recipients: list[Recipient], data_path: Path) -> Any:
+                          recipients: list[Recipient], data: MessageData) -> Any:
         """Results for one transaction's recipients, walked over the hosts and addresses in
         order, and whether any host held a transaction."""
         results: list[Result | None] = [None] * len(recipients)
@@ -182,7 +182,7 @@ class SMTPCourier:
                 if not undecided:
                     return results, True
                 relay = maillog.relay_name(host.name, address, hop.port)
-                txn = transaction_for(envelope, [recipients[i] for i in undecided], data_path)
+                txn = transaction_for(envelope, [recipients[i] for i in undecided], data)
                 outcomes, final, failure = yield self._try_address(hop, host, address, txn)
                 for i, outcome in zip(undecided, outcomes):
                     if outcome is not None:

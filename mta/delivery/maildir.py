@@ -1,6 +1,6 @@
 """Local delivery into Maildirs: ``PATH/<user>/{tmp,new,cur}``, one Maildir per user.
 
-`deliver(hop, envelope, addresses, data_path)` writes one copy per recipient
+`deliver(hop, envelope, addresses, data)` writes one copy per recipient
 and returns one outcome per address, in order.  It blocks on the disk: the
 scheduler calls it in a thread.
 
@@ -30,6 +30,7 @@ from mta.delivery.outcome import Delivered, Failed, Outcome, classify
 from mta.delivery.router import NextHop
 from mta.safeio import fsync_dir
 from mta.spool.envelope import Envelope
+from mta.spool.store import MessageData
 
 _counter = itertools.count()
 
@@ -40,7 +41,7 @@ def mailbox_user(address: str) -> str:
     return local.split("+", 1)[0].lower()
 
 
-def deliver(hop: NextHop, envelope: Envelope, addresses: list[str], data_path: Path,
+def deliver(hop: NextHop, envelope: Envelope, addresses: list[str], data: MessageData,
             hostname: str) -> list[Outcome]:
     outcomes: list[Outcome] = []
     for address in addresses:
@@ -50,7 +51,7 @@ def deliver(hop: NextHop, envelope: Envelope, addresses: list[str], data_path: P
         elif hop.users and user not in hop.users:
             outcomes.append(Failed("5.1.1", f"no such user here: <{address}>"))
         else:
-            outcomes.append(_deliver_one(hop, envelope, address, user, data_path, hostname))
+            outcomes.append(_deliver_one(hop, envelope, address, user, data, hostname))
     return outcomes
 
 
@@ -59,14 +60,14 @@ def _safe_name(user: str) -> bool:
 
 
 def _deliver_one(hop: NextHop, envelope: Envelope, address: str, user: str,
-                 data_path: Path, hostname: str) -> Outcome:
+                 data: MessageData, hostname: str) -> Outcome:
     assert hop.path is not None
     maildir = hop.path / user
     try:
         _make_maildir(maildir)
         name = _unique_name(hostname)
         tmp = maildir / "tmp" / name
-        with data_path.open("rb") as source:
+        with data.open("rb") as source:
             _write_message(tmp, envelope.reverse_path, address, source)
         os.rename(tmp, maildir / "new" / name)
         fsync_dir(maildir / "new")

@@ -612,8 +612,25 @@ class Session:
         return Answer(said, ReadBody(reader))
 
     def _open_incoming(self) -> Reply | None:
+        """The transaction's envelope is complete when the body starts: the spool file
+        begins with it, then our Received header, then what the client sends."""
+        tx = self.transaction
+        envelope = Envelope(
+            queue_id="",
+            reverse_path=str(tx.reverse_path) if tx.reverse_path else "",
+            recipients=tx.recipients,
+            arrival=self.context.clock(),
+            client_address=self.client_address,
+            client_helo=self.helo or "",
+            protocol=self.protocol_name(),
+            auth_identity=self.authenticated,
+            ret=tx.ret,
+            envid=tx.envid,
+            body=tx.body_type,
+            smtputf8=tx.smtputf8,
+        )
         try:
-            incoming = self.context.spool.receive()
+            incoming = self.context.spool.receive(envelope)
             incoming.write(self._received_header(incoming.queue_id))
         except OSError as e:
             log.error("cannot open a spool file: {error}", error=e)
@@ -644,20 +661,7 @@ class Session:
     def _commit(self) -> defer.Deferred:
         tx = self.transaction
         incoming = tx.incoming
-        envelope = Envelope(
-            queue_id=incoming.queue_id,
-            reverse_path=str(tx.reverse_path) if tx.reverse_path else "",
-            recipients=tx.recipients,
-            arrival=self.context.clock(),
-            client_address=self.client_address,
-            client_helo=self.helo or "",
-            protocol=self.protocol_name(),
-            auth_identity=self.authenticated,
-            ret=tx.ret,
-            envid=tx.envid,
-            body=tx.body_type,
-            smtputf8=tx.smtputf8,
-        )
+        envelope = incoming.envelope
         tx.incoming = None  # the spool owns it now, whatever happens
         self.transaction = Transaction()
         self.phase = Phase.GREETED
@@ -677,7 +681,7 @@ class Session:
             log.failure("spool commit failed for {queue_id}", failure, queue_id=incoming.queue_id)
             return reply.SPOOL_ERROR
 
-        d = self.context.run_blocking(self.context.spool.commit, incoming, envelope)
+        d = self.context.run_blocking(self.context.spool.commit, incoming)
         return d.addCallbacks(committed, failed)
 
     # -- Received: [RFC 5321 4.4] --------------------------------------------------

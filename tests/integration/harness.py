@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email
 import email.message
+import json
 import os
 import re
 import shutil
@@ -188,7 +189,11 @@ class MtaServer:
     def queued(self) -> dict[str, bytes]:
         """queue id -> stored data, for every committed message."""
         spool = self.spool
-        return {qid: spool.data_path(qid).read_bytes() for qid in spool.queue_ids()}
+        return {qid: spool.message_data(qid).read_bytes() for qid in spool.queue_ids()}
+
+    def envelope(self, queue_id: str) -> dict:
+        """A committed message's envelope as it is now, as the JSON the spool keeps."""
+        return json.loads(self.spool.load(queue_id).to_json())
 
 
 def strip_received(stored: bytes) -> bytes:

@@ -222,7 +222,7 @@ def customer_spool_ids(customer: MtaServer) -> set[str]:
     found = set()
     for qid in spool.queue_ids():
         try:
-            data = spool.data_path(qid).read_bytes()
+            data = spool.message_data(qid).read_bytes()
         except FileNotFoundError:
             continue  # delivered and removed meanwhile: it is in the Maildir now
         if (mid := message_id(data)) is not None:

@@ -9,7 +9,6 @@ which messages got their 250 before a `kill -9`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -45,7 +44,7 @@ def only_message(server: MtaServer) -> tuple[str, bytes]:
 
 
 def envelope(server: MtaServer, queue_id: str) -> dict:
-    return json.loads((server.directory / "spool" / "queue" / f"{queue_id}.env").read_text())
+    return server.envelope(queue_id)
 
 
 def test_swaks_plain(mta: MtaServer, tmp_path) -> None:
@@ -193,12 +192,11 @@ def test_kill_9_while_sending_loses_nothing_acknowledged(start_mta) -> None:
     acknowledged = kill_while_sending(server)
     assert acknowledged
     server.start()  # recovery runs before the listener accepts
-    queue = server.directory / "spool" / "queue"
     for queue_id in acknowledged:
-        env = json.loads((queue / f"{queue_id}.env").read_text())
+        env = server.envelope(queue_id)
         assert env["queue_id"] == queue_id
         assert env["recipients"][0]["address"] == "alice@example.org"
-        assert (queue / f"{queue_id}.msg").read_bytes().startswith(b"Received: ")
+        assert server.spool.message_data(queue_id).read_bytes().startswith(b"Received: ")
     assert list((server.directory / "spool" / "tmp").iterdir()) == []
     assert list((server.directory / "spool" / "corrupt").iterdir()) == []
     # Every committed message is whole: an envelope, and data that ends as smtp-source's do.
@@ -358,7 +356,7 @@ def test_twistd_uid_gives_the_spool_to_that_user(tmp_path) -> None:
         with smtplib.SMTP("127.0.0.1", port) as client:
             assert client.sendmail("c@client.test", ["a@example.org"], MESSAGE) == {}
         queue = work / "spool" / "queue"
-        assert len(list(queue.glob("*.env"))) == 1
+        assert len(list(queue.glob("*.msg"))) == 1
         assert all(p.stat().st_uid == nobody.pw_uid for p in queue.iterdir())
     finally:
         stop_process(server)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import signal
 import smtplib
@@ -99,8 +98,7 @@ class Trusted:
         return self.server.queued()
 
     def envelope(self, queue_id: str) -> dict:
-        path = self.server.directory / "spool" / "queue" / f"{queue_id}.env"
-        return json.loads(path.read_text())
+        return self.server.envelope(queue_id)
 
 
 @pytest.fixture

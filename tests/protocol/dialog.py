@@ -91,7 +91,7 @@ class Server:
 
     def queued_data(self, index: int = -1) -> bytes:
         envelope = self.queued[index]
-        return self.spool.data_path(envelope.queue_id).read_bytes()
+        return self.spool.message_data(envelope.queue_id).read_bytes()
 
 
 def reply_codes(out: bytes) -> list[str]:

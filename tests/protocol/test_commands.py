@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.protocol.dialog import Server, body_of, reply_codes
@@ -73,8 +71,8 @@ def test_full_transaction_and_queued_reply(tmp_path):
     assert envelope.reverse_path == "sender@client.test"
     assert [r.address for r in envelope.recipients] == ["alice@example.org"]
     assert body_of(s.queued_data()) == b"Subject: x\r\n\r\nbody\r\n"
-    stored = json.loads(s.spool.root.joinpath("queue", envelope.queue_id + ".env").read_text())
-    assert stored["recipients"][0]["state"] == "pending"
+    stored = s.spool.load(envelope.queue_id)
+    assert stored.recipients[0].state == "pending" and stored.size == envelope.size
 
 
 def test_received_header(tmp_path):

@@ -35,7 +35,7 @@ def queued(spool: Spool, **fields: object) -> Envelope:
 
 
 def read_report(spool: Spool, report: Envelope) -> Message:
-    raw = spool.data_path(report.queue_id).read_bytes()
+    raw = spool.message_data(report.queue_id).read_bytes()
     assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF throughout
     return email.message_from_bytes(raw, policy=email.policy.compat32)
 
@@ -49,7 +49,7 @@ def test_failure_report_field_by_field(spool: Spool) -> None:
     envelope = queued(spool)
     failed = [bounce.ReportLine(envelope.recipients[0], bounce.FAILED)]
     report = bounce.send_report(spool, "mx.here.test", envelope,
-                                spool.data_path(envelope.queue_id), bounce.FAILURE, failed, 1010.0)
+                                spool.message_data(envelope.queue_id), bounce.FAILURE, failed, 1010.0)
     assert report is not None
     # The report's envelope: from <>, to the sender, marked as a report.
     assert (report.reverse_path, [r.address for r in report.recipients]) == ("", ["alice@here.test"])
@@ -86,7 +86,7 @@ def test_failure_report_field_by_field(spool: Spool) -> None:
 def test_ret_hdrs_returns_headers_only(spool: Spool) -> None:
     envelope = queued(spool, ret="HDRS")
     report = bounce.send_report(spool, "mx.here.test", envelope,
-                                spool.data_path(envelope.queue_id), bounce.FAILURE,
+                                spool.message_data(envelope.queue_id), bounce.FAILURE,
                                 [bounce.ReportLine(envelope.recipients[0], bounce.FAILED)], 1010.0)
     original = parts(read_report(spool, report))[2]
     assert original.get_content_type() == "text/rfc822-headers"
@@ -98,7 +98,7 @@ def test_delay_report(spool: Spool) -> None:
     envelope = queued(spool, recipients=[Recipient("bob@far.test", status="4.4.1",
                                                    diagnostic="connection refused")])
     report = bounce.send_report(spool, "mx.here.test", envelope,
-                                spool.data_path(envelope.queue_id), bounce.DELAY,
+                                spool.message_data(envelope.queue_id), bounce.DELAY,
                                 [bounce.ReportLine(envelope.recipients[0], bounce.DELAYED)],
                                 1010.0, retry_until=900.0 + 5 * 86400)
     msg = read_report(spool, report)
@@ -117,7 +117,7 @@ def test_success_report_relayed(spool: Spool) -> None:
     carol = envelope.recipients[1]
     carol.remote_mta = "mx.far.test"
     report = bounce.send_report(spool, "mx.here.test", envelope,
-                                spool.data_path(envelope.queue_id), bounce.SUCCESS,
+                                spool.message_data(envelope.queue_id), bounce.SUCCESS,
                                 [bounce.ReportLine(carol, bounce.RELAYED)], 1010.0)
     _, (_, rcpt), _ = parts(read_report(spool, report))
     assert (rcpt["Action"], rcpt["Status"], rcpt["Final-Recipient"]) == \
@@ -127,7 +127,7 @@ def test_success_report_relayed(spool: Spool) -> None:
 def test_never_bounce_a_bounce(spool: Spool) -> None:
     envelope = queued(spool, reverse_path="")
     line = [bounce.ReportLine(envelope.recipients[0], bounce.FAILED)]
-    path = spool.data_path(envelope.queue_id)
+    path = spool.message_data(envelope.queue_id)
     assert bounce.send_report(spool, "mx.here.test", envelope, path, bounce.FAILURE, line,
                               1010.0) is None
     # With a postmaster, a failed bounce becomes one double bounce...
@@ -146,7 +146,7 @@ def test_utf8_original_uses_global_types(spool: Spool) -> None:
                       recipients=[Recipient("josé@far.test", state=FAILED, status="5.1.1",
                                             diagnostic="550 5.1.1 no")])
     report = bounce.send_report(spool, "mx.here.test", envelope,
-                                spool.data_path(envelope.queue_id), bounce.FAILURE,
+                                spool.message_data(envelope.queue_id), bounce.FAILURE,
                                 [bounce.ReportLine(envelope.recipients[0], bounce.FAILED)], 1010.0)
     assert report.body == "8BITMIME"
     msg = read_report(spool, report)
@@ -154,7 +154,7 @@ def test_utf8_original_uses_global_types(spool: Spool) -> None:
     _, status, original = msg.get_payload()
     assert status.get_content_type() == "message/global-delivery-status"
     assert original.get_content_type() == "message/global"
-    raw = spool.data_path(report.queue_id).read_bytes().decode()
+    raw = spool.message_data(report.queue_id).read_bytes().decode()
     assert "Final-Recipient: utf-8; josé@far.test" in raw
 
 
@@ -162,7 +162,7 @@ def test_boundary_fits_mime_limit_with_a_long_host_name(spool: Spool) -> None:
     # RFC 2046 5.1.1: a boundary is at most 70 characters.
     envelope = queued(spool)
     report = bounce.send_report(spool, "outbound-relay-01.mail.department.example.org", envelope,
-                                spool.data_path(envelope.queue_id), bounce.FAILURE,
+                                spool.message_data(envelope.queue_id), bounce.FAILURE,
                                 [bounce.ReportLine(envelope.recipients[0], bounce.FAILED)], 1010.0)
     msg = read_report(spool, report)
     assert 0 < len(msg.get_boundary()) <= 70

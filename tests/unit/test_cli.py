@@ -26,7 +26,7 @@ def sendmail(monkeypatch, config, message: bytes, *args: str) -> int:
 def only_message(config) -> tuple[object, bytes]:
     spool = Spool(config.parent / "spool")
     (queue_id,) = spool.queue_ids()
-    return spool.load(queue_id), spool.data_path(queue_id).read_bytes()
+    return spool.load(queue_id), spool.message_data(queue_id).read_bytes()
 
 
 @pytest.mark.parametrize("sender, stored", [("<>", ""), ("", ""), ("<a@b.test>", "a@b.test")])

@@ -128,7 +128,7 @@ class RelayerTest(SynchronousTestCase):
         return [e for e in self.queued() if e.is_report]
 
     def report_fields(self, report: Envelope) -> list[email.message.Message]:
-        raw = self.spool.data_path(report.queue_id).read_bytes()
+        raw = self.spool.message_data(report.queue_id).read_bytes()
         return email.message_from_bytes(raw).get_payload()[1].get_payload()
 
     # -- timing ------------------------------------------------------------------------
@@ -139,6 +139,19 @@ class RelayerTest(SynchronousTestCase):
         self.assertEqual(self.courier.addresses, [["bob@far.test"]])
         self.assertEqual(self.spool.queue_ids(), [])
         self.assertNotIn(envelope.queue_id, self.relayer._entries)
+
+    def test_a_first_attempt_that_delivers_everything_rewrites_nothing(self) -> None:
+        saved: list[str] = []
+        real = self.spool.save
+        self.spool.save = lambda envelope: (saved.append(envelope.queue_id), real(envelope))
+        self.relayer.startService()
+        delivered = self.submit("bob@far.test", "carol@far.test")
+        self.assertEqual(saved, [])  # one message file in, one unlink out
+        self.assertNotIn(delivered.queue_id, self.spool.queue_ids())
+        # Two next hops: each outcome is saved as its transaction ends.
+        self.courier.default = Deferred("4.4.1", "refused")
+        deferred = self.submit("bob@far.test", "alice@local.test")
+        self.assertEqual(saved.count(deferred.queue_id), 2 + 1)  # two groups, then next_attempt
 
     def test_backoff_doubles_up_to_retry_max(self) -> None:
         self.courier.default = Deferred("4.4.1", "connection refused")
@@ -334,12 +347,13 @@ class RelayerTest(SynchronousTestCase):
 
     def test_held_mail_costs_no_disk_work_and_expires(self) -> None:
         envelope = self.submit("x@held.test")
-        path = self.spool.root / "queue" / f"{envelope.queue_id}.env"
-        written = path.read_bytes()
+        queue = self.spool.root / "queue"
+        written = [(p.name, p.stat().st_mtime_ns) for p in queue.iterdir()]
         self.clock.advance(3599)
-        # Waiting for pickup: never attempted, the envelope never rewritten.
+        # Waiting for pickup: never attempted, nothing written (no state beside it).
         self.assertEqual(self.courier.calls, [])
-        self.assertEqual(path.read_bytes(), written)
+        self.assertEqual([(p.name, p.stat().st_mtime_ns) for p in queue.iterdir()], written)
+        self.assertEqual(written, [(f"{envelope.queue_id}.msg", written[0][1])])
         self.assertEqual(self.spool.load(envelope.queue_id).attempts, 0)
         self.assertEqual(self.relayer.waiting(["held.test"]), 1)
         self.clock.advance(1)

@@ -6,6 +6,7 @@ import io
 import json
 
 from mta import cli
+from mta.spool.store import Spool
 
 
 def run(tmp_path, monkeypatch, stdin: bytes, *args: str) -> int:
@@ -16,9 +17,9 @@ def run(tmp_path, monkeypatch, stdin: bytes, *args: str) -> int:
 
 
 def queued(tmp_path) -> list[tuple[dict, bytes]]:
-    queue = tmp_path / "spool" / "queue"
-    return [(json.loads(env.read_text()), env.with_suffix(".msg").read_bytes())
-            for env in sorted(queue.glob("*.env"))]
+    spool = Spool(tmp_path / "spool")
+    return [(json.loads(spool.load(q).to_json()), spool.message_data(q).read_bytes())
+            for q in spool.queue_ids()]
 
 
 def test_cron_style_call(tmp_path, monkeypatch):

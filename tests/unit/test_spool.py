@@ -19,25 +19,50 @@ def envelope(*recipients: str) -> Envelope:
 
 
 def commit(spool: Spool, data: bytes = b"Subject: x\r\n\r\nbody\r\n", *rcpts: str) -> str:
-    incoming = spool.receive()
+    incoming = spool.receive(envelope(*rcpts))
     incoming.write(data)
-    return spool.commit(incoming, envelope(*rcpts))
+    return spool.commit(incoming)
 
 
-def test_commit_puts_both_files_in_queue(tmp_path):
-    spool = Spool(tmp_path)
+@pytest.fixture(params=["unnamed", "named"])
+def spool(request, tmp_path, monkeypatch) -> Spool:
+    """Both ways of receiving: O_TMPFILE files linked in at commit, and named files in
+    tmp/ renamed at commit (filesystems without O_TMPFILE)."""
+    if request.param == "named":
+        monkeypatch.setattr(store, "_can_link_unnamed_files", lambda directory: False)
+    made = Spool(tmp_path)
+    assert made._unnamed == (request.param == "unnamed")
+    return made
+
+
+def test_commit_makes_one_file_holding_envelope_and_data(spool, tmp_path):
     queue_id = commit(spool)
-    assert sorted(p.name for p in (tmp_path / "queue").iterdir()) == \
-        [f"{queue_id}.env", f"{queue_id}.msg"]
+    assert [p.name for p in (tmp_path / "queue").iterdir()] == [f"{queue_id}.msg"]
     assert list((tmp_path / "tmp").iterdir()) == []
+    raw = (tmp_path / "queue" / f"{queue_id}.msg").read_bytes()
+    assert raw.startswith(b"MTA2 {") and raw.endswith(b"\nSubject: x\r\n\r\nbody\r\n")
     loaded = spool.load(queue_id)
     assert loaded.queue_id == queue_id and loaded.size == len(b"Subject: x\r\n\r\nbody\r\n")
-    assert spool.data_path(queue_id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+    assert spool.message_data(queue_id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+    with spool.message_data(queue_id).open() as f:
+        assert f.readline() == b"Subject: x\r\n"
+
+
+def test_commit_sets_the_size_and_costs_one_file_fsync(spool, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), real(fd)))
+    incoming = spool.receive(envelope())
+    incoming.write(b"x" * 100)
+    spool.commit(incoming)
+    assert incoming.envelope.size == 100
+    import stat
+    assert [stat.S_ISDIR(m) for m in synced] == [False, True]  # the file, then queue/
 
 
 def test_queue_ids_sort_by_arrival_and_are_unique(tmp_path):
     spool = Spool(tmp_path)
-    ids = [spool.receive().queue_id for _ in range(2000)]
+    ids = [spool.new_id() for _ in range(2000)]
     assert len(set(ids)) == 2000
     assert ids == sorted(ids)
 
@@ -56,9 +81,8 @@ def test_queue_ids_of_two_processes_differ(tmp_path, monkeypatch):
     assert a != b and a[:13] == b[:13]
 
 
-def test_commit_failing_at_the_directory_sync_leaves_nothing(tmp_path, monkeypatch):
-    spool = Spool(tmp_path)
-    incoming = spool.receive()
+def test_commit_failing_at_the_directory_sync_leaves_nothing(spool, tmp_path, monkeypatch):
+    incoming = spool.receive(envelope())
     incoming.write(b"x")
 
     def no_sync(directory):
@@ -66,18 +90,17 @@ def test_commit_failing_at_the_directory_sync_leaves_nothing(tmp_path, monkeypat
 
     monkeypatch.setattr(store, "fsync_dir", no_sync)
     with pytest.raises(OSError):
-        spool.commit(incoming, envelope())
+        spool.commit(incoming)
     monkeypatch.undo()
-    # The client hears 451: no envelope may stay behind to be delivered or quarantined.
+    # The client hears 451: nothing may stay behind to be delivered or quarantined.
     assert list((tmp_path / "queue").iterdir()) == []
     assert list((tmp_path / "tmp").iterdir()) == []
     assert Spool(tmp_path).recover() == []
     assert list((tmp_path / "corrupt").iterdir()) == []
 
 
-def test_abort_on_a_full_disk_still_removes_the_file(tmp_path):
-    spool = Spool(tmp_path)
-    incoming = spool.receive()
+def test_abort_on_a_full_disk_still_removes_the_file(spool, tmp_path):
+    incoming = spool.receive(envelope())
     real = incoming.file
 
     class Full:
@@ -90,8 +113,7 @@ def test_abort_on_a_full_disk_still_removes_the_file(tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_concurrent_commits_share_directory_syncs(tmp_path, monkeypatch):
-    spool = Spool(tmp_path)
+def test_concurrent_commits_share_directory_syncs(spool, monkeypatch):
     calls = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
@@ -101,25 +123,31 @@ def test_concurrent_commits_share_directory_syncs(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(spool.queue_ids()) == 20
-    # 2 file fsyncs per message; directory fsyncs at most one per message.
-    assert len(calls) <= 20 * 3
+    # 1 file fsync per message; directory fsyncs at most one per message.
+    assert len(calls) <= 20 * 2
 
 
-def test_save_rewrites_atomically(tmp_path):
-    spool = Spool(tmp_path)
+def test_save_records_a_state_beside_the_message(spool, tmp_path):
     queue_id = commit(spool)
+    message = (tmp_path / "queue" / f"{queue_id}.msg").read_bytes()
     env = spool.load(queue_id)
     env.recipients[0].state = DELIVERED
     spool.save(env)
     assert spool.load(queue_id).recipients[0].state == DELIVERED
+    assert spool.load(queue_id).size == env.size
+    assert (tmp_path / "queue" / f"{queue_id}.msg").read_bytes() == message  # untouched
+    assert spool.message_data(queue_id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
     assert not list((tmp_path / "queue").glob(".*"))
 
 
-def test_remove_hold_release(tmp_path):
-    spool = Spool(tmp_path)
+def test_remove_hold_release(spool, tmp_path):
     queue_id = commit(spool)
+    env = spool.load(queue_id)
+    env.attempts = 2
+    spool.save(env)
     spool.hold(queue_id)
     assert spool.state_of(queue_id) == "hold" and spool.queue_ids() == []
+    assert spool.load(queue_id).attempts == 2  # the state moved with the message
     with pytest.raises(SpoolError):
         spool.hold(queue_id)
     spool.release(queue_id)
@@ -132,51 +160,69 @@ def test_remove_hold_release(tmp_path):
         spool.load("../../etc/passwd")
 
 
-def test_failed_commit_leaves_nothing(tmp_path, monkeypatch):
-    spool = Spool(tmp_path)
-    incoming = spool.receive()
+def test_failed_commit_leaves_nothing(spool, tmp_path, monkeypatch):
+    incoming = spool.receive(envelope())
     incoming.write(b"x")
 
-    def no_rename(src, dst):
+    def no_room(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "rename", no_rename)
+    monkeypatch.setattr(os, "link", no_room)
+    monkeypatch.setattr(os, "rename", no_room)
     with pytest.raises(OSError):
-        spool.commit(incoming, envelope())
+        spool.commit(incoming)
     monkeypatch.undo()
     assert list((tmp_path / "tmp").iterdir()) == []
     assert list((tmp_path / "queue").iterdir()) == []
 
 
-def test_recovery_after_a_crash_at_each_step(tmp_path):
+def test_recovery_after_a_crash_at_each_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "_can_link_unnamed_files", lambda directory: False)
     spool = Spool(tmp_path)
     kept = commit(spool)
-    # Crash while receiving: data in tmp/ only.
-    receiving = spool.receive()
+    # Crash while receiving: a named file in tmp/ only (an unnamed one leaves nothing).
+    receiving = spool.receive(envelope())
     receiving.write(b"half a message")
     receiving.file.flush()
-    # Crash between the two renames: data in queue/, no envelope.
-    orphan = spool.receive()
-    orphan.write(b"never acknowledged")
-    orphan.file.close()
-    os.rename(orphan.path, tmp_path / "queue" / f"{orphan.queue_id}.msg")
-    # Crash while rewriting an envelope: a temporary file beside it.
+    # Crash while saving a state: a temporary file beside the message.
     (tmp_path / "queue" / f".{kept}.env.tmp").write_text("{half")
-    # A damaged envelope.
+    # A damaged message (its envelope line) and a damaged state.
     damaged = commit(spool)
-    (tmp_path / "queue" / f"{damaged}.env").write_text("{not json")
-    # Crash in the middle of a hold: data moved, envelope not yet.
+    (tmp_path / "queue" / f"{damaged}.msg").write_bytes(b"MTA2 {not json\nbody")
+    bad_state = commit(spool)
+    (tmp_path / "queue" / f"{bad_state}.env").write_text("{not json")
+    # Crash in the middle of a hold: the message moved, its state not yet.
     split = commit(spool)
+    env = spool.load(split)
+    env.attempts = 3
+    spool.save(env)
     os.rename(tmp_path / "queue" / f"{split}.msg", tmp_path / "hold" / f"{split}.msg")
+    # Crash in the middle of a removal: the state is left without its message.
+    removed = commit(spool)
+    spool.save(spool.load(removed))
+    (tmp_path / "queue" / f"{removed}.msg").unlink()
 
     recovered = Spool(tmp_path).recover()
-    assert sorted(e.queue_id for e in recovered) == sorted([kept, split])
+    assert sorted(e.queue_id for e in recovered) == [kept]
     assert list((tmp_path / "tmp").iterdir()) == []
-    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == \
-        [f"{damaged}.env", f"{damaged}.msg"]
-    assert sorted(p.name for p in (tmp_path / "queue").iterdir()) == sorted(
-        [f"{kept}.env", f"{kept}.msg", f"{split}.env", f"{split}.msg"])
-    assert list((tmp_path / "hold").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == sorted(
+        [f"{damaged}.msg", f"{bad_state}.env", f"{bad_state}.msg"])
+    assert sorted(p.name for p in (tmp_path / "queue").iterdir()) == [f"{kept}.msg"]
+    assert sorted(p.name for p in (tmp_path / "hold").iterdir()) == [
+        f"{split}.env", f"{split}.msg"]
+    assert Spool(tmp_path).load(split).attempts == 3
+
+
+def test_a_spool_of_the_earlier_format_is_read(tmp_path):
+    # Before one file per message: ID.msg the data alone, ID.env the envelope.
+    spool = Spool(tmp_path)
+    env = envelope("x@y.test")
+    env.queue_id, env.size = "0123456789ABC000001000", 5
+    (tmp_path / "queue" / f"{env.queue_id}.msg").write_bytes(b"hello")
+    (tmp_path / "queue" / f"{env.queue_id}.env").write_bytes(env.to_json())
+    assert [e.queue_id for e in Spool(tmp_path).recover()] == [env.queue_id]
+    assert spool.message_data(env.queue_id).read_bytes() == b"hello"
+    assert spool.load(env.queue_id).recipients[0].address == "x@y.test"
 
 
 def test_envelope_round_trip_and_rejects():
