@@ -80,7 +80,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         self._greeting_call = None  # the delayed 220, while the client must stay silent
         self._buffer = b""
         self._discarding = False  # inside an over-long command line
-        self._waiting = False  # a reply is pending; read nothing more
+        self._waiting = False  # a reply is pending; act on nothing more
         self._write_blocked = False  # the transport cannot take more replies; answer nothing more
         self._reading_paused = False  # we told the transport to stop reading
         self._processing = False
@@ -185,14 +185,18 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         pass
 
     def _sync_reading(self) -> None:
-        """Read from the transport unless a reply is pending [RFC 2920 3.1] or the
-        client left a full buffer of commands unanswered because it does not read.
+        """Read from the transport unless 64 KiB of input wait unanswered.
 
-        A write pause alone does not stop reading: an implicit-TLS transport
-        pauses us while it holds the greeting for the handshake, and the
-        handshake needs the client's bytes.
+        While a reply is pending (a commit) or the client does not read our
+        replies, what it sends is only buffered, never acted on, so no reply
+        is lost or reordered [RFC 2920 3.1]; past that much we stop reading.
+        Reading goes on below it: pausing and resuming the transport around
+        every commit cost two system calls a message.  A write pause alone
+        must not stop reading anyway: an implicit-TLS transport pauses us
+        while it holds the greeting for the handshake, which needs the
+        client's bytes.
         """
-        pause = self._waiting or (self._write_blocked and len(self._buffer) >= MAX_BUFFERED)
+        pause = (self._waiting or self._write_blocked) and len(self._buffer) >= MAX_BUFFERED
         if self._closed or pause == self._reading_paused:
             return
         self._reading_paused = pause

@@ -160,7 +160,14 @@ class Spool:
         self._syncs = {name: _DirectorySync(self.root / name) for name in (QUEUE, HOLD)}
         for name in (TMP, QUEUE, HOLD, CORRUPT, CONTROL):
             (self.root / name).mkdir(parents=True, exist_ok=True)
-        self._unnamed = _can_link_unnamed_files(self.root / TMP)
+        self._unnamed_files: bool | None = None  # found out at the first receive
+
+    @property
+    def _unnamed(self) -> bool:
+        """Whether messages are received as unnamed files (asked once: only a writer asks)."""
+        if self._unnamed_files is None:
+            self._unnamed_files = _can_link_unnamed_files(self.root / TMP)
+        return self._unnamed_files
 
     # -- receiving --------------------------------------------------------------
 

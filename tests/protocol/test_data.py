@@ -381,18 +381,22 @@ def test_client_that_does_not_read_its_replies_is_not_read_either(tmp_path):
     assert len(s.queued) == 1
 
 
-def test_write_pause_during_a_commit_does_not_resume_reading_early(tmp_path):
+def test_input_during_a_commit_waits_its_turn_and_is_bounded(tmp_path):
     from twisted.internet import defer
     s = greeted(tmp_path)
     pending = defer.Deferred()
     s.factory.context.run_blocking = lambda f, *a: pending.addCallback(lambda _: f(*a))
     s.send(TX + "DATA\r\nx\r\n.\r\nNOOP\r\n")
-    assert s.transport.producerState == "paused"
+    # The commit is pending: a little input is still read, none of it answered.
+    assert s.transport.producerState == "producing"
+    assert s.send("NOOP\r\n" * 10) == b""
+    assert s.send("NOOP\r\n" * 11000) == b""
+    assert s.transport.producerState == "paused"  # 64 KiB wait unanswered: stop reading
     s.protocol.pauseProducing()
-    s.protocol.resumeProducing()  # buffer drained, but the commit is still pending
+    s.protocol.resumeProducing()  # our replies drained, but the commit is still pending
     assert s.transport.producerState == "paused"
     pending.callback(None)
-    assert reply_codes(s.take())[-2:] == ["250 2.0.0", "250 2.0.0"]
+    assert reply_codes(s.take())[-11012:] == ["250 2.0.0"] * 11012  # the 250, then the NOOPs
     assert s.transport.producerState == "producing"
 
 
