@@ -214,6 +214,10 @@ def etrn_not_allowed(node: str, why: str) -> Reply:
     return Reply(459, "4.7.1", f"Node {node} not allowed: {why}")
 
 
+ETRN_NOT_READY = Reply(458, "4.3.0", "Unable to queue messages now: the queue is still being "
+                                     "loaded, try again in a moment")
+PICKUP_NOT_READY = Reply(451, "4.3.0", "Unable to process ATRN request now: the queue is still "
+                                       "being loaded, try again in a moment")
 ETRN_SYNTAX = Reply(501, "5.5.4", "syntax: ETRN <domain>, ETRN @<domain> or ETRN #<queue>")
 ETRN_TOO_OFTEN = Reply(458, "4.7.0", "Unable to queue messages: too many ETRN requests "
                                      "from your address, try again later")

@@ -49,7 +49,7 @@ from mta import bounce, maillog
 from mta.config import Config
 from mta.delivery.courier import Result
 from mta.delivery.outcome import Delivered, Failed, Outcome, classify
-from mta.delivery.router import HOLD, TURNED, NextHop, Router
+from mta.delivery.router import HOLD, SMTP, TURNED, NextHop, Router
 from mta.spool.envelope import DELIVERED, FAILED, PENDING, Envelope, EnvelopeError, Recipient
 from mta.spool.store import QUEUE, MessageData, Spool, SpoolError
 
@@ -185,8 +185,10 @@ class Attempts:
     def _deliver_group(self, save: _Saver | None, envelope: Envelope, plan: Plan, hop: NextHop,
                        indices: list[int], data: MessageData) -> Any:
         """Deliver one group; returns how many of its recipients were delivered."""
-        # A turned connection exists already and serves one message at a time: no slot.
-        slot = hop.kind != TURNED
+        # Slots bound our connections to other hosts.  A turned connection exists already
+        # and serves one message at a time, and local delivery must never wait behind
+        # slow remote hosts (the thread pool bounds it): neither takes a slot.
+        slot = hop.kind == SMTP
         if slot:
             yield self.limiter.acquire(hop.destination)
         recipients = [envelope.recipients[i] for i in indices]

@@ -56,8 +56,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections import deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -74,11 +75,13 @@ from mta.delivery.courier import MaildirCourier, SMTPCourier, TurnedCourier
 from mta.delivery.router import MAILDIR, SMTP, Router
 from mta.server.context import TurnBusy
 from mta.spool.envelope import Envelope
-from mta.spool.store import Spool
+from mta.spool.store import HOLD, Spool
 
 log = Logger(namespace="mta.delivery.scheduler")
 
 STOP_GRACE = 10.0  # seconds stopService waits for abandoned attempts to record themselves
+ACTIVE_PER_SLOT = 4  # messages in attempts at once, per delivery slot ([relay] concurrency)
+LOAD_BATCH = 500  # envelopes read at start in one go, in a thread
 NOTICE_INTERVAL = 1.0  # seconds between reads of the spool's control/ notices
 DNS_THREADS = 10  # at most this many DNS resolutions at once
 
@@ -87,18 +90,19 @@ def domain_matches(domain: str, wanted: str, subdomains: bool = False) -> bool:
     return domain == wanted or (subdomains and domain.endswith("." + wanted))
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
-    """What the scheduler keeps in memory for one queued message."""
+    """What the scheduler keeps in memory for one queued message (about 200 octets)."""
 
     queue_id: str
     due: float | None = None
     running: bool = False
     again: bool = False  # flushed while running: due again as soon as it ends
-    domains: frozenset[str] = frozenset()  # of pending recipients: the domain index
-    release: set[str] = field(default_factory=set)  # held domains to attempt next time
+    fresh: bool = False  # new mail, not yet tried: waits in the fresh line, not the heap
     dropped: bool = False  # held or deleted by the operator while running: forget it after
-    idle: list[defer.Deferred[None]] = field(default_factory=list)  # waiting for it to stop
+    domains: frozenset[str] = frozenset()  # of pending recipients: the domain index
+    release: frozenset[str] = frozenset()  # held domains to attempt next time
+    idle: list[defer.Deferred[None]] | None = None  # waiting for it to stop
 
 
 class _Limiter:
@@ -143,14 +147,16 @@ class _Limiter:
             d.cancel()
 
     def _grant(self) -> None:
-        for item in list(self.waiting):
-            if self.active >= self.total:
+        # A granted attempt may run to its end (and release, and grant) inside the
+        # callback: find the next one afresh each time rather than walk a stale list.
+        while self.active < self.total:
+            found = next((i for i, (destination, _) in enumerate(self.waiting)
+                          if self._fits(destination)), None)
+            if found is None:
                 return
-            destination, d = item
-            if self._fits(destination):
-                self.waiting.remove(item)
-                self._take(destination)
-                d.callback(None)
+            destination, d = self.waiting.pop(found)
+            self._take(destination)
+            d.callback(None)
 
 
 class Relayer(Service):
@@ -191,6 +197,11 @@ class Relayer(Service):
         self._seq = itertools.count()
         self._wakeup: IDelayedCall | None = None
         self._attempts: set[defer.Deferred[Any]] = set()
+        self._fresh: deque[str] = deque()  # new messages, first come first served
+        self._fresh_first = True  # fresh and due mail take turns when both wait
+        self._active = 0  # attempts running
+        self._max_active = max(16, relay.concurrency * ACTIVE_PER_SLOT)
+        self.loaded = False  # the queue found at start is all scheduled
         self._turning: set[str] = set()  # domains being turned right now
         self._turned_clients: set[SMTPClient] = set()
         self._stopping = False
@@ -209,19 +220,13 @@ class Relayer(Service):
 
     def startService(self) -> None:
         self._stopping = False
-        envelopes = self.spool.recover()
+        queued = self.spool.recover_files()  # before anything is received: tmp/ is cleared
         if self._dns_pool is not None and not self._dns_pool.started:
             self._dns_pool.start()
         super().startService()
-        now = self.reactor.seconds()
-        held = 0
-        for envelope in envelopes:
-            due = envelope.next_attempt if envelope.attempts and envelope.next_attempt > now \
-                else now
-            held += self._track(envelope, due)
-        log.info("relayer started: {count} queued messages, {held} held for pickup",
-                 count=len(envelopes), held=held)
-        self._arm()
+        loading = self._load_queue(queued)
+        self._attempts.add(loading)
+        loading.addBoth(lambda _: self._attempts.discard(loading))
         self._notices = task.LoopingCall(self._read_notices)
         self._notices.clock = self.reactor
         self._notices.start(NOTICE_INTERVAL, now=False).addErrback(
@@ -249,6 +254,30 @@ class Relayer(Service):
         done.addBoth(lambda _: self._stop_dns_pool())
         return done
 
+    @defer.inlineCallbacks
+    def _load_queue(self, queued: list[str]) -> Any:
+        """Read the envelopes found at start in batches, in a thread, scheduling each
+        batch as it comes: the server answers at once, and new mail does not wait."""
+        count = held = 0
+        for start in range(0, len(queued), LOAD_BATCH):
+            if self._stopping:
+                return
+            envelopes = yield self.run_blocking(self.spool.load_committed,
+                                                queued[start:start + LOAD_BATCH])
+            now = self.reactor.seconds()
+            for envelope in envelopes:
+                if envelope.queue_id in self._entries:
+                    continue  # seen already (a notice from the command line)
+                due = envelope.next_attempt if envelope.attempts and \
+                    envelope.next_attempt > now else now
+                held += self._track(envelope, due)
+                count += 1
+            self._arm()
+        yield self.run_blocking(self.spool.load_committed, self.spool.queue_ids(HOLD), HOLD)
+        self.loaded = True
+        log.info("relayer started: {count} queued messages, {held} held for pickup",
+                 count=count, held=held)
+
     def _stop_dns_pool(self) -> None:
         if self._dns_pool is not None and self._dns_pool.started:
             self._dns_pool.stop()  # joins: a lookup in progress ends within dns_timeout
@@ -259,8 +288,12 @@ class Relayer(Service):
         """A message just committed to the queue: try it at once (held mail: not until asked)."""
         if self._stopping:
             return
-        self._track(envelope, self.reactor.seconds())
+        self._track(envelope, self.reactor.seconds(), fresh=True)
         self._arm()
+
+    def ready(self) -> bool:
+        """Whether the queue found at start is all known (pickups count every message)."""
+        return self.loaded
 
     def flush(self, domain: str | None = None, subdomains: bool = False) -> int:
         """Make queued mail due now: all of it, or the messages with pending recipients
@@ -355,7 +388,7 @@ class Relayer(Service):
 
     # -- due times --------------------------------------------------------------------
 
-    def _track(self, envelope: Envelope, due: float) -> bool:
+    def _track(self, envelope: Envelope, due: float, fresh: bool = False) -> bool:
         """Schedule a message; held mail waits for its lifetime's end.  True if held."""
         entry = self._entries.get(envelope.queue_id)
         if entry is None:
@@ -367,6 +400,9 @@ class Relayer(Service):
             due = max(due, envelope.arrival + self.config.relay.lifetime)
         if entry.running:
             entry.again = True
+        elif fresh and not held:
+            entry.due, entry.fresh = due, True
+            self._fresh.append(entry.queue_id)
         else:
             self._set_due(entry, due)
         return held
@@ -392,18 +428,19 @@ class Relayer(Service):
         return [self._entries[i] for i in sorted(ids) if i in self._entries]
 
     def _set_due(self, entry: _Entry, due: float) -> None:
-        entry.due = due
+        entry.due, entry.fresh = due, False
         heapq.heappush(self._heap, (due, next(self._seq), entry.queue_id))
 
     def _arm(self) -> None:
-        """Point the one timer at the earliest due time."""
-        if self._stopping or not self.running:
+        """Point the one timer at the earliest due time (at once for fresh mail), unless
+        as many attempts run as may: the end of one arms it again."""
+        if self._stopping or not self.running or self._active >= self._max_active:
             return
         while self._heap and not self._valid(self._heap[0]):
             heapq.heappop(self._heap)
-        if not self._heap:
+        if not self._heap and not self._fresh:
             return
-        delay = max(0.0, self._heap[0][0] - self.reactor.seconds())
+        delay = 0.0 if self._fresh else max(0.0, self._heap[0][0] - self.reactor.seconds())
         if self._wakeup is not None and self._wakeup.active():
             if abs(self._wakeup.getTime() - self.reactor.seconds() - delay) < 1e-6:
                 return
@@ -417,21 +454,46 @@ class Relayer(Service):
     def _on_wakeup(self) -> None:
         self._wakeup = None
         now = self.reactor.seconds()
-        while self._heap and self._heap[0][0] <= now and not self._stopping:
+        while self._active < self._max_active and not self._stopping:
+            entry = self._next_entry(now)
+            if entry is None:
+                break
+            release, entry.release = entry.release, frozenset()
+            self._run(entry, self.attempts.scheduled(release))
+        self._arm()
+
+    def _next_entry(self, now: float) -> _Entry | None:
+        """The next message to try: new mail and due deferred mail take turns, so that
+        neither a queue of deferred mail nor a flood of new mail starves the other."""
+        order = (self._pop_fresh, self._pop_due)
+        for pop in order if self._fresh_first else reversed(order):
+            entry = pop(now)
+            if entry is not None:
+                self._fresh_first = pop is not self._pop_fresh
+                return entry
+        return None
+
+    def _pop_fresh(self, now: float) -> _Entry | None:
+        while self._fresh:
+            entry = self._entries.get(self._fresh.popleft())
+            if entry is not None and entry.fresh and not entry.running:
+                return entry
+        return None
+
+    def _pop_due(self, now: float) -> _Entry | None:
+        while self._heap and self._heap[0][0] <= now:
             item = heapq.heappop(self._heap)
             if self._valid(item):
-                entry = self._entries[item[2]]
-                release, entry.release = frozenset(entry.release), set()
-                self._run(entry, self.attempts.scheduled(release))
-        self._arm()
+                return self._entries[item[2]]
+        return None
 
     # -- running attempts -----------------------------------------------------------------
 
     def _run(self, entry: _Entry, plan: Plan) -> defer.Deferred[Verdict | None]:
         """One attempt of `entry` under `plan`; settles its due time when it ends.
         Fires with the attempt's Verdict, or None when it found no message or failed."""
-        entry.running = True
-        entry.due = None
+        entry.running, entry.due, entry.fresh = True, None, False
+        self._active += 1
         d = self.attempts.run(entry.queue_id, plan)
         self._attempts.add(d)
 
@@ -452,7 +514,8 @@ class Relayer(Service):
 
     def _settle(self, entry: _Entry, verdict: Verdict | None, gone: bool = False) -> None:
         entry.running = False
-        idle, entry.idle = entry.idle, []
+        self._active -= 1
+        idle, entry.idle = entry.idle or [], None
         if self._entries.get(entry.queue_id) is entry:
             if gone or entry.dropped or (verdict is not None and verdict.removed):
                 self._forget(entry)
@@ -473,6 +536,8 @@ class Relayer(Service):
 
     def _when_idle(self, entry: _Entry) -> defer.Deferred[None]:
         d: defer.Deferred[None] = defer.Deferred()
+        if entry.idle is None:
+            entry.idle = []
         entry.idle.append(d)
         return d
 

@@ -40,6 +40,9 @@ class TurnBusy(Exception):
 
 
 class HeldMail(Protocol):
+    def ready(self) -> bool:
+        """Whether every message found at start is known yet (it is read in the background)."""
+
     def waiting(self, domains: Collection[str]) -> int:
         """Messages with undelivered recipients in `domains` (exact names)."""
 

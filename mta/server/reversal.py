@@ -23,7 +23,9 @@ What it owns:
   the user may pull, or none for all of them: 450 when one of them is not
   the user's, 453 when no mail waits, 451 when one is being turned on
   another connection right now; otherwise 250 and the connection turns
-  round.  TURN [RFC 821] turns round for the domain the client named in
+  round.  While the queue found at start is still being read, ATRN and
+  TURN get 451 and ETRN 458 (try again in a moment), rather than a count
+  that misses messages.  TURN [RFC 821] turns round for the domain the client named in
   HELO/EHLO, but only for an authenticated user who may pull it: 502 5.7.0
   otherwise, so that an unauthenticated TURN never makes mail leave
   [RFC 5321 F.1].
@@ -107,6 +109,8 @@ class Pickup:
             log.info("ETRN {node} refused: too many requests from [{client}]",
                      node=node, client=client_address)
             return reply.ETRN_TOO_OFTEN
+        if not self.held.ready():
+            return reply.ETRN_NOT_READY
         self.requests.record(client_address)
         if kind == "#" and self.config.domain_for(name) is None:
             return reply.etrn_no_queue(node)
@@ -141,7 +145,7 @@ class Pickup:
             names = allowed
         else:
             return reply.atrn_refused(f"{user} may pull no domain here")
-        if self.held.waiting(names) == 0:
+        if self.held.ready() and self.held.waiting(names) == 0:
             return reply.ATRN_NO_MAIL
         return self._turn(names, peer, reply.ATRN_TURNING)
 
@@ -155,6 +159,8 @@ class Pickup:
         return self._turn([domain], peer, reply.TURN_TURNING)
 
     def _turn(self, domains: Collection[str], peer: str, turning: Reply) -> Reply | Answer:
+        if not self.held.ready():
+            return reply.PICKUP_NOT_READY
         try:
             successor, done = self.held.turn(domains, peer)
         except TurnBusy as e:

@@ -347,6 +347,14 @@ class Spool:
 
     def recover(self) -> list[Envelope]:
         """Scan at start: clear tmp/, repair moves, quarantine damage; return queued envelopes."""
+        queued = self.recover_files()
+        envelopes = self.load_committed(queued)
+        self.load_committed(self.queue_ids(HOLD), HOLD)  # quarantines what is damaged there
+        return envelopes
+
+    def recover_files(self) -> list[str]:
+        """The quick part of recovery, before anything is received: clear tmp/, remove
+        half-written states, repair what a crash split; returns the ids in queue/."""
         for path in (self.root / TMP).iterdir():
             log.info("spool recovery: removing unaccepted {name}", name=path.name)
             _unlink(path)
@@ -354,7 +362,6 @@ class Spool:
             for path in (self.root / state).glob(".*.tmp"):
                 _unlink(path)
         self._rejoin_split_moves()
-        envelopes = []
         for state in (QUEUE, HOLD):
             directory = self.root / state
             for env_path in directory.glob("*" + ENVELOPE_SUFFIX):
@@ -364,16 +371,25 @@ class Spool:
                     log.info("spool recovery: removing the state of removed {queue_id}",
                              queue_id=queue_id)
                     _unlink(env_path)
-            for data in sorted(directory.glob("*" + DATA_SUFFIX)):
-                queue_id = data.name[: -len(DATA_SUFFIX)]
-                try:
-                    envelope = self.load(queue_id)
-                except (OSError, EnvelopeError, SpoolError) as e:
-                    self._quarantine(directory, queue_id, str(e))
-                    continue
-                if state == QUEUE:
-                    envelopes.append(envelope)
         fsync_dir(self.root / QUEUE)
+        return self.queue_ids(QUEUE)
+
+    def load_committed(self, queue_ids: list[str], state: str = QUEUE) -> list[Envelope]:
+        """The envelopes of `queue_ids` in `state`; an unreadable message goes to corrupt/.
+        Ids no longer there (delivered or moved meanwhile) are skipped."""
+        envelopes = []
+        directory = self.root / state
+        for queue_id in queue_ids:
+            try:
+                envelope = self.load(queue_id)
+            except SpoolError:
+                continue
+            except (OSError, EnvelopeError) as e:
+                if (directory / (queue_id + DATA_SUFFIX)).exists():
+                    self._quarantine(directory, queue_id, str(e))
+                continue
+            if self.state_of(queue_id) == state:
+                envelopes.append(envelope)
         return envelopes
 
     def _rejoin_split_moves(self) -> None:

@@ -631,6 +631,53 @@ class RelayerTest(SynchronousTestCase):
         self.assertEqual(list((self.spool.root / "tmp").iterdir()), [])
         self.assertEqual(self.spool.queue_ids(), [])
 
+    def test_the_queue_is_read_in_the_background_and_new_mail_does_not_wait(self) -> None:
+        for i in range(3):
+            self.spool.inject(Envelope("", "alice@here.test", [Recipient(f"old{i}@far.test")],
+                                       arrival=self.clock.seconds()), DATA)
+        pending: list[tuple[defer.Deferred[Any], Any, tuple[Any, ...]]] = []
+
+        def later(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            if f.__name__ == "load_committed":  # the start-up read waits; all else runs
+                d: defer.Deferred[Any] = defer.Deferred()
+                pending.append((d, f, args))
+                return d
+            return run_now(f, *args, **kwargs)
+        self.relayer.run_blocking = later
+        self.relayer.attempts.run_blocking = later
+        self.relayer.startService()
+        self.assertFalse(self.relayer.ready())
+        self.submit("new@far.test")  # while the queue is being read
+        self.assertEqual(self.courier.addresses, [["new@far.test"]])
+        d, f, args = pending.pop(0)
+        d.callback(f(*args))
+        self.clock.advance(0)
+        self.assertEqual(sorted(a for [a] in self.courier.addresses[1:]),
+                         ["old0@far.test", "old1@far.test", "old2@far.test"])
+        d, f, args = pending.pop(0)  # hold/, read for damage only
+        d.callback(f(*args))
+        self.assertTrue(self.relayer.ready())
+
+    def test_at_most_so_many_attempts_at_once_and_new_mail_takes_turns(self) -> None:
+        self.make(concurrency=1, concurrency_per_destination=1)
+        self.courier.hold = True
+        for i in range(40):
+            self.spool.inject(Envelope("", "alice@here.test", [Recipient(f"old{i}@far.test")],
+                                       arrival=self.clock.seconds()), DATA)
+        self.relayer.startService()
+        self.clock.advance(0)
+        self.assertEqual(self.relayer._active, 16)  # not 40 envelopes in memory at once
+        self.submit("new@far.test", "alice@local.test")
+        self.courier.release()  # one attempt ends: the new message is next in, before 24
+        self.clock.advance(0)
+        # Local delivery took no slot: alice has her mail while the far hop is busy.
+        self.assertEqual(len(list((self.tmp / "mail" / "alice" / "new").iterdir())), 1)
+        self.assertEqual(self.relayer._active, 16)
+        for _ in range(40):
+            self.courier.release()
+            self.clock.advance(0)
+        self.assertEqual(self.spool.queue_ids(), [])
+
     def test_restart_respects_the_stored_next_attempt(self) -> None:
         envelope = Envelope("", "alice@here.test", [Recipient("a@far.test")],
                             arrival=self.clock.seconds(), attempts=2,
