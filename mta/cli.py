@@ -40,7 +40,7 @@ from twisted.internet import defer
 
 from mta import config as config_module
 from mta.address import AddressError, parse_mailbox
-from mta.spool.envelope import Envelope, EnvelopeError, Recipient
+from mta.spool.envelope import PENDING, Envelope, EnvelopeError, Recipient
 from mta.spool.store import HOLD, QUEUE, Spool, SpoolError
 
 
@@ -106,44 +106,55 @@ def _spool(args: argparse.Namespace) -> Spool:
 
 
 def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
     cfg = _load(args)
     spool = Spool(cfg.server.spool)
+    held_domains = {name for name, domain in cfg.domains.items() if domain.held}
     count = pickup = 0
+    out = []
     for state in (QUEUE, HOLD):
-        for queue_id in spool.queue_ids(state):
-            try:
-                envelope = spool.load(queue_id)
-            except SpoolError:
-                continue  # delivered or removed while we looked
-            except (OSError, ValueError) as e:
+        for queue_id, envelope in spool.scan(state):
+            if isinstance(envelope, Exception):
                 # Damaged: the server moves it to corrupt/ at its next start.
-                print(f"{queue_id}? unreadable envelope: {e}")
+                out.append(f"{queue_id}? unreadable envelope: {envelope}")
                 continue
             count += 1
-            pending = [r for r in envelope.recipients if not r.is_final]
-            waiting = [_held_for_pickup(cfg, r) for r in pending]
-            held = bool(pending) and all(waiting)
+            try:
+                lines, held = _listing(queue_id, envelope, state == HOLD, held_domains)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                out.append(f"{queue_id}? unreadable envelope: {e!r}")
+                continue
             pickup += held
-            mark = "!" if state == HOLD else "*" if held else " "
-            print(f"{queue_id}{mark} {envelope.size:>9} {_when(envelope.arrival)}  "
-                  f"<{envelope.reverse_path}>")
-            for r, for_pickup in zip(pending, waiting):
-                note = "  [held for pickup]" if for_pickup else ""
-                why = f"  ({r.status} {r.diagnostic})" if r.diagnostic else ""
-                print(f"{'':>22}<{r.address}>{note}{why}")
-    print(f"-- {count} message(s), {pickup} held for pickup; "
-          "! = on hold, * = held for pickup, ? = damaged")
+            out += lines
+    out.append(f"-- {count} message(s), {pickup} held for pickup; "
+               "! = on hold, * = held for pickup, ? = damaged")
+    sys.stdout.write("\n".join(out) + "\n")
     return 0
 
 
-def _held_for_pickup(cfg: config_module.Config, recipient: Recipient) -> bool:
-    """The recipient's domain is held for its customer (the router's rule, config.Domain.held)."""
-    domain = cfg.domain_for(recipient.domain)
-    return domain is not None and domain.held
+def _listing(queue_id: str, envelope: dict, on_hold: bool,
+             held_domains: set[str]) -> tuple[list[str], bool]:
+    """The lines `mta queue list` prints for one envelope (the spool's JSON object), and
+    whether all it has left is held for pickup."""
+    pending = [r for r in envelope["recipients"] if r["state"] == PENDING]
+    waiting = [_domain_of(r["address"]) in held_domains for r in pending]
+    held = bool(pending) and all(waiting)
+    mark = "!" if on_hold else "*" if held else " "
+    lines = [(f"{queue_id}{mark} {envelope['size']:>9} {_when(envelope['arrival'])}  "
+              f"<{envelope['reverse_path']}>")]
+    for r, for_pickup in zip(pending, waiting):
+        note = "  [held for pickup]" if for_pickup else ""
+        why = f"  ({r['status']} {r['diagnostic']})" if r.get("diagnostic") else ""
+        lines.append(f"{'':>22}<{r['address']}>{note}{why}")
+    return lines, held
+
+
+def _domain_of(address: str) -> str:
+    """The domain key of an address, as config.Domain and routing use it."""
+    return address.rpartition("@")[2].lower().rstrip(".")
 
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
