@@ -45,7 +45,13 @@ peers:
 test: venv peers
 	$(BIN)/pytest -q
 
-bench: venv peers
+# The bench's own packages (the `bench` extra: aiosmtpd, matplotlib).
+$(VENV)/.bench-installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q --no-warn-script-location '.[test,bench]'
+	rm -rf build
+	@touch $@
+
+bench: venv peers $(VENV)/.bench-installed
 	$(BIN)/python bench/run.py
 
 lint: venv

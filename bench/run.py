@@ -1,199 +1,671 @@
-"""Side-by-side benchmarks: mta against its peers on loopback (`make bench`).
+"""`make bench`: mta side by side with its peers, on loopback, in one run (issue 9).
 
-1. Receiving: Postfix's smtp-source sends N messages over 10 sessions to
-   - smtp-sink (Postfix's discard server: the ceiling of the client and the loopback),
-   - mta (each message fsync'd into the spool before its 250),
-   - aiosmtpd's Sink handler (a Python asyncio server that discards mail: the
-     ceiling of a Python server with no disk work).
-   Twisted's own `twistd mail` is not in the table: its `--user` option
-   raises TypeError on Python 3 (DirDBM key must be bytes), so its Maildir
-   domain accepts nobody, and its relay mode would look up real MX records.
-   Reported: messages per second, and the server's peak RSS.
-2. A 200 MB message through DATA to mta: seconds and RSS growth
-   (the target: a few MB, since bodies are streamed to disk).
-3. Relaying: N queued messages delivered by mta's relayer to smtp-sink.
+What it measures (all on 127.0.0.1, free ports; every process it starts is
+stopped at the end, even when a measurement fails):
 
-Numbers are printed as a table; nothing here is a test assertion.  Every
-process runs on 127.0.0.1, on free ports, and is stopped at the end.
+1. Durable acceptance (no 250 before the message is on disk): Postfix's
+   smtp-source, 5 KB messages, a new connection per message, at 1 and 20
+   sessions, into
+   - mta, example.org routed to an smtp-sink, so it relays while it receives;
+   - a private Postfix instance (own config and queue in a temporary
+     directory; the machine's Postfix is not touched) relaying to an smtp-sink;
+   - aiosmtpd with a write + fsync + rename + directory-fsync handler;
+   - smtp-sink, which keeps nothing: the ceiling of the client and loopback.
+2. End-to-end relay: N messages injected at 20 sessions, until the smtp-sink
+   has counted all of them; mta vs Postfix.
+3. Latency from the final "\\r\\n.\\r\\n" to the 250 at 20 sessions (our own
+   asyncio client, bench/loadgen.py); mta vs Postfix.
+   1-3 run in rounds: each round runs every system once, in an order rotated
+   each round, so drift hits all alike; the table shows the median.
+4. mta's memory: RSS per idle EHLO'd connection (1,000 held open), RSS growth
+   while receiving one 200 MB message, RSS with 100,000 messages queued
+   minus an empty server's.
+5. Queue scale, 100,000 messages for a held domain put in the spool with
+   the spool's API (no SMTP), page cache dropped when we are root: time to
+   the 220 and to the queue being loaded, time until a message for a local
+   Maildir user sent just after start is delivered, `mta queue list`, and
+   SIGTERM to exit.
+
+Environment: BENCH_QUICK=1 (one round, fewer messages, 10,000 queued;
+written to bench/results/QUICK.*), BENCH_MESSAGES (per acceptance run,
+default 3000), BENCH_RELAY_MESSAGES (2000), BENCH_LATENCY_MESSAGES (2000),
+BENCH_ROUNDS (3), BENCH_QUEUE (100000), BENCH_CONNECTIONS (1000).
+
+The table goes to stdout and bench/results/LATEST.md, the chart to
+bench/results/LATEST.png.  Nothing here is a test; tests/ never imports it.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
 import signal
-import smtplib
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import (
+    BENCH,
+    REPO,
+    BenchError,
+    drop_caches,
+    free_port,
+    machine,
+    need_path,
+    raise_nofile,
+    reset_peak,
+    rss_kb,
+    settled_rss_kb,
+    source_env,
+    status_kb,
+    wait_for,
+)
+from mtaproc import DURABILITY, HOLD_CONFIG, LOADED, RELAY_CONFIG, Mta
+from peers import AiosmtpdFsync, PrivatePostfix, SmtpSink, smtp_source
+from report import Row, chart, markdown_table, text_table
 
-from tests.integration.harness import MtaServer, free_port, need, wait_for
-
-MESSAGES = int(os.environ.get("BENCH_MESSAGES", "2000"))
+QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 
 
-def status_kb(pid: int, field: str) -> int:
-    """A memory figure of /proc/PID/status in kB: VmRSS (now) or VmHWM (peak)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
+def setting(name: str, full: int, quick: int) -> int:
+    return int(os.environ.get(name, quick if QUICK else full))
+
+
+MESSAGES = setting("BENCH_MESSAGES", 3000, 500)
+RELAY_MESSAGES = setting("BENCH_RELAY_MESSAGES", 2000, 500)
+LATENCY_MESSAGES = setting("BENCH_LATENCY_MESSAGES", 2000, 500)
+ROUNDS = setting("BENCH_ROUNDS", 3, 1)
+QUEUED = setting("BENCH_QUEUE", 100_000, 10_000)
+CONNECTIONS = setting("BENCH_CONNECTIONS", 1000, 1000)
+BIG_MB = 200
+SIZE = 5000
+SESSIONS = (1, 20)
+
+MTA_NAME = "mta"
+POSTFIX = "Postfix"
+AIOSMTPD = "aiosmtpd+fsync"
+SINK = "smtp-sink"
+SYSTEMS = [MTA_NAME, POSTFIX, AIOSMTPD, SINK]
+
+RESULTS = BENCH / "results"
+
+# Everything started is registered here and stopped in main()'s finally,
+# whatever happened; each measurement also stops its own at once.
+LIVE: list = []
+
+
+def live(server):
+    LIVE.append(server)
+    return server
+
+
+def stop_all(*servers) -> None:
+    errors = []
+    for server in servers:
+        try:
+            server.stop()
+        except Exception as e:  # noqa: BLE001 (stop the others, then report)
+            errors.append(f"{type(server).__name__}: {e}")
+    if errors:
+        raise BenchError("; ".join(errors))
+
+
+def quiesce() -> None:
+    """Between runs: let the previous run's writeback finish so it does not hit the next."""
+    os.sync()
+    time.sleep(0.5)
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+# -- 1-3: the systems side by side ------------------------------------------------------
+
+def relay_server(system: str, directory: Path, sink: SmtpSink):
+    if system == MTA_NAME:
+        return live(Mta(directory / "mta", RELAY_CONFIG, free_port(), sink_port=sink.port)).start()
+    return live(PrivatePostfix(directory / "postfix", sink.port)).start()
+
+
+def acceptance(system: str, sessions: int, directory: Path) -> float:
+    """msgs/s of smtp-source into `system`."""
+    servers = []
+    try:
+        if system in (MTA_NAME, POSTFIX):
+            sink = live(SmtpSink(directory / "sink", count=False))
+            servers.append(sink.start())
+            server = relay_server(system, directory, sink)
+            servers.append(server)
+        elif system == AIOSMTPD:
+            server = live(AiosmtpdFsync(directory / "aiosmtpd"))
+            servers.append(server.start())
+        else:
+            server = live(SmtpSink(directory / "sink", count=False))
+            servers.append(server.start())
+        if system == MTA_NAME:
+            server.alive()
+        seconds, _ = smtp_source(server.port, MESSAGES, sessions, SIZE)
+        if system == AIOSMTPD and server.stored() != MESSAGES:
+            raise BenchError(f"aiosmtpd stored {server.stored()} of {MESSAGES}")
+        return MESSAGES / seconds
+    finally:
+        stop_all(*reversed(servers))
+
+
+def end_to_end(system: str, directory: Path) -> float:
+    """msgs/s from the first connection until the sink has counted every message."""
+    servers = []
+    try:
+        sink = live(SmtpSink(directory / "sink", count=True))
+        servers.append(sink.start())
+        server = relay_server(system, directory, sink)
+        servers.append(server)
+        start = time.monotonic()
+        smtp_source(server.port, RELAY_MESSAGES, 20, SIZE)
+        wait_for(f"the sink to count {RELAY_MESSAGES} messages",
+                 lambda: sink.received() >= RELAY_MESSAGES, timeout=900, interval=0.005)
+        return RELAY_MESSAGES / (time.monotonic() - start)
+    finally:
+        stop_all(*reversed(servers))
+
+
+def latency(system: str, directory: Path) -> dict[str, float]:
+    servers = []
+    try:
+        sink = live(SmtpSink(directory / "sink", count=False))
+        servers.append(sink.start())
+        server = relay_server(system, directory, sink)
+        servers.append(server)
+        done = subprocess.run(
+            [sys.executable, str(BENCH / "loadgen.py"), str(server.port), str(LATENCY_MESSAGES),
+             "20", str(SIZE)], capture_output=True, text=True, timeout=900, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"loadgen failed: {done.stderr.strip()[-300:]}")
+        result = json.loads(done.stdout)
+        if result["errors"]:
+            raise BenchError(f"loadgen: {result['errors']} errors, first: "
+                             f"{result['first_error']}")
+        result["rate"] = result["messages"] / result["seconds"]
+        return result
+    finally:
+        stop_all(*reversed(servers))
+
+
+def rounds(workdir: Path, notes: list[str]) -> dict:
+    accept: dict[tuple[str, int], list[float]] = defaultdict(list)
+    e2e: dict[str, list[float]] = defaultdict(list)
+    lat: dict[str, list[dict[str, float]]] = defaultdict(list)
+    run_id = 0
+
+    def attempt(what: str, f: Callable[[Path], object]) -> object | None:
+        nonlocal run_id
+        run_id += 1
+        directory = workdir / f"run{run_id:03d}"
+        directory.mkdir()
+        try:
+            return f(directory)
+        except (BenchError, OSError, ValueError, subprocess.SubprocessError) as e:
+            notes.append(f"{what}: not measured: {e}")
+            log(f"    {what}: FAILED: {e}")
+            return None
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+            quiesce()
+
+    for r in range(ROUNDS):
+        order = SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[:r % len(SYSTEMS)]
+        log(f"round {r + 1}/{ROUNDS}: order {', '.join(order)}")
+        for sessions in (SESSIONS if r % 2 == 0 else tuple(reversed(SESSIONS))):
+            for system in order:
+                rate = attempt(f"acceptance {system} {sessions}s",
+                               lambda d, s=system, n=sessions: acceptance(s, n, d))
+                if rate is not None:
+                    accept[(system, sessions)].append(rate)
+                    log(f"  acceptance {system:<15} {sessions:>2} session(s): {rate:7.0f} msgs/s")
+        pair = [s for s in order if s in (MTA_NAME, POSTFIX)]
+        for system in pair:
+            rate = attempt(f"end-to-end {system}", lambda d, s=system: end_to_end(s, d))
+            if rate is not None:
+                e2e[system].append(rate)
+                log(f"  end-to-end {system:<15} {RELAY_MESSAGES} msgs: {rate:7.0f} msgs/s")
+        for system in reversed(pair):
+            result = attempt(f"latency {system}", lambda d, s=system: latency(s, d))
+            if result is not None:
+                lat[system].append(result)
+                log(f"  latency    {system:<15} p50 {result['p50_ms']:.1f} ms, "
+                    f"p99 {result['p99_ms']:.1f} ms ({result['rate']:.0f} msgs/s)")
+    return {"accept": accept, "e2e": e2e, "latency": lat}
+
+
+# -- 4-5: mta's memory and queue scale ---------------------------------------------------
+
+def read_reply(s: socket.socket, buffer: bytearray) -> bytes:
+    """One complete SMTP reply from `s` (multi-line replies too)."""
+    while True:
+        end = buffer.find(b"\r\n")
+        while end >= 0:
+            line = bytes(buffer[:end])
+            del buffer[:end + 2]
+            if line[3:4] != b"-":
+                return line
+            end = buffer.find(b"\r\n")
+        data = s.recv(4096)
+        if not data:
+            raise BenchError("connection closed by the server")
+        buffer.extend(data)
+
+
+def ehlo_connection(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    buffer = bytearray()
+    if not read_reply(s, buffer).startswith(b"220"):
+        raise BenchError("no 220")
+    s.sendall(b"EHLO idle.client.test\r\n")
+    if not read_reply(s, buffer).startswith(b"250"):
+        raise BenchError("EHLO refused")
+    return s
+
+
+def idle_connections(mta: Mta) -> float:
+    """KiB of RSS per idle, EHLO'd connection."""
+    for _ in range(20):  # warm up: first-use allocations are not per connection
+        ehlo_connection(mta.port).close()
+    before = settled_rss_kb(mta.pid, 1.0)
+    held = []
+    try:
+        for _ in range(CONNECTIONS):
+            held.append(ehlo_connection(mta.port))
+        after = settled_rss_kb(mta.pid, 1.0)
+    finally:
+        for s in held:
+            s.close()
+    return (after - before) / CONNECTIONS
+
+
+def big_message(mta: Mta) -> tuple[float, float]:
+    """(MB of RSS growth, MB/s) while receiving one BIG_MB message."""
+    before = settled_rss_kb(mta.pid, 0.5)
+    peak_reset = reset_peak(mta.pid)
+    samples = [before]
+    done = threading.Event()
+
+    def sample() -> None:  # a fallback when VmHWM cannot be reset
+        while not done.is_set():
+            try:
+                samples.append(rss_kb(mta.pid))
+            except (OSError, BenchError):
+                return
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    block = (b"x" * 998 + b"\r\n") * 1000  # 1 MB
+    start = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", mta.port), timeout=120) as s:
+            buffer = bytearray()
+            read_reply(s, buffer)
+            for command in (b"EHLO big.client.test\r\n", b"MAIL FROM:<big@client.test>\r\n",
+                            b"RCPT TO:<user@held.test>\r\n", b"DATA\r\n"):
+                s.sendall(command)
+                reply = read_reply(s, buffer)
+                if reply[:1] not in (b"2", b"3"):
+                    raise BenchError(f"{command.split()[0].decode()}: {reply.decode()}")
+            s.sendall(b"Subject: big\r\n\r\n")
+            for _ in range(BIG_MB):
+                s.sendall(block)
+            s.sendall(b".\r\n")
+            reply = read_reply(s, buffer)
+            if not reply.startswith(b"250"):
+                raise BenchError(f"200 MB message: {reply.decode()}")
+            seconds = time.monotonic() - start
+            s.sendall(b"QUIT\r\n")
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(samples)
+    if peak_reset:
+        peak = max(peak, status_kb(mta.pid, "VmHWM"))
+    return (peak - before) / 1024, BIG_MB / seconds
+
+
+class LogWatch:
+    """When (monotonic) the mta log first showed the queue loaded, and its count."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.at: float | None = None
+        self.count: int | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        seen = b""
+        offset = 0
+        while not self.done.is_set():
+            try:
+                with self.path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except OSError:
+                chunk = b""
+            offset += len(chunk)
+            seen = seen[-400:] + chunk
+            match = LOADED.search(seen.decode(errors="replace"))
+            if match:
+                self.at, self.count = time.monotonic(), int(match.group(1))
+                return
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def timed_start(mta: Mta, local_message: bool, timeout: float = 600) -> dict[str, float]:
+    """Start `mta` and time: its 220, the queue loaded, a local message's delivery."""
+    watch = LogWatch(mta.log_path)
+    times: dict[str, float] = {}
+    try:
+        mta.spawn()
+        t0 = mta.started_at
+        deadline = t0 + timeout
+        while True:
+            mta.alive()
+            try:
+                s = socket.create_connection(("127.0.0.1", mta.port), timeout=timeout)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError("mta never listened") from None
+                time.sleep(0.005)
+        with s:
+            buffer = bytearray()
+            greeting = read_reply(s, buffer)
+            times["220"] = time.monotonic() - t0
+            if not greeting.startswith(b"220"):
+                raise BenchError(f"greeting: {greeting.decode()}")
+            if local_message:
+                for command in (b"EHLO local.client.test\r\n", b"MAIL FROM:<b@client.test>\r\n",
+                                b"RCPT TO:<user@local.test>\r\n", b"DATA\r\n"):
+                    s.sendall(command)
+                    reply = read_reply(s, buffer)
+                    if reply[:1] not in (b"2", b"3"):
+                        raise BenchError(f"local message: {reply.decode()}")
+                s.sendall(b"Subject: sent just after start\r\n\r\nhello\r\n.\r\n")
+                reply = read_reply(s, buffer)
+                if not reply.startswith(b"250"):
+                    raise BenchError(f"local message: {reply.decode()}")
+                times["local 250"] = time.monotonic() - t0
+                s.sendall(b"QUIT\r\n")
+        if local_message:
+            pattern = str(mta.directory / "mail" / "local.test" / "*" / "new" / "*")
+            wait_for("the local message in its Maildir",
+                     lambda: mta.alive() and glob.glob(pattern), timeout=timeout, interval=0.005)
+            times["local delivered"] = time.monotonic() - t0
+        wait_for("the relayer's 'relayer started' log line",
+                 lambda: mta.alive() and watch.at is not None, timeout=timeout)
+        times["loaded"] = watch.at - t0
+        times["loaded count"] = watch.count
+    finally:
+        watch.stop()
+    return times
+
+
+def memory_and_queue(workdir: Path, results: dict, notes: list[str]) -> None:
+    # An empty server first: its start-up times and RSS are the reference.
+    cold = drop_caches()
+    results["cold cache"] = cold
+    empty = live(Mta(workdir / "empty", HOLD_CONFIG, free_port(), message_size="300MB"))
+    try:
+        log("memory: empty server")
+        times = timed_start(empty, local_message=False)
+        results["empty 220"] = times["220"]
+        results["empty loaded"] = times["loaded"]
+        results["empty rss"] = settled_rss_kb(empty.pid, 2.0)
+        log(f"  empty mta: 220 after {times['220']:.2f} s, RSS {results['empty rss'] / 1024:.1f} MB")
+        try:
+            results["per connection"] = idle_connections(empty)
+            log(f"  {CONNECTIONS} idle EHLO'd connections: "
+                f"{results['per connection']:.2f} KiB each")
+        except (BenchError, OSError) as e:
+            notes.append(f"RSS per idle connection: not measured: {e}")
+        try:
+            grown, speed = big_message(empty)
+            results["big growth"], results["big speed"] = grown, speed
+            log(f"  {BIG_MB} MB message: RSS +{grown:.1f} MB, {speed:.0f} MB/s")
+        except (BenchError, OSError) as e:
+            notes.append(f"{BIG_MB} MB message: not measured: {e}")
+        results["empty stop"] = empty.stop()
+        log(f"  SIGTERM to exit: {results['empty stop']:.2f} s")
+    finally:
+        empty.stop()
+    shutil.rmtree(workdir / "empty", ignore_errors=True)
+    quiesce()
+
+    log(f"queue scale: putting {QUEUED} messages for a held domain into the spool")
+    server = live(Mta(workdir / "queue", HOLD_CONFIG, free_port()))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(BENCH / "fill_spool.py"), str(server.spool_dir),
+                           str(QUEUED), "user@held.test", "1000"],
+                          capture_output=True, text=True, env=source_env(), timeout=3600,
+                          check=False)
+    if done.returncode != 0:
+        raise BenchError(f"filling the spool failed: {done.stderr.strip()[-500:]}")
+    results["fill seconds"] = time.monotonic() - start
+    log(f"  {done.stdout.strip()} queued in {results['fill seconds']:.0f} s")
+    results["cold cache"] = drop_caches() and results["cold cache"]
+    try:
+        times = timed_start(server, local_message=True)
+        results.update({f"queued {k}": v for k, v in times.items()})
+        log(f"  220 after {times['220']:.2f} s, local message delivered after "
+            f"{times['local delivered']:.2f} s, queue loaded ({times['loaded count']}) after "
+            f"{times['loaded']:.2f} s")
+        results["queued rss"] = settled_rss_kb(server.pid, 2.0)
+        log(f"  RSS {results['queued rss'] / 1024:.1f} MB")
+        results["sigterm"] = server.stop()
+        log(f"  SIGTERM to exit: {results['sigterm']:.2f} s")
+    finally:
+        server.stop()
+    drop_caches()
+    output = server.directory / "queue-list.txt"
+    seconds, status = server.cli("queue", "list", stdout=output)
+    with output.open("rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 300))
+        last = f.read().decode(errors="replace").strip().splitlines()[-1:]
+    if status != 0:
+        raise BenchError(f"mta queue list exited {status}: {last}")
+    results["queue list"] = seconds
+    results["queue list line"] = last[0] if last else ""
+    log(f"  mta queue list: {seconds:.2f} s ({results['queue list line']})")
+
+
+# -- the report ----------------------------------------------------------------------------
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def build_rows(sides: dict, alone: dict) -> list[Row]:
+    accept, e2e, lat = sides["accept"], sides["e2e"], sides["latency"]
+    rows = []
+    for n in SESSIONS:
+        mta = median(accept[(MTA_NAME, n)])
+        label = f"durable acceptance, {n} session{'s' if n > 1 else ''} (msgs/s)"
+        targets = {(1, POSTFIX): 1.2, (20, POSTFIX): 1.5, (20, AIOSMTPD): 1.2}
+        for peer in (POSTFIX, AIOSMTPD, SINK):
+            bound = targets.get((n, peer))
+            rows.append(Row(label, mta, peer, median(accept[(peer, n)]),
+                            target=f">= {bound}x" if bound else "",
+                            rule=("ratio", ">=", bound) if bound else None))
+    rows.append(Row(f"end-to-end relay, {RELAY_MESSAGES} msgs at 20 sessions (msgs/s)",
+                    median(e2e[MTA_NAME]), POSTFIX, median(e2e[POSTFIX]),
+                    target=">= 1.2x", rule=("ratio", ">=", 1.2)))
+
+    def lat_of(system: str, key: str) -> float | None:
+        return median([r[key] for r in lat[system]])
+
+    rows.append(Row("latency dot to 250, p50, 20 sessions (ms)", lat_of(MTA_NAME, "p50_ms"),
+                    POSTFIX, lat_of(POSTFIX, "p50_ms"), fmt="{:.1f}"))
+    rows.append(Row("latency dot to 250, p99, 20 sessions (ms)", lat_of(MTA_NAME, "p99_ms"),
+                    POSTFIX, lat_of(POSTFIX, "p99_ms"), target="<= Postfix's",
+                    rule=("ratio", "<=", 1.0), fmt="{:.1f}"))
+    rows.append(Row(f"RSS per idle EHLO'd connection, {CONNECTIONS} open (KiB)",
+                    alone.get("per connection"), target="<= 4 KiB", rule=("value", "<=", 4.0),
+                    fmt="{:.2f}"))
+    rows.append(Row(f"RSS growth receiving one {BIG_MB} MB message (MB)", alone.get("big growth"),
+                    target="< 10 MB", rule=("value", "<", 10.0), fmt="{:.1f}"))
+    queued_rss = alone.get("queued rss")
+    empty_rss = alone.get("empty rss")
+    rows.append(Row(f"RSS with {QUEUED:,} queued minus empty server (MB)",
+                    (queued_rss - empty_rss) / 1024 if queued_rss and empty_rss else None,
+                    target="< 100 MB", rule=("value", "<", 100.0), fmt="{:.1f}"))
+    cold = "cold cache" if alone.get("cold cache") else "warm cache"
+    rows.append(Row(f"start with {QUEUED:,} queued: 220 greeting (s, {cold})",
+                    alone.get("queued 220"), "empty mta", alone.get("empty 220"),
+                    target="at once (<= empty + 1 s)",
+                    rule=("value", "<=", (alone.get("empty 220") or 0) + 1.0)
+                    if alone.get("empty 220") else None, fmt="{:.2f}"))
+    rows.append(Row(f"start with {QUEUED:,} queued: queue loaded (s)", alone.get("queued loaded"),
+                    "empty mta", alone.get("empty loaded"), fmt="{:.2f}"))
+    rows.append(Row(f"start with {QUEUED:,} queued: new local message delivered (s from start)",
+                    alone.get("queued local delivered"), target="< 5 s",
+                    rule=("value", "<", 5.0), fmt="{:.2f}"))
+    rows.append(Row(f"`mta queue list` on {QUEUED:,} (s, {cold})", alone.get("queue list"),
+                    target="< 3 s", rule=("value", "<", 3.0), fmt="{:.2f}"))
+    rows.append(Row(f"SIGTERM to exit with {QUEUED:,} queued (s)", alone.get("sigterm"),
+                    target="< 5 s",
+                    rule=("value", "<", 5.0), fmt="{:.2f}"))
+    return rows
+
+
+def rounds_table(sides: dict) -> str:
+    lines = ["| run | " + " | ".join(f"round {i + 1}" for i in range(ROUNDS)) + " |",
+             "|---|" + "--:|" * ROUNDS]
+
+    def cells(values: list[float], fmt: str = "{:.0f}") -> str:
+        shown = [fmt.format(v) for v in values] + ["n/a"] * (ROUNDS - len(values))
+        return " | ".join(shown)
+
+    for n in SESSIONS:
+        for system in SYSTEMS:
+            lines.append(f"| acceptance, {system}, {n} session(s) (msgs/s) | "
+                         f"{cells(sides['accept'][(system, n)])} |")
+    for system in (MTA_NAME, POSTFIX):
+        lines.append(f"| end-to-end, {system} (msgs/s) | {cells(sides['e2e'][system])} |")
+    for system in (MTA_NAME, POSTFIX):
+        lines.append(f"| latency p50 / p99, {system} (ms) | " + " | ".join(
+            [f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}" for r in sides["latency"][system]]
+            + ["n/a"] * (ROUNDS - len(sides["latency"][system]))) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    began = time.monotonic()
+    for program in ("smtp-source", "smtp-sink", "postfix", "postconf"):
+        need_path(program)
+    for module, package in (("aiosmtpd", "aiosmtpd"), ("matplotlib", "matplotlib")):
+        try:
+            __import__(module)
+        except ImportError:
+            raise SystemExit(f"bench: {package} is not installed "
+                             "(`make bench` installs the bench extras)") from None
+    nofile = raise_nofile()
+    if nofile < CONNECTIONS + 100:
+        raise SystemExit(f"bench: RLIMIT_NOFILE is {nofile}, too low for {CONNECTIONS} connections")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    RESULTS.mkdir(exist_ok=True)
+    stem = "QUICK" if QUICK else "LATEST"
+    workdir = Path(tempfile.mkdtemp(prefix="mta-bench-"))
+    workdir.chmod(0o755)  # Postfix's daemons must reach their directories
+    host = machine(workdir)
+    notes: list[str] = []
+    sides: dict = {"accept": defaultdict(list), "e2e": defaultdict(list),
+                   "latency": defaultdict(list)}
+    alone: dict = {}
+    log(f"mta bench: {ROUNDS} round(s), {MESSAGES} messages per acceptance run, "
+        f"{QUEUED:,} queued; work directory {workdir}")
+    try:
+        sides = rounds(workdir, notes)
+        try:
+            memory_and_queue(workdir, alone, notes)
+        except (BenchError, OSError, subprocess.SubprocessError) as e:
+            notes.append(f"memory/queue scale: stopped early: {e}")
+            log(f"memory/queue scale FAILED: {e}")
+    finally:
+        try:
+            stop_all(*reversed(LIVE))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    rows = build_rows(sides, alone)
+    elapsed = time.monotonic() - began
+    cache = ("dropped before each start and before `mta queue list` (cold)"
+             if alone.get("cold cache") else "not dropped (not root?): warm")
+    header = [
+        (f"Durability measured: {DURABILITY}; Postfix fsyncs its queue files "
+         "(its default); aiosmtpd+fsync: write, fsync, rename, fsync the directory."),
+        (f"{ROUNDS} round(s), systems alternating; medians. Acceptance: smtp-source, "
+         f"{MESSAGES} messages of {SIZE} bytes per run, a new connection per message. "
+         f"End to end: {RELAY_MESSAGES} messages at 20 sessions until the smtp-sink has all. "
+         f"Latency: bench/loadgen.py, {LATENCY_MESSAGES} messages at 20 sessions."),
+        f"Queue scale: {QUEUED:,} messages for a held domain; page cache {cache}.",
+    ]
+    machine_lines = [f"- {k}: {v}" for k, v in host.items()]
+    if "queue list line" in alone:
+        notes.append(f"`mta queue list` said: {alone['queue list line']}")
+    if "fill seconds" in alone:
+        notes.append(f"filling the spool with {QUEUED:,} messages (Spool.inject, 16 threads) "
+                     f"took {alone['fill seconds']:.0f} s")
+    if "big speed" in alone:
+        notes.append(f"the {BIG_MB} MB message went in at {alone['big speed']:.0f} MB/s")
+    if "queued local 250" in alone:
+        notes.append(f"with {QUEUED:,} queued, the local message's 250 came "
+                     f"{alone['queued local 250']:.2f} s after start")
+    notes.append(f"the whole bench took {elapsed / 60:.1f} minutes")
+
+    try:
+        chart(RESULTS / f"{stem}.png", SYSTEMS, list(SESSIONS), sides["accept"],
+              f"Durable acceptance, {SIZE} B messages, a new connection each "
+              f"(fsync before 250; smtp-sink keeps nothing)")
+    except Exception as e:  # noqa: BLE001 (the table matters more than the picture)
+        notes.append(f"chart not drawn: {e}")
+
+    title = "mta bench" + (" (BENCH_QUICK: one round, small counts)" if QUICK else "")
+    markdown = "\n".join([
+        f"# {title}", "", time.strftime("Run on %Y-%m-%d %H:%M %Z."), "", *header, "",
+        markdown_table(rows), "", f"![throughput per system]({stem}.png)", "",
+        "## Each round", "", rounds_table(sides), "", "## Machine", "", *machine_lines, "",
+        "## Notes", "", *[f"- {n}" for n in notes], ""])
+    (RESULTS / f"{stem}.md").write_text(markdown)
+
+    log("")
+    log("\n".join(header))
+    log("")
+    log(text_table(rows))
+    log("")
+    log("Machine:")
+    log("\n".join(machine_lines))
+    log("")
+    log("Notes:")
+    log("\n".join(f"- {n}" for n in notes))
+    log(f"\nwritten: {(RESULTS / f'{stem}.md').relative_to(REPO)} and "
+        f"{(RESULTS / f'{stem}.png').relative_to(REPO)}")
     return 0
 
 
-def rss_kb(pid: int) -> int:
-    return status_kb(pid, "VmRSS")
-
-
-def hwm_kb(pid: int) -> int:
-    return status_kb(pid, "VmHWM")
-
-
-def greets(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            return s.recv(100).startswith(b"220")
-    except OSError:
-        return False
-
-
-def smtp_source(port: int, messages: int = MESSAGES) -> float:
-    start = time.monotonic()
-    subprocess.run([need_path("smtp-source"), "-c", "-d", "-s", "10", "-m", str(messages),
-                    "-l", "4096", "-f", "bench@client.test", "-t", "user@example.org",
-                    f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
-    return time.monotonic() - start
-
-
-def need_path(program: str) -> str:
-    found = shutil.which(program) or f"/usr/sbin/{program}"
-    if not Path(found).exists():
-        raise SystemExit(f"bench: {program} is missing (make test installs the peers)")
-    return found
-
-
-def bench_sink(workdir: Path) -> tuple[float, int]:
-    port = free_port()
-    sink = subprocess.Popen([need_path("smtp-sink"), "-u", "nobody", "-c", f"127.0.0.1:{port}",
-                             "256"], stdout=subprocess.DEVNULL)
-    try:
-        wait_for("smtp-sink", lambda: greets(port))
-        seconds = smtp_source(port)
-        return seconds, hwm_kb(sink.pid)
-    finally:
-        sink.terminate()
-        sink.wait()
-
-
-def bench_mta(workdir: Path) -> tuple[float, int]:
-    server = MtaServer(workdir / "mta-receive").start()
-    try:
-        seconds = smtp_source(server.port)
-        return seconds, hwm_kb(server.pid)
-    finally:
-        server.stop()
-
-
-def bench_aiosmtpd(workdir: Path) -> tuple[float, int]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}",
-         "-c", "aiosmtpd.handlers.Sink"],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for("aiosmtpd", lambda: greets(port))
-        seconds = smtp_source(port)
-        return seconds, hwm_kb(process.pid)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait()
-
-
-def bench_big_message(workdir: Path) -> tuple[float, float]:
-    server = MtaServer(workdir / "mta-big", message_size="300MB").start()
-    try:
-        before = rss_kb(server.pid)
-        size = 200 * 1000 * 1000
-        block = (b"x" * 98 + b"\r\n") * 10000
-        start = time.monotonic()
-        with socket.create_connection(("127.0.0.1", server.port)) as s:
-            f = s.makefile("rb")
-            f.readline()
-            s.sendall(b"EHLO bench\r\nMAIL FROM:<b@client.test>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n")
-            while not f.readline().startswith(b"354"):
-                pass
-            for _ in range(size // len(block)):
-                s.sendall(block)
-            s.sendall(b".\r\n")
-            reply = f.readline()
-        seconds = time.monotonic() - start
-        assert reply.startswith(b"250"), reply
-        return seconds, (hwm_kb(server.pid) - before) / 1024
-    finally:
-        server.stop()
-
-
-RELAY_CONFIG = """
-[server]
-hostname = "relay.bench"
-spool = "spool"
-[[listeners]]
-endpoint = "tcp:{port}:interface=127.0.0.1"
-[relay]
-nameservers = ["127.0.0.1:9"]
-concurrency = 20
-concurrency_per_destination = 10
-[domains."example.org"]
-route = "smtp:[127.0.0.1]:%d"
-"""
-
-
-def bench_relay(workdir: Path, messages: int = 1000) -> float:
-    sink_port = free_port()
-    sink = subprocess.Popen([need_path("smtp-sink"), "-u", "nobody", "-c",
-                             f"127.0.0.1:{sink_port}", "256"], stdout=subprocess.PIPE)
-    server = MtaServer(workdir / "mta-relay", RELAY_CONFIG % sink_port).start()
-    try:
-        wait_for("smtp-sink", lambda: greets(sink_port))
-        start = time.monotonic()
-        with smtplib.SMTP("127.0.0.1", server.port) as client:
-            for i in range(messages):
-                client.sendmail("b@client.test", ["u@example.org"], b"Subject: %d\r\n\r\nx\r\n" % i)
-        wait_for("queue empty", lambda: not server.spool.queue_ids(), timeout=600)
-        return time.monotonic() - start
-    finally:
-        server.stop()
-        sink.terminate()
-        sink.wait()
-
-
-def main() -> None:
-    need("smtp-source")
-    with tempfile.TemporaryDirectory(prefix="mta-bench-") as tmp:
-        workdir = Path(tmp)
-        os.chmod(workdir, 0o755)
-        rows = []
-        for name, run in (("smtp-sink (ceiling)", bench_sink), ("mta", bench_mta),
-                          ("aiosmtpd Sink", bench_aiosmtpd)):
-            seconds, peak = run(workdir)
-            rows.append((name, MESSAGES / seconds, peak / 1024))
-        print(f"\nReceiving {MESSAGES} messages of 4 kB over 10 sessions (smtp-source):")
-        print(f"{'server':<22}{'msg/s':>10}{'peak RSS MB':>14}")
-        for name, rate, peak in rows:
-            print(f"{name:<22}{rate:>10.0f}{peak:>14.1f}")
-        seconds, grown = bench_big_message(workdir)
-        print(f"\n200 MB message into mta: {seconds:.1f} s ({200 / seconds:.0f} MB/s), "
-              f"peak RSS grew by {grown:.1f} MB")
-        seconds = bench_relay(workdir)
-        print(f"\n1000 messages received and relayed to smtp-sink: {seconds:.1f} s "
-              f"({1000 / seconds:.0f} msg/s end to end)")
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
