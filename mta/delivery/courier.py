@@ -15,6 +15,12 @@ error becomes an outcome through `outcome.classify`.
   policy a failed handshake is retried once in plain text on the same
   address, as Postfix does for "may".  More than 100 recipients go in
   100-recipient transactions, one after the other [RFC 5321 4.5.3.1.8].
+  A connection whose transaction went well is kept open for `IDLE_TIME`
+  (at most `MAX_USES` messages, and as many idle connections per host and
+  policy as the destination may have at once) and used for the next
+  message to the same address: no new TCP connection, greeting, EHLO,
+  STARTTLS and AUTH each time.  If the peer dropped it meanwhile, a fresh
+  connection is made.
 - `MaildirCourier`: local delivery in a thread (`maildir.deliver`).
 - `TurnedCourier`: one message after another over a connection that a
   customer opened and we turned round (ATRN, TURN), with a client that is
@@ -58,6 +64,8 @@ log = Logger(namespace="mta.delivery.courier")
 RunBlocking = Callable[..., "defer.Deferred[Any]"]
 
 MAX_RECIPIENTS = 100  # per transaction: what every server must take [RFC 5321 4.5.3.1.8]
+IDLE_TIME = 5.0  # seconds a connection waits, open, for the next message to its host
+MAX_USES = 100  # messages over one connection, then a fresh one
 
 
 class _QuietFactory(Factory):
@@ -137,6 +145,9 @@ class SMTPCourier:
         self.timeouts = timeouts or Timeouts()
         self._clients: set[SMTPClient] = set()
         self._connecting: set[defer.Deferred[SMTPClient]] = set()
+        # Open connections waiting for their next message: (address, port, policy) ->
+        # [(client, messages so far, its idle timer)], the most recent last.
+        self._idle: dict[tuple[str, int, SessionPolicy], list[tuple[SMTPClient, int, Any]]] = {}
         self._generation = 0  # counts abort_all() calls
 
     # -- the one method -----------------------------------------------------------
@@ -196,6 +207,11 @@ class SMTPCourier:
 
     def abort_all(self) -> None:
         self._generation += 1
+        for parked in self._idle.values():
+            for _, _, timer in parked:
+                if timer.active():
+                    timer.cancel()
+        self._idle.clear()
         for d in list(self._connecting):
             d.cancel()
         for client in list(self._clients):
@@ -231,6 +247,15 @@ class SMTPCourier:
             attempts.append(replace(policy, tls="off", plaintext_password=False))
         failure: Outcome | None = None
         for attempt in attempts:
+            key = (address, hop.port, attempt)
+            reused = self._unpark(key)
+            if reused is not None:
+                client, uses = reused
+                result = yield client.deliver(txn)
+                if result.error is None or result.data_sent or \
+                        any(o is not None for o in result.outcomes):
+                    return self._answer(key, client, uses + 1, txn, result)
+                client.quit()  # gone while it waited: a fresh connection
             client = yield self._open(address, hop.port, attempt)
             if isinstance(client, Outcome):
                 relay = maillog.relay_name(host.name, address, hop.port)
@@ -247,16 +272,50 @@ class SMTPCourier:
                 client.quit()
                 return [None] * len(txn.recipients), False, classify(e)
             result = yield client.deliver(txn)
-            client.quit()
-            if result.error is None:
-                return result.outcomes, True, None
-            error = classify(result.error)
-            # Undecided recipients after the dot: the peer may have the message,
-            # so no other host now; they are deferred [RFC 5321 4.1.1.4, RFC 1047].
-            if result.data_sent:
-                return [o if o is not None else error for o in result.outcomes], True, error
-            return result.outcomes, False, error
+            return self._answer(key, client, 1, txn, result)
         return [None] * len(txn.recipients), False, failure
+
+    def _answer(self, key: tuple[str, int, SessionPolicy], client: SMTPClient, uses: int,
+                txn: Transaction, result: Any) -> tuple[list[Outcome | None], bool, Outcome | None]:
+        """What one transaction says for `_try_address`; the connection is kept for the
+        next message if it is still good, else closed."""
+        if result.error is None:
+            self._park(key, client, uses)
+            return result.outcomes, True, None
+        client.quit()
+        error = classify(result.error)
+        # Undecided recipients after the dot: the peer may have the message,
+        # so no other host now; they are deferred [RFC 5321 4.1.1.4, RFC 1047].
+        if result.data_sent:
+            return [o if o is not None else error for o in result.outcomes], True, error
+        return result.outcomes, False, error
+
+    def _park(self, key: tuple[str, int, SessionPolicy], client: SMTPClient, uses: int) -> None:
+        parked = self._idle.setdefault(key, [])
+        if client.gone or uses >= MAX_USES or \
+                len(parked) >= self.config.relay.concurrency_per_destination:
+            client.quit()
+            return
+        timer = self.reactor.callLater(IDLE_TIME, self._expire, key, client)
+        parked.append((client, uses, timer))
+
+    def _unpark(self, key: tuple[str, int, SessionPolicy]) -> tuple[SMTPClient, int] | None:
+        parked = self._idle.get(key)
+        while parked:
+            client, uses, timer = parked.pop()
+            if timer.active():
+                timer.cancel()
+            if not client.gone:
+                return client, uses
+        self._idle.pop(key, None)
+        return None
+
+    def _expire(self, key: tuple[str, int, SessionPolicy], client: SMTPClient) -> None:
+        parked = self._idle.get(key, [])
+        parked[:] = [p for p in parked if p[0] is not client]
+        if not parked:
+            self._idle.pop(key, None)
+        client.quit()
 
     def _policy(self, hop: NextHop, host: MXHost) -> SessionPolicy:
         return SessionPolicy(helo_name=self.config.server.hostname, peer_name=host.name,

@@ -296,3 +296,77 @@ class CourierTest(SynchronousTestCase):
 @pytest.mark.parametrize("address", ["a@far.test", "b@[127.0.0.1]"])
 def test_router_never_raises(address: str) -> None:
     assert Router(make_config()).next_hop(address).kind == SMTP
+
+
+class ReuseTest(CourierTest):
+    """A connection that delivered well waits open for the next message to its host."""
+
+    def deliver_one(self, courier: SMTPCourier, address: str = "a@far.test",
+                    greet: bool = True) -> tuple[Any, SMTPClient, StringTransport]:
+        d = self.deliver(courier, address)
+        _, _, client, transport = self.connections[-1]
+        if greet:
+            client.dataReceived(b"220 peer\r\n250-peer\r\n250 PIPELINING\r\n")
+        transport.clear()
+        return d, client, transport
+
+    def test_the_next_message_to_the_host_goes_over_the_same_connection(self) -> None:
+        courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
+        first, client, transport = self.deliver_one(courier)
+        self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertIsInstance(self.successResultOf(first)[0].outcome, Delivered)
+        self.assertNotIn(b"QUIT", transport.value())
+        transport.clear()
+        second = self.deliver(courier, "b@far.test")
+        self.assertEqual(len(self.connections), 1)  # no new connection, greeting or EHLO
+        self.assertTrue(transport.value().startswith(b"MAIL FROM:<s@here.test>"))
+        self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        (result,) = self.successResultOf(second)
+        self.assertEqual((type(result.outcome), result.relay),
+                         (Delivered, "mx.far.test[127.0.0.2]:25"))
+        transport.clear()
+        self.clock.advance(5)  # idle too long: it says goodbye
+        self.assertEqual(transport.value(), b"QUIT\r\n")
+        self.deliver(courier, "c@far.test")
+        self.assertEqual(len(self.connections), 2)
+
+    def test_a_connection_the_peer_dropped_meanwhile_is_not_used(self) -> None:
+        courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
+        first, client, transport = self.deliver_one(courier)
+        self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        client.dataReceived(b"421 4.4.2 idle timeout\r\n")  # the peer gives up on us
+        client.connectionLost(Failure(error.ConnectionDone()))
+        second = self.deliver(courier, "b@far.test")
+        self.assertEqual(len(self.connections), 2)
+        _, _, fresh, transport2 = self.connections[-1]
+        fresh.dataReceived(b"220 peer\r\n250-peer\r\n250 PIPELINING\r\n")
+        self.finish(fresh, transport2, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertIsInstance(self.successResultOf(second)[0].outcome, Delivered)
+
+    def test_a_refused_message_keeps_the_session_a_broken_one_does_not(self) -> None:
+        courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
+        first, client, transport = self.deliver_one(courier)
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        client.dataReceived(b"451 4.3.0 try later\r\n")  # this message, not the session
+        self.assertIsInstance(self.successResultOf(first)[0].outcome, Deferred)
+        transport.clear()
+        second = self.deliver(courier, "b@far.test")
+        self.assertEqual(len(self.connections), 1)
+        client.dataReceived(b"250 ok\r\n")  # MAIL, then the connection breaks
+        client.connectionLost(Failure(error.ConnectionLost()))
+        # Nothing was decided on it: the message goes at once over a fresh connection.
+        self.assertEqual(len(self.connections), 2)
+        _, _, fresh, transport2 = self.connections[-1]
+        fresh.dataReceived(b"220 peer\r\n250-peer\r\n250 PIPELINING\r\n")
+        self.finish(fresh, transport2, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertIsInstance(self.successResultOf(second)[0].outcome, Delivered)
+
+    def test_shutdown_closes_waiting_connections(self) -> None:
+        courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
+        first, client, transport = self.deliver_one(courier)
+        self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        courier.abort_all()
+        self.assertTrue(transport.disconnecting or client.gone)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
