@@ -332,7 +332,7 @@ class ReuseTest(CourierTest):
 
     def test_a_connection_the_peer_dropped_meanwhile_is_not_used(self) -> None:
         courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
-        first, client, transport = self.deliver_one(courier)
+        _first, client, transport = self.deliver_one(courier)
         self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
         client.dataReceived(b"421 4.4.2 idle timeout\r\n")  # the peer gives up on us
         client.connectionLost(Failure(error.ConnectionDone()))
@@ -365,7 +365,7 @@ class ReuseTest(CourierTest):
 
     def test_shutdown_closes_waiting_connections(self) -> None:
         courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
-        first, client, transport = self.deliver_one(courier)
+        _first, client, transport = self.deliver_one(courier)
         self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
         courier.abort_all()
         self.assertTrue(transport.disconnecting or client.gone)
