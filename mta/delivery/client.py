@@ -68,6 +68,7 @@ from mta.address import xtext_encode
 from mta.delivery.outcome import DeliveryError, Failed, Outcome, classify, reply_text
 from mta.reply import Reply
 from mta.server.reversal import Reversible
+from mta.wire import send_now
 
 log = Logger(namespace="mta.delivery.client")
 
@@ -317,6 +318,7 @@ class SMTPClient(Reversible, LineReceiver):
         self._need_rset = False
         self._quit_sent = False
         self._commands: list[defer.Deferred[Reply]] = []  # command() replies still to come
+        self._group: list[bytes] | None = None  # pipelined commands not yet written
 
     @property
     def gone(self) -> bool:
@@ -387,7 +389,21 @@ class SMTPClient(Reversible, LineReceiver):
 
     def _send(self, command: str, stage: _Stage, handler: Callable[[Reply], None]) -> None:
         self._expect(stage, handler)
-        self.transport.write(command.encode("utf-8") + b"\r\n")
+        line = command.encode("utf-8") + b"\r\n"
+        if self._group is not None:
+            self._group.append(line)
+        else:
+            send_now(self.transport, line)
+
+    def _send_group(self, send: Callable[[], None]) -> None:
+        """Commands that `send` issues leave together, in one write [RFC 2920 3.1]."""
+        self._group = []
+        try:
+            send()
+        finally:
+            data, self._group = b"".join(self._group), None
+            if data and not self.gone:
+                send_now(self.transport, data)
 
     def _expect(self, stage: _Stage, handler: Callable[[Reply], None]) -> None:
         self._handlers.append((stage, handler))
@@ -742,6 +758,9 @@ class _TxnState:
         self.result.callback(TransactionResult(self.outcomes, self.data_sent, error))
 
     def start(self) -> None:
+        self.client._send_group(self._start)
+
+    def _start(self) -> None:
         c = self.client
         if c._need_rset:
             c._send("RSET", _Stage.RSET, lambda reply: None)

@@ -59,6 +59,7 @@ from mta.server.answer import Answer, Close, ReadBody, StartTLS, TurnRound
 from mta.server.context import ServerContext
 from mta.server.reversal import Reversible
 from mta.server.session import Session
+from mta.wire import send_now
 
 log = Logger(namespace="mta.smtpd")
 
@@ -86,6 +87,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         self._processing = False
         self._closed = False
         self._reader: Any = None  # a body reader taking the bytes that follow DATA/BDAT
+        self._out: list[bytes] = []  # replies to pipelined commands, sent together
         self.client_address = ""
 
     # -- connection ----------------------------------------------------------
@@ -122,7 +124,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
 
     def _greet(self) -> None:
         self._greeting_call = None
-        self.transport.write(self.session.greeting().render())
+        send_now(self.transport, self.session.greeting().render())
 
     def _transport_is_tls(self) -> bool:
         if self.context.turned:
@@ -155,10 +157,24 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         self._closed = True
         if enhanced is None:
             enhanced = self.session.enhanced if self.session else True
-        self.transport.write(answer.render(enhanced))
+        self._write(answer.render(enhanced))
         self._lose()
 
+    def _write(self, data: bytes) -> None:
+        """Send a reply; while a batch of pipelined commands is being answered, the
+        replies wait and go out together when it ends [RFC 2920 3.2]."""
+        if self._processing:
+            self._out.append(data)
+        else:
+            send_now(self.transport, data)
+
+    def _flush(self) -> None:
+        if self._out:
+            data, self._out = b"".join(self._out), []
+            send_now(self.transport, data)
+
     def _lose(self) -> None:
+        self._flush()
         # A registered producer keeps a paused transport open: unregister first.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -240,6 +256,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
                     break
         finally:
             self._processing = False
+            self._flush()
 
     def _feed_body(self) -> None:
         rest = self._reader.feed(self._buffer)
@@ -327,7 +344,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         session = self.session
         said = answer.reply
         if said is not None:
-            self.transport.write(said.render(session.enhanced))
+            self._write(said.render(session.enhanced))
         match answer.next:
             case Close():
                 self._closed = True
@@ -358,6 +375,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
 
     def _turn_round(self, successor: Any) -> None:
         """The 250 to ATRN or TURN is written: the connection is `successor`'s now [RFC 2645 5.3]."""
+        self._flush()
         self.setTimeout(None)
         leftover, self._buffer = self._buffer, b""
         self._reader = None
@@ -378,6 +396,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
                      n=len(self._buffer), client=self.client_address)
         self._buffer = b""
         self._discarding = False
+        self._flush()  # the 220 goes in plain text, before the handshake
         self.session.start_tls()
         self.transport.startTLS(self.context.trust.tls)
         self.setTimeout(self.limits.command_timeout)

@@ -1,0 +1,44 @@
+"""Writing a reply or a command to a plain TCP connection at once.
+
+Twisted's `transport.write` queues the bytes and asks the reactor to tell it
+when the socket can take them: two epoll calls and one more turn of the
+event loop for every reply, while the socket almost always has room for a
+reply of a few hundred octets right now.  `send_now` tries the socket first
+when nothing is queued before it, and hands whatever the socket did not take
+(or everything, on any doubt) to `transport.write`, so order and flow
+control stay the transport's.  On the SMTP paths this was a quarter of the
+reactor's time.
+
+It applies to Twisted's plain TCP connections only: a TLS transport, or
+anything else (a test's StringTransport), gets `transport.write` as always.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    if _idle_plain_tcp(transport):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # would block, or broken: the transport finds out as usual
+        data = data[sent:]
+        if not data:
+            return
+    transport.write(data)
+
+
+def _idle_plain_tcp(transport: Any) -> bool:
+    """A plain TCP connection, open, with nothing queued that must go first."""
+    if not isinstance(transport, tcp.Connection):
+        return False
+    try:
+        return (not transport.TLS and transport.connected and not transport.disconnecting
+                and not transport._writeDisconnected and not transport._tempDataBuffer
+                and transport.offset == len(transport.dataBuffer))
+    except AttributeError:  # a Twisted whose internals moved on: the plain path
+        return False
