@@ -680,21 +680,21 @@ class SMTPClient(Reversible, LineReceiver):
 
     def command(self, line: str) -> defer.Deferred[Reply]:
         """Send one command (ETRN ...); fires with its reply, or fails with the connection."""
-        if self.gone:
-            return defer.fail(DeliveryError("4.4.2", "connection closed", self.policy.peer_name))
-        d: defer.Deferred[Reply] = defer.Deferred()
-        self._commands.append(d)
-
-        def answered(reply: Reply) -> None:
-            self._commands.remove(d)
-            d.callback(reply)
-        self._send(line, _Stage.COMMAND, answered)
-        return d
+        return self._request(line, lambda reply: None)
 
     def reverse(self, line: str, successor: Callable[[], Any]) -> defer.Deferred[Reply]:
         """Send `line` (ATRN); on a 250, the connection turns round [RFC 2645 5.3]: it
         is handed, with whatever the peer sent after the reply, to ``successor()``
         (our SMTP server), which speaks first.  Fires with the reply."""
+        def turn(reply: Reply) -> None:
+            if reply.code == 250:
+                self._cancel_timer()
+                self._handlers.clear()
+                self.turn_round(successor(), self.clearLineBuffer())
+        return self._request(line, turn)
+
+    def _request(self, line: str, first: Callable[[Reply], None]) -> defer.Deferred[Reply]:
+        """Send `line`; its reply goes to `first`, then fires the Deferred."""
         if self.gone:
             return defer.fail(DeliveryError("4.4.2", "connection closed", self.policy.peer_name))
         d: defer.Deferred[Reply] = defer.Deferred()
@@ -702,10 +702,7 @@ class SMTPClient(Reversible, LineReceiver):
 
         def answered(reply: Reply) -> None:
             self._commands.remove(d)
-            if reply.code == 250:
-                self._cancel_timer()
-                self._handlers.clear()
-                self.turn_round(successor(), self.clearLineBuffer())
+            first(reply)
             d.callback(reply)
         self._send(line, _Stage.COMMAND, answered)
         return d
