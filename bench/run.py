@@ -249,6 +249,17 @@ def rounds(workdir: Path, notes: list[str]) -> dict:
 
 # -- 4-5: mta's memory and queue scale ---------------------------------------------------
 
+def start_data(s: socket.socket, buffer: bytearray, helo: bytes, sender: bytes,
+               recipient: bytes) -> None:
+    """EHLO, MAIL, RCPT and DATA, each answered with 2xx/3xx; then the body may follow."""
+    for command in (b"EHLO " + helo, b"MAIL FROM:<" + sender + b">",
+                    b"RCPT TO:<" + recipient + b">", b"DATA"):
+        s.sendall(command + b"\r\n")
+        reply = read_reply(s, buffer)
+        if reply[:1] not in (b"2", b"3"):
+            raise BenchError(f"{command.split()[0].decode()}: {reply.decode()}")
+
+
 def read_reply(s: socket.socket, buffer: bytearray) -> bytes:
     """One complete SMTP reply from `s` (multi-line replies too)."""
     while True:
@@ -315,12 +326,7 @@ def big_message(mta: Mta) -> tuple[float, float]:
         with socket.create_connection(("127.0.0.1", mta.port), timeout=120) as s:
             buffer = bytearray()
             read_reply(s, buffer)
-            for command in (b"EHLO big.client.test\r\n", b"MAIL FROM:<big@client.test>\r\n",
-                            b"RCPT TO:<user@held.test>\r\n", b"DATA\r\n"):
-                s.sendall(command)
-                reply = read_reply(s, buffer)
-                if reply[:1] not in (b"2", b"3"):
-                    raise BenchError(f"{command.split()[0].decode()}: {reply.decode()}")
+            start_data(s, buffer, b"big.client.test", b"big@client.test", b"user@held.test")
             s.sendall(b"Subject: big\r\n\r\n")
             for _ in range(BIG_MB):
                 s.sendall(block)
@@ -397,12 +403,8 @@ def timed_start(mta: Mta, local_message: bool, timeout: float = 600) -> dict[str
             if not greeting.startswith(b"220"):
                 raise BenchError(f"greeting: {greeting.decode()}")
             if local_message:
-                for command in (b"EHLO local.client.test\r\n", b"MAIL FROM:<b@client.test>\r\n",
-                                b"RCPT TO:<user@local.test>\r\n", b"DATA\r\n"):
-                    s.sendall(command)
-                    reply = read_reply(s, buffer)
-                    if reply[:1] not in (b"2", b"3"):
-                        raise BenchError(f"local message: {reply.decode()}")
+                start_data(s, buffer, b"local.client.test", b"b@client.test",
+                           b"user@local.test")
                 s.sendall(b"Subject: sent just after start\r\n\r\nhello\r\n.\r\n")
                 reply = read_reply(s, buffer)
                 if not reply.startswith(b"250"):
