@@ -120,33 +120,49 @@ class MessageData:
 
 
 class Incoming:
-    """A message being received into ``tmp/``: written as it arrives, never held in memory."""
+    """A message being received: kept in memory up to `WRITE_BUFFER`, then written to
+    ``tmp/`` as it arrives (a large message is never held in memory).
 
-    def __init__(self, spool: Spool, envelope: Envelope, fd: int, path: Path | None) -> None:
+    Its file is opened only when the data outgrows the buffer, or at `commit`, in
+    the committing thread: a small message costs the receiving thread no system
+    call at all.
+    """
+
+    def __init__(self, spool: Spool, envelope: Envelope) -> None:
         self.spool = spool
         self.envelope = envelope
         self.queue_id = envelope.queue_id
-        self.fd = fd
-        self.path = path  # None: an unnamed file (O_TMPFILE)
-        self.file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER, closefd=False)
+        self.fd: int | None = None  # None until the file is opened
+        self.path: Path | None = None  # None: an unnamed file (O_TMPFILE)
+        self.buffer = bytearray(HEADER + envelope.to_json())
         self.size = 0  # octets of data (the envelope line not counted)
         self.done = False
-        self.file.write(HEADER + envelope.to_json())
 
     def write(self, data: bytes) -> None:
-        self.file.write(data)
+        self.buffer += data
         self.size += len(data)
+        if len(self.buffer) >= WRITE_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is buffered to the file (opened now if it is not yet)."""
+        if self.fd is None:
+            self.fd, self.path = self.spool._open_tmp(self.queue_id)
+        view = memoryview(self.buffer)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        finally:
+            view.release()
+        self.buffer.clear()
 
     def abort(self) -> None:
-        """Forget the message: close and drop its file (idempotent)."""
+        """Forget the message: close and drop its file, if it has one (idempotent)."""
         if self.done:
             return
         self.done = True
-        try:
-            self.file.close()
-        except OSError:
-            pass  # a full disk cannot flush the buffer we are throwing away anyway
-        finally:
+        self.buffer.clear()
+        if self.fd is not None:
             os.close(self.fd)
             if self.path is not None:
                 _unlink(self.path)
@@ -172,20 +188,17 @@ class Spool:
     # -- receiving --------------------------------------------------------------
 
     def receive(self, envelope: Envelope) -> Incoming:
-        """Open a new message in ``tmp/`` with `envelope` (its queue id is set here)."""
+        """A new message with `envelope` (its queue id is set here); no file yet."""
+        envelope.queue_id = self.new_id()
+        return Incoming(self, envelope)
+
+    def _open_tmp(self, queue_id: str) -> tuple[int, Path | None]:
+        """A new file in ``tmp/`` for `queue_id`: unnamed where the filesystem can
+        (nothing to clean up after a crash), else named after the queue id."""
         if self._unnamed:
-            envelope.queue_id = self.new_id()
-            fd = os.open(self.root / TMP, os.O_TMPFILE | os.O_WRONLY, 0o600)
-            return Incoming(self, envelope, fd, None)
-        for _ in range(100):
-            envelope.queue_id = self.new_id()
-            path = self.root / TMP / (envelope.queue_id + DATA_SUFFIX)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue
-            return Incoming(self, envelope, fd, path)
-        raise OSError("cannot allocate a queue id")
+            return os.open(self.root / TMP, os.O_TMPFILE | os.O_WRONLY, 0o600), None
+        path = self.root / TMP / (queue_id + DATA_SUFFIX)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path
 
     def commit(self, incoming: Incoming) -> str:
         """Make `incoming` durable in ``queue/``; blocking.  Sets the envelope's size.
@@ -196,7 +209,8 @@ class Spool:
         queue = self.root / QUEUE
         target = queue / (incoming.queue_id + DATA_SUFFIX)
         try:
-            incoming.file.flush()
+            incoming.flush()
+            assert incoming.fd is not None
             os.fsync(incoming.fd)
             if incoming.path is None:
                 # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: the unnamed file gets a name.
@@ -205,7 +219,6 @@ class Spool:
             else:
                 os.rename(incoming.path, target)
             incoming.done = True
-            incoming.file.close()
             os.close(incoming.fd)
             self._syncs[QUEUE].sync()
         except BaseException:

@@ -99,18 +99,28 @@ def test_commit_failing_at_the_directory_sync_leaves_nothing(spool, tmp_path, mo
     assert list((tmp_path / "corrupt").iterdir()) == []
 
 
-def test_abort_on_a_full_disk_still_removes_the_file(spool, tmp_path):
+def test_a_small_message_has_no_file_until_commit(spool, tmp_path, monkeypatch):
+    opened = []
+    real = os.open
+    monkeypatch.setattr(os, "open", lambda *a, **kw: (opened.append(a[0]), real(*a, **kw))[1])
     incoming = spool.receive(envelope())
-    real = incoming.file
+    incoming.write(b"Subject: x\r\n\r\nsmall\r\n")
+    assert opened == []  # the receiving thread made no system call for it
+    queue_id = spool.commit(incoming)
+    assert len(opened) >= 1
+    assert spool.message_data(queue_id).read_bytes() == b"Subject: x\r\n\r\nsmall\r\n"
 
-    class Full:
-        def close(self):
-            real.close()
-            raise OSError(28, "No space left on device")  # the buffered tail cannot be flushed
 
-    incoming.file = Full()
+def test_a_large_message_goes_to_disk_as_it_arrives(spool, tmp_path):
+    incoming = spool.receive(envelope())
+    chunk = b"x" * 1000 + b"\r\n"
+    for _ in range(store.WRITE_BUFFER // len(chunk) * 3):
+        incoming.write(chunk)
+    assert incoming.fd is not None
+    assert len(incoming.buffer) < store.WRITE_BUFFER  # memory stays bounded
     incoming.abort()
     assert list((tmp_path / "tmp").iterdir()) == []
+    incoming.abort()  # idempotent
 
 
 def test_concurrent_commits_share_directory_syncs(spool, monkeypatch):
@@ -183,7 +193,7 @@ def test_recovery_after_a_crash_at_each_step(tmp_path, monkeypatch):
     # Crash while receiving: a named file in tmp/ only (an unnamed one leaves nothing).
     receiving = spool.receive(envelope())
     receiving.write(b"half a message")
-    receiving.file.flush()
+    receiving.flush()
     # Crash while saving a state: a temporary file beside the message.
     (tmp_path / "queue" / f".{kept}.env.tmp").write_text("{half")
     # A damaged message (its envelope line) and a damaged state.
