@@ -47,11 +47,12 @@ from collections import Counter
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from mta import reply
 from mta.reply import Reply
@@ -70,6 +71,7 @@ MAX_FRAME = 12288
 MAX_BUFFERED = 64 * 1024
 
 
+@implementer(IHalfCloseableProtocol)
 class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
     delimiter = b"\r\n"
     MAX_LENGTH = MAX_FRAME
@@ -86,6 +88,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         self._reading_paused = False  # we told the transport to stop reading
         self._processing = False
         self._closed = False
+        self._input_ended = False  # the client shut down its side; answer what it sent, then close
         self._reader: Any = None  # a body reader taking the bytes that follow DATA/BDAT
         self._out: list[bytes] = []  # replies to pipelined commands, sent together
         self.client_address = ""
@@ -142,6 +145,27 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         if self.session is not None:
             self.factory.release(self)
             self.session.connection_lost()
+
+    def readConnectionLost(self) -> None:
+        """The client sent all it will (a shutdown of its side, such as `nc -N` does
+        after the final dot): what it sent is still answered, then we close.  Replies
+        owed for input already received, a 250 for a message being committed above
+        all, must reach it, or it would send the message again."""
+        if self.successor is not None:
+            self.transport.loseConnection()
+            return
+        self._input_ended = True
+        if not self._processing:
+            self._end_if_done()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def _end_if_done(self) -> None:
+        """After a half-close: close once nothing is left to answer."""
+        if self._input_ended and not (self._waiting or self._write_blocked or self._closed):
+            self._closed = True
+            self._lose()
 
     def timeoutConnection(self) -> None:
         if self._closed:
@@ -257,6 +281,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         finally:
             self._processing = False
             self._flush()
+        self._end_if_done()
 
     def _feed_body(self) -> None:
         rest = self._reader.feed(self._buffer)

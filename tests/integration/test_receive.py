@@ -128,6 +128,26 @@ def test_smtplib_refusals_keep_session(mta: MtaServer) -> None:
     assert len(mta.queued()) == 1
 
 
+def test_half_close_after_the_final_dot_still_gets_its_250(mta: MtaServer) -> None:
+    """A client that shuts down its side right after the dot (`nc -N` does) must hear
+    the 250, or it would send the message again: a duplicate."""
+    with socket.create_connection(("127.0.0.1", mta.port), timeout=30) as s:
+        s.sendall(b"EHLO client.test\r\nMAIL FROM:<c@client.test>\r\n"
+                  b"RCPT TO:<a@example.org>\r\nDATA\r\n")
+        got = b""
+        while b"354" not in got:
+            got += s.recv(4096)
+        s.sendall(MESSAGE + b".\r\n")
+        s.shutdown(socket.SHUT_WR)
+        while True:
+            data = s.recv(4096)
+            if not data:
+                break  # closed by the server once it had answered
+            got += data
+    queue_id, _ = only_message(mta)
+    assert f"250 2.0.0 OK queued as {queue_id}".encode() in got, got
+
+
 def test_curl(mta: MtaServer, tmp_path) -> None:
     curl = need("curl")
     (tmp_path / "msg.eml").write_bytes(MESSAGE)
