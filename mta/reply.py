@@ -11,6 +11,7 @@ same constants the server sends.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -111,6 +112,14 @@ LOCAL_ERROR_CLOSING = Reply(421, "4.3.0", "local error, closing connection")
 SPOOL_ERROR = Reply(451, "4.3.0", "local error in processing, message not accepted")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "too many recipients")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "insufficient system storage")
+
+
+def spool_error(error: BaseException) -> Reply:
+    """The reply when the spool could not take a message: 452 4.3.1 for a full disk or
+    quota [RFC 3463 3.4], else 451 4.3.0."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return INSUFFICIENT_STORAGE
+    return SPOOL_ERROR
 
 # 5xx: syntax and ordering [RFC 5321 4.2.4, 4.1.4]
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "command not recognized")

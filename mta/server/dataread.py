@@ -30,8 +30,6 @@ unstuffing, no line rules; only the size and loop limits apply.
 
 from __future__ import annotations
 
-import errno
-
 from mta import reply
 from mta.reply import Reply
 from mta.spool.store import Incoming
@@ -106,9 +104,7 @@ class BodyReader:
     @property
     def problem(self) -> Reply | None:
         if self.write_error is not None:
-            if self.write_error.errno in (errno.ENOSPC, errno.EDQUOT):
-                return reply.INSUFFICIENT_STORAGE
-            return reply.SPOOL_ERROR
+            return reply.spool_error(self.write_error)
         if self.too_big:
             return reply.MESSAGE_TOO_BIG
         if self.line_too_long:

@@ -678,8 +678,15 @@ class Session:
             return reply.queued(queue_id)
 
         def failed(failure) -> Reply:
-            log.failure("spool commit failed for {queue_id}", failure, queue_id=incoming.queue_id)
-            return reply.SPOOL_ERROR
+            error = failure.value
+            if isinstance(error, OSError):  # a full disk, an I/O error: one line, no traceback
+                log.error("{queue_id}: not accepted from [{client}]: the spool cannot store it: "
+                          "{error}", queue_id=incoming.queue_id, client=self.client_address,
+                          error=error)
+            else:
+                log.failure("spool commit failed for {queue_id}", failure,
+                            queue_id=incoming.queue_id)
+            return reply.spool_error(error)
 
         d = self.context.run_blocking(self.context.spool.commit, incoming)
         return d.addCallbacks(committed, failed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.protocol.dialog import Server, body_of, reply_codes
@@ -281,18 +283,35 @@ def test_connection_limits(tmp_path):
     assert again.take().startswith(b"220 ")
 
 
-def test_spool_failure_is_451_and_nothing_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("errno_", "code"), [(28, "452 4.3.1"), (122, "452 4.3.1"),
+                                              (5, "451 4.3.0")])
+def test_spool_failure_at_commit_and_nothing_kept(tmp_path, monkeypatch, errno_, code):
+    # A small message meets the full disk only at commit, when its buffer is written:
+    # a full disk (or quota) is 452 4.3.1 there too, like a large one's [RFC 3463 3.4].
+    from twisted.logger import globalLogPublisher
+
+    from mta.spool.store import Incoming
     s = greeted(tmp_path)
     s.send(TX + "DATA\r\n")
 
-    def broken(incoming, envelope):
-        incoming.abort()
-        raise OSError(28, "No space left on device")
+    def full(incoming):
+        raise OSError(errno_, os.strerror(errno_))
 
-    monkeypatch.setattr(s.spool, "commit", broken)
-    assert s.codes("x\r\n.\r\n") == ["451 4.3.0"]
-    assert not s.queued
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    monkeypatch.setattr(Incoming, "flush", full)
+    try:
+        assert s.codes("x\r\n.\r\n") == [code]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    monkeypatch.undo()
+    assert not s.queued and not list((s.spool.root / "tmp").iterdir())
     assert s.codes("NOOP\r\n") == ["250 2.0.0"]
+    # One clear line, no traceback.
+    errors = [e for e in events if e.get("log_namespace") == "mta.smtpd"
+              and e["log_level"].name in ("error", "critical")]
+    assert len(errors) == 1 and "log_failure" not in errors[0]
+    assert "spool cannot store it" in errors[0]["log_format"]
 
 
 def test_recipients_past_the_limit_are_not_errors(tmp_path):
