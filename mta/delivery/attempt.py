@@ -28,8 +28,12 @@ A crash between these steps never loses a recipient's result that a later
 step depends on, and never loses a message: at worst a report is sent
 twice, or a message whose delivery was not yet recorded (or whose removal
 did not reach the disk) is delivered again.
-If an outcome cannot be saved, `run` fails: no report is sent and the
-message is not removed, and the caller retries it later from the disk.
+If an outcome cannot be saved (a full disk), `run` fails: no report is sent
+and the message is not removed.  The state that could not be written is kept
+in memory (`unsaved`), and the next attempt of that message writes it before
+anything else, or fails again: a recipient delivered during a disk outage is
+not delivered again after it (only a restart before the disk has room loses
+that memory, and with it the record of those deliveries).
 While the service stops, deferrals caused by the interruption are not
 recorded (only final verdicts are).
 """
@@ -98,6 +102,8 @@ class Attempts:
         self.rng = rng
         self.on_report = on_report
         self.stopping = stopping
+        # Envelope states whose save failed, by queue id: written before the next attempt.
+        self.unsaved: dict[str, Envelope] = {}
 
     # -- plans ----------------------------------------------------------------------------
 
@@ -140,9 +146,21 @@ class Attempts:
             log.error("{queue_id}: cannot read the envelope: {error}", queue_id=queue_id, error=e)
             return None
 
+    def _save_unsaved(self, queue_id: str) -> None:
+        """Blocking: write the state a failed save left in memory; raises while it cannot."""
+        envelope = self.unsaved[queue_id]
+        try:
+            self.spool.save(envelope)
+        except SpoolError:
+            pass  # the message is gone (deleted by the operator): nothing left to record
+        if self.unsaved.get(queue_id) is envelope:
+            del self.unsaved[queue_id]
+
     @defer.inlineCallbacks
     def run(self, queue_id: str, plan: Plan) -> Any:
         """Attempt `queue_id` as `plan` says; a `Verdict`, or None when it is not in the queue."""
+        if queue_id in self.unsaved:
+            yield self.run_blocking(self._save_unsaved, queue_id)
         loaded = yield self.run_blocking(self.load, queue_id)
         if loaded is None:
             return None
@@ -351,4 +369,15 @@ class _Saver:
 
     def __call__(self) -> defer.Deferred[None]:
         snapshot = copy.deepcopy(self.envelope)
-        return self.lock.run(self.attempts.run_blocking, self.attempts.spool.save, snapshot)
+        unsaved = self.attempts.unsaved
+        queue_id = snapshot.queue_id
+
+        def saved(_: None) -> None:
+            if unsaved.get(queue_id) is not None:
+                del unsaved[queue_id]  # superseded by this later state
+
+        def failed(failure: Any) -> Any:
+            unsaved[queue_id] = snapshot  # written before the message's next attempt
+            return failure
+        d = self.lock.run(self.attempts.run_blocking, self.attempts.spool.save, snapshot)
+        return d.addCallbacks(saved, failed)

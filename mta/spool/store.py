@@ -291,8 +291,12 @@ class Spool:
         state = self._where(envelope.queue_id)
         directory = self.root / state
         tmp = directory / f".{envelope.queue_id}{ENVELOPE_SUFFIX}.tmp"
-        _write_synced(tmp, envelope.to_json())
-        os.rename(tmp, directory / (envelope.queue_id + ENVELOPE_SUFFIX))
+        try:
+            _write_synced(tmp, envelope.to_json())
+            os.rename(tmp, directory / (envelope.queue_id + ENVELOPE_SUFFIX))
+        except BaseException:
+            _unlink(tmp)  # a full disk must not leave half a state behind
+            raise
         self._syncs[state].sync()
 
     def remove(self, queue_id: str) -> None:

@@ -190,10 +190,34 @@ class RelayerTest(SynchronousTestCase):
         self.assertEqual(self.spool.queue_ids(), [envelope.queue_id])  # no report, not removed
         self.assertEqual(self.spool.load(envelope.queue_id).recipients[0].state, PENDING)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
-        self.clock.advance(60)  # the next attempt records it, then reports
-        self.assertEqual(self.courier.addresses,
-                         [["bob@far.test"], ["bob@far.test"], ["alice@here.test"]])
+        self.clock.advance(60)  # the next attempt records it first, then reports
+        self.assertEqual(self.courier.addresses, [["bob@far.test"], ["alice@here.test"]])
         self.assertEqual(self.spool.queue_ids(), [])
+
+    def test_a_delivery_recorded_during_a_full_disk_is_not_made_again(self) -> None:
+        self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
+                                                         "mx.far.test")
+        save, calls = self.spool.save, []
+
+        def full_disk(envelope: Envelope) -> None:
+            calls.append(envelope.queue_id)
+            if len(calls) <= 2:
+                raise OSError(28, "No space left on device")
+            save(envelope)
+        self.spool.save = full_disk  # type: ignore[method-assign]
+        envelope = self.submit("bob@far.test", "carol@far.test")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        spool_dir = self.tmp / "spool" / "queue"
+        self.assertEqual(sorted(p.name for p in spool_dir.iterdir()),
+                         [f"{envelope.queue_id}.msg"])  # no half-written state left
+        self.clock.advance(60)  # the disk is still full: nothing is tried
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.courier.addresses, [["bob@far.test", "carol@far.test"]])
+        self.clock.advance(60)  # room again: the state is written, then only carol goes
+        self.assertEqual(self.courier.addresses,
+                         [["bob@far.test", "carol@far.test"], ["carol@far.test"]])
+        stored = self.spool.load(envelope.queue_id)
+        self.assertEqual([r.state for r in stored.recipients], [DELIVERED, PENDING])
 
     def test_backoff_has_jitter(self) -> None:
         delays = {round(backoff(3, 60, 3600, random.Random(seed))) for seed in range(20)}

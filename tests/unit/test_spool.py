@@ -256,3 +256,19 @@ def test_notices(tmp_path):
     assert spool.take_notices() == [{"action": "flush", "domain": "example.org"},
                                     {"action": "hold", "queue_id": "ABC"}]
     assert spool.take_notices() == []
+
+
+def test_a_save_that_fails_leaves_no_temporary_file(spool, tmp_path, monkeypatch):
+    queue_id = commit(spool)
+    env = spool.load(queue_id)
+    env.attempts = 1
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        spool.save(env)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "queue").iterdir()) == [f"{queue_id}.msg"]
+    assert spool.load(queue_id).attempts == 0
