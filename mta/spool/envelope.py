@@ -22,6 +22,7 @@ recipients are all final and notified is complete and is removed.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,61 @@ _STATES = (PENDING, DELIVERED, FAILED)
 
 class EnvelopeError(ValueError):
     """The stored envelope is unreadable or inconsistent."""
+
+
+# What each stored field may hold: the exact JSON types (a bool is not a number here),
+# and for some, the only values allowed.  Checked for every envelope read, so kept cheap.
+_NONE = type(None)
+_NUMBER = (int, float)
+_RECIPIENT_TYPES: dict[str, tuple[type, ...]] = {
+    "address": (str,), "orcpt": (str, _NONE), "notify": (list, _NONE), "state": (str,),
+    "status": (str, _NONE), "diagnostic": (str, _NONE), "remote_mta": (str, _NONE),
+    "updated": (int, float, _NONE), "notified": (bool,), "delay_warned": (bool,),
+}
+_ENVELOPE_TYPES: dict[str, tuple[type, ...]] = {
+    "queue_id": (str,), "reverse_path": (str,), "recipients": (list,), "arrival": _NUMBER,
+    "client_address": (str,), "client_helo": (str,), "client_hostname": (str,),
+    "protocol": (str,), "auth_identity": (str, _NONE), "ret": (str, _NONE),
+    "envid": (str, _NONE), "body": (str,), "smtputf8": (bool,), "size": (int,),
+    "attempts": (int,), "next_attempt": _NUMBER, "last_error": (str, _NONE),
+    "is_report": (bool,), "extra": (dict,), "version": (int,),
+}
+_VALUES = {"ret": {None, "FULL", "HDRS"}, "body": {"7BIT", "8BITMIME", "BINARYMIME"},
+           "state": set(_STATES)}
+_NOTIFY = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
+
+
+def validate(data: Any) -> None:
+    """Check a stored envelope (the JSON object) field by field; EnvelopeError names the
+    first field that is missing, unknown, or of the wrong type or value."""
+    if type(data) is not dict:
+        raise EnvelopeError("not a JSON object")
+    _check(data, _ENVELOPE_TYPES, "envelope", ("queue_id", "reverse_path", "recipients",
+                                               "arrival"))
+    if not data["recipients"]:
+        raise EnvelopeError("envelope without recipients")
+    for recipient in data["recipients"]:
+        if type(recipient) is not dict:
+            raise EnvelopeError("recipient: not a JSON object")
+        _check(recipient, _RECIPIENT_TYPES, "recipient", ("address",))
+        notify = recipient.get("notify")
+        if notify is not None and not all(type(n) is str and n in _NOTIFY for n in notify):
+            raise EnvelopeError(f"recipient notify: bad value {notify!r:.80}")
+
+
+def _check(data: dict[str, Any], types: dict[str, tuple[type, ...]], what: str,
+           required: tuple[str, ...]) -> None:
+    for name, value in data.items():
+        allowed = types.get(name)
+        if allowed is None:
+            raise EnvelopeError(f"{what}: unknown field {name!r:.80}")
+        kind = type(value)
+        if kind not in allowed or (kind is float and not math.isfinite(value)) or \
+                (name in _VALUES and value not in _VALUES[name]):
+            raise EnvelopeError(f"{what} {name}: bad value {value!r:.80}")
+    for name in required:
+        if name not in data:
+            raise EnvelopeError(f"{what}: {name} is missing")
 
 
 @dataclass
@@ -109,24 +165,13 @@ class Envelope:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise EnvelopeError(f"not JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise EnvelopeError("not a JSON object")
+        validate(data)
         if data.pop("version", None) != ENVELOPE_VERSION:
             raise EnvelopeError("unknown envelope version")
-        try:
-            recipients = []
-            for r in data.pop("recipients"):
-                if r.get("notify") is not None:
-                    r["notify"] = tuple(r["notify"])
-                recipient = Recipient(**r)
-                if recipient.state not in _STATES or not isinstance(recipient.address, str):
-                    raise EnvelopeError(f"bad recipient {r!r}")
-                recipients.append(recipient)
-            envelope = cls(recipients=recipients, **data)
-        except (TypeError, KeyError, AttributeError) as e:
-            raise EnvelopeError(f"bad envelope field: {e}") from None
-        if not recipients or not isinstance(envelope.queue_id, str):
-            raise EnvelopeError("envelope without recipients or queue id")
-        if not isinstance(envelope.reverse_path, str) or not isinstance(envelope.arrival, (int, float)):
-            raise EnvelopeError("bad reverse path or arrival time")
+        recipients = []
+        for r in data.pop("recipients"):
+            if r.get("notify") is not None:
+                r["notify"] = tuple(r["notify"])
+            recipients.append(Recipient(**r))
+        envelope = cls(recipients=recipients, **data)
         return envelope

@@ -66,7 +66,7 @@ from typing import Any, BinaryIO
 from twisted.logger import Logger
 
 from mta.safeio import fsync_dir
-from mta.spool.envelope import Envelope, EnvelopeError
+from mta.spool.envelope import Envelope, EnvelopeError, validate
 
 log = Logger(namespace="mta.spool")
 
@@ -498,8 +498,7 @@ def _read_envelope(directory: str, queue_id: str, has_state: bool) -> dict[str, 
 
 
 def _as_envelope(data: Any) -> dict[str, Any]:
-    if not isinstance(data, dict) or not isinstance(data.get("recipients"), list):
-        raise ValueError("not an envelope")  # noqa: TRY004 (callers catch ValueError)
+    validate(data)  # EnvelopeError is a ValueError, which callers catch
     return data
 
 

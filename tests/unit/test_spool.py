@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import threading
 
@@ -272,3 +273,30 @@ def test_a_save_that_fails_leaves_no_temporary_file(spool, tmp_path, monkeypatch
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "queue").iterdir()) == [f"{queue_id}.msg"]
     assert spool.load(queue_id).attempts == 0
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("next_attempt", "soon"), ("next_attempt", True), ("attempts", 1.5), ("arrival", None),
+    ("reverse_path", 7), ("body", "9BIT"), ("smtputf8", "yes"), ("recipients", []),
+    ("size", "big"), ("surprise", 1),
+    ("recipients.state", "gone"), ("recipients.notify", ["SOMETIMES"]),
+    ("recipients.updated", "now"), ("recipients.notified", 0), ("recipients.address", None),
+])
+def test_a_mistyped_envelope_field_is_damage_not_a_crash(spool, tmp_path, field, value):
+    """A well-formed JSON envelope with a field of the wrong type goes to corrupt/ at
+    start, is listed as damaged, and never reaches the scheduler."""
+    good = commit(spool)
+    bad = commit(spool)
+    state = json.loads(spool.load(bad).to_json())
+    if field.startswith("recipients."):
+        state["recipients"][0][field.split(".")[1]] = value
+    else:
+        state[field] = value
+    (tmp_path / "queue" / f"{bad}.env").write_text(json.dumps(state))
+    with pytest.raises(EnvelopeError):
+        spool.load(bad)
+    listed = dict(spool.scan())
+    assert isinstance(listed[bad], ValueError) and isinstance(listed[good], dict)
+    loaded = spool.load_committed(spool.queue_ids())
+    assert [e.queue_id for e in loaded] == [good]
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [f"{bad}.env", f"{bad}.msg"]
