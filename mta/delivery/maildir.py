@@ -73,7 +73,8 @@ def _deliver_one(hop: NextHop, envelope: Envelope, address: str, user: str,
         fsync_dir(maildir / "new")
     except OSError as e:
         return classify(e)
-    return Delivered("2.0.0", f"delivered to maildir {maildir}")
+    # Reports go to outside senders: they name the recipient, never our files.
+    return Delivered("2.0.0", "delivered to mailbox")
 
 
 def _make_maildir(maildir: Path) -> None:

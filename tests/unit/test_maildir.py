@@ -36,6 +36,7 @@ def test_new_maildir_directories_are_made_durable(tmp_path: Path, data: Path,
     root = tmp_path / "mail" / "here.test"
     outcomes = maildir.deliver(hop(root), envelope(), ["bob@here.test"], data, "mx.here.test")
     assert isinstance(outcomes[0], Delivered)
+    assert str(tmp_path) not in outcomes[0].diagnostic  # reports never name our files
     user = root / "bob"
     assert {root.parent, root, user, user / "new"} <= set(synced)
     assert len(list((user / "new").iterdir())) == 1
