@@ -65,7 +65,10 @@ class Reply:
 def printable(text: str, limit: int = 1000) -> str:
     """Text from the network (a peer's reply, a HELO name) made fit for a log line or a
     report: control characters become "?", and it is cut at `limit` characters."""
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 # -- the catalogue ---------------------------------------------------------

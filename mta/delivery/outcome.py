@@ -34,6 +34,13 @@ class Outcome:
     diagnostic: str  # the remote reply ("550 5.1.1 no such user") or our own reason
     remote_mta: str | None = None  # the host that replied; None for a local reason
 
+    def __post_init__(self) -> None:
+        # Outcomes reach the mail log and reports to senders; much of their text came
+        # from the network (a reply, a TLS error naming a peer): one printable line.
+        object.__setattr__(self, "diagnostic", printable(self.diagnostic))
+        if self.remote_mta is not None:
+            object.__setattr__(self, "remote_mta", printable(self.remote_mta, 255))
+
     @property
     def is_final(self) -> bool:
         return not isinstance(self, Deferred)

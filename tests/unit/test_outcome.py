@@ -72,3 +72,16 @@ def test_delivery_errors_carry_their_class() -> None:
     assert type(classify(DeliveryError("4.4.3", "SERVFAIL"))) is Deferred
     outcome = classify(ReplyError(Reply(554, "5.7.1", "denied"), "mx.test"))
     assert (type(outcome), outcome.status, outcome.remote_mta) == (Failed, "5.7.1", "mx.test")
+
+
+def test_text_from_the_network_cannot_forge_log_lines_or_report_text() -> None:
+    """A next hop's reply with CR, LF or ESC in it must not start a new log line
+    (`grep status=sent` would match a forged one) nor reach a report raw."""
+    from mta.delivery.outcome import Deferred as Later
+    from mta.reply import Reply
+    forged = Reply(550, "5.1.1", "no\rsuch\nuser\n2026 X: to=<a@b>, status=sent (250 ok)\x1b[2J")
+    outcome = classify(forged, "mx.evil\n.test")
+    assert outcome.diagnostic.isprintable() and outcome.remote_mta.isprintable()
+    assert "\x1b" not in outcome.diagnostic
+    # Whatever builds an outcome, its text is printable.
+    assert Later("4.7.5", "TLS failure: peer said \x00\x1b\n").diagnostic.isprintable()
