@@ -392,6 +392,9 @@ class RelayerTest(SynchronousTestCase):
         self.clock.advance(100)
         self.assertEqual(self.courier.calls, [])
         self.assertEqual(self.spool.load(envelope.queue_id).attempts, 0)
+        # Not rewritten at start either: the message file alone, no state beside it.
+        self.assertEqual([p.name for p in (self.spool.root / "queue").iterdir()],
+                         [f"{envelope.queue_id}.msg"])
         self.assertEqual(self.relayer.waiting(["held.test"]), 1)
 
     def test_flush_all_retries_deferred_mail_now(self) -> None:
