@@ -138,6 +138,16 @@ class RelaySection:
     tls_verify: bool  # check certificates of MX hosts (off: opportunistic TLS, as Postfix "may")
     connect_timeout: float
     tls_ca_file: Path | None = None  # PEM CA certificates for verified TLS; None: the system's
+    # How long our SMTP client waits at each stage [RFC 5321 4.5.3.2]; its defaults.
+    smtp_greeting_timeout: float = 300.0
+    smtp_command_timeout: float = 300.0  # EHLO, STARTTLS, AUTH, RSET, QUIT
+    smtp_mail_timeout: float = 300.0
+    smtp_rcpt_timeout: float = 300.0
+    smtp_data_init_timeout: float = 120.0
+    smtp_data_block_timeout: float = 180.0
+    smtp_data_done_timeout: float = 600.0
+    # A host that timed out is not tried again for this long ("0": no memory).
+    dead_host_time: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -567,7 +577,20 @@ def _relay(s: _Section) -> RelaySection:
         tls_verify=s.get("tls_verify", False, kind=bool),
         connect_timeout=s.get("connect_timeout", "30s", parse_duration),
         tls_ca_file=s.path("tls_ca_file", ""),
+        smtp_greeting_timeout=s.get("smtp_greeting_timeout", "5m", parse_duration),
+        smtp_command_timeout=s.get("smtp_command_timeout", "5m", parse_duration),
+        smtp_mail_timeout=s.get("smtp_mail_timeout", "5m", parse_duration),
+        smtp_rcpt_timeout=s.get("smtp_rcpt_timeout", "5m", parse_duration),
+        smtp_data_init_timeout=s.get("smtp_data_init_timeout", "2m", parse_duration),
+        smtp_data_block_timeout=s.get("smtp_data_block_timeout", "3m", parse_duration),
+        smtp_data_done_timeout=s.get("smtp_data_done_timeout", "10m", parse_duration),
+        dead_host_time=s.get("dead_host_time", "5m", parse_duration),
     )
+    for key in ("smtp_greeting_timeout", "smtp_command_timeout", "smtp_mail_timeout",
+                "smtp_rcpt_timeout", "smtp_data_init_timeout", "smtp_data_block_timeout",
+                "smtp_data_done_timeout"):
+        if getattr(section, key) <= 0:
+            raise s.error(key, "must be above zero")
     if section.smarthost_user and section.smarthost_password_file is None:
         raise s.error("smarthost_password_file", "required when smarthost_user is set")
     if section.smarthost_password_file and not section.smarthost_password_file.is_file():

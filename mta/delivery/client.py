@@ -85,6 +85,19 @@ class Timeouts:
     data_block: float = 180.0  # 4.5.3.2.5: no progress writing the body
     data_end: float = 600.0  # 4.5.3.2.6 after the final dot
 
+    @classmethod
+    def from_config(cls, relay: Any) -> Timeouts:
+        """The `[relay] smtp_*_timeout` keys."""
+        return cls(greeting=relay.smtp_greeting_timeout, command=relay.smtp_command_timeout,
+                   mail=relay.smtp_mail_timeout, rcpt=relay.smtp_rcpt_timeout,
+                   data_init=relay.smtp_data_init_timeout,
+                   data_block=relay.smtp_data_block_timeout,
+                   data_end=relay.smtp_data_done_timeout)
+
+
+class Stalled(DeliveryError):
+    """The peer did not answer (or take data) within the stage's timeout."""
+
 
 # TLS policies: "verify-if-offered" is STARTTLS with a checked certificate when the
 # peer offers it, plain text when it does not (the ODMR client's default).
@@ -428,8 +441,8 @@ class SMTPClient(Reversible, LineReceiver):
 
     def _timed_out(self, what: str) -> None:
         self._timer = None
-        self._abort(DeliveryError("4.4.2", f"timeout waiting for {what} from "
-                                           f"{self.policy.peer_name}", self.policy.peer_name))
+        self._abort(Stalled("4.4.2", f"timeout waiting for {what} from "
+                                     f"{self.policy.peer_name}", self.policy.peer_name))
 
     def _progress(self) -> None:
         """The transport took more body data: restart the data-block timer [4.5.3.2.5]."""

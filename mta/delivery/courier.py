@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet import defer, endpoints
+from twisted.internet import error as net_error
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -49,6 +50,7 @@ from mta.delivery.client import (
     RecipientSpec,
     SessionPolicy,
     SMTPClient,
+    Stalled,
     Timeouts,
     TLSFailed,
     Transaction,
@@ -66,6 +68,10 @@ RunBlocking = Callable[..., "defer.Deferred[Any]"]
 MAX_RECIPIENTS = 100  # per transaction: what every server must take [RFC 5321 4.5.3.1.8]
 IDLE_TIME = 5.0  # seconds a connection waits, open, for the next message to its host
 MAX_USES = 100  # messages over one connection, then a fresh one
+
+
+# What makes a host "dead" for a while: it did not answer in time.
+_TIMEOUTS = (Stalled, net_error.TimeoutError, net_error.TCPTimedOutError)
 
 
 class _QuietFactory(Factory):
@@ -142,7 +148,10 @@ class SMTPCourier:
         self.run_blocking = run_blocking
         self.resolver = resolver or MXResolver.from_config(config)
         self.connect = connect or self._connect_tcp
-        self.timeouts = timeouts or Timeouts()
+        self.timeouts = timeouts or Timeouts.from_config(config.relay)
+        # Hosts that timed out, (address, port) -> until when they are not tried: a tarpit
+        # must not hold our connection slots again at once, attempt after attempt.
+        self._dead: dict[tuple[str, int], float] = {}
         self._clients: set[SMTPClient] = set()
         self._connecting: set[defer.Deferred[SMTPClient]] = set()
         # Open connections waiting for their next message: (address, port, policy) ->
@@ -193,6 +202,10 @@ class SMTPCourier:
                 if not undecided:
                     return results, True
                 relay = maillog.relay_name(host.name, address, hop.port)
+                if self._is_dead(address, hop.port):
+                    last = Result(Deferred("4.4.1", f"{relay} not tried: it timed out "
+                                                    "recently (dead_host_time)"), relay)
+                    continue
                 txn = transaction_for(envelope, [recipients[i] for i in undecided], data)
                 outcomes, final, failure = yield self._try_address(hop, host, address, txn)
                 for i, outcome in zip(undecided, outcomes):
@@ -216,6 +229,25 @@ class SMTPCourier:
             d.cancel()
         for client in list(self._clients):
             client.abort()
+
+    # -- hosts that do not answer ---------------------------------------------------------
+
+    def _is_dead(self, address: str, port: int) -> bool:
+        until = self._dead.get((address, port))
+        if until is None:
+            return False
+        if until > self.reactor.seconds():
+            return True
+        del self._dead[(address, port)]
+        return False
+
+    def _note(self, address: str, port: int, error: BaseException | None) -> None:
+        """Remember a host that timed out for `dead_host_time`."""
+        if isinstance(error, _TIMEOUTS) and self.config.relay.dead_host_time > 0:
+            self._dead[(address, port)] = self.reactor.seconds() + \
+                self.config.relay.dead_host_time
+            log.info("{address}:{port} timed out; not tried again for {seconds:.0f}s",
+                     address=address, port=port, seconds=self.config.relay.dead_host_time)
 
     # -- steps ----------------------------------------------------------------------
 
@@ -270,6 +302,7 @@ class SMTPCourier:
                 continue
             except Exception as e:  # noqa: BLE001 (any failure becomes an outcome)
                 client.quit()
+                self._note(address, hop.port, e)
                 return [None] * len(txn.recipients), False, classify(e)
             result = yield client.deliver(txn)
             return self._answer(key, client, 1, txn, result)
@@ -283,6 +316,7 @@ class SMTPCourier:
             self._park(key, client, uses)
             return result.outcomes, True, None
         client.quit()
+        self._note(key[0], key[1], result.error)
         error = classify(result.error)
         # Undecided recipients after the dot: the peer may have the message,
         # so no other host now; they are deferred [RFC 5321 4.1.1.4, RFC 1047].
@@ -332,6 +366,7 @@ class SMTPCourier:
         try:
             client = yield d
         except Exception as e:  # noqa: BLE001 (any failure becomes an outcome)
+            self._note(address, port, e)
             return classify(e)
         finally:
             self._connecting.discard(d)

@@ -185,6 +185,32 @@ class CourierTest(SynchronousTestCase):
         self.assertEqual(result.outcome.diagnostic,
                          "connect to mx2.far.test[127.0.0.3]:25: connection refused")
 
+    def test_a_host_that_times_out_is_not_tried_again_at_once(self) -> None:
+        # A tarpit (it accepts, then never greets) holds a slot for the greeting timeout
+        # once; then it is remembered as dead for dead_host_time instead of every attempt.
+        hosts = [MXHost("mx.far.test", 10, ("127.0.0.2",))]
+        courier = self.courier(hosts)
+        d = self.deliver(courier, "a@far.test")
+        self.assertEqual(len(self.connections), 1)
+        self.clock.advance(300)  # RFC 5321 4.5.3.2.1: five minutes for the 220
+        (result,) = self.successResultOf(d)
+        self.assertEqual(result.outcome.status, "4.4.2")
+        (again,) = self.successResultOf(self.deliver(courier, "b@far.test"))
+        self.assertEqual(len(self.connections), 1)  # not tried: no connection, no slot held
+        self.assertIsInstance(again.outcome, Deferred)
+        self.assertIn("timed out recently", again.outcome.diagnostic)
+        self.clock.advance(300)  # dead_host_time over: tried again
+        self.deliver(courier, "c@far.test")
+        self.assertEqual(len(self.connections), 2)
+
+    def test_client_timeouts_are_config_keys(self) -> None:
+        from mta.delivery.client import Timeouts
+        config = make_config(smtp_greeting_timeout="30s", smtp_data_done_timeout="1m")
+        timeouts = Timeouts.from_config(config.relay)
+        self.assertEqual((timeouts.greeting, timeouts.data_end, timeouts.rcpt), (30, 60, 300))
+        self.assertEqual(SMTPCourier(config, self.clock, defer.maybeDeferred).timeouts,
+                         timeouts)
+
     def test_opportunistic_tls_failure_retries_in_plain_text(self) -> None:
         hosts = [MXHost("mx.far.test", 10, ("127.0.0.2",))]
         d = self.deliver(self.courier(hosts), "a@far.test")
