@@ -110,6 +110,7 @@ class AuthSection:
     passwords: Path | None
     max_failures: int  # per session, then 421 and close
     failures_per_client: int  # per client address within failure_window
+    failures_total: int  # from all untrusted addresses together within failure_window
     failure_window: float
     failure_delay: float  # seconds added to each failed attempt's reply
     # Authenticated senders may use only their own addresses (553 5.7.1 otherwise):
@@ -517,6 +518,7 @@ def _auth(s: _Section) -> AuthSection:
         passwords=passwords,
         max_failures=s.positive_int("max_failures", 3),
         failures_per_client=s.positive_int("failures_per_client", 10),
+        failures_total=s.positive_int("failures_total", 100),
         failure_window=s.get("failure_window", "1h", parse_duration),
         failure_delay=s.get("failure_delay", "1s", parse_duration),
         sender_restriction=s.get("sender_restriction", False, kind=bool),

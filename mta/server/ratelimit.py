@@ -1,8 +1,8 @@
 """Events per client address in a sliding window: AUTH failures, ETRN requests.
 
 `WindowCounter(limit, window, clock)`: `record(address)` counts one event
-and returns the events now in the window; `blocked(address)` says whether
-the address has used up its `limit`.  `clock` is an `IReactorTime` (anything
+and returns the events now in the window; `discard(address)` takes the latest
+back; `blocked(address)` says whether the address has used up its `limit`.  `clock` is an `IReactorTime` (anything
 with ``seconds()``), so tests use `task.Clock`.  Memory stays bounded by
 the events of about two windows: once a window, addresses whose events all
 expired are forgotten.
@@ -28,6 +28,14 @@ class WindowCounter:
         times = self._events.setdefault(address, deque())
         times.append(self._clock.seconds())
         return self.count(address)
+
+    def discard(self, address: str) -> None:
+        """Take back the latest event of `address` (an attempt that turned out well)."""
+        times = self._events.get(address)
+        if times:
+            times.pop()
+            if not times:
+                del self._events[address]
 
     def count(self, address: str) -> int:
         times = self._events.get(address)

@@ -339,11 +339,12 @@ class Session:
             return reply.AUTH_ALREADY  # RFC 4954 4: once per session
         if self.in_transaction:
             return reply.AUTH_IN_TRANSACTION  # RFC 4954 4
-        if trust.failures.blocked(self.client_address):
+        exchange = AuthExchange(trust, self.config, self.client_address, self.hostname,
+                                self.auth_failures)
+        if exchange.blocked():
             log.info("AUTH refused: too many failures from [{client}]", client=self.client_address)
             return Answer(reply.AUTH_CLIENT_BLOCKED, CLOSE)
-        self.auth_exchange = AuthExchange(trust, self.config, self.client_address,
-                                          self.hostname, self.auth_failures)
+        self.auth_exchange = exchange
         return self._auth_result(self.auth_exchange.start(arg, self.auth_mechanisms(),
                                                           self.listener.auth_mechanisms))
 

@@ -52,6 +52,7 @@ class Trust:
 
     reactor: Any  # IReactorTime: failure delays and the failure window
     failures: WindowCounter  # AUTH failures per client address
+    failures_total: WindowCounter  # AUTH failures of all untrusted clients, under one key
     tls: ServerTLS | None = None
     checker: PasswordFileChecker | None = None
     portal: Portal | None = None
@@ -67,6 +68,8 @@ class Trust:
             reactor=reactor,
             failures=WindowCounter(config.auth.failures_per_client, config.auth.failure_window,
                                    reactor),
+            failures_total=WindowCounter(config.auth.failures_total, config.auth.failure_window,
+                                         reactor),
             tls=ServerTLS.from_config(config.tls),
             checker=checker,
             portal=make_portal(checker) if checker is not None else None,
@@ -88,6 +91,9 @@ class Trust:
             self.checker.refresh()
 
 
+ALL = "*"  # the key of `Trust.failures_total`
+
+
 def is_loopback(address: str) -> bool:
     ip = client_ip(address)
     return ip is not None and ip.is_loopback
@@ -107,6 +113,10 @@ class AuthExchange:
         self.waiting = False  # a 334 was sent: the next line is SASL
         self.result: str | None = None
         self.closing = False
+        # The guess being checked is counted as a failure from the moment it is made, and
+        # taken back if it was right: parallel sessions see each other's guesses at once.
+        self._counted = False
+        self._trusted = config.is_mynetwork(client_address)
 
     def start(self, arg: str, offered: list[str],
               allowed: Sequence[str] = sasl.MECHANISMS) -> Reply | defer.Deferred:
@@ -141,10 +151,34 @@ class AuthExchange:
         if isinstance(step, sasl.Challenge):
             self.waiting = True
             return step.reply
+        if self.blocked():
+            self.closing = True
+            log.info("AUTH refused: too many failures from [{client}]", client=self.client_address)
+            return reply.AUTH_CLIENT_BLOCKED
+        self._count()
         d = login(self.trust.portal, step)
         return d.addCallbacks(self._succeeded, self._errored)
 
+    def blocked(self) -> bool:
+        """Too many failures from this address, or (untrusted) from everyone."""
+        return self.trust.failures.blocked(self.client_address) or \
+            (not self._trusted and self.trust.failures_total.blocked(ALL))
+
+    def _count(self) -> None:
+        self._counted = True
+        self.trust.failures.record(self.client_address)
+        if not self._trusted:
+            self.trust.failures_total.record(ALL)
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.trust.failures.discard(self.client_address)
+            if not self._trusted:
+                self.trust.failures_total.discard(ALL)
+
     def _succeeded(self, user: str) -> Reply:
+        self._uncount()
         self.result = user
         log.info("AUTH {mechanism} user={user} from [{client}]",
                  mechanism=self.mechanism.name, user=user, client=self.client_address)
@@ -153,13 +187,16 @@ class AuthExchange:
     def _errored(self, failure: Failure) -> Reply | defer.Deferred:
         if failure.check(UnauthorizedLogin):
             return self._failed()
+        self._uncount()  # our failure, not the client's
         log.failure("AUTH check failed for [{client}]", failure, client=self.client_address)
         return reply.AUTH_TEMPORARY_FAILURE
 
     def _failed(self) -> Reply | defer.Deferred:
         """Wrong credentials: count them, then answer slowly [DESIGN.md 8]."""
         self.failures += 1
-        in_window = self.trust.failures.record(self.client_address)
+        if not self._counted:  # refused before any check (an authorization not allowed)
+            self._count()
+        in_window = self.trust.failures.count(self.client_address)
         log.info("AUTH {mechanism} failed from [{client}] ({session} in this session, "
                  "{window} from this address)", mechanism=self.mechanism.name,
                  client=self.client_address, session=self.failures, window=in_window)

@@ -381,6 +381,62 @@ def test_failures_are_counted_per_client_address(tmp_path, keys):
     assert later.codes(cram_answer(challenge) + "\r\n") == AUTH_OK
 
 
+def burst(tmp_path, keys, clients: list[str], **auth_options: Any) -> tuple[list[Peer], list]:
+    """Sessions that each send a wrong password at once, while the checks are still running
+    (in a thread, in real life): returns the sessions and the checks held back."""
+    factory = make_factory(tmp_path, keys, auth={"max_failures": 10, "failure_window": "10m",
+                                                 **auth_options})
+    held: list = []
+    checker = factory.context.trust.checker
+
+    def later(f, *args):
+        d = defer.Deferred()
+        held.append((d, f, args))
+        return d
+    checker._run_in_thread = later
+    peers = []
+    for client in clients:
+        peer = Peer.start(tmp_path, keys, client=client, factory=factory).greeted()
+        assert peer.send("STARTTLS\r\n") == TLS_READY
+        peer.send(EHLO)
+        peer.send("AUTH PLAIN " + plain(password="guess") + "\r\n")
+        peers.append(peer)
+    return peers, held
+
+
+def test_auth_failures_cannot_be_doubled_in_a_burst(tmp_path, keys):
+    # 20 parallel guesses against a limit of 10: each counts from the moment it is made.
+    peers, held = burst(tmp_path, keys, [UNTRUSTED] * 20, failures_per_client=10)
+    assert len(held) == 10  # only ten guesses reach the password check
+    refused = [p for p in peers if p.closed]
+    assert len(refused) == 10
+    for d, f, args in held:
+        d.callback(f(*args))
+    assert sum(p.take().startswith(b"535 ") for p in peers) == 10
+
+
+def test_a_right_password_is_not_counted_as_a_failure(tmp_path, keys):
+    factory = make_factory(tmp_path, keys, auth={"failures_per_client": 2,
+                                                 "failure_window": "10m"})
+    for _ in range(3):
+        peer = Peer.start(tmp_path, keys, client=UNTRUSTED, factory=factory).greeted()
+        challenge = peer.send("AUTH CRAM-MD5\r\n")
+        assert peer.codes(cram_answer(challenge) + "\r\n") == AUTH_OK
+    assert factory.context.trust.failures.count(UNTRUSTED) == 0
+
+
+def test_a_global_ceiling_on_auth_failures(tmp_path, keys):
+    # Guesses spread over many addresses meet a ceiling for all untrusted clients together.
+    clients = [f"203.0.113.{i}" for i in range(1, 9)]
+    peers, held = burst(tmp_path, keys, clients, failures_per_client=5, failures_total=6)
+    assert len(held) == 6 and sum(p.closed for p in peers) == 2
+    # Clients in mynetworks are not held by it.
+    trusted = Peer.start(tmp_path, keys, client="127.0.0.1",
+                         factory=peers[0].factory).greeted()
+    trusted.send("AUTH PLAIN " + plain() + "\r\n")
+    assert len(held) == 7 and not trusted.closed  # its guess is checked
+
+
 # -- ordering of AUTH and STARTTLS -------------------------------------------------------
 
 def test_auth_twice_and_inside_a_transaction(tmp_path, keys):
