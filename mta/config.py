@@ -46,6 +46,7 @@ class Listener:
     # ATRN [RFC 2645] for authenticated users: always on odmr listeners, on
     # submission listeners when the operator says so.
     atrn: bool = False
+    connections: int = 0  # this listener's own ceiling on open connections; 0: only [limits]
 
     @property
     def name(self) -> str:
@@ -165,6 +166,13 @@ class LimitsSection:
     # Port-25 early-talker check: wait this long before the 220 and refuse a
     # client that talks first (554 5.5.0).  0 disables it.
     greeting_delay: float = 0.0
+    # Kept for clients in mynetworks and for listeners other than role "smtp" (submission,
+    # ODMR): untrusted port-25 clients cannot take the last `connections_reserved`
+    # (default: a tenth of `connections`).
+    connections_reserved: int = 20
+    connections_per_network: int = 50  # untrusted clients of one /24 (IPv4) or /64 (IPv6)
+    connection_rate: int = 60  # new connections per client address per minute (untrusted)
+    data_deadline: float = 1800.0  # a whole DATA (or BDAT chunk), however steadily it trickles
 
 
 @dataclass(frozen=True)
@@ -491,9 +499,12 @@ def _listeners(source: str, items: list[Any]) -> tuple[Listener, ...]:
             raise s.error("atrn", "ATRN is offered on odmr and submission listeners only")
         if role == "odmr" and not atrn:
             raise s.error("atrn", "an odmr listener exists to offer ATRN")
+        connections = s.get("connections", 0, kind=int)
+        if connections < 0:
+            raise s.error("connections", "must be 0 (no own ceiling) or more")
         s.finish()
         result.append(Listener(endpoint, role, tls, require_auth, plaintext_auth, mechanisms,
-                               atrn))
+                               atrn, connections))
     return tuple(result)
 
 
@@ -663,10 +674,11 @@ def _domains(source: str, table: dict[str, Any]) -> dict[str, Domain]:
 
 
 def _limits(s: _Section) -> LimitsSection:
+    connections = s.positive_int("connections", 200)
     section = LimitsSection(
         message_size=s.get("message_size", "25MB", parse_size),
         recipients=s.positive_int("recipients", 100),
-        connections=s.positive_int("connections", 200),
+        connections=connections,
         connections_per_client=s.positive_int("connections_per_client", 20),
         errors=s.positive_int("errors", 10),
         command_timeout=s.get("command_timeout", "5m", parse_duration),
@@ -674,8 +686,14 @@ def _limits(s: _Section) -> LimitsSection:
         command_line_length=s.get("command_line_length", 512, kind=int),
         received_headers=s.positive_int("received_headers", 100),
         greeting_delay=s.get("greeting_delay", "1s", parse_duration),
+        connections_reserved=s.get("connections_reserved", connections // 10, kind=int),
+        connections_per_network=s.positive_int("connections_per_network", 50),
+        connection_rate=s.positive_int("connection_rate", 60),
+        data_deadline=s.get("data_deadline", "30m", parse_duration),
     )
-    for key in ("command_timeout", "data_timeout"):
+    if not 0 <= section.connections_reserved < section.connections:
+        raise s.error("connections_reserved", "must be at least 0 and below connections")
+    for key in ("command_timeout", "data_timeout", "data_deadline"):
         if getattr(section, key) <= 0:
             raise s.error(key, "must be more than zero")
     if section.message_size < 1:

@@ -43,6 +43,7 @@ forwards every byte and the connection's loss to its successor.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from typing import Any
 
@@ -55,9 +56,12 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from mta import reply
+from mta.address import client_ip
+from mta.config import Config, Listener
 from mta.reply import Reply
 from mta.server.answer import Answer, Close, ReadBody, StartTLS, TurnRound
 from mta.server.context import ServerContext
+from mta.server.ratelimit import WindowCounter
 from mta.server.reversal import Reversible
 from mta.server.session import Session
 from mta.wire import send_now
@@ -90,6 +94,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         self._closed = False
         self._input_ended = False  # the client shut down its side; answer what it sent, then close
         self._reader: Any = None  # a body reader taking the bytes that follow DATA/BDAT
+        self._body_deadline: Any = None  # ends a body that trickles in for too long
         self._out: list[bytes] = []  # replies to pipelined commands, sent together
         self.client_address = ""
 
@@ -138,6 +143,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         if self.successor is not None:
             self.successor.connectionLost(reason)
         self.setTimeout(None)
+        self._cancel_body_deadline()
         self._closed = True
         if self._greeting_call is not None and self._greeting_call.active():
             self._greeting_call.cancel()
@@ -166,6 +172,17 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         if self._input_ended and not (self._waiting or self._write_blocked or self._closed):
             self._closed = True
             self._lose()
+
+    def _body_too_slow(self) -> None:
+        self._body_deadline = None
+        log.info("body not complete within data_deadline from [{client}]",
+                 client=self.client_address)
+        self._close_with(reply.TIMEOUT)
+
+    def _cancel_body_deadline(self) -> None:
+        if self._body_deadline is not None and self._body_deadline.active():
+            self._body_deadline.cancel()
+        self._body_deadline = None
 
     def timeoutConnection(self) -> None:
         if self._closed:
@@ -256,7 +273,11 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         if self._greeting_call is not None:
             self._refuse_early_talker(data)
             return
-        self.resetTimeout()
+        if self._reader is not None:
+            # Body data: the timeout is for a pause in it [RFC 5321 4.5.3.2.5], and the
+            # whole body has its deadline.  A command line gets no more time for
+            # arriving a byte at a time: it must be complete within command_timeout.
+            self.resetTimeout()
         self._buffer += data
         if not self._processing:
             self._process()
@@ -289,6 +310,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
             self._buffer = b""
             return
         self._buffer = rest
+        self._cancel_body_deadline()
         reader, self._reader = self._reader, None
         self._answer(self.session.body_done(reader))
 
@@ -387,6 +409,9 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
                 if getattr(reader, "remaining", None) == 0:
                     self._reader = None  # an empty BDAT chunk is complete at once
                     self._answer(session.body_done(reader))
+                    return
+                self._body_deadline = self.callLater(self.limits.data_deadline,
+                                                     self._body_too_slow)
                 return
         # 452 4.5.3 (too many recipients) is the limit working as RFC 5321 4.5.3.1.10
         # says, not a client error: the client sends the rest in another transaction.
@@ -428,11 +453,80 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
 
 
 class ConnectionTable:
-    """Open connections in total and per client address, shared by every listener."""
+    """Open connections, shared by every listener: in total, per listener, per client
+    address and per network, and how fast each untrusted address connects.
 
-    def __init__(self) -> None:
+    Untrusted clients (outside mynetworks) on port-25 listeners (role ``smtp``)
+    cannot take the last ``[limits] connections_reserved``, so that a flood of
+    idle connections from outside never locks out the LAN or the submission
+    and ODMR listeners; they are also held to ``connections_per_network`` per
+    /24 (IPv4) or /64 (IPv6) and ``connection_rate`` new connections a minute.
+    """
+
+    def __init__(self, clock: Any = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
         self.active = 0
         self.per_client: Counter[str] = Counter()
+        self.per_network: Counter[str] = Counter()
+        self.per_listener: Counter[str] = Counter()
+        self._rate: WindowCounter | None = None
+
+    def admit(self, client: str, listener: Listener, config: Config) -> Reply | None:
+        """Count a new connection, or say why it is refused."""
+        limits = config.limits
+        trusted = config.is_mynetwork(client)
+        if not trusted:
+            if self._rate is None or self._rate.limit != limits.connection_rate:
+                self._rate = WindowCounter(limits.connection_rate, RATE_WINDOW, self.clock)
+            if self._rate.record(client) > limits.connection_rate:
+                return _refused(reply.CONNECTING_TOO_FAST, "connection rate", client)
+        if self.active >= limits.connections:
+            return _refused(reply.TOO_MANY_CONNECTIONS, "connection limit", client)
+        if listener.connections and self.per_listener[listener.name] >= listener.connections:
+            return _refused(reply.TOO_MANY_CONNECTIONS, f"{listener.name} connection limit",
+                            client)
+        if not trusted and listener.role == "smtp" and \
+                self.active >= limits.connections - limits.connections_reserved:
+            return _refused(reply.TOO_MANY_CONNECTIONS, "connection limit for untrusted clients",
+                            client)
+        if self.per_client[client] >= limits.connections_per_client:
+            return _refused(reply.TOO_MANY_FROM_CLIENT, "per-client connection limit", client)
+        network = network_of(client)
+        if not trusted and self.per_network[network] >= limits.connections_per_network:
+            return _refused(reply.TOO_MANY_FROM_NETWORK, f"connection limit for {network}",
+                            client)
+        self.active += 1
+        self.per_client[client] += 1
+        self.per_network[network] += 1
+        self.per_listener[listener.name] += 1
+        return None
+
+    def release(self, client: str, listener: Listener) -> None:
+        self.active -= 1
+        for table, key in ((self.per_client, client), (self.per_network, network_of(client)),
+                           (self.per_listener, listener.name)):
+            table[key] -= 1
+            if table[key] <= 0:
+                del table[key]
+
+
+RATE_WINDOW = 60.0  # connection_rate counts connections per this many seconds
+
+
+def network_of(client: str) -> str:
+    """The /24 (IPv4) or /64 (IPv6) of a client address; the address itself otherwise."""
+    ip = client_ip(client)
+    if ip is None:
+        return client
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def _refused(answer: Reply, limit: str, client: str) -> Reply:
+    log.warn("{limit} reached, refusing [{client}]", limit=limit, client=client)  # noqa: G010
+    return answer
 
 
 class SMTPFactory(ServerFactory):
@@ -456,23 +550,8 @@ class SMTPFactory(ServerFactory):
         return protocol
 
     def admit(self, protocol: SMTPServerProtocol) -> Reply | None:
-        limits = self.context.config.limits
-        client = protocol.client_address
-        if self.active >= limits.connections:
-            log.warn(  # noqa: G010 (twisted.logger has no .warning)
-                "connection limit reached, refusing [{client}]", client=client)
-            return reply.TOO_MANY_CONNECTIONS
-        if self.per_client[client] >= limits.connections_per_client:
-            log.warn(  # noqa: G010 (twisted.logger has no .warning)
-                "per-client connection limit reached, refusing [{client}]", client=client)
-            return reply.TOO_MANY_FROM_CLIENT
-        self.table.active += 1
-        self.per_client[client] += 1
-        return None
+        return self.table.admit(protocol.client_address, self.context.listener,
+                                self.context.config)
 
     def release(self, protocol: SMTPServerProtocol) -> None:
-        self.table.active -= 1
-        client = protocol.client_address
-        self.per_client[client] -= 1
-        if self.per_client[client] <= 0:
-            del self.per_client[client]
+        self.table.release(protocol.client_address, self.context.listener)

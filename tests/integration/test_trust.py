@@ -78,6 +78,8 @@ route = "hold"
 greeting_delay = "0.3s"
 data_timeout = "2s"
 connections_per_client = 50
+# Every "internet" address here is in 127.0.0.0/24: one network, which must not limit them.
+connections_per_network = 1000
 """
 
 

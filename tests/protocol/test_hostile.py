@@ -63,3 +63,93 @@ def test_half_command_then_close(tmp_path):
     s.protocol.connectionLost(None)
     assert not s.queued
     assert list((s.spool.root / "tmp").iterdir()) == []
+
+
+# -- slow clients and connection floods ([limits], issue 10 fault 6) -------------------------
+
+OUTSIDE = "198.51.100.7"  # not in mynetworks
+
+
+def test_a_command_line_trickled_a_byte_at_a_time_still_times_out(tmp_path):
+    s = Server(tmp_path, client=OUTSIDE, limits={"command_timeout": "60s", "greeting_delay": 0})
+    assert s.take().startswith(b"220 ")
+    for byte in b"NOOP":  # one byte every 20 seconds: each is "activity", none is a command
+        s.protocol.dataReceived(bytes([byte]))
+        s.clock.advance(20)
+    assert s.take() == b"421 timeout exceeded, closing connection\r\n"
+    assert s.closed
+
+
+def test_complete_commands_keep_the_session_going(tmp_path):
+    s = Server(tmp_path, client=OUTSIDE, limits={"command_timeout": "60s", "greeting_delay": 0})
+    s.take()
+    for _ in range(5):
+        s.clock.advance(50)
+        assert s.send("NOOP\r\n").startswith(b"250 ")
+    assert not s.closed
+
+
+def test_a_body_trickled_in_meets_its_deadline(tmp_path):
+    s = Server(tmp_path, client=OUTSIDE, limits={"data_timeout": "60s", "data_deadline": "5m",
+                                                 "greeting_delay": 0})
+    s.take()
+    s.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    for _ in range(9):  # a line every 30 s: never idle for data_timeout
+        s.clock.advance(30)
+        assert s.send("x\r\n") == b""
+    s.clock.advance(30)  # five minutes in the body
+    assert s.take() == b"421 4.4.2 timeout exceeded, closing connection\r\n"
+    assert s.closed and not s.queued
+
+
+def test_a_body_within_its_deadline_is_accepted_and_the_deadline_ends_with_it(tmp_path):
+    s = Server(tmp_path, client=OUTSIDE, limits={"data_timeout": "60s", "data_deadline": "5m",
+                                                 "greeting_delay": 0})
+    s.take()
+    s.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    s.clock.advance(30)
+    assert s.send("x\r\n.\r\n").startswith(b"250 ")
+    s.clock.advance(299)
+    assert s.send("NOOP\r\n").startswith(b"250 ")
+    assert not s.closed
+
+
+def test_untrusted_port_25_clients_cannot_take_the_reserved_connections(tmp_path):
+    limits = {"connections": 6, "connections_reserved": 2, "greeting_delay": 0}
+    first = Server(tmp_path, client="198.51.100.1", limits=limits)
+    outsiders = [first] + [Server(tmp_path, client=f"198.51.100.{i}", factory=first.factory)
+                           for i in range(2, 6)]
+    assert [o.take()[:4] for o in outsiders] == [b"220 "] * 4 + [b"421 "]
+    # The LAN still gets in, up to the total.
+    lan = [Server(tmp_path, client=f"127.0.0.{i}", factory=first.factory) for i in (2, 3, 4)]
+    assert [c.take()[:4] for c in lan] == [b"220 ", b"220 ", b"421 "]
+
+
+def test_connections_per_network(tmp_path):
+    limits = {"connections_per_network": 2, "greeting_delay": 0}
+    first = Server(tmp_path, client="203.0.113.1", limits=limits)
+    same = [Server(tmp_path, client=f"203.0.113.{i}", factory=first.factory) for i in (2, 3)]
+    other = Server(tmp_path, client="203.0.114.1", factory=first.factory)
+    assert first.take()[:4] == same[0].take()[:4] == other.take()[:4] == b"220 "
+    assert same[1].take() == b"421 4.7.0 too many connections from your network, try again later\r\n"
+    v6 = [Server(tmp_path, client=f"2001:db8:0:1::{i}", factory=first.factory) for i in (1, 2, 3)]
+    assert [c.take()[:4] for c in v6] == [b"220 ", b"220 ", b"421 "]
+
+
+def test_connection_rate_per_address(tmp_path):
+    from twisted.internet import task
+    clock = task.Clock()
+    limits = {"connection_rate": 3, "greeting_delay": 0}
+    first = Server(tmp_path, client=OUTSIDE, clock=clock, limits=limits)
+    first.factory.table.clock = clock
+    first.factory.table._rate = None
+    first.protocol.connectionLost(None)
+    replies = []
+    for _ in range(4):
+        s = Server(tmp_path, client=OUTSIDE, clock=clock, factory=first.factory)
+        replies.append(s.take()[:4])
+        s.protocol.connectionLost(None)
+    assert replies[-1] == b"421 "  # the fourth in a minute, though none is open
+    clock.advance(61)
+    assert Server(tmp_path, client=OUTSIDE, clock=clock, factory=first.factory).take()[:4] == \
+        b"220 "
