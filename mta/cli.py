@@ -65,6 +65,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     listeners = ", ".join(f"{x.role} on {x.endpoint} (tls {x.tls})" for x in cfg.listeners)
     print(f"{path}: OK: hostname {cfg.server.hostname}; spool {cfg.server.spool}; "
           f"listeners: {listeners}; {len(cfg.domains)} domain(s)")
+    relay = cfg.relay
+    if relay.smarthost and relay.smarthost_tls == "verify":
+        store = relay.tls_ca_file or "the system's CA certificates"
+        print(f"{path}: note: the smart host's certificate is checked against {store} "
+              "before the password is sent; for a self-signed one set [relay] tls_ca_file "
+              "to it, or smarthost_tls = \"required\" to encrypt without checking")
     return 0
 
 

@@ -576,7 +576,10 @@ def _relay(s: _Section) -> RelaySection:
         smarthost=smarthost,
         smarthost_user=s.get("smarthost_user", "", kind=str),
         smarthost_password_file=s.path("smarthost_password_file", ""),
-        smarthost_tls=s.get("smarthost_tls", "required",
+        # With credentials, the smart host's certificate is checked unless the operator
+        # says otherwise: a password must not go to whoever answers in between.
+        smarthost_tls=s.get("smarthost_tls",
+                            "verify" if s.get("smarthost_user", "", kind=str) else "required",
                             _choice("required", "verify", "opportunistic"), kind=str),
         nameservers=nameservers,
         dns_timeout=s.get("dns_timeout", "10s", parse_duration),

@@ -252,3 +252,18 @@ def test_check_config_fails_where_start_up_would(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"mta: {path}: ") and message in err, err
         assert err.count("\n") == 1
+
+
+def test_a_smarthost_with_credentials_is_verified_by_default(tmp_path):
+    password = tmp_path / "pw"
+    password.write_text("secret\n")
+    with_user = config.from_dict({"relay": {
+        "smarthost": "smtp.isp.test:587", "smarthost_user": "me",
+        "smarthost_password_file": str(password)}})
+    assert with_user.relay.smarthost_tls == "verify"
+    without = config.from_dict({"relay": {"smarthost": "smtp.isp.test:25"}})
+    assert without.relay.smarthost_tls == "required"
+    opted_out = config.from_dict({"relay": {
+        "smarthost": "smtp.isp.test:587", "smarthost_user": "me",
+        "smarthost_password_file": str(password), "smarthost_tls": "required"}})
+    assert opted_out.relay.smarthost_tls == "required"
