@@ -50,7 +50,8 @@ class Mailbox:
     @property
     def domain_key(self) -> str:
         """The domain, lower case, without a trailing dot; used for routing."""
-        return self.domain.lower().rstrip(".")
+        domain = self.domain.lower()
+        return domain.removesuffix(".")
 
     @property
     def is_ascii(self) -> bool:
@@ -64,7 +65,9 @@ class Mailbox:
 def is_valid_domain(domain: str, utf8: bool = False) -> bool:
     if not domain or len(domain) > MAX_DOMAIN:
         return False
-    labels = domain.rstrip(".").split(".") if domain != "." else []
+    # One trailing dot (an absolute name) is tolerated and dropped in lookups; more are not.
+    name = domain.removesuffix(".")
+    labels = name.split(".") if name else []
     if not labels:
         return False
     label_re = _LABEL_UTF8 if utf8 else _LABEL
@@ -99,8 +102,14 @@ def parse_mailbox(text: str, utf8: bool = False, allow_bare_postmaster: bool = F
         raise AddressError("address must be local-part@domain")
     local, domain = text[:at], text[at + 1 :]
     dot_re, quoted_re = (_DOT_STRING_UTF8, _QUOTED_UTF8) if utf8 else (_DOT_STRING, _QUOTED)
-    if not (dot_re.match(local) or quoted_re.match(local)):
-        raise AddressError("invalid local part")
+    if not dot_re.match(local):
+        if not quoted_re.match(local):
+            raise AddressError("invalid local part")
+        # "bob"@ is bob@ [RFC 5321 4.1.2: quoting what needs none changes nothing]:
+        # one mailbox, one spelling, for policy, routing and the log alike.
+        unquoted = re.sub(r"\\(.)", r"\1", local[1:-1])
+        if dot_re.match(unquoted):
+            local = unquoted
     if len(local.encode()) > MAX_LOCAL_PART:
         raise AddressError("local part too long")
     if domain.startswith("["):
