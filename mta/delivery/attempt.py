@@ -29,9 +29,10 @@ step depends on, and never loses a message: at worst a report is sent
 twice, or a message whose delivery was not yet recorded (or whose removal
 did not reach the disk) is delivered again.
 If an outcome cannot be saved (a full disk), `run` fails: no report is sent
-and the message is not removed.  The state that could not be written is kept
-in memory (`unsaved`), and the next attempt of that message writes it before
-anything else, or fails again: a recipient delivered during a disk outage is
+and the message is not removed.  The state that could not be written (or the
+finished state of a message that could not be removed) is kept in memory
+(`unsaved`), and the next attempt of that message writes it before anything
+else, or fails again: a recipient delivered during a disk outage is
 not delivered again after it (only a restart before the disk has room loses
 that memory, and with it the record of those deliveries).
 While the service stops, deferrals caused by the interruption are not
@@ -282,7 +283,12 @@ class Attempts:
         if envelope.is_complete:
             # Removed without a last rewrite: a crash before the unlink means
             # the message goes again (at most a duplicate), never that it is lost.
-            yield self.run_blocking(self.spool.remove, envelope.queue_id)
+            try:
+                yield self.run_blocking(self.spool.remove, envelope.queue_id)
+            except Exception:
+                # Kept in memory as done, so that the next attempt only removes it.
+                self.unsaved[envelope.queue_id] = copy.deepcopy(envelope)
+                raise
             maillog.removed(envelope.queue_id)
             return Verdict(True, None, frozenset(), delivered)
         envelope.next_attempt = self.next_due(envelope, now)
