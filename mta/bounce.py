@@ -20,7 +20,9 @@ Internationalised originals (SMTPUTF8) get the RFC 6533 types
 ``message/global-headers``).  The original is streamed from its spool
 file, never read whole.
 
-Who receives it (`report_recipient`): the original reverse-path; never a
+Who receives it (`report_recipient`): the recipient's own envelope sender
+(a list member's is the list's owner [RFC 5321 3.10]), else the original
+reverse-path, expanded through our aliases when it is local; never a
 bounce of a bounce [RFC 3461 6.2, RFC 5321 6.1]: a failed report
 (reverse-path ``<>``) goes to the postmaster as a "double bounce" when
 `server.postmaster` is set, and a failed double bounce goes nowhere.
@@ -33,9 +35,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from mta.spool.envelope import Envelope, Recipient
+
+if TYPE_CHECKING:
+    from mta.aliases import Addresses
 from mta.spool.store import MessageData, Spool
 
 FAILED, DELAYED, DELIVERED, RELAYED = "failed", "delayed", "delivered", "relayed"
@@ -64,10 +69,12 @@ def log_kind(kind: str) -> str:
     return _LOG_KINDS[kind]
 
 
-def report_recipient(envelope: Envelope, kind: str, postmaster: str) -> str | None:
-    """Where a report about `envelope` goes, or None when it must not be sent."""
-    if envelope.reverse_path:
-        return envelope.reverse_path
+def report_recipient(envelope: Envelope, kind: str, postmaster: str,
+                     recipient: Recipient | None = None) -> str | None:
+    """Where a report about `recipient` (of `envelope`) goes, or None when it must not be sent."""
+    sender = envelope.sender_for(recipient) if recipient is not None else envelope.reverse_path
+    if sender:
+        return sender
     # A message from <> is itself a report: never bounce a bounce.  Only a
     # failure earns a double bounce to the postmaster, and only once.
     if kind == FAILURE and postmaster and not envelope.extra.get(DOUBLE_BOUNCE):
@@ -77,11 +84,20 @@ def report_recipient(envelope: Envelope, kind: str, postmaster: str) -> str | No
 
 def send_report(spool: Spool, hostname: str, envelope: Envelope, data: MessageData, kind: str,
                 lines: list[ReportLine], now: float, retry_until: float | None = None,
-                postmaster: str = "") -> Envelope | None:
-    """Build and inject one report; the committed report envelope, or None if none is due."""
-    to = report_recipient(envelope, kind, postmaster)
-    if to is None or not lines:
+                postmaster: str = "", addresses: Addresses | None = None) -> Envelope | None:
+    """Build and inject one report about `lines` (recipients sharing one envelope
+    sender); the committed report envelope, or None if none is due.  With
+    `addresses`, a local report recipient is expanded as RCPT would."""
+    if not lines:
         return None
+    to = report_recipient(envelope, kind, postmaster, lines[0].recipient)
+    if to is None:
+        return None
+    recipients = [Recipient(address=to)]
+    if addresses is not None:
+        found = addresses.resolve(to)
+        if found.targets:
+            recipients = recipients[0].expanded(found.targets, null_sender=True)
     utf8 = envelope.smtputf8 or not to.isascii() or \
         any(not line.recipient.address.isascii() for line in lines)
     full = kind == FAILURE and envelope.ret != "HDRS"
@@ -89,11 +105,11 @@ def send_report(spool: Spool, hostname: str, envelope: Envelope, data: MessageDa
     report = Envelope(
         queue_id="",
         reverse_path="",
-        recipients=[Recipient(address=to)],
+        recipients=recipients,
         arrival=now,
         protocol="LOCAL",
         body="8BITMIME" if eight_bit else "7BIT",
-        smtputf8=utf8 and not to.isascii(),
+        smtputf8=utf8 and not all(r.address.isascii() for r in recipients),
         is_report=True,
         extra={REPORT_FOR: envelope.queue_id, **({DOUBLE_BOUNCE: True} if not envelope.reverse_path
                                                   else {})},

@@ -1,6 +1,8 @@
 """The `mta` command: operator tools beside the twistd service.
 
     mta check-config [FILE]            check a config without starting
+    mta aliases check                  expand every alias: unknown targets, loops
+    mta aliases expand ADDRESS...      where mail to ADDRESS goes after aliases
     mta passwd USER [--cram-md5]       set a password (from stdin when not a terminal)
     mta make-cert [--cert F --key F]   a self-signed certificate for trying TLS
     mta queue list                     one line per queued message
@@ -40,6 +42,7 @@ from twisted.internet import defer
 
 from mta import config as config_module
 from mta.address import AddressError, parse_mailbox
+from mta.aliases import LOCAL, REMOTE
 from mta.spool.envelope import PENDING, Envelope, EnvelopeError, Recipient
 from mta.spool.store import HOLD, QUEUE, Spool, SpoolError
 
@@ -56,11 +59,11 @@ def _load(args: argparse.Namespace) -> config_module.Config:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
-    from mta.tap import pickup_warnings, prepare, unused_keys
+    from mta.tap import alias_warnings, pickup_warnings, prepare, unused_keys
     path = args.file or args.config
     prepared = prepare(path, reactor)
     cfg = prepared.config
-    for warning in unused_keys(cfg) + pickup_warnings(cfg, prepared.trust):
+    for warning in unused_keys(cfg) + alias_warnings(cfg) + pickup_warnings(cfg, prepared.trust):
         print(f"{path}: warning: {warning}")
     listeners = ", ".join(f"{x.role} on {x.endpoint} (tls {x.tls})" for x in cfg.listeners)
     print(f"{path}: OK: hostname {cfg.server.hostname}; spool {cfg.server.spool}; "
@@ -103,6 +106,37 @@ def _configured_hostname(path: str) -> str:
     except (OSError, tomllib.TOMLDecodeError, AttributeError):
         hostname = None
     return hostname if isinstance(hostname, str) and hostname else socket.getfqdn()
+
+
+def cmd_aliases_check(args: argparse.Namespace) -> int:
+    """Every alias, virtual alias and list expanded: unknown targets and loops."""
+    cfg = _load(args)
+    problems = cfg.addresses.problems()
+    for line in problems:
+        print(f"{args.config}: {line}")
+    if problems:
+        return 1
+    print(f"{args.config}: aliases OK")
+    return 0
+
+
+def cmd_aliases_expand(args: argparse.Namespace) -> int:
+    """Where mail to each address goes, as RCPT would expand it."""
+    from mta import aliases
+    cfg = _load(args)
+    status = 0
+    for address in args.addresses:
+        found = cfg.addresses.resolve(address)
+        if found.kind in (aliases.LOCAL, aliases.REMOTE):
+            for target in found.targets:
+                owner = f"  (sender <{target.sender}>)" if target.sender else ""
+                print(f"{address} -> {target.address}{owner}")
+            for unknown in found.unknown:
+                print(f"{address} -> {unknown}  (unknown: fails at delivery)")
+        else:
+            print(f"{address}: {'alias loop' if found.kind == aliases.LOOP else 'unknown'}")
+            status = 1
+    return status
 
 
 # -- queue ------------------------------------------------------------------------
@@ -230,9 +264,13 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     except AddressError as e:
         print(f"mta sendmail: bad address: {e}", file=sys.stderr)
         return 2
+    unknown = [r for r in recipients if cfg.addresses.resolve(r).kind not in (LOCAL, REMOTE)]
+    if unknown:
+        print(f"mta sendmail: no such local address: {', '.join(unknown)}", file=sys.stderr)
+        return 1
     smtputf8 = not all(a.isascii() for a in [sender, *recipients])
     envelope = Envelope(
-        queue_id="", reverse_path=sender, recipients=[Recipient(r) for r in recipients],
+        queue_id="", reverse_path=sender, recipients=_expanded(cfg, recipients, sender),
         arrival=time.time(), client_address="127.0.0.1", client_helo="localhost",
         protocol="LOCAL", smtputf8=smtputf8,
         body="8BITMIME" if not data.isascii() else "7BIT",
@@ -262,6 +300,19 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     if args.v:
         print(f"queued as {queue_id}")
     return 0
+
+
+def _expanded(cfg: config_module.Config, recipients: list[str], sender: str) -> list[Recipient]:
+    """The recipients after aliases, de-duplicated, as RCPT makes them."""
+    out: list[Recipient] = []
+    have: set[str] = set()
+    for address in recipients:
+        targets = cfg.addresses.resolve(address).targets
+        for recipient in Recipient(address).expanded(targets, null_sender=not sender):
+            if recipient.address.lower() not in have:
+                have.add(recipient.address.lower())
+                out.append(recipient)
+    return out
 
 
 # A header field's first line: a name of printable ASCII but ":", then ":" [RFC 5322 2.2].
@@ -412,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cram-md5", action="store_true",
                    help="also store a CRAM-MD5 secret (password-equivalent: see README)")
     p.set_defaults(func=cmd_passwd)
+
+    a = sub.add_parser("aliases", help="check and try the aliases").add_subparsers(
+        dest="action", required=True)
+    p = a.add_parser("check", parents=[common],
+                     help="expand every alias: report unknown targets and loops")
+    p.set_defaults(func=cmd_aliases_check)
+    p = a.add_parser("expand", parents=[common], help="show where mail to ADDRESS goes")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.set_defaults(func=cmd_aliases_expand)
 
     p = sub.add_parser("make-cert", parents=[common], help="make a self-signed certificate")
     p.add_argument("--cert", default="etc/cert.pem")

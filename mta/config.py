@@ -20,9 +20,11 @@ import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from mta import aliases as aliases_module
 from mta.address import AddressError, client_ip, is_valid_domain, parse_mailbox
 
 
@@ -47,6 +49,10 @@ class Listener:
     # submission listeners when the operator says so.
     atrn: bool = False
     connections: int = 0  # this listener's own ceiling on open connections; 0: only [limits]
+    # VRFY and EXPN answered from the alias and user data (RFC 5321 3.5); off:
+    # VRFY 252, EXPN 502.  Default on for submission and odmr, off for smtp.
+    vrfy: bool = False
+    expn: bool = False
 
     @property
     def name(self) -> str:
@@ -82,6 +88,8 @@ class Domain:
     etrn_route: Route | None = None
     # Client networks that may ETRN this domain; None: those of [etrn] clients.
     etrn_clients: tuple[IPNetwork, ...] | None = None
+    # The aliases file as read at load: lower-case name -> targets (aliases.py).
+    alias_entries: dict[str, tuple[str, ...]] | None = field(default=None, compare=False)
 
     @property
     def held(self) -> bool:
@@ -94,6 +102,11 @@ class ServerSection:
     hostname: str
     spool: Path
     postmaster: str
+    aliases: Path | None = None  # applies at every local domain (aliases.py)
+    virtual: Path | None = None  # virtual aliases: address or @domain -> addresses
+    recipient_delimiter: str = "+"  # user+tag@ is user's; "" = off
+    alias_entries: dict[str, tuple[str, ...]] | None = field(default=None, compare=False)
+    virtual_entries: dict[str, tuple[str, ...]] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,7 @@ class RelaySection:
     smtp_data_done_timeout: float = 600.0
     # A host that timed out is not tried again for this long ("0": no memory).
     dead_host_time: float = 300.0
+    masquerade: str = ""  # outbound SMTP: the sender user@HOSTNAME becomes user@masquerade
 
 
 @dataclass(frozen=True)
@@ -215,6 +229,11 @@ class Config:
     limits: LimitsSection
     etrn: ETRNSection = field(default_factory=lambda: ETRNSection(_ANYWHERE, 10, 60.0))
     pulls: tuple[Pull, ...] = ()
+
+    @cached_property
+    def addresses(self) -> aliases_module.Addresses:
+        """The local address space: local domains, users, aliases (built once per config)."""
+        return aliases_module.Addresses(self)
 
     def domain_for(self, domain: str) -> Domain | None:
         """The configured domain for `domain` (lower case, no trailing dot)."""
@@ -460,13 +479,39 @@ def _server(s: _Section) -> ServerSection:
     if not spool:
         # Path("") is the working directory, whose tmp/ recovery would empty.
         raise s.error("spool", "must name a directory, e.g. \"spool\"")
+    delimiter = s.get("recipient_delimiter", "+", kind=str)
+    if len(delimiter) > 1 or delimiter and (delimiter.isalnum() or delimiter in '@."\\ '
+                                            or not delimiter.isprintable()):
+        raise s.error("recipient_delimiter", f"expected one character such as \"+\" or "
+                                             f"\"-\", or \"\" for none; got {delimiter!r}")
+    aliases = s.path("aliases", "")
+    virtual = s.path("virtual", "")
     section = ServerSection(
         hostname=hostname,
         spool=Path(spool),
         postmaster=postmaster,
+        aliases=aliases,
+        virtual=virtual,
+        recipient_delimiter=delimiter,
+        alias_entries=_alias_file(s, "aliases", aliases, aliases_module.read_aliases),
+        virtual_entries=_alias_file(s, "virtual", virtual, aliases_module.read_virtual),
     )
     s.finish()
     return section
+
+
+def _alias_file(s: _Section, key: str, path: Path | None,
+                read: Callable[[Path], dict[str, tuple[str, ...]]]
+                ) -> dict[str, tuple[str, ...]] | None:
+    """An aliases or virtual file read now, so that a reload reads it again."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise s.error(key, f"no such file: {path}")
+    try:
+        return read(path)
+    except aliases_module.AliasFileError as e:
+        raise s.error(key, str(e)) from None
 
 
 def _listeners(source: str, items: list[Any]) -> tuple[Listener, ...]:
@@ -502,9 +547,12 @@ def _listeners(source: str, items: list[Any]) -> tuple[Listener, ...]:
         connections = s.get("connections", 0, kind=int)
         if connections < 0:
             raise s.error("connections", "must be 0 (no own ceiling) or more")
+        # RFC 5321 3.5.3: off on port 25, where harvesting addresses is the usual abuse.
+        vrfy = s.get("vrfy", role != "smtp", kind=bool)
+        expn = s.get("expn", role != "smtp", kind=bool)
         s.finish()
         result.append(Listener(endpoint, role, tls, require_auth, plaintext_auth, mechanisms,
-                               atrn, connections))
+                               atrn, connections, vrfy, expn))
     return tuple(result)
 
 
@@ -601,6 +649,7 @@ def _relay(s: _Section) -> RelaySection:
         smtp_data_block_timeout=s.get("smtp_data_block_timeout", "3m", parse_duration),
         smtp_data_done_timeout=s.get("smtp_data_done_timeout", "10m", parse_duration),
         dead_host_time=s.get("dead_host_time", "5m", parse_duration),
+        masquerade=s.get("masquerade", "", _masquerade_domain, kind=str),
     )
     for key in ("smtp_greeting_timeout", "smtp_command_timeout", "smtp_mail_timeout",
                 "smtp_rcpt_timeout", "smtp_data_init_timeout", "smtp_data_block_timeout",
@@ -617,6 +666,13 @@ def _relay(s: _Section) -> RelaySection:
         raise s.error("retry_max", "must be at least retry_min, and retry_min above zero")
     s.finish()
     return section
+
+
+def _masquerade_domain(value: str) -> str:
+    value = value.lower().rstrip(".")
+    if value and not is_valid_domain(value):
+        raise ValueError(f"expected a domain such as \"example.org\", got {value!r}")
+    return value
 
 
 def _port(value: int) -> int:
@@ -658,19 +714,19 @@ def _domains(source: str, table: dict[str, Any]) -> dict[str, Domain]:
         if "etrn_clients" in s.table:
             etrn_clients = tuple(_network_or_error(s, v, "etrn_clients")
                                  for v in s.strings("etrn_clients"))
+        aliases = s.path("aliases", "")
         domain = Domain(
             name=key,
             route=route,
             users=s.strings("users"),
-            aliases=s.path("aliases", ""),
+            aliases=aliases,
             pull_users=s.strings("pull_users"),
             etrn_route=etrn,
             etrn_clients=etrn_clients,
+            alias_entries=_alias_file(s, "aliases", aliases, aliases_module.read_aliases),
         )
         if domain.pull_users and not domain.held:
             raise s.error("pull_users", "only a domain with route = \"hold\" can be pulled")
-        if domain.aliases is not None and not domain.aliases.is_file():
-            raise s.error("aliases", f"no such file: {domain.aliases}")
         s.finish()
         domains[key] = domain
     return domains

@@ -162,6 +162,9 @@ BAD_SENDER = Reply(501, "5.1.7", "bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3", "bad recipient address syntax")
 RELAY_DENIED = Reply(554, "5.7.1", "relay access denied")
 NO_SUCH_USER = Reply(550, "5.1.1", "no such user here")
+ALIAS_LOOP = Reply(550, "5.4.6", "alias loop: this address leads back to itself")
+VRFY_AMBIGUOUS = Reply(553, "5.1.4", "user ambiguous")
+NOT_A_LIST = Reply(550, "5.1.1", "no such list here")
 AUTH_REQUIRED = Reply(530, "5.7.0", "authentication required")
 
 

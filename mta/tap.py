@@ -81,12 +81,12 @@ class ReloadOnHangup(service.Service):
 
 def unused_keys(config: config_module.Config) -> list[str]:
     """Keys of DESIGN.md section 11 that this version reads but does not act on yet."""
-    warnings = []
-    for domain in config.domains.values():
-        if domain.aliases is not None:
-            warnings.append(f'[domains."{domain.name}"] aliases: not used by this version; '
-                            "mail is delivered to the local part as given")
-    return warnings
+    return []
+
+
+def alias_warnings(config: config_module.Config) -> list[str]:
+    """Unknown alias targets and loops (aliases.py), as `mta aliases check` shows them."""
+    return config.addresses.problems()
 
 
 def pickup_warnings(config: config_module.Config, trust: Any) -> list[str]:
@@ -201,7 +201,7 @@ def makeService(options: Options) -> service.MultiService:
         sys.stderr.write(f"mta: {e}\n")
         raise SystemExit(1) from None
     config, trust = prepared.config, prepared.trust
-    for warning in unused_keys(config) + pickup_warnings(config, trust):
+    for warning in unused_keys(config) + alias_warnings(config) + pickup_warnings(config, trust):
         log.warn("{warning}", warning=warning)  # noqa: G010
     if trust.tls is not None:
         log.info("TLS certificate: {what}", what=trust.tls.describe())

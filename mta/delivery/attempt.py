@@ -9,10 +9,12 @@ One attempt:
 
 1. the envelope is read from disk (the command line may have changed it;
    a message no longer in ``queue/`` is not attempted);
-2. pending recipients are grouped by next hop (`Plan.route`); a recipient
-   whose hop is ``hold`` is not attempted; each group is one SMTP
-   transaction or one local delivery and needs a concurrency slot, except
-   over a turned connection, which exists already;
+2. pending recipients are grouped by next hop (`Plan.route`) and envelope
+   sender (a list's members carry its owner as theirs); a recipient whose
+   hop is ``hold`` is not attempted, one whose hop is ``unknown`` (a local
+   address with no mailbox) fails 5.1.1 without a courier; each group is
+   one SMTP transaction or one local delivery and needs a concurrency slot,
+   except over a turned connection, which exists already;
 3. each group's outcomes are applied to the envelope and logged (one mail
    log line per recipient); when several groups are in flight, each is saved
    (`spool.save`) as soon as its transaction ends;
@@ -54,7 +56,7 @@ from mta import bounce, maillog
 from mta.config import Config
 from mta.delivery.courier import Result
 from mta.delivery.outcome import Delivered, Failed, Outcome, classify
-from mta.delivery.router import HOLD, SMTP, TURNED, NextHop, Router
+from mta.delivery.router import HOLD, SMTP, TURNED, UNKNOWN, NextHop, Router
 from mta.spool.envelope import DELIVERED, FAILED, PENDING, Envelope, EnvelopeError, Recipient
 from mta.spool.store import QUEUE, MessageData, Spool, SpoolError
 
@@ -188,16 +190,17 @@ class Attempts:
                            frozenset(r.domain for r in envelope.pending), delivered)
         return (yield self._after_attempt(save, envelope, data, delivered))
 
-    def _groups(self, envelope: Envelope, plan: Plan) -> dict[str, tuple[NextHop, list[int]]]:
-        """Pending recipients by next hop: each group is one transaction."""
-        groups: dict[str, tuple[NextHop, list[int]]] = {}
+    def _groups(self, envelope: Envelope,
+                plan: Plan) -> dict[tuple[str, str | None], tuple[NextHop, list[int]]]:
+        """Pending recipients by next hop and sender: each group is one transaction."""
+        groups: dict[tuple[str, str | None], tuple[NextHop, list[int]]] = {}
         for index, recipient in enumerate(envelope.recipients):
             if recipient.state != PENDING:
                 continue
             hop = plan.route(recipient)
             if hop.kind == HOLD:
                 continue
-            groups.setdefault(hop.destination, (hop, []))[1].append(index)
+            groups.setdefault((hop.destination, recipient.sender), (hop, []))[1].append(index)
         return groups
 
     @defer.inlineCallbacks
@@ -214,9 +217,13 @@ class Attempts:
         try:
             if self.stopping():
                 return 0
-            courier = plan.couriers[hop.kind]
             try:
-                results = yield courier.deliver(hop, envelope, recipients, data)
+                if hop.kind == UNKNOWN:
+                    results = [Result(Failed("5.1.1", f"no such user here: <{r.address}>"),
+                                      "none") for r in recipients]
+                else:
+                    results = yield plan.couriers[hop.kind].deliver(hop, envelope, recipients,
+                                                                    data)
             except Exception as e:  # noqa: BLE001 (a courier bug must not lose the attempt)
                 log.failure("courier error for {queue_id}", queue_id=envelope.queue_id)
                 results = [Result(classify(e), "none")] * len(recipients)
@@ -258,13 +265,13 @@ class Attempts:
                          outcome.status, status, outcome.diagnostic)
 
     def _success_report_due(self, envelope: Envelope, recipient: Recipient) -> bool:
-        return bool(envelope.reverse_path) and recipient.wants("SUCCESS")
+        return bool(envelope.sender_for(recipient)) and recipient.wants("SUCCESS")
 
     def _failure_report_due(self, envelope: Envelope, recipient: Recipient) -> bool:
         if not recipient.wants("FAILURE"):
             return False
-        return bounce.report_recipient(envelope, bounce.FAILURE,
-                                       self.config.server.postmaster) is not None
+        return bounce.report_recipient(envelope, bounce.FAILURE, self.config.server.postmaster,
+                                       recipient) is not None
 
     # -- after the transactions -------------------------------------------------------------
 
@@ -328,7 +335,14 @@ class Attempts:
                                                 else bounce.DELIVERED) for r in succeeded]),
             (bounce.DELAY, [bounce.ReportLine(r, bounce.DELAYED) for r in delayed]),
         ]
-        return [(kind, lines) for kind, lines in batches if lines]
+        # One report per kind and per sender: a list member's goes to the list's owner.
+        by_sender = []
+        for kind, lines in batches:
+            senders: dict[str | None, list[bounce.ReportLine]] = {}
+            for line in lines:
+                senders.setdefault(line.recipient.sender, []).append(line)
+            by_sender += [(kind, group) for group in senders.values()]
+        return by_sender
 
     @defer.inlineCallbacks
     def _send_reports(self, envelope: Envelope, data: MessageData,
@@ -340,7 +354,8 @@ class Attempts:
                     bounce.send_report, self.spool, self.config.server.hostname, envelope,
                     data, kind, lines, now,
                     retry_until=envelope.arrival + self.config.relay.lifetime,
-                    postmaster=self.config.server.postmaster)
+                    postmaster=self.config.server.postmaster,
+                    addresses=self.config.addresses)
             except Exception:  # noqa: BLE001 (retried at the next attempt)
                 log.failure("{queue_id}: cannot create a {kind} report",
                             queue_id=envelope.queue_id, kind=kind)
@@ -357,12 +372,12 @@ class Attempts:
             self.on_report(report)
 
     def _delay_warnings_due(self, envelope: Envelope, now: float) -> list[Recipient]:
-        if not envelope.reverse_path or envelope.is_report or not self.config.relay.delay_warning:
+        if envelope.is_report or not self.config.relay.delay_warning:
             return []
         if now < envelope.arrival + self.config.relay.delay_warning:
             return []
         return [r for r in envelope.pending if not r.delay_warned and r.wants("DELAY")
-                and not self.is_held(r)]
+                and envelope.sender_for(r) and not self.is_held(r)]
 
 
 class _Saver:

@@ -86,9 +86,13 @@ class Result:
     relay: str  # host[address]:port, "maildir" or "none"
 
 
-def transaction_for(envelope: Envelope, recipients: list[Recipient], data: MessageData) -> Transaction:
+def transaction_for(envelope: Envelope, recipients: list[Recipient], data: MessageData,
+                    masquerade: Callable[[str], str] | None = None) -> Transaction:
+    """One SMTP transaction for `recipients`, which share a reverse-path (attempt.py
+    groups them so): the message's, or their list's owner; `masquerade` rewrites it."""
+    reverse_path = envelope.sender_for(recipients[0])
     return Transaction(
-        reverse_path=envelope.reverse_path,
+        reverse_path=masquerade(reverse_path) if masquerade is not None else reverse_path,
         recipients=[RecipientSpec(r.address, r.notify, r.orcpt) for r in recipients],
         open_data=lambda: data.open("rb"),
         size=envelope.size,
@@ -102,12 +106,14 @@ def transaction_for(envelope: Envelope, recipients: list[Recipient], data: Messa
 class MaildirCourier:
     def __init__(self, config: Config, run_blocking: RunBlocking) -> None:
         self.hostname = config.server.hostname
+        self.addresses = config.addresses
         self.run_blocking = run_blocking
 
     def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
                 data: MessageData) -> defer.Deferred[list[Result]]:
-        d = self.run_blocking(maildir.deliver, hop, envelope, [r.address for r in recipients],
-                              data, self.hostname)
+        deliveries = [maildir.Delivery(r.address, self.addresses.mailbox(r.address),
+                                       envelope.sender_for(r)) for r in recipients]
+        d = self.run_blocking(maildir.deliver, hop, deliveries, data, self.hostname)
         d.addCallbacks(lambda outcomes: [Result(o, "maildir") for o in outcomes],
                        lambda f: [Result(classify(f), "maildir")] * len(recipients))
         return d
@@ -206,7 +212,8 @@ class SMTPCourier:
                     last = Result(Deferred("4.4.1", f"{relay} not tried: it timed out "
                                                     "recently (dead_host_time)"), relay)
                     continue
-                txn = transaction_for(envelope, [recipients[i] for i in undecided], data)
+                txn = transaction_for(envelope, [recipients[i] for i in undecided], data,
+                                      self.config.addresses.masquerade)
                 outcomes, final, failure = yield self._try_address(hop, host, address, txn)
                 for i, outcome in zip(undecided, outcomes):
                     if outcome is not None:

@@ -1,7 +1,8 @@
 """Local delivery into Maildirs: ``PATH/<user>/{tmp,new,cur}``, one Maildir per user.
 
-`deliver(hop, envelope, addresses, data)` writes one copy per recipient
-and returns one outcome per address, in order.  It blocks on the disk: the
+`deliver(hop, deliveries, data, hostname)` writes one copy per `Delivery`
+(address, mailbox name from aliases.py, return path) and returns one
+outcome each, in order.  It blocks on the disk: the
 scheduler calls it in a thread.
 
 What it promises:
@@ -12,8 +13,9 @@ What it promises:
 - It is streamed from the spool file, never read whole into memory; line
   endings become LF, as Maildir readers expect, and ``Return-Path:`` and
   ``Delivered-To:`` are prepended [RFC 5321 4.4].
-- A user not in the domain's `users` list fails with 5.1.1; a local part
-  that cannot be a directory name (``/``, leading dot) fails with 5.1.3;
+- A delivery without a mailbox (no such user: aliases.py decides) fails
+  with 5.1.1; a mailbox name that cannot be a directory name (``/``,
+  leading dot) fails with 5.1.3;
   disk trouble is an `OSError`, which `outcome.classify` defers.
 """
 
@@ -23,35 +25,37 @@ import itertools
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from mta.delivery.outcome import Delivered, Failed, Outcome, classify
 from mta.delivery.router import NextHop
 from mta.safeio import fsync_dir
-from mta.spool.envelope import Envelope
 from mta.spool.store import MessageData
 
 _counter = itertools.count()
 
 
-def mailbox_user(address: str) -> str:
-    """The mailbox a local part names: lower case, sub-address (``+tag``) dropped."""
-    local = address.rpartition("@")[0]
-    return local.split("+", 1)[0].lower()
+@dataclass(frozen=True)
+class Delivery:
+    address: str  # the recipient, for Delivered-To
+    mailbox: str | None  # the user's Maildir name (aliases.Addresses.mailbox); None: no such user
+    return_path: str  # the envelope sender for this recipient ("" for <>)
 
 
-def deliver(hop: NextHop, envelope: Envelope, addresses: list[str], data: MessageData,
+def deliver(hop: NextHop, deliveries: list[Delivery], data: MessageData,
             hostname: str) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    for address in addresses:
-        user = mailbox_user(address)
-        if not _safe_name(user):
-            outcomes.append(Failed("5.1.3", f"cannot deliver to local part of <{address}>"))
-        elif hop.users and user not in hop.users:
-            outcomes.append(Failed("5.1.1", f"no such user here: <{address}>"))
+    for delivery in deliveries:
+        user = delivery.mailbox
+        if user is None:
+            outcomes.append(Failed("5.1.1", f"no such user here: <{delivery.address}>"))
+        elif not _safe_name(user):
+            outcomes.append(Failed("5.1.3", f"cannot deliver to local part of "
+                                            f"<{delivery.address}>"))
         else:
-            outcomes.append(_deliver_one(hop, envelope, address, user, data, hostname))
+            outcomes.append(_deliver_one(hop, delivery, user, data, hostname))
     return outcomes
 
 
@@ -59,8 +63,8 @@ def _safe_name(user: str) -> bool:
     return bool(user) and "/" not in user and "\0" not in user and not user.startswith(".")
 
 
-def _deliver_one(hop: NextHop, envelope: Envelope, address: str, user: str,
-                 data: MessageData, hostname: str) -> Outcome:
+def _deliver_one(hop: NextHop, delivery: Delivery, user: str, data: MessageData,
+                 hostname: str) -> Outcome:
     assert hop.path is not None
     maildir = hop.path / user
     try:
@@ -68,7 +72,7 @@ def _deliver_one(hop: NextHop, envelope: Envelope, address: str, user: str,
         name = _unique_name(hostname)
         tmp = maildir / "tmp" / name
         with data.open("rb") as source:
-            _write_message(tmp, envelope.reverse_path, address, source)
+            _write_message(tmp, delivery.return_path, delivery.address, source)
         os.rename(tmp, maildir / "new" / name)
         fsync_dir(maildir / "new")
     except OSError as e:

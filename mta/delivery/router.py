@@ -2,6 +2,10 @@
 
 `Router.next_hop(address)` decides, per recipient domain, in this order:
 
+0. an address of a local domain that has no such name (aliases.py decides,
+   as it did at RCPT: a user removed since, a list member that does not
+   exist, a name at our hostname that is not an alias): ``unknown``, which
+   fails it (5.1.1) and so bounces it to its sender or list owner;
 1. a domain in `config.domains` with a route:
    - ``maildir:PATH``: local delivery, one Maildir per user under PATH;
    - ``smtp:[host]:port``: that host, no MX lookup;
@@ -24,9 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from mta import aliases
 from mta.config import Config, Route, parse_hostport
 
 MAILDIR, SMTP, HOLD = "maildir", "smtp", "hold"
+UNKNOWN = "unknown"  # a local address with no mailbox or forward: fails 5.1.1
 TURNED = "turned"  # over a connection the customer opened and we turned round (ATRN, TURN)
 
 # TLS policies of a next hop.  "opportunistic": STARTTLS when offered, no
@@ -50,7 +56,6 @@ class NextHop:
     loop_is_temporary: bool = False  # MX pointing back at us: defer (held domains) rather than fail
     # maildir
     path: Path | None = None
-    users: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never show the password
         return f"NextHop({self.kind}, {self.destination})"
@@ -64,6 +69,8 @@ class Router:
     def next_hop(self, address: str, release_hold: bool = False) -> NextHop:
         """The next hop for mail to `address`; ``release_hold`` routes a held domain's mail."""
         domain = address.rpartition("@")[2].lower().rstrip(".")
+        if self.config.addresses.destination(address)[0] == aliases.UNKNOWN:
+            return NextHop(UNKNOWN, f"unknown:{domain}", domain)
         configured = self.config.domain_for(domain)
         if configured is not None:
             route = configured.route
@@ -74,8 +81,7 @@ class Router:
                     return self._route_hop(configured.etrn_route, domain)
                 return self._mx_hop(domain, loop_is_temporary=True)
             if route.kind == MAILDIR:
-                return NextHop(MAILDIR, f"maildir:{route.path}", domain, path=route.path,
-                               users=tuple(u.lower() for u in configured.users))
+                return NextHop(MAILDIR, f"maildir:{route.path}", domain, path=route.path)
             return self._route_hop(route, domain)
         if domain.startswith("[") and domain.endswith("]"):
             return self._literal_hop(domain)

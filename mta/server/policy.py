@@ -3,9 +3,11 @@
 Each check returns None to accept or the Reply that refuses.  The rules
 (DESIGN.md section 8):
 
-- Mail for a configured domain is accepted from anyone; for a Maildir
-  domain with a `users` list, only for those users (550 5.1.1 otherwise).
-  ``postmaster`` is always accepted [RFC 5321 4.5.1].
+- Mail for a local domain (aliases.py: configured, our hostname and
+  localhost, virtual alias domains) is accepted from anyone for the names
+  that exist there: users, aliases, ``postmaster`` [RFC 5321 4.5.1]
+  (550 5.1.1 otherwise; 550 5.4.6 for an alias that only loops).  A
+  recipient is answered with its targets after aliases.
 - Mail for any other domain is relaying: only for clients in `mynetworks`
   or authenticated sessions (554 5.7.1 otherwise).  No open relay, ever.
 - A listener with `require_auth` refuses MAIL before AUTH (530 5.7.0).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from mta import reply
 from mta.address import Mailbox
+from mta.aliases import LOCAL, LOOP, UNKNOWN, Target
 from mta.config import Config, Listener
 from mta.reply import Reply
 
@@ -61,23 +64,18 @@ class Policy:
         return False
 
     def check_rcpt(self, mailbox: Mailbox, client_address: str,
-                   authenticated: str | None) -> Reply | None:
-        if mailbox.is_postmaster and (not mailbox.domain or self.is_local(mailbox)):
-            return None
-        domain = self.config.domain_for(mailbox.domain_key)
-        if domain is not None:
-            if domain.route.kind == "maildir" and domain.users and \
-                    mailbox.local.lower() not in {u.lower() for u in domain.users}:
-                return reply.NO_SUCH_USER
-            return None
+                   authenticated: str | None) -> Reply | tuple[Target, ...]:
+        """Where a recipient goes (its targets after aliases), or the Reply that refuses it."""
+        found = self.config.addresses.resolve(str(mailbox))
+        if found.kind == LOCAL:
+            return found.targets
+        if found.kind == UNKNOWN:
+            return reply.NO_SUCH_USER
+        if found.kind == LOOP:
+            return reply.ALIAS_LOOP
         if authenticated is not None or self.config.is_mynetwork(client_address):
-            return None
+            return found.targets
         return reply.RELAY_DENIED
 
     def is_local(self, mailbox: Mailbox) -> bool:
-        key = mailbox.domain_key
-        return key == self.config.server.hostname.lower() or self.config.domain_for(key) is not None
-
-    def postmaster(self) -> str:
-        """Where mail to the bare ``<postmaster>`` goes."""
-        return self.config.server.postmaster or f"postmaster@{self.config.server.hostname}"
+        return self.config.addresses.is_local_domain(mailbox.domain_key)

@@ -41,7 +41,7 @@ from email.utils import format_datetime
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mta import reply
+from mta import aliases, reply
 from mta.address import (
     AddressError,
     Mailbox,
@@ -85,7 +85,8 @@ class Transaction:
     body_type: str = "7BIT"
     ret: str | None = None
     envid: str | None = None
-    recipients: list[Recipient] = field(default_factory=list)
+    recipients: list[Recipient] = field(default_factory=list)  # after aliases, de-duplicated
+    forward_paths: list[str] = field(default_factory=list)  # as given in each accepted RCPT
     rcpt_attempts: int = 0
     mode: str | None = None  # "DATA" or "BDAT" once a body started
     incoming: Incoming | None = None
@@ -231,6 +232,8 @@ class Session:
             keywords.append("ETRN")  # RFC 1985
         if self.atrn_offered():
             keywords.append("ATRN")  # RFC 2645 5.1.1: before AUTH too, so clients know
+        keywords += [name for name, on in (("VRFY", self.listener.vrfy),
+                                           ("EXPN", self.listener.expn)) if on]
         # RFC 5321 Appendix F.6: SEND, SOML, SAML are implemented, so advertised.
         # TURN is not: it works only after AUTH, for a domain the user may pull.
         return keywords + ["HELP", "SEND", "SOML", "SAML"]
@@ -303,18 +306,56 @@ class Session:
         return Reply(214, "2.0.0", f"Commands: {names}",
                      "HELP <command> gives the syntax of one; RFC 5321 has the rest")
 
-    @verb("VRFY", "VRFY <user>", "Verify an address (not disclosed: 252)")
+    @verb("VRFY", "VRFY <user> | <address>", "Verify an address, where the listener allows")
     def vrfy(self, arg: str) -> Reply:
         if not arg:
             return reply.syntax_error("VRFY requires an argument")
-        # RFC 5321 3.5.3: 252 when we will accept but do not verify.
-        return reply.VRFY_CANNOT
+        if not self.listener.vrfy:
+            # RFC 5321 3.5.3: 252 when we will accept but do not verify.
+            return reply.VRFY_CANNOT
+        return self._verify(arg, expand=False)
 
-    @verb("EXPN", "EXPN <list>", "Expand a mailing list (not offered)")
+    @verb("EXPN", "EXPN <list>", "Expand a mailing list, where the listener allows")
     def expn(self, arg: str) -> Reply:
         if not arg:
             return reply.syntax_error("EXPN requires an argument")
-        return reply.EXPN_DISABLED
+        if not self.listener.expn:
+            # RFC 5321 3.5.3 lets EXPN answer 502 or 252; 502 says plainly it is off.
+            return reply.EXPN_DISABLED
+        return self._verify(arg, expand=True)
+
+    def _verify(self, arg: str, expand: bool) -> Reply:
+        """VRFY and EXPN [RFC 5321 3.5] from the same data RCPT uses (aliases.py)."""
+        if self.listener.require_auth and self.authenticated is None:
+            return reply.AUTH_REQUIRED  # no harvesting before AUTH where MAIL needs it
+        text = arg[1:-1] if arg.startswith("<") and arg.endswith(">") else arg
+        addresses = self.config.addresses
+        if "@" not in text:
+            candidates = addresses.candidates(text) if text else []
+            if len(candidates) > 1:  # RFC 5321 3.5.1: 553 with the possibilities
+                return Reply(553, "5.1.4", "user ambiguous; possibilities:",
+                             *(f"<{c}>" for c in candidates))
+            text = candidates[0] if candidates else f"{text}@{self.hostname}"
+        try:
+            mailbox = parse_path(f"<{text}>", utf8=True)
+        except AddressError as e:
+            return reply.syntax_error(f"bad address: {e}", "5.1.3")
+        address = str(mailbox)
+        found = addresses.resolve(address)
+        if found.kind == aliases.REMOTE:
+            return reply.VRFY_CANNOT  # not ours to say
+        if found.kind == aliases.LOOP:
+            return reply.ALIAS_LOOP
+        if found.kind != aliases.LOCAL:
+            return reply.NO_SUCH_USER
+        if expand:
+            # RFC 5321 3.5.2: one member a line; a plain mailbox "expands" to itself.
+            return Reply(250, "2.1.5", *(f"<{t.address}>" for t in found.targets))
+        if found.expanded and len(found.targets) == 1 and \
+                not addresses.is_local_domain(found.targets[0].address.rpartition("@")[2]):
+            return Reply(251, "2.1.5", f"user not local; will forward to "
+                                        f"<{found.targets[0].address}>")
+        return Reply(250, "2.1.5", f"<{address}>")
 
     @verb("STARTTLS", "STARTTLS", "Start TLS (RFC 3207), where offered")
     def starttls_(self, arg: str) -> Reply | Answer:
@@ -515,14 +556,19 @@ class Session:
         refused = self._rcpt_params(recipient, params)
         if refused is not None:
             return refused
-        if len(tx.recipients) >= self.config.limits.recipients:
+        if len(tx.forward_paths) >= self.config.limits.recipients:
             return reply.TOO_MANY_RECIPIENTS  # RFC 5321 4.5.3.1.10
-        refused = self.policy.check_rcpt(mailbox, self.client_address, self.authenticated)
-        if refused is not None:
-            return refused
-        if mailbox.is_postmaster and not mailbox.domain:
-            recipient.address = self.policy.postmaster()
-        tx.recipients.append(recipient)
+        targets = self.policy.check_rcpt(mailbox, self.client_address, self.authenticated)
+        if isinstance(targets, Reply):
+            return targets
+        # Aliases are expanded once, here: the spool keeps the result, so a restart or
+        # a changed aliases file never expands this message differently.
+        have = {r.address.lower() for r in tx.recipients}
+        for expanded in recipient.expanded(targets, null_sender=tx.reverse_path is None):
+            if expanded.address.lower() not in have:
+                have.add(expanded.address.lower())
+                tx.recipients.append(expanded)
+        tx.forward_paths.append(str(mailbox))
         self.phase = Phase.RCPT
         return reply.RECIPIENT_OK
 
@@ -712,8 +758,8 @@ class Session:
                  f"\tby {self.hostname} (mta) with {self.protocol_name()} id {queue_id}"]
         if self.authenticated:
             lines[-1] += f" (authenticated as {_header_safe(self.authenticated, utf8)})"
-        if len(tx.recipients) == 1:
-            lines.append(f"\tfor <{_header_safe(tx.recipients[0].address, utf8)}>;")
+        if len(tx.forward_paths) == 1:
+            lines.append(f"\tfor <{_header_safe(tx.forward_paths[0], utf8)}>;")
         else:
             lines[-1] += ";"
         now = datetime.fromtimestamp(self.context.clock(), UTC).astimezone()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ _RECIPIENT_TYPES: dict[str, tuple[type, ...]] = {
     "address": (str,), "orcpt": (str, _NONE), "notify": (list, _NONE), "state": (str,),
     "status": (str, _NONE), "diagnostic": (str, _NONE), "remote_mta": (str, _NONE),
     "updated": (int, float, _NONE), "notified": (bool,), "delay_warned": (bool,),
+    "sender": (str, _NONE),
 }
 _ENVELOPE_TYPES: dict[str, tuple[type, ...]] = {
     "queue_id": (str,), "reverse_path": (str,), "recipients": (list,), "arrival": _NUMBER,
@@ -105,6 +107,9 @@ class Recipient:
     updated: float | None = None  # time of the last state change
     notified: bool = False
     delay_warned: bool = False
+    # The envelope sender for this recipient when it differs from the message's: a
+    # list member's is the list's owner, so that its bounces go there [RFC 5321 3.10].
+    sender: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -113,6 +118,29 @@ class Recipient:
     @property
     def domain(self) -> str:
         return self.address.rpartition("@")[2].lower().rstrip(".")
+
+    def expanded(self, targets: Iterable[Any], null_sender: bool) -> list[Recipient]:
+        """This recipient (as given in RCPT) as the recipients its alias targets make.
+
+        Each target has an ``address`` and a ``sender`` (a list's owner, or None).
+        The original address is kept as ORCPT [RFC 3461 4.2: the address of the
+        RCPT that brought the message here] unless the client gave one.  A list
+        changes the envelope sender of its members and the original NOTIFY does
+        not reach them [RFC 3461 6.2.7.2]; a message from <> keeps <> for every
+        member (a bounce stays a bounce).
+        """
+        targets = list(targets)
+        if len(targets) == 1 and targets[0].address == self.address and targets[0].sender is None:
+            return [self]
+        kind = "rfc822" if self.address.isascii() else "utf-8"  # RFC 6533 3
+        orcpt = self.orcpt or f"{kind};{self.address}"
+        out = []
+        for target in targets:
+            is_list = target.sender is not None and not null_sender
+            out.append(Recipient(address=target.address, orcpt=orcpt,
+                                 notify=None if is_list else self.notify,
+                                 sender=target.sender if is_list else None))
+        return out
 
     def wants(self, event: str) -> bool:
         """Whether a DSN is due for `event` (SUCCESS, FAILURE, DELAY) [RFC 3461 4.1]."""
@@ -143,6 +171,10 @@ class Envelope:
     last_error: str | None = None
     is_report: bool = False  # a DSN we generated: never bounced, never warned about
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def sender_for(self, recipient: Recipient) -> str:
+        """The reverse-path used for `recipient`: its list's owner, else the message's."""
+        return recipient.sender if recipient.sender is not None else self.reverse_path
 
     @property
     def pending(self) -> list[Recipient]:

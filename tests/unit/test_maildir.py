@@ -6,18 +6,21 @@ from pathlib import Path
 
 import pytest
 
+from mta import config as config_module
 from mta.delivery import maildir
 from mta.delivery.outcome import Delivered, Failed
 from mta.delivery.router import MAILDIR, NextHop
-from mta.spool.envelope import Envelope, Recipient
 
 
-def envelope() -> Envelope:
-    return Envelope("Q1", "alice@far.test", [Recipient("bob@here.test")], arrival=0.0)
+def hop(root: Path) -> NextHop:
+    return NextHop(MAILDIR, f"maildir:{root}", "here.test", path=root)
 
 
-def hop(root: Path, users: tuple[str, ...] = ()) -> NextHop:
-    return NextHop(MAILDIR, f"maildir:{root}", "here.test", path=root, users=users)
+def deliveries(root: Path, *addresses: str, users: tuple[str, ...] = ()) -> list[maildir.Delivery]:
+    """What the courier hands over: each address with the mailbox aliases.py names."""
+    cfg = config_module.from_dict({"server": {"hostname": "mx.here.test"}, "domains": {
+        "here.test": {"route": f"maildir:{root}", "users": list(users)}}})
+    return [maildir.Delivery(a, cfg.addresses.mailbox(a), "alice@far.test") for a in addresses]
 
 
 @pytest.fixture
@@ -34,14 +37,14 @@ def test_new_maildir_directories_are_made_durable(tmp_path: Path, data: Path,
     synced: list[Path] = []
     monkeypatch.setattr(maildir, "fsync_dir", lambda p: synced.append(Path(p)))
     root = tmp_path / "mail" / "here.test"
-    outcomes = maildir.deliver(hop(root), envelope(), ["bob@here.test"], data, "mx.here.test")
+    outcomes = maildir.deliver(hop(root), deliveries(root, "bob@here.test"), data, "mx.here.test")
     assert isinstance(outcomes[0], Delivered)
     assert str(tmp_path) not in outcomes[0].diagnostic  # reports never name our files
     user = root / "bob"
     assert {root.parent, root, user, user / "new"} <= set(synced)
     assert len(list((user / "new").iterdir())) == 1
     synced.clear()
-    maildir.deliver(hop(root), envelope(), ["bob@here.test"], data, "mx.here.test")
+    maildir.deliver(hop(root), deliveries(root, "bob@here.test"), data, "mx.here.test")
     assert synced == [user / "new"]  # an existing Maildir costs one directory fsync
 
 
@@ -51,7 +54,7 @@ def test_new_maildir_directories_are_made_durable(tmp_path: Path, data: Path,
 def test_local_part_never_escapes_the_root(tmp_path: Path, data: Path, address: str) -> None:
     root = tmp_path / "mail"
     root.mkdir()
-    outcome = maildir.deliver(hop(root), envelope(), [address], data, "mx.here.test")[0]
+    outcome = maildir.deliver(hop(root), deliveries(root, address), data, "mx.here.test")[0]
     assert isinstance(outcome, Failed) and outcome.status == "5.1.3"
     assert sorted(tmp_path.iterdir()) == sorted([data, root])
     assert list(root.iterdir()) == []
@@ -59,8 +62,8 @@ def test_local_part_never_escapes_the_root(tmp_path: Path, data: Path, address: 
 
 def test_unknown_user_and_line_ends(tmp_path: Path, data: Path) -> None:
     root = tmp_path / "mail"
-    outcomes = maildir.deliver(hop(root, ("bob",)), envelope(),
-                               ["carol@here.test", "Bob+news@here.test"], data, "mx.here.test")
+    outcomes = maildir.deliver(hop(root), deliveries(root, "carol@here.test", "Bob+news@here.test",
+                                                     users=("bob",)), data, "mx.here.test")
     assert isinstance(outcomes[0], Failed) and outcomes[0].status == "5.1.1"
     assert isinstance(outcomes[1], Delivered)
     (message,) = (root / "bob" / "new").iterdir()
