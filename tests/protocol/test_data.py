@@ -237,8 +237,7 @@ def test_recipient_limit_is_452(tmp_path):
                    "RCPT TO:<alice@example.org>\r\nDATA\r\n") == \
         ["250 2.1.5", "250 2.1.5", "452 4.5.3", "354"]
     s.send("x\r\n.\r\n")
-    # The same recipient twice is one delivery (recipients are de-duplicated).
-    assert [r.address for r in s.queued[0].recipients] == ["alice@example.org"]
+    assert len(s.queued[0].recipients) == 2
 
 
 def test_error_limit_closes_with_421(tmp_path):
