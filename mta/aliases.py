@@ -14,8 +14,9 @@ Files, read when the config is loaded (`read_aliases`, `read_virtual`):
   ``\\name`` (the mailbox itself, no further alias lookup) or
   ``:include:/path`` (a file of targets, one or more a line).  Pipes and
   file targets are refused: we deliver to Maildirs and SMTP only.
-  ``[server] aliases`` apply at every local domain; ``[domains."D"] aliases``
-  only at D, and before the global ones.
+  ``[server] aliases`` are the system's (``root``, ``MAILER-DAEMON``...):
+  they apply at our hostname and ``localhost``; ``[domains."D"] aliases``
+  apply at D (first, when D is also our hostname).
 - virtual aliases ``[server] virtual``, the Postfix virtual(5) form:
   ``user@domain target, target`` (a colon after the key is allowed);
   ``@domain target`` catches every address of that domain that is not
@@ -140,6 +141,8 @@ def _include(path: Path, where: str, depth: int) -> list[str]:
 
 def _check_target(item: str, where: str) -> None:
     name = item[1:] if item.startswith("\\") else item
+    if name.startswith("@") and _valid_domain(name[1:]):
+        return  # "@domain": read_virtual decides where it may stand
     if "@" in name:
         try:
             parse_mailbox(name, utf8=True)
@@ -161,6 +164,9 @@ def read_aliases(path: Path) -> dict[str, tuple[str, ...]]:
         targets = _targets(rest, where)
         if not targets:
             raise AliasFileError(f"{where}: {name}: no targets")
+        for target in targets:
+            if target.startswith("@"):
+                raise AliasFileError(f"{where}: bad target {target!r}: a name or an address")
         key = name.lower()
         if key in entries:
             raise AliasFileError(f"{where}: {name} is defined twice")
@@ -321,7 +327,7 @@ class Addresses:
         configured = self.domains.get(domain)
         if configured is not None and configured.alias_entries:
             tables.append(configured.alias_entries)
-        if self._has_mailboxes(domain) and self.global_aliases:
+        if domain in self.system_domains and self.global_aliases:
             tables.append(self.global_aliases)
         return tables
 
@@ -431,14 +437,16 @@ class Addresses:
     def candidates(self, name: str) -> list[str]:
         """The addresses a bare user name (VRFY alice) may mean: at our hostname, then
         at each maildir domain where it exists."""
-        found = []
+        found: list[tuple[str, set[str]]] = []
         for domain in (self.hostname, *sorted(self.domains)):
             if domain != self.hostname and not self._has_mailboxes(domain):
                 continue
             address = f"{name}@{domain}"
-            if self.resolve(address).kind == LOCAL and address not in found:
-                found.append(address)
-        return found
+            result = self.resolve(address)
+            where = {t.address.lower() for t in result.targets}
+            if result.kind == LOCAL and where not in (w for _, w in found):
+                found.append((address, where))  # the same name going the same place is one
+        return [address for address, _ in found]
 
     # -- outbound -----------------------------------------------------------------------
 
@@ -453,38 +461,40 @@ class Addresses:
     # -- mta aliases check ------------------------------------------------------------------
 
     def problems(self) -> list[str]:
-        """Unknown targets and loops, one line each, for `mta aliases check`."""
+        """Unknown targets and loops, one line each, for `mta aliases check`.
+
+        The global file is checked at our hostname (localhost has the same names)."""
         lines: list[str] = []
-        seen: set[str] = set()
-        for domain, table, source in self._tables():
+        for source, table, domains in self._tables():
             for name in table:
-                address = name if "@" in name else f"{name}@{domain}"
-                if address in seen:
-                    continue
-                seen.add(address)
-                result = self.resolve(address)
-                for unknown in dict.fromkeys(result.unknown):
-                    lines.append(f"{source}: {address}: unknown target {unknown}")
-                for looped in dict.fromkeys(result.loops):
-                    lines.append(f"{source}: {address}: alias loop through {looped}")
+                results = [(d, self.resolve(name if "@" in name else f"{name}@{d}"))
+                           for d in domains]
+                for domain, result in results:
+                    address = name if "@" in name else f"{name}@{domain}"
+                    if result.kind == UNKNOWN and not result.unknown:
+                        lines.append(f"{source}: {address}: no target exists")
+                    for unknown in dict.fromkeys(result.unknown):
+                        lines.append(f"{source}: {address}: unknown target {unknown}")
+                    for looped in dict.fromkeys(result.loops):
+                        lines.append(f"{source}: {address}: alias loop through {looped}")
         if not self.postmaster:
             for domain in sorted(self.system_domains - set(self.domains)):
                 if self.resolve(f"postmaster@{domain}").kind != LOCAL:
                     lines.append(f"[server] postmaster: not set, and postmaster@{domain} "
                                  "has nowhere to go")
-        return lines
+        return list(dict.fromkeys(lines))
 
-    def _tables(self) -> Iterable[tuple[str, Mapping[str, tuple[str, ...]], str]]:
+    def _tables(self) -> Iterable[tuple[str, Mapping[str, tuple[str, ...]], list[str]]]:
+        """(where it is configured, the table, the domains where it applies)."""
         for name, domain in sorted(self.domains.items()):
             if domain.alias_entries:
-                yield name, domain.alias_entries, f"[domains.\"{name}\"] aliases"
+                yield f"[domains.\"{name}\"] aliases", domain.alias_entries, [name]
         if self.global_aliases:
-            for domain in sorted(d for d in (*self.system_domains, *self.domains)
-                                 if self._has_mailboxes(d)):
-                yield domain, self.global_aliases, "[server] aliases"
+            # localhost has the same names as our hostname: checking one is enough.
+            yield "[server] aliases", self.global_aliases, [self.hostname]
         if self.virtual:
-            yield "", {k: v for k, v in self.virtual.items() if not k.startswith("@")}, \
-                "[server] virtual"
+            yield "[server] virtual", {k: v for k, v in self.virtual.items()
+                                       if not k.startswith("@")}, [""]
 
 
 class _Walk:
