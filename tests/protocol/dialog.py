@@ -34,7 +34,10 @@ def make_config(tmp_path: Path, **sections) -> config_module.Config:
                                         "users": ["alice", "bob"]}},
             "limits": {"greeting_delay": 0}}
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, list):  # [[listeners]]
+            data[name] = values
+        else:
+            data.setdefault(name, {}).update(values)
     return config_module.from_dict(data, "<test>")
 
 
