@@ -338,6 +338,50 @@ class RelayerTest(SynchronousTestCase):
         self.assertEqual(self.courier.addresses, [["gone@far.test"], ["postmaster@here.test"]])
         self.assertEqual(self.spool.queue_ids(), [])
 
+    def test_a_list_members_bounce_goes_to_the_lists_owner(self) -> None:
+        # RFC 5321 3.10: the list's members get its owner as envelope sender, so a member
+        # that fails is reported to the owner (expanded as RCPT would), not the sender.
+        (self.tmp / "aliases").write_text("list: alice, gone@far.test, ok@far.test\n"
+                                          "owner-list: alice\n")
+        self.make(domains={"local.test": {"route": f"maildir:{self.tmp / 'mail'}",
+                                          "users": ["alice"],
+                                          "aliases": str(self.tmp / "aliases")}})
+        senders = []
+        deliver = self.courier.deliver
+        self.courier.deliver = lambda hop, envelope, recipients, data: (
+            senders.append(envelope.sender_for(recipients[0])),
+            deliver(hop, envelope, recipients, data))[1]
+        self.courier.script["gone@far.test"] = Failed("5.1.1", "550 no such user", "mx.far.test")
+        given = Recipient("list@local.test")
+        members = given.expanded(self.config.addresses.resolve(given.address).targets, False)
+        self.submit(*members, reverse_path="someone@far.test")
+        # One transaction for the two remote members, from the owner.
+        self.assertEqual(self.courier.addresses, [["gone@far.test", "ok@far.test"]])
+        self.assertEqual(senders, ["owner-list@local.test"])
+        # The owner is alice: her Maildir has the list's message and the bounce.
+        mails = sorted((self.tmp / "mail" / "alice" / "new").iterdir())
+        texts = [m.read_bytes() for m in mails]
+        self.assertEqual(len(texts), 2)
+        self.assertTrue(texts[0].startswith(b"Return-Path: <owner-list@local.test>\n"))
+        bounce_text = texts[1]
+        self.assertIn(b"Return-Path: <>\nDelivered-To: alice@local.test\n", bounce_text)
+        self.assertIn(b"To: <owner-list@local.test>", bounce_text)
+        self.assertIn(b"Original-Recipient: rfc822;list@local.test", bounce_text)
+        self.assertIn(b"Final-Recipient: rfc822; gone@far.test", bounce_text)
+        self.assertEqual(self.spool.queue_ids(), [])  # nothing went to someone@far.test
+
+    def test_unknown_local_address_fails_without_a_courier(self) -> None:
+        # Our hostname has no mailboxes and no alias for root here; nobody was removed
+        # from local.test after acceptance: both fail 5.1.1 at once, never by MX.
+        self.courier.hold = True  # the bounce waits in the queue, to be read
+        self.submit("root@mx.here.test", "nobody@local.test")
+        self.assertEqual(self.courier.addresses, [["alice@here.test"]])  # the bounce only
+        (report,) = self.reports()
+        self.assertEqual(sorted((f["Final-Recipient"], f["Status"])
+                                for f in self.report_fields(report)[1:]),
+                         [("rfc822; nobody@local.test", "5.1.1"),
+                          ("rfc822; root@mx.here.test", "5.1.1")])
+
     def test_local_maildir_delivery_and_unknown_user(self) -> None:
         self.courier.script["alice@here.test"] = Deferred("4.4.1", "refused")
         self.submit(Recipient("Alice+tag@local.test", notify=("SUCCESS", "FAILURE")),
