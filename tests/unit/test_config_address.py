@@ -31,11 +31,24 @@ def test_shipped_configs_load(tmp_path, monkeypatch):
     (tmp_path / "etc/passwords").write_text("")
     (tmp_path / "etc/smarthost.secret").write_text("secret\n")
     (tmp_path / "etc/odmr.secret").write_text("secret\n")
+    for name in ("aliases", "aliases.example.org", "virtual"):
+        (tmp_path / "etc" / name).write_text((REPO / "etc" / "examples" / name).read_text())
     monkeypatch.chdir(tmp_path)
     examples = sorted((REPO / "etc" / "examples").glob("*.toml"))
     assert len(examples) == 4
     for example in examples:
-        config.load(example)
+        loaded = config.load(example)
+        assert loaded.addresses.problems() == [], example
+    # The small domain's aliases work as its comments say.
+    addresses = config.load(REPO / "etc" / "examples" / "small-domain.toml").addresses
+    assert [t.address for t in addresses.resolve("root@mx.example.org").targets] == \
+        ["alice@example.org"]
+    assert [(t.address, t.sender) for t in addresses.resolve("info@example.org").targets] == \
+        [("alice@example.org", "owner-sales@example.org"),
+         ("bob@example.org", "owner-sales@example.org"),
+         ("bob@home.example.net", "owner-sales@example.org")]
+    assert addresses.resolve("nobody@lists.example.org").kind == "unknown"
+    assert addresses.masquerade("root@mx.example.org") == "root@example.org"
 
 
 def test_defaults():
