@@ -113,7 +113,7 @@ def _targets(text: str, where: str, depth: int = 0) -> list[str]:
             item = item[1:-1].strip()
         if item.lower().startswith(":include:"):
             targets += _include(Path(item[len(":include:"):].strip()), where, depth)
-        elif item.startswith("|") or item.startswith("/"):
+        elif item.startswith(("|", "/")):
             raise AliasFileError(f"{where}: {item!r}: pipes and files are not supported; "
                                  "only names and addresses")
         else:
@@ -140,7 +140,7 @@ def _include(path: Path, where: str, depth: int) -> list[str]:
 
 
 def _check_target(item: str, where: str) -> None:
-    name = item[1:] if item.startswith("\\") else item
+    name = item.removeprefix("\\")
     if name.startswith("@") and _valid_domain(name[1:]):
         return  # "@domain": read_virtual decides where it may stand
     if "@" in name:
@@ -355,7 +355,7 @@ class Addresses:
             return REMOTE, (), None
         found = self._alias(local, domain)
         if found is not None:
-            name, targets, owner = found
+            _name, targets, owner = found
             return "alias", tuple(self._qualify(t, domain, local) for t in targets), owner
         if local.lower() == "postmaster" and self.postmaster \
                 and self.postmaster.lower() != f"postmaster@{domain}":

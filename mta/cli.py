@@ -59,11 +59,11 @@ def _load(args: argparse.Namespace) -> config_module.Config:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
-    from mta.tap import alias_warnings, pickup_warnings, prepare, unused_keys
+    from mta.tap import alias_warnings, pickup_warnings, prepare
     path = args.file or args.config
     prepared = prepare(path, reactor)
     cfg = prepared.config
-    for warning in unused_keys(cfg) + alias_warnings(cfg) + pickup_warnings(cfg, prepared.trust):
+    for warning in alias_warnings(cfg) + pickup_warnings(cfg, prepared.trust):
         print(f"{path}: warning: {warning}")
     listeners = ", ".join(f"{x.role} on {x.endpoint} (tls {x.tls})" for x in cfg.listeners)
     print(f"{path}: OK: hostname {cfg.server.hostname}; spool {cfg.server.spool}; "

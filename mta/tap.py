@@ -79,11 +79,6 @@ class ReloadOnHangup(service.Service):
         self.reactor.callFromThread(self.trust.reload)
 
 
-def unused_keys(config: config_module.Config) -> list[str]:
-    """Keys of DESIGN.md section 11 that this version reads but does not act on yet."""
-    return []
-
-
 def alias_warnings(config: config_module.Config) -> list[str]:
     """Unknown alias targets and loops (aliases.py), as `mta aliases check` shows them."""
     return config.addresses.problems()
@@ -201,7 +196,7 @@ def makeService(options: Options) -> service.MultiService:
         sys.stderr.write(f"mta: {e}\n")
         raise SystemExit(1) from None
     config, trust = prepared.config, prepared.trust
-    for warning in unused_keys(config) + alias_warnings(config) + pickup_warnings(config, trust):
+    for warning in alias_warnings(config) + pickup_warnings(config, trust):
         log.warn("{warning}", warning=warning)  # noqa: G010
     if trust.tls is not None:
         log.info("TLS certificate: {what}", what=trust.tls.describe())

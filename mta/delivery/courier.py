@@ -106,12 +106,13 @@ def transaction_for(envelope: Envelope, recipients: list[Recipient], data: Messa
 class MaildirCourier:
     def __init__(self, config: Config, run_blocking: RunBlocking) -> None:
         self.hostname = config.server.hostname
-        self.addresses = config.addresses
+        self.config = config
         self.run_blocking = run_blocking
 
     def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
                 data: MessageData) -> defer.Deferred[list[Result]]:
-        deliveries = [maildir.Delivery(r.address, self.addresses.mailbox(r.address),
+        addresses = self.config.addresses
+        deliveries = [maildir.Delivery(r.address, addresses.mailbox(r.address),
                                        envelope.sender_for(r)) for r in recipients]
         d = self.run_blocking(maildir.deliver, hop, deliveries, data, self.hostname)
         d.addCallbacks(lambda outcomes: [Result(o, "maildir") for o in outcomes],

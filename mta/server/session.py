@@ -19,6 +19,12 @@ in TLS; AUTH when a password file is configured, after EHLO, outside a
 transaction and only once; PLAIN and LOGIN only inside TLS, from loopback,
 or where the listener's ``plaintext_auth`` allows them.
 
+Addresses: RCPT, VRFY and EXPN ask the config's one definition of local
+addresses (aliases.py, through policy.py for RCPT).  A recipient is
+expanded at RCPT, once: the transaction keeps the addresses as given
+(`forward_paths`, for the limit and the Received header) and the expanded,
+de-duplicated recipients that go into the spool.
+
 Role reversal [DESIGN.md 5]: ETRN, ATRN and TURN are ordered here (after
 a greeting, outside a transaction) and decided in reversal.py.
 

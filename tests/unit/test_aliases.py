@@ -176,7 +176,7 @@ def test_plus_addressing(tmp_path: Path) -> None:
                                                                      None)]
     assert addresses.mailbox("Alice+news@example.org") == "alice"
     # An alias with a tag is the alias.
-    assert [t for t, _ in targets(addresses.resolve("sales+x@example.org"))][0] == \
+    assert next(t for t, _ in targets(addresses.resolve("sales+x@example.org"))) == \
         "alice@example.org"
     assert addresses.resolve("carol+x@example.org").kind == UNKNOWN
     dash = make(tmp_path / "dash", recipient_delimiter="-").addresses
@@ -271,7 +271,7 @@ def test_expanded_recipients_keep_the_original_as_orcpt(tmp_path: Path) -> None:
     addresses = make(tmp_path).addresses
     given = Recipient("sales@example.org", notify=("SUCCESS", "FAILURE"))
     members = given.expanded(addresses.resolve(given.address).targets, null_sender=False)
-    assert [(r.address, r.sender, r.orcpt, r.notify) for r in members][0] == \
+    assert next((r.address, r.sender, r.orcpt, r.notify) for r in members) == \
         ("alice@example.org", "owner-sales@example.org", "rfc822;sales@example.org", None)
     # From <>: a bounce to a list stays a bounce for every member.
     assert {r.sender for r in given.expanded(addresses.resolve(given.address).targets,
