@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from mta.aliases import Addresses
 from mta.spool.store import MessageData, Spool
 
-FAILED, DELAYED, DELIVERED, RELAYED = "failed", "delayed", "delivered", "relayed"
+FAILED, DELAYED, DELIVERED, RELAYED, EXPANDED = (
+    "failed", "delayed", "delivered", "relayed", "expanded")
 FAILURE, DELAY, SUCCESS = "failure", "delay", "success"  # report kinds
 
 DOUBLE_BOUNCE = "double_bounce"  # Envelope.extra key of a report sent to the postmaster
@@ -62,7 +63,7 @@ class ReportLine:
     """One recipient in a report, with the action taken [RFC 3464 2.3.3]."""
 
     recipient: Recipient
-    action: str  # failed | delayed | delivered | relayed
+    action: str  # failed | delayed | delivered | relayed | expanded
 
 
 def log_kind(kind: str) -> str:
@@ -218,7 +219,7 @@ def _recipient_fields(line: ReportLine, now: float, retry_until: float | None, u
 
 def _status(line: ReportLine) -> str:
     status = line.recipient.status
-    if line.action in (DELIVERED, RELAYED):
+    if line.action in (DELIVERED, RELAYED, EXPANDED):
         return status if status and status.startswith("2") else "2.0.0"
     if line.action == DELAYED:
         return status if status and status.startswith("4") else "4.0.0"

@@ -43,7 +43,7 @@ from twisted.internet import defer
 from mta import config as config_module
 from mta.address import AddressError, parse_mailbox
 from mta.aliases import LOCAL, REMOTE
-from mta.spool.envelope import PENDING, Envelope, EnvelopeError, Recipient
+from mta.spool.envelope import PENDING, Envelope, EnvelopeError, Recipient, add_recipients
 from mta.spool.store import HOLD, QUEUE, Spool, SpoolError
 
 
@@ -305,13 +305,9 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
 def _expanded(cfg: config_module.Config, recipients: list[str], sender: str) -> list[Recipient]:
     """The recipients after aliases, de-duplicated, as RCPT makes them."""
     out: list[Recipient] = []
-    have: set[str] = set()
     for address in recipients:
         targets = cfg.addresses.resolve(address).targets
-        for recipient in Recipient(address).expanded(targets, null_sender=not sender):
-            if recipient.address.lower() not in have:
-                have.add(recipient.address.lower())
-                out.append(recipient)
+        add_recipients(out, Recipient(address).expanded(targets, null_sender=not sender))
     return out
 
 

@@ -331,7 +331,8 @@ class Attempts:
         delayed = self._delay_warnings_due(envelope, now)
         batches = [
             (bounce.FAILURE, [bounce.ReportLine(r, bounce.FAILED) for r in failed]),
-            (bounce.SUCCESS, [bounce.ReportLine(r, bounce.RELAYED if r.remote_mta
+            (bounce.SUCCESS, [bounce.ReportLine(r, bounce.EXPANDED if r.expansion
+                                                else bounce.RELAYED if r.remote_mta
                                                 else bounce.DELIVERED) for r in succeeded]),
             (bounce.DELAY, [bounce.ReportLine(r, bounce.DELAYED) for r in delayed]),
         ]

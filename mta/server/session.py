@@ -63,7 +63,7 @@ from mta.server.context import ServerContext
 from mta.server.dataread import BodyReader, ChunkReader, DataReader
 from mta.server.policy import Policy
 from mta.server.trust import AuthExchange, is_loopback
-from mta.spool.envelope import Envelope, Recipient
+from mta.spool.envelope import Envelope, Recipient, add_recipients
 from mta.spool.store import Incoming
 
 log = Logger(namespace="mta.smtpd")
@@ -569,11 +569,8 @@ class Session:
             return targets
         # Aliases are expanded once, here: the spool keeps the result, so a restart or
         # a changed aliases file never expands this message differently.
-        have = {r.address.lower() for r in tx.recipients}
-        for expanded in recipient.expanded(targets, null_sender=tx.reverse_path is None):
-            if expanded.address.lower() not in have:
-                have.add(expanded.address.lower())
-                tx.recipients.append(expanded)
+        add_recipients(tx.recipients,
+                       recipient.expanded(targets, null_sender=tx.reverse_path is None))
         tx.forward_paths.append(str(mailbox))
         self.phase = Phase.RCPT
         return reply.RECIPIENT_OK

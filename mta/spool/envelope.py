@@ -110,6 +110,9 @@ class Recipient:
     # The envelope sender for this recipient when it differs from the message's: a
     # list member's is the list's owner, so that its bounces go there [RFC 5321 3.10].
     sender: str | None = None
+    # The address as given, kept (delivered) only to send the "expanded" report its
+    # NOTIFY=SUCCESS asked for when aliases made several recipients of it.
+    expansion: bool = False
 
     @property
     def is_final(self) -> bool:
@@ -124,22 +127,37 @@ class Recipient:
 
         Each target has an ``address`` and a ``sender`` (a list's owner, or None).
         The original address is kept as ORCPT [RFC 3461 4.2: the address of the
-        RCPT that brought the message here] unless the client gave one.  A list
-        changes the envelope sender of its members and the original NOTIFY does
-        not reach them [RFC 3461 6.2.7.2]; a message from <> keeps <> for every
-        member (a bounce stays a bounce).
+        RCPT that brought the message here] unless the client gave one.
+
+        RFC 3461 6.2.7: an alias to one address passes NOTIFY on, as a relay
+        does.  A list changes the envelope sender of its members, and the
+        original NOTIFY does not reach them (6.2.7.2); an alias to several
+        addresses passes on all of NOTIFY but SUCCESS (6.2.7.3).  In both cases
+        a sender who asked for SUCCESS gets an "expanded" report instead: the
+        original address stays in the envelope, delivered and marked `expansion`, so
+        that the first attempt sends it.  A message from <> keeps <> for every
+        member (a bounce stays a bounce) and earns no report.
         """
         targets = list(targets)
         if len(targets) == 1 and targets[0].address == self.address and targets[0].sender is None:
             return [self]
         kind = "rfc822" if self.address.isascii() else "utf-8"  # RFC 6533 3
         orcpt = self.orcpt or f"{kind};{self.address}"
+        lists = not null_sender and any(t.sender is not None for t in targets)
+        expansion = len(targets) > 1 or lists
+        notify = self.notify
+        if expansion and notify is not None and "SUCCESS" in notify:
+            notify = tuple(n for n in notify if n != "SUCCESS") or ("NEVER",)
         out = []
         for target in targets:
             is_list = target.sender is not None and not null_sender
             out.append(Recipient(address=target.address, orcpt=orcpt,
-                                 notify=None if is_list else self.notify,
+                                 notify=None if is_list else notify,
                                  sender=target.sender if is_list else None))
+        if expansion and notify is not self.notify and not null_sender:
+            out.append(Recipient(address=self.address, orcpt=self.orcpt, notify=self.notify,
+                                 state=DELIVERED, status="2.0.0", expansion=True,
+                                 diagnostic=f"expanded to {len(targets)} recipient(s)"))
         return out
 
     def wants(self, event: str) -> bool:
@@ -148,6 +166,17 @@ class Recipient:
             # Absent NOTIFY: FAILURE, and DELAY at the MTA's discretion (we send it).
             return event in ("FAILURE", "DELAY")
         return event in self.notify
+
+
+def add_recipients(recipients: list[Recipient], new: Iterable[Recipient]) -> None:
+    """Append `new` to `recipients`, leaving out addresses already there (de-duplication:
+    one delivery per address, whatever aliases led to it twice)."""
+    have = {(r.address.lower(), r.expansion) for r in recipients}
+    for recipient in new:
+        key = (recipient.address.lower(), recipient.expansion)
+        if key not in have:
+            have.add(key)
+            recipients.append(recipient)
 
 
 @dataclass

@@ -71,8 +71,11 @@ def test_the_envelope_carries_the_expansion(tmp_path: Path) -> None:
         ("alice@example.org", owner, "rfc822;Sales@example.org", None),
         ("bob@example.org", owner, "rfc822;Sales@example.org", None),
         ("carol@remote.test", owner, "rfc822;Sales@example.org", None),
+        # SUCCESS was asked for: the list address is kept for an "expanded" report.
+        ("Sales@example.org", None, None, ("SUCCESS", "FAILURE")),
         ("postmaster@example.org", None, "rfc822;Postmaster", None),
     ]
+    assert envelope.recipients[3].state == "delivered"
     # The spool's copy says the same (so a restart does not expand again).
     stored = s.spool.load(envelope.queue_id)
     assert [(r.address, r.sender) for r in stored.recipients] == [g[:2] for g in got]

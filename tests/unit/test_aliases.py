@@ -284,6 +284,34 @@ def test_expanded_recipients_keep_the_original_as_orcpt(tmp_path: Path) -> None:
     # Not expanded: the same object.
     plain = Recipient("alice@example.org")
     assert plain.expanded(addresses.resolve(plain.address).targets, False) == [plain]
+    # The sender asked for SUCCESS: the list address stays, delivered, for an "expanded"
+    # report [RFC 3461 6.2.7.2].
+    expanded = members[-1]
+    assert (expanded.address, expanded.state, expanded.expansion, expanded.notify) == \
+        ("sales@example.org", "delivered", True, ("SUCCESS", "FAILURE"))
     envelope = Envelope("Q", "me@far.test", members, arrival=0.0)
     again = Envelope.from_json(envelope.to_json())
-    assert [envelope.sender_for(r) for r in again.recipients] == ["owner-sales@example.org"] * 3
+    assert [envelope.sender_for(r) for r in again.recipients] == \
+        ["owner-sales@example.org"] * 3 + ["me@far.test"]
+    assert again.recipients[-1].expansion
+
+
+def test_an_alias_to_several_keeps_notify_but_success(tmp_path: Path) -> None:
+    # RFC 3461 6.2.7.3: FAILURE and DELAY go on to each address; SUCCESS becomes one
+    # "expanded" report.
+    addresses = make(tmp_path).addresses
+    given = Recipient("dave@example.org", notify=("SUCCESS", "DELAY"))
+    got = given.expanded(addresses.resolve(given.address).targets, null_sender=False)
+    assert [(r.address, r.notify, r.state) for r in got] == [
+        ("dave@example.org", ("DELAY",), "pending"),
+        ("dave@elsewhere.test", ("DELAY",), "pending"),
+        ("dave@example.org", ("SUCCESS", "DELAY"), "delivered")]
+    # De-duplication keeps the mailbox and the report apart, and drops a second copy.
+    from mta.spool.envelope import add_recipients
+    kept: list[Recipient] = []
+    add_recipients(kept, got)
+    add_recipients(kept, [Recipient("DAVE@example.org")])
+    assert len(kept) == 3
+    only_success = Recipient("dave@example.org", notify=("SUCCESS",))
+    got = only_success.expanded(addresses.resolve(only_success.address).targets, False)
+    assert [r.notify for r in got] == [("NEVER",), ("NEVER",), ("SUCCESS",)]

@@ -370,6 +370,26 @@ class RelayerTest(SynchronousTestCase):
         self.assertIn(b"Final-Recipient: rfc822; gone@far.test", bounce_text)
         self.assertEqual(self.spool.queue_ids(), [])  # nothing went to someone@far.test
 
+    def test_an_expanded_report_when_success_was_asked_for(self) -> None:
+        (self.tmp / "aliases").write_text("team: alice, mate@far.test\n")
+        self.make(domains={"local.test": {"route": f"maildir:{self.tmp / 'mail'}",
+                                          "users": ["alice"],
+                                          "aliases": str(self.tmp / "aliases")}})
+        given = Recipient("team@local.test", notify=("SUCCESS", "FAILURE"))
+        self.submit(*given.expanded(self.config.addresses.resolve(given.address).targets,
+                                    False), reverse_path="alice@local.test")
+        self.assertEqual(self.courier.addresses, [["mate@far.test"]])
+        self.assertEqual(self.spool.queue_ids(), [])
+        # alice's Maildir: the message (as a member) and one report, "expanded"; the
+        # members were not asked for SUCCESS, so there is no "delivered" report.
+        mails = [email.message_from_bytes(p.read_bytes())
+                 for p in sorted((self.tmp / "mail" / "alice" / "new").iterdir())]
+        reports = [m for m in mails if m.get_content_type() == "multipart/report"]
+        self.assertEqual((len(mails), len(reports)), (2, 1))
+        (fields,) = reports[0].get_payload()[1].get_payload()[1:]
+        self.assertEqual((fields["Final-Recipient"], fields["Action"], fields["Status"]),
+                         ("rfc822; team@local.test", "expanded", "2.0.0"))
+
     def test_unknown_local_address_fails_without_a_courier(self) -> None:
         # Our hostname has no mailboxes and no alias for root here; nobody was removed
         # from local.test after acceptance: both fail 5.1.1 at once, never by MX.
