@@ -477,6 +477,8 @@ class Addresses:
                         lines.append(f"{source}: {address}: unknown target {unknown}")
                     for looped in dict.fromkeys(result.loops):
                         lines.append(f"{source}: {address}: alias loop through {looped}")
+        if self.postmaster and self.resolve(self.postmaster).kind in (UNKNOWN, LOOP):
+            lines.append(f"[server] postmaster: {self.postmaster} does not exist here")
         if not self.postmaster:
             for domain in sorted(self.system_domains - set(self.domains)):
                 if self.resolve(f"postmaster@{domain}").kind != LOCAL:

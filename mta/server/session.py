@@ -337,7 +337,11 @@ class Session:
         text = arg[1:-1] if arg.startswith("<") and arg.endswith(">") else arg
         addresses = self.config.addresses
         if "@" not in text:
-            candidates = addresses.candidates(text) if text else []
+            try:  # a user name must be a valid local part before we look it up or echo it
+                parse_path(f"<{text}@{self.hostname}>", utf8=True)
+            except AddressError as e:
+                return reply.syntax_error(f"bad user name: {e}", "5.1.3")
+            candidates = addresses.candidates(text)
             if len(candidates) > 1:  # RFC 5321 3.5.1: 553 with the possibilities
                 return Reply(553, "5.1.4", "user ambiguous; possibilities:",
                              *(f"<{c}>" for c in candidates))

@@ -124,6 +124,7 @@ def test_vrfy_when_enabled(tmp_path: Path) -> None:
                                         b"553 5.1.4 <alice@other.org>\r\n")
     assert s.codes("VRFY nobody\r\n") == [NO_SUCH_USER]
     assert s.codes("VRFY a@@b\r\n") == ["501 5.1.3"]
+    assert s.codes("VRFY a\x01b\r\n") == ["501 5.1.3"]  # never echoed back
     assert s.codes("EXPN sales@example.org\r\n") == [EXPN_OFF]
 
 

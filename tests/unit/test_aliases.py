@@ -197,6 +197,8 @@ def test_postmaster_everywhere(tmp_path: Path) -> None:
     assert bare.resolve("postmaster@mx.test").kind == UNKNOWN
     assert "[server] postmaster: not set, and postmaster@mx.test has nowhere to go" in \
         bare.problems()
+    wrong = make(tmp_path / "wrong", postmaster="carol@example.org").addresses
+    assert "[server] postmaster: carol@example.org does not exist here" in wrong.problems()
 
 
 def test_system_mail_at_our_hostname_and_localhost(tmp_path: Path) -> None:
