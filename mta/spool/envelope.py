@@ -47,7 +47,7 @@ _RECIPIENT_TYPES: dict[str, tuple[type, ...]] = {
     "address": (str,), "orcpt": (str, _NONE), "notify": (list, _NONE), "state": (str,),
     "status": (str, _NONE), "diagnostic": (str, _NONE), "remote_mta": (str, _NONE),
     "updated": (int, float, _NONE), "notified": (bool,), "delay_warned": (bool,),
-    "sender": (str, _NONE),
+    "sender": (str, _NONE), "expansion": (bool,),
 }
 _ENVELOPE_TYPES: dict[str, tuple[type, ...]] = {
     "queue_id": (str,), "reverse_path": (str,), "recipients": (list,), "arrival": _NUMBER,

@@ -296,6 +296,14 @@ def test_expanded_recipients_keep_the_original_as_orcpt(tmp_path: Path) -> None:
     assert [envelope.sender_for(r) for r in again.recipients] == \
         ["owner-sales@example.org"] * 3 + ["me@far.test"]
     assert again.recipients[-1].expansion
+    # The new fields are checked like every other when an envelope is read.
+    from mta.spool.envelope import EnvelopeError
+    for good, bad in ((b'"sender":"owner-sales@example.org"', b'"sender":5'),
+                      (b'"expansion":true', b'"expansion":"yes"')):
+        raw = envelope.to_json().replace(good, bad, 1)
+        assert raw != envelope.to_json()
+        with pytest.raises(EnvelopeError):
+            Envelope.from_json(raw)
 
 
 def test_an_alias_to_several_keeps_notify_but_success(tmp_path: Path) -> None:
