@@ -3,6 +3,7 @@
 Each delivery attempt of each recipient is one line::
 
     QUEUEID: to=<addr>, relay=host[addr]:port, delay=1.2, dsn=2.0.0, status=sent (250 2.0.0 Ok)
+    QUEUEID: to=<alice@example.org>, orig_to=<sales@example.org>, relay=maildir, ...
 
 with status ``sent``, ``deferred``, ``bounced`` or ``expired``; ``relay=none``
 when no connection was made, ``relay=maildir`` for a local mailbox.  Reports
@@ -15,6 +16,8 @@ observers: ``queue_id``, ``to``, ``relay``, ``delay``, ``dsn``, ``status``.
 from __future__ import annotations
 
 from twisted.logger import Logger
+
+from mta.reply import printable
 
 log = Logger(namespace="mta.maillog")
 
@@ -38,13 +41,15 @@ def relay_name(host: str | None, address: str | None = None, port: int | None = 
 
 
 def delivery(queue_id: str, to: str, relay: str, delay: float, dsn: str, status: str,
-             reason: str) -> None:
-    """One recipient's result of one attempt."""
+             reason: str, orig_to: str | None = None) -> None:
+    """One recipient's result of one attempt; `orig_to`, when aliases made `to` of another
+    address (or the client named one with ORCPT), is shown as Postfix does."""
     emit = log.info if status == SENT else log.warn
-    emit("{queue_id}: to=<{to}>, relay={relay}, delay={delay_text}, dsn={dsn}, "
+    orig = f", orig_to=<{printable(orig_to, 300)}>" if orig_to and orig_to != to else ""
+    emit("{queue_id}: to=<{to}>{orig}, relay={relay}, delay={delay_text}, dsn={dsn}, "
          "status={status} ({reason})",
-         queue_id=queue_id, to=to, relay=relay, delay=delay, delay_text=format_delay(delay),
-         dsn=dsn, status=status, reason=reason)
+         queue_id=queue_id, to=to, orig=orig, relay=relay, delay=delay,
+         delay_text=format_delay(delay), dsn=dsn, status=status, reason=reason)
 
 
 def report_created(queue_id: str, kind: str, report_id: str) -> None:

@@ -262,7 +262,7 @@ class Attempts:
             envelope.last_error = outcome.diagnostic
             status = maillog.DEFERRED
         maillog.delivery(envelope.queue_id, recipient.address, result.relay, delay,
-                         outcome.status, status, outcome.diagnostic)
+                         outcome.status, status, outcome.diagnostic, _original(recipient))
 
     def _success_report_due(self, envelope: Envelope, recipient: Recipient) -> bool:
         return bool(envelope.sender_for(recipient)) and recipient.wants("SUCCESS")
@@ -311,7 +311,8 @@ class Attempts:
         recipient.updated = now
         recipient.notified = not self._failure_report_due(envelope, recipient)
         maillog.delivery(envelope.queue_id, recipient.address, "none", now - envelope.arrival,
-                         EXPIRED_STATUS, maillog.EXPIRED, recipient.diagnostic)
+                         EXPIRED_STATUS, maillog.EXPIRED, recipient.diagnostic,
+                         _original(recipient))
 
     def next_due(self, envelope: Envelope, now: float) -> float:
         relay = self.config.relay
@@ -379,6 +380,11 @@ class Attempts:
             return []
         return [r for r in envelope.pending if not r.delay_warned and r.wants("DELAY")
                 and envelope.sender_for(r) and not self.is_held(r)]
+
+
+def _original(recipient: Recipient) -> str | None:
+    """The address the recipient was given as (its ORCPT), for the log's orig_to."""
+    return recipient.orcpt.partition(";")[2] if recipient.orcpt else None
 
 
 class _Saver:

@@ -167,7 +167,9 @@ def test_a_list_fans_out_and_its_bounce_goes_to_the_owner(server: MtaServer,
     wait_for("the queue to empty", lambda: queue_empty(server))
     assert sender.messages() == []
     log = server.log_text()
-    assert "to=<gone@bounces.test>, relay=mx.bounces.test[127.0.0.4]" in log
+    assert "to=<gone@bounces.test>, orig_to=<list@example.org>, " \
+           "relay=mx.bounces.test[127.0.0.4]" in log
+    assert "to=<alice@example.org>, orig_to=<list@example.org>, relay=maildir" in log
     # The unknown target in the aliases file was reported at start.
     assert "[domains.\"example.org\"] aliases: typo@example.org: unknown target " \
            "nosuchuser@example.org" in log
