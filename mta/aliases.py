@@ -35,7 +35,8 @@ only names there besides aliases and postmaster), our hostname and
 ``localhost`` (system mail: only aliases and postmaster there, unless the
 hostname is itself a configured domain).  ``postmaster@`` every local
 domain works [RFC 5321 4.5.1]: an alias for it wins, else ``[server]
-postmaster``, else the domain's own ``postmaster`` mailbox.  With
+postmaster``, else the domain's own ``postmaster`` mailbox; at a domain
+routed on to its own server (smtp:, hold) it is passed on to that server.  With
 ``[server] recipient_delimiter`` (default "+"), ``user+tag@`` is accepted
 wherever ``user@`` is, and lands in user's mailbox.
 
@@ -282,6 +283,12 @@ class Addresses:
             return configured.route.kind == "maildir"
         return domain in self.system_domains
 
+    def _forwards(self, domain: str) -> bool:
+        """Mail for `domain` goes on to its own server (an smtp: or hold route): its
+        postmaster is that server's, and is passed on, not ours."""
+        configured = self.domains.get(domain)
+        return configured is not None and configured.route.kind != "maildir"
+
     def _base(self, local: str) -> str | None:
         """``user`` of ``user+tag`` (lower case), or None without a delimiter in it."""
         if not self.delimiter:
@@ -357,7 +364,7 @@ class Addresses:
         if found is not None:
             _name, targets, owner = found
             return "alias", tuple(self._qualify(t, domain, local) for t in targets), owner
-        if local.lower() == "postmaster" and self.postmaster \
+        if local.lower() == "postmaster" and self.postmaster and not self._forwards(domain) \
                 and self.postmaster.lower() != f"postmaster@{domain}":
             return "alias", (self.postmaster,), None  # RFC 5321 4.5.1
         kind, _ = self.destination(address)

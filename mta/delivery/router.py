@@ -68,7 +68,7 @@ class Router:
 
     def next_hop(self, address: str, release_hold: bool = False) -> NextHop:
         """The next hop for mail to `address`; ``release_hold`` routes a held domain's mail."""
-        domain = address.rpartition("@")[2].lower().rstrip(".")
+        _, domain = aliases.split(address)
         if self.config.addresses.destination(address)[0] == aliases.UNKNOWN:
             return NextHop(UNKNOWN, f"unknown:{domain}", domain)
         configured = self.config.domain_for(domain)

@@ -189,8 +189,10 @@ def test_plus_addressing(tmp_path: Path) -> None:
 def test_postmaster_everywhere(tmp_path: Path) -> None:
     addresses = make(tmp_path).addresses
     for address in ("postmaster@example.org", "POSTMASTER@mx.test", "postmaster@localhost",
-                    "postmaster@fwd.test", "Postmaster", "postmaster@any.test"):
+                    "Postmaster", "postmaster@any.test"):
         assert targets(addresses.resolve(address)) == [("alice@example.org", None)], address
+    # A domain forwarded to its own server has its own postmaster there (not in `users`).
+    assert targets(addresses.resolve("postmaster@fwd.test")) == [("postmaster@fwd.test", None)]
     # Without [server] postmaster: the domain's own postmaster mailbox, users or not.
     bare = make(tmp_path / "bare", postmaster="").addresses
     assert bare.mailbox("postmaster@example.org") == "postmaster"
