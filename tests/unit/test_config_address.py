@@ -280,3 +280,33 @@ def test_a_smarthost_with_credentials_is_verified_by_default(tmp_path):
         "smarthost": "smtp.isp.test:587", "smarthost_user": "me",
         "smarthost_password_file": str(password), "smarthost_tls": "required"}})
     assert opted_out.relay.smarthost_tls == "required"
+
+
+def test_check_config_and_aliases_check_report_alias_problems(tmp_path, capsys):
+    from mta import cli
+    (tmp_path / "aliases").write_text("team: alice, nosuch\nping: pong\npong: ping\n")
+    path = tmp_path / "mta.toml"
+    path.write_text(f'[server]\nhostname = "mx.test"\npostmaster = "alice@example.org"\n'
+                    f'[domains."example.org"]\nroute = "maildir:{tmp_path}/mail"\n'
+                    f'users = ["alice"]\naliases = "{tmp_path}/aliases"\n')
+    source = '[domains."example.org"] aliases'
+    # check-config warns (the config works: RCPT refuses what leads nowhere)...
+    assert cli.main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: warning: {source}: team@example.org: unknown target nosuch@example.org\n" \
+        in out
+    assert f"{source}: ping@example.org: alias loop through ping@example.org" in out
+    # ...`mta aliases check` fails on them; `expand` shows the way.
+    assert cli.main(["aliases", "check", "--config", str(path)]) == 1
+    assert capsys.readouterr().out.count("\n") == 3
+    assert cli.main(["aliases", "expand", "--config", str(path), "team@example.org",
+                     "ping@example.org", "postmaster@mx.test"]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "team@example.org -> alice@example.org",
+        "team@example.org -> nosuch@example.org  (unknown: fails at delivery)",
+        "ping@example.org: alias loop",
+        "postmaster@mx.test -> alice@example.org",
+    ]
+    (tmp_path / "aliases").write_text("team: alice\n")
+    assert cli.main(["aliases", "check", "--config", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: aliases OK\n"
