@@ -238,3 +238,33 @@ def test_cron_mail_to_root_and_masquerading(server: MtaServer,
     assert b"list@example.org -> member@remote.test  (sender <owner-list@example.org>)" \
         in expand.stdout
     assert f"root@{HOSTNAME} -> alice@example.org".encode() in expand.stdout
+
+
+def test_a_restart_does_not_expand_again(server: MtaServer, sinks: Callable[..., Sink],
+                                         smtp_port: int) -> None:
+    # member@remote.test's host is down: the list's message waits for it in the queue.
+    sinks("127.0.0.4", "-f", "RCPT")  # gone@bounces.test fails at once (bounce to bob)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail("someone@sender.test", ["list@example.org"],
+                        b"Subject: before the change\r\n\r\nhello\r\n")
+    wait_for("the deferral", lambda: "to=<member@remote.test>, orig_to=<list@example.org>"
+             in server.log_text() and "status=deferred" in server.log_text())
+    server.stop()
+    # The list changes while the server is down; the queued message keeps its members.
+    (server.directory / "aliases").write_text("list: alice\nowner-list: bob\n")
+    server.start()
+    member = sinks("127.0.0.2")
+    (message,) = member.wait(1)
+    assert message["Subject"] == "before the change"
+    assert message["X-Mail-Args"].startswith("<owner-list@example.org>")
+    wait_for("the queue to empty", lambda: queue_empty(server))
+    # New mail to the list follows the new file.
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail("someone@sender.test", ["list@example.org"],
+                        b"Subject: after the change\r\n\r\nhello\r\n")
+    wait_for("the queue to empty", lambda: queue_empty(server))
+    assert [m["Subject"] for m in maildir(server, "alice")] == ["before the change",
+                                                                "after the change"]
+    assert [m["Subject"] for m in maildir(server, "bob")] == [
+        "before the change", "Undelivered Mail Returned to Sender"]
+    assert len(member.messages()) == 1
