@@ -562,7 +562,8 @@ class Session:
             if not tx.smtputf8 and not path.isascii():
                 return reply.NON_ASCII_WITHOUT_SMTPUTF8
             return reply.BAD_RECIPIENT.with_text(f"bad recipient address: {e}")
-        recipient = Recipient(str(mailbox))
+        # The bare <postmaster> [RFC 5321 4.1.1.3] is ours: qualified, as ORCPT will show it.
+        recipient = Recipient(str(mailbox) if mailbox.domain else f"{mailbox}@{self.hostname}")
         refused = self._rcpt_params(recipient, params)
         if refused is not None:
             return refused

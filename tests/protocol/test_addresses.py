@@ -73,7 +73,7 @@ def test_the_envelope_carries_the_expansion(tmp_path: Path) -> None:
         ("carol@remote.test", owner, "rfc822;Sales@example.org", None),
         # SUCCESS was asked for: the list address is kept for an "expanded" report.
         ("Sales@example.org", None, None, ("SUCCESS", "FAILURE")),
-        ("postmaster@example.org", None, "rfc822;Postmaster", None),
+        ("postmaster@example.org", None, "rfc822;Postmaster@mx.test", None),
     ]
     assert envelope.recipients[3].state == "delivered"
     # The spool's copy says the same (so a restart does not expand again).
