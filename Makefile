@@ -13,7 +13,7 @@ SOURCES = pyproject.toml $(shell find mta twisted -name '*.py' 2>/dev/null)
 # --no-install-recommends would leave out).
 PEER_PACKAGES = swaks libnet-ssleay-perl postfix curl fetchmail msmtp dnsmasq-base openssl
 
-.PHONY: run test venv peers bench lint clean
+.PHONY: run test venv peers bench soak lint clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ $(VENV)/.bench-installed: $(BIN)/activate pyproject.toml
 
 bench: venv peers $(VENV)/.bench-installed
 	$(BIN)/python bench/run.py
+
+# receive -> queue -> relay -> sink for SOAK_MINUTES (default 15) under random
+# faults, then checks (soak/run.py; needs root for its tmpfs spool). Not part of `make test`.
+soak: venv peers
+	$(BIN)/python soak/run.py
 
 lint: venv
 	$(BIN)/ruff check mta tests twisted

@@ -39,18 +39,25 @@ def smtp_source(port: int, messages: int, sessions: int, size: int = 5000,
 
 class SmtpSink:
     """smtp-sink on a free port; with `count`, its running counters go to a file
-    whose last "mesg=N" says how many messages it has received."""
+    whose last "mesg=N" says how many messages it has received; with `dump`,
+    each transaction is written to a file of its own in that directory
+    (smtp-sink -d: its envelope as X-Rcpt-Args: lines, then the message)."""
 
-    def __init__(self, directory: Path, count: bool = True) -> None:
+    def __init__(self, directory: Path, count: bool = True, dump: Path | None = None) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.count = count
+        self.dump = dump
         self.out_path = directory / "sink.out"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> SmtpSink:
         options = ["-c"] if self.count else []
+        if self.dump is not None:
+            self.dump.mkdir(parents=True, exist_ok=True)
+            shutil.chown(self.dump, "nobody")  # it writes as nobody (-u)
+            options += ["-d", f"{self.dump}/%H%M%S."]
         with self.out_path.open("wb") as out:
             # -u nobody: it drops root; 1024 simultaneous connections at most.
             self.process = subprocess.Popen(
