@@ -764,14 +764,15 @@ def soak(directory: Path, minutes: float, client_count: int, seed: int) -> int:
         kills = chaos.kills
         rows.append(Row("mta restarts (part 1)", f"SIGTERM {chaos.terms}, SIGKILL {len(kills)}"))
         rows.append(Row("spool file system filled", f"{spool.fills} times"))
-        faults = Counter()
-        for hop in hops.hops.values():
-            faults.update(hop.faults)
-        rows.append(Row("next-hop faults", ", ".join(f"{k}: {v}" for k, v in
-                                                     sorted(faults.items()))))
-        rows.append(Row("mta log: tracebacks / critical lines",
-                        f"{mta.log_text().count('Traceback')} / "
-                        f"{len(re.findall(r'CRITICAL|Unhandled', mta.log_text()))}"))
+        for domain, hop in hops.hops.items():
+            rows.append(Row(f"faults of {domain}", ", ".join(
+                f"{k.split(' at ')[1]}: {v}" for k, v in sorted(hop.faults.items())) or "none"))
+        text = mta.log_text()
+        rows.append(Row("mta log: critical lines / tracebacks",
+                        f"{len(re.findall(r'#critical]', text))} / {text.count('Traceback')}"))
+        notes += [f"critical: {line}" for line in
+                  Counter(re.sub(r"\S+ \[(\S+)\] [0-9A-F]+: ", r"[\1] ", line)
+                          for line in text.splitlines() if "#critical]" in line).most_common(5)]
         deliveries = sink_deliveries(sink.dump, hops)
         failed, actions = bounces(directory / "mta" / "mail" / "sender.test")
         rows.append(Row("DSN recipient reports", ", ".join(f"{k}: {v}" for k, v in
