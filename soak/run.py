@@ -770,9 +770,9 @@ def soak(directory: Path, minutes: float, client_count: int, seed: int) -> int:
         text = mta.log_text()
         rows.append(Row("mta log: critical lines / tracebacks",
                         f"{len(re.findall(r'#critical]', text))} / {text.count('Traceback')}"))
-        notes += [f"critical: {line}" for line in
-                  Counter(re.sub(r"\S+ \[(\S+)\] [0-9A-F]+: ", r"[\1] ", line)
-                          for line in text.splitlines() if "#critical]" in line).most_common(5)]
+        critical = Counter(re.sub(r"[0-9A-F]{16,}", "ID", line.split(" ", 1)[-1])
+                           for line in text.splitlines() if "#critical]" in line)
+        notes += [f"critical x{n}: {line}" for line, n in critical.most_common(5)]
         deliveries = sink_deliveries(sink.dump, hops)
         failed, actions = bounces(directory / "mta" / "mail" / "sender.test")
         rows.append(Row("DSN recipient reports", ", ".join(f"{k}: {v}" for k, v in
