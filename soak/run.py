@@ -43,6 +43,7 @@ tmpfs mount) and smtp-sink (`make peers`).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import re
@@ -474,7 +475,8 @@ class Chaos:
         self.spool = spool
         self.rng = rng
         self.kills: list[float] = []       # wall-clock times of the SIGKILLs
-        self.terms = 0
+        self.terms: list[float] = []       # and of the SIGTERMs
+        self.full: list[tuple[float, float]] = []  # the spool full, from, to (wall clock)
         self.restarts = threading.Event()
         self.fills = threading.Event()
         self.stop = threading.Event()
@@ -524,9 +526,9 @@ class Chaos:
                     self.mta.log.close()
                     log(f"SIGKILL mta (#{len(self.kills)})")
                 else:
-                    self.terms += 1
+                    self.terms.append(time.time())
                     seconds = self.mta.stop()
-                    log(f"SIGTERM mta (#{self.terms}), exited in {seconds or 0:.1f} s")
+                    log(f"SIGTERM mta (#{len(self.terms)}), exited in {seconds or 0:.1f} s")
                 time.sleep(self.rng.uniform(0, 2))
                 self.mta.start()
 
@@ -535,10 +537,14 @@ class Chaos:
             if not self.fills.is_set():
                 continue
             with self.disk_lock:
-                self.spool.fill()
-                log(f"spool file system full (#{self.spool.fills})")
-                self.stop.wait(self.rng.uniform(5, 20))
-                self.spool.empty()
+                start = time.time()
+                try:
+                    self.spool.fill()
+                    log(f"spool file system full (#{self.spool.fills})")
+                    self.stop.wait(self.rng.uniform(5, 20))
+                finally:
+                    self.spool.empty()
+                    self.full.append((start, time.time()))
                 log("spool file system emptied")
 
 
@@ -617,7 +623,23 @@ class Row:
     ok: bool | None = None  # None: information, not a check
 
 
-def check_deliveries(clients: Clients, deliveries: dict, failed: list, kills: list[float],
+def explain(first: float, second: float, chaos: Chaos) -> str | None:
+    """Why a recipient got a second copy at `second` after one at `first`, if it may:
+    - "kill": the first was in flight at a SIGKILL (the next hop's 250 came less
+      than KILL_WINDOW seconds before it: mta died before writing it down);
+    - "disk": the first came while the spool was full, and mta was stopped
+      (SIGTERM or SIGKILL) before the disk had room again, so the outcome it
+      kept in memory could not be written (README, What mta guarantees)."""
+    if any(0 <= k - first <= KILL_WINDOW for k in chaos.kills if k <= second):
+        return "kill"
+    for start, end in chaos.full:
+        if start <= first <= end and any(first <= k <= min(end, second)
+                                         for k in chaos.kills + chaos.terms):
+            return "disk"
+    return None
+
+
+def check_deliveries(clients: Clients, deliveries: dict, failed: list, chaos: Chaos,
                      rows: list[Row]) -> list[str]:
     copies: dict[tuple[str, str], list[tuple[float, str]]] = defaultdict(list)
     for domain, items in deliveries.items():
@@ -626,7 +648,8 @@ def check_deliveries(clients: Clients, deliveries: dict, failed: list, kills: li
     for message_id, rcpt, t in failed:
         copies[(message_id, rcpt)].append((t, "bounce"))
     acked_pairs = {(m, r) for m, (rcpts, _) in clients.acked.items() for r in rcpts}
-    lost, explained, unexplained, mixed, notes = [], 0, [], [], []
+    lost, unexplained, mixed, notes = [], [], [], []
+    explained: Counter = Counter()
     delivered = bounced = 0
     for pair in sorted(acked_pairs):
         seen = sorted(copies.get(pair, []))
@@ -640,21 +663,26 @@ def check_deliveries(clients: Clients, deliveries: dict, failed: list, kills: li
             bounced += 1
         else:
             delivered += 1
-        for t, _ in seen[:-1]:
-            if any(0 <= k - t <= KILL_WINDOW for k in kills):
-                explained += 1
+        for (first, _), (second, _) in itertools.pairwise(seen):
+            why = explain(first, second, chaos)
+            if why:
+                explained[why] += 1
             else:
                 unexplained.append((pair, seen))
     unacked = {pair for pair in copies if pair not in acked_pairs and pair[0] != "?"}
     total = len(acked_pairs)
+    kills = len(chaos.kills)
     rows.append(Row("acknowledged (message, recipient)", f"{total} in {len(clients.acked)} messages"))
     rows.append(Row("  delivered to their sink", str(delivered)))
     rows.append(Row("  bounced (DSN to the sender)", str(bounced)))
     rows.append(Row("acknowledged and lost", str(len(lost)), not lost and total > 0))
     rows.append(Row("delivered and also bounced", str(len(mixed)), not mixed))
-    rows.append(Row("duplicates in flight at a SIGKILL",
-                    f"{explained} (SIGKILLs: {len(kills)}, at most 20 a kill)",
-                    explained <= 20 * len(kills)))
+    rows.append(Row("duplicates: in flight at a SIGKILL",
+                    f"{explained['kill']} (SIGKILLs: {kills}, at most 20 a kill)",
+                    explained["kill"] <= 20 * kills))
+    rows.append(Row("duplicates: outcome in memory, stopped on a full disk",
+                    f"{explained['disk']} (restarts while full: "
+                    f"{sum(1 for a, b in chaos.full for k in chaos.kills + chaos.terms if a <= k <= b)})"))
     rows.append(Row("duplicates not explained", str(len(unexplained)), not unexplained))
     rows.append(Row("delivered without a 250 to the client", f"{len(unacked)} (allowed: the "
                     "reply was lost to a restart or a full disk)"))
@@ -761,8 +789,8 @@ def soak(directory: Path, minutes: float, client_count: int, seed: int) -> int:
                         f"(seed {seed})"))
         rows.append(Row("client attempts", ", ".join(f"{k}: {v}" for k, v in
                                                      sorted(clients.outcomes.items()))))
-        kills = chaos.kills
-        rows.append(Row("mta restarts (part 1)", f"SIGTERM {chaos.terms}, SIGKILL {len(kills)}"))
+        rows.append(Row("mta restarts (part 1)",
+                        f"SIGTERM {len(chaos.terms)}, SIGKILL {len(chaos.kills)}"))
         rows.append(Row("spool file system filled", f"{spool.fills} times"))
         for domain, hop in hops.hops.items():
             rows.append(Row(f"faults of {domain}", ", ".join(
@@ -777,7 +805,7 @@ def soak(directory: Path, minutes: float, client_count: int, seed: int) -> int:
         failed, actions = bounces(directory / "mta" / "mail" / "sender.test")
         rows.append(Row("DSN recipient reports", ", ".join(f"{k}: {v}" for k, v in
                                                            sorted(actions.items())) or "none"))
-        notes += check_deliveries(clients, deliveries, failed, kills, rows)
+        notes += check_deliveries(clients, deliveries, failed, chaos, rows)
         notes += rss_rows(baseline, end, samples, rows)
         rows.append(Row("queue drained after the final flush", "yes" if drained else "no",
                         drained))
