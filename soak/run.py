@@ -158,11 +158,14 @@ class FakeHop:
     stages: tuple[str, ...]    # of greeting, mail, rcpt, data, dot
     rng: random.Random
     episodes: tuple[float, float] | None = None
+    healed: bool = False       # set while the queue drains: faults have stopped
     port: int = 0
     delivered: list[tuple[bytes, str, float]] = field(default_factory=list)
     faults: Counter = field(default_factory=Counter)
 
     def pick(self) -> str | None:
+        if self.healed and self.kind != "reject":
+            return None
         if self.episodes and time.monotonic() % self.episodes[1] >= self.episodes[0]:
             return None
         if self.rng.random() < self.probability:
@@ -290,6 +293,11 @@ class Hops:
             self.servers.append(asyncio.run_coroutine_threadsafe(
                 asyncio.start_server(hop.handle, "127.0.0.1", hop.port), self.loop).result(10))
         return self
+
+    def heal(self, healed: bool) -> None:
+        """Faults stop (the rejecting hop still rejects: its mail must bounce), or start again."""
+        for hop in self.hops.values():
+            hop.healed = healed
 
     def stop(self) -> None:
         if not self.thread.is_alive():
@@ -767,10 +775,12 @@ def soak(directory: Path, minutes: float, client_count: int, seed: int) -> int:
         wait_until(time.monotonic() + warmup, chaos)
         clients.pause()
         chaos.calm()
+        hops.heal(True)
         if not drain(mta, spool, directory):
             raise BenchError(f"the queue did not drain after the warm-up: {spool.files()[:10]}")
         baseline = quiet_sample(mta)
         log(f"baseline: RSS {baseline[0] / 1024:.1f} MiB, {baseline[1]} fds; load and faults again")
+        hops.heal(False)
         chaos.fills.set()
         clients.sending.set()
         samples: list[tuple[float, int, int]] = []
@@ -778,10 +788,11 @@ def soak(directory: Path, minutes: float, client_count: int, seed: int) -> int:
         while time.monotonic() < deadline and not chaos.stop.is_set():
             samples.append((time.monotonic(), rss_kb(mta.pid), fd_count(mta.pid)))
             time.sleep(2)
-        log("faults stop: clients stopped, spool emptied, queue flushed")
+        log("faults stop: clients stopped, spool emptied, next hops healed, queue flushed")
         clients.stop()
         chaos.calm()
         chaos.finish()
+        hops.heal(True)
         drained = drain(mta, spool, directory)
         end = quiet_sample(mta)
         left = spool.files()
