@@ -24,14 +24,17 @@ even when it fails):
 
 The second part of the run keeps mta up: after a warm-up the clients pause
 until the queue is empty, RSS and open file descriptors are sampled, the
-load and faults go on, then faults stop, `mta queue flush`, the queue
-drains and they are sampled again.
+load and faults go on, then faults stop (the next hops heal, but for the
+rejecting one), `mta queue flush`, the queue drains and they are sampled
+again.
 
 Checks (the exit status is 1 when one fails):
 - every acknowledged (message, recipient) was delivered to its sink or
   bounced (a DSN naming it arrived in the sender's Maildir), and
-  duplicates are only deliveries that were in flight at a SIGKILL (the
-  first copy reached its sink less than KILL_WINDOW seconds before one);
+  duplicates are only those README's "What mta guarantees" allows: a
+  delivery in flight at a SIGKILL (the first copy reached its sink less
+  than KILL_WINDOW seconds before one), or one made on a full spool when
+  mta was stopped before the disk had room again (see explain());
 - RSS flat after the warm-up; no file descriptor leaked (queue empty both
   times); the spool empty at the end.
 
