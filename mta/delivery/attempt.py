@@ -186,6 +186,10 @@ class Attempts:
                 failures[0].raiseException()
             delivered = sum(results_ok for ok, results_ok in results if ok)
         if self.stopping():
+            if groups:
+                # Outcomes that came in while we stop (a next hop's 250 after SIGTERM)
+                # go to disk, or the restarted server sends those recipients again.
+                yield save()
             return Verdict(False, envelope.next_attempt,
                            frozenset(r.domain for r in envelope.pending), delivered)
         return (yield self._after_attempt(save, envelope, data, delivered))

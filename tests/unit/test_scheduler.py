@@ -806,6 +806,27 @@ class RelayerTest(SynchronousTestCase):
         self.assertEqual(self.courier.addresses, [[other]])
         self.assertEqual(self.spool.queue_ids(), [])
 
+    def test_a_delivery_that_ends_during_the_stop_is_recorded(self) -> None:
+        # One transaction (one next hop): the next hop's 250 arrives after SIGTERM
+        # began the stop.  It must be on disk, or the restarted server sends the
+        # message again (make soak found it: duplicates after SIGTERM).
+        self.courier.hold = True
+        envelope = self.submit("a@far.test", "b@far.test")
+        self.assertEqual(len(self.courier.waiting), 1)
+        d, recipients = self.courier.waiting.pop(0)
+        stopped = defer.maybeDeferred(self.relayer.stopService)
+        d.callback(self.courier.results(recipients))
+        self.successResultOf(stopped)
+        self.assertEqual(self.spool.queue_ids(), [envelope.queue_id])
+        stored = self.spool.load(envelope.queue_id)
+        self.assertEqual({r.address: r.state for r in stored.recipients},
+                         {"a@far.test": DELIVERED, "b@far.test": DELIVERED})
+        self.make()
+        self.relayer.startService()
+        self.clock.advance(0)
+        self.assertEqual(self.courier.addresses, [])  # not sent again: only removed
+        self.assertEqual(self.spool.queue_ids(), [])
+
     def test_envelope_removed_by_the_command_line_is_forgotten(self) -> None:
         self.courier.default = Deferred("4.4.1", "refused")
         envelope = self.submit("a@far.test")
