@@ -46,6 +46,7 @@ tmpfs mount) and smtp-sink (`make peers`).
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
 import os
 import random
@@ -134,6 +135,7 @@ DOMAINS = {"good.test": 50, "defer.test": 15, "drop.test": 12, "stall.test": 10,
 
 MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<soak\.[^>]+>)", re.IGNORECASE | re.MULTILINE)
 RCPT_ARGS = re.compile(rb"^X-Rcpt-Args:\s*<([^>]*)>", re.IGNORECASE | re.MULTILINE)
+DSN_DATE = re.compile(rb"^Date:\s*(.+)$", re.MULTILINE)
 DSN_RECIPIENT = re.compile(rb"^Final-Recipient:\s*[^;]+;\s*(\S+)\s*\r?\nAction:\s*(\w+)",
                            re.IGNORECASE | re.MULTILINE)
 
@@ -611,7 +613,7 @@ def sink_deliveries(dump: Path, hops: Hops) -> dict[str, list[tuple[str, str, fl
 
 
 def bounces(mailboxes: Path) -> tuple[list[tuple[str, str, float]], Counter]:
-    """(message id, recipient, time) of every failure report; and the DSN actions seen."""
+    """(message id, recipient, time made) of every failure report; and the DSN actions seen."""
     out, actions = [], Counter()
     for path in mailboxes.rglob("*"):
         if not path.is_file() or path.parent.name not in ("new", "cur"):
@@ -619,11 +621,17 @@ def bounces(mailboxes: Path) -> tuple[list[tuple[str, str, float]], Counter]:
         data = path.read_bytes()
         ids = MESSAGE_ID.findall(data)
         message_id = ids[0].decode() if ids else "?"
+        # When the report was made (its Date:, to the second), not when it reached
+        # the Maildir: a report made just before a SIGKILL is in flight at it.
+        date = DSN_DATE.search(data.split(b"\n\n", 1)[0].replace(b"\r", b""))
+        try:
+            made = email.utils.parsedate_to_datetime(date.group(1).decode()).timestamp()
+        except (AttributeError, TypeError, ValueError):
+            made = path.stat().st_mtime
         for rcpt, action in DSN_RECIPIENT.findall(data):
             actions[action.decode().lower()] += 1
             if action.lower() == b"failed":
-                out.append((message_id, rcpt.decode(errors="replace").lower(),
-                            path.stat().st_mtime))
+                out.append((message_id, rcpt.decode(errors="replace").lower(), made))
     return out, actions
 
 
