@@ -612,8 +612,9 @@ def sink_deliveries(dump: Path, hops: Hops) -> dict[str, list[tuple[str, str, fl
     return out
 
 
-def bounces(mailboxes: Path) -> tuple[list[tuple[str, str, float]], Counter]:
-    """(message id, recipient, time made) of every failure report; and the DSN actions seen."""
+def bounces(mailboxes: Path) -> tuple[list[tuple[str, str, float, float]], Counter]:
+    """(message id, recipient, time it arrived, time it was made) of every failure
+    report; and the DSN actions seen."""
     out, actions = [], Counter()
     for path in mailboxes.rglob("*"):
         if not path.is_file() or path.parent.name not in ("new", "cur"):
@@ -621,8 +622,9 @@ def bounces(mailboxes: Path) -> tuple[list[tuple[str, str, float]], Counter]:
         data = path.read_bytes()
         ids = MESSAGE_ID.findall(data)
         message_id = ids[0].decode() if ids else "?"
-        # When the report was made (its Date:, to the second), not when it reached
-        # the Maildir: a report made just before a SIGKILL is in flight at it.
+        # When the report was made (its Date:, to the second) as well as when it
+        # reached the Maildir: one made, or delivered, just before a SIGKILL was in
+        # flight at it (made again, or delivered again, by the next mta).
         date = DSN_DATE.search(data.split(b"\n\n", 1)[0].replace(b"\r", b""))
         try:
             made = email.utils.parsedate_to_datetime(date.group(1).decode()).timestamp()
@@ -631,7 +633,8 @@ def bounces(mailboxes: Path) -> tuple[list[tuple[str, str, float]], Counter]:
         for rcpt, action in DSN_RECIPIENT.findall(data):
             actions[action.decode().lower()] += 1
             if action.lower() == b"failed":
-                out.append((message_id, rcpt.decode(errors="replace").lower(), made))
+                out.append((message_id, rcpt.decode(errors="replace").lower(),
+                            path.stat().st_mtime, made))
     return out, actions
 
 
@@ -642,30 +645,35 @@ class Row:
     ok: bool | None = None  # None: information, not a check
 
 
-def explain(first: float, second: float, chaos: Chaos) -> str | None:
-    """Why a recipient got a second copy at `second` after one at `first`, if it may:
-    - "kill": the first was in flight at a SIGKILL (the next hop's 250 came less
-      than KILL_WINDOW seconds before it: mta died before writing it down);
+def explain(first: tuple[float, ...], second: float, chaos: Chaos) -> str | None:
+    """Why a recipient got a second copy at `second` after one at `first` (when it
+    reached its sink, and for a DSN also when it was made), if it may:
+    - "kill": the first was in flight at a SIGKILL (the next hop's 250 came, or the
+      report was made, less than KILL_WINDOW seconds before it: mta died before
+      writing it down);
     - "disk": the first came while the spool was full, and mta was stopped
-      (SIGTERM or SIGKILL) before the disk had room again, so the outcome it
-      kept in memory could not be written (README, What mta guarantees)."""
-    if any(0 <= k - first <= KILL_WINDOW for k in chaos.kills if k <= second):
+      (SIGTERM or SIGKILL) during that same outage, before the second copy: the
+      outcome kept in memory could not be written (README, What mta guarantees).
+    A DSN's Date: is to the second: the times are compared with a second's slack."""
+    if any(0 <= k - t <= KILL_WINDOW + 1 for t in first for k in chaos.kills
+           if k <= second + 1):
         return "kill"
     for start, end in chaos.full:
-        if start <= first <= end and any(first <= k <= min(end, second)
-                                         for k in chaos.kills + chaos.terms):
+        if any(start <= t <= end for t in first) and any(
+                start <= k <= end and k <= second + 1 for k in chaos.kills + chaos.terms):
             return "disk"
     return None
 
 
 def check_deliveries(clients: Clients, deliveries: dict, failed: list, chaos: Chaos,
                      rows: list[Row]) -> list[str]:
-    copies: dict[tuple[str, str], list[tuple[float, str]]] = defaultdict(list)
+    copies: dict[tuple[str, str], list[tuple[float, str, tuple[float, ...]]]] = \
+        defaultdict(list)
     for domain, items in deliveries.items():
         for message_id, rcpt, t in items:
-            copies[(message_id, rcpt)].append((t, domain))
-    for message_id, rcpt, t in failed:
-        copies[(message_id, rcpt)].append((t, "bounce"))
+            copies[(message_id, rcpt)].append((t, domain, (t,)))
+    for message_id, rcpt, arrived, made in failed:
+        copies[(message_id, rcpt)].append((arrived, "bounce", (arrived, made)))
     acked_pairs = {(m, r) for m, (rcpts, _) in clients.acked.items() for r in rcpts}
     lost, unexplained, mixed, notes = [], [], [], []
     explained: Counter = Counter()
@@ -675,14 +683,14 @@ def check_deliveries(clients: Clients, deliveries: dict, failed: list, chaos: Ch
         if not seen:
             lost.append(pair)
             continue
-        kinds = {k for _, k in seen}
+        kinds = {k for _, k, _ in seen}
         if "bounce" in kinds and len(kinds) > 1:
             mixed.append((pair, seen))
         if "bounce" in kinds:
             bounced += 1
         else:
             delivered += 1
-        for (first, _), (second, _) in itertools.pairwise(seen):
+        for (_, _, first), (second, _, _) in itertools.pairwise(seen):
             why = explain(first, second, chaos)
             if why:
                 explained[why] += 1
@@ -709,7 +717,7 @@ def check_deliveries(clients: Clients, deliveries: dict, failed: list, chaos: Ch
         notes.append(f"lost: {pair[0]} to {pair[1]}")
     for pair, seen in (unexplained + mixed)[:10]:
         times = ", ".join(f"{k} at {time.strftime('%H:%M:%S', time.localtime(t))}"
-                          f".{int(t % 1 * 1000):03d}" for t, k in seen)
+                          f".{int(t % 1 * 1000):03d}" for t, k, _ in seen)
         notes.append(f"copies of {pair[0]} to {pair[1]}: {times}")
     return notes
 
