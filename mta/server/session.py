@@ -141,6 +141,14 @@ class Session:
         self.auth_exchange: AuthExchange | None = None
         self.auth_failures = 0
 
+    def _take_config(self) -> None:
+        """Between transactions, the config in force now (a reload may have swapped it)."""
+        config = self.context.config
+        if config is not self.config:
+            self.config = config
+            self.policy = Policy(config, self.listener)
+            self.hostname = config.server.hostname
+
     # -- replies ---------------------------------------------------------------
 
     @property
@@ -214,6 +222,7 @@ class Session:
 
     def _greet(self, name: str, esmtp: bool) -> None:
         self.reset_transaction()
+        self._take_config()
         self.helo = name
         self.esmtp = esmtp
         self.phase = Phase.GREETED
@@ -465,6 +474,7 @@ class Session:
             return reply.NEED_HELO
         if self.in_transaction:
             return reply.NESTED_MAIL
+        self._take_config()
         if arg[:5].upper() != "FROM:":
             return reply.syntax_error(f"syntax: {name} FROM:<address>")
         try:

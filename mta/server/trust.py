@@ -82,13 +82,22 @@ class Trust:
     def has_cram_md5(self) -> bool:
         return self.checker is not None and self.checker.has_cram_md5()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the certificate and the password file; nothing is dropped."""
-        log.info("SIGHUP: reloading TLS certificate and password file")
-        if self.tls is not None:
-            self.tls.reload()
-        if self.checker is not None:
-            self.checker.refresh()
+    def adopt(self, new: Trust, config: Config) -> None:
+        """A reload: take `new`'s certificate and password file (read, and checked, by
+        `tap.prepare` from `config`), and its AUTH failure limits.
+
+        The ServerTLS object stays the same one (implicit-TLS listeners hold it)
+        and takes the new context: new handshakes use it, sessions already in
+        TLS keep theirs.  AUTH exchanges that start from now on use the new
+        password file.  The failures counted so far are kept.
+        """
+        if self.tls is not None and new.tls is not None:
+            self.tls.adopt(new.tls)
+        else:
+            self.tls = new.tls
+        self.checker, self.portal = new.checker, new.portal
+        self.failures.limit = config.auth.failures_per_client
+        self.failures.window = config.auth.failure_window
 
 
 ALL = "*"  # the key of `Trust.failures_total`
