@@ -136,7 +136,7 @@ class Reloader(service.Service):
                      "until then the running one stays", what=what)
         if kept:
             new = dataclasses.replace(new, **kept)
-        for warning in unused_keys(new) + pickup_warnings(new, prepared.trust):
+        for warning in alias_warnings(new) + pickup_warnings(new, prepared.trust):
             log.warn("{warning}", warning=warning)  # noqa: G010
         self.trust.adopt(prepared.trust, new)
         self.live.swap(new)

@@ -121,6 +121,7 @@ class AuthExchange:
         self.mechanism: sasl.Mechanism | None = None
         self.waiting = False  # a 334 was sent: the next line is SASL
         self.result: str | None = None
+        self.tried_user: str | None = None  # the user name of the last credentials checked
         self.closing = False
         # The guess being checked is counted as a failure from the moment it is made, and
         # taken back if it was right: parallel sessions see each other's guesses at once.
@@ -165,6 +166,9 @@ class AuthExchange:
             log.info("AUTH refused: too many failures from [{client}]", client=self.client_address)
             return reply.AUTH_CLIENT_BLOCKED
         self._count()
+        self.tried_user = getattr(step, "username", None)
+        if isinstance(self.tried_user, bytes):
+            self.tried_user = self.tried_user.decode("utf-8", "replace")
         d = login(self.trust.portal, step)
         return d.addCallbacks(self._succeeded, self._errored)
 
@@ -205,10 +209,7 @@ class AuthExchange:
         self.failures += 1
         if not self._counted:  # refused before any check (an authorization not allowed)
             self._count()
-        in_window = self.trust.failures.count(self.client_address)
-        log.info("AUTH {mechanism} failed from [{client}] ({session} in this session, "
-                 "{window} from this address)", mechanism=self.mechanism.name,
-                 client=self.client_address, session=self.failures, window=in_window)
+        # The session logs the failure (maillog.auth_failed), in the words fail2ban knows.
         answer = reply.AUTH_FAILED
         if self.failures >= self.config.auth.max_failures:
             self.closing = True
