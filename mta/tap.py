@@ -226,6 +226,13 @@ def prepare(path: str, reactor: Any) -> Prepared:
         raise config_module.ConfigError(f"{path}: [tls] certificate: {e}") from None
     except (OSError, ValueError) as e:  # the password file
         raise config_module.ConfigError(f"{path}: [auth] passwords: {e}") from None
+    if config.metrics.endpoint:
+        try:
+            endpoints.serverFromString(reactor, config.metrics.endpoint)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise config_module.ConfigError(
+                f"{path}: [metrics] endpoint: bad endpoint {config.metrics.endpoint!r}: "
+                f"{e}") from None
     parsed = []
     for i, listener in enumerate(config.listeners):
         try:
@@ -252,7 +259,9 @@ class ListeningService(StreamServerEndpointService):
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
+    from mta import maillog
     from mta.delivery.scheduler import Relayer
+    from mta.observe import JSONLogService, Metrics, metrics_service
     from mta.pull import PullService
     from mta.server.context import ServerContext
     from mta.server.protocol import ConnectionTable, SMTPFactory
@@ -276,7 +285,15 @@ def makeService(options: Options) -> service.MultiService:
     relayer = Relayer(live, spool, reactor)
     relayer.setName("relayer")
     relayer.setServiceParent(top)
-    Reloader(options["config"], live, trust, reactor).setServiceParent(top)
+    reloader = Reloader(options["config"], live, trust, reactor)
+    reloader.setServiceParent(top)
+    json_log = JSONLogService(config.log.json_file)
+    json_log.setServiceParent(top)
+    reloader.on_reload.append(json_log.reconfigure)
+    maillog.metrics = None
+    if config.metrics.endpoint:
+        maillog.metrics = Metrics(relayer)
+        metrics_service(config.metrics.endpoint, maillog.metrics, reactor).setServiceParent(top)
     if config.pulls:
         PullService(config, spool, relayer, reactor).setServiceParent(top)
     connections = ConnectionTable()

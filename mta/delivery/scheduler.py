@@ -100,6 +100,7 @@ class _Entry:
     again: bool = False  # flushed while running: due again as soon as it ends
     fresh: bool = False  # new mail, not yet tried: waits in the fresh line, not the heap
     dropped: bool = False  # held or deleted by the operator while running: forget it after
+    held: bool = False  # all it has left waits for pickup (hold domains)
     domains: frozenset[str] = frozenset()  # of pending recipients: the domain index
     release: frozenset[str] = frozenset()  # held domains to attempt next time
     idle: list[defer.Deferred[None]] | None = None  # waiting for it to stop
@@ -333,6 +334,18 @@ class Relayer(Service):
         self._arm()
         return len(entries)
 
+    def queue_sizes(self) -> dict[str, int]:
+        """Messages by state, for the metrics: ``active`` (being attempted), ``incoming``
+        (new, not tried yet), ``deferred`` (waiting for a retry), ``held`` (for pickup
+        by ETRN/ATRN/TURN) and ``hold`` (put on hold by the operator)."""
+        sizes = {"active": 0, "incoming": 0, "deferred": 0, "held": 0}
+        for entry in self._entries.values():
+            state = "active" if entry.running else "incoming" if entry.fresh else \
+                "held" if entry.held else "deferred"
+            sizes[state] += 1
+        sizes["hold"] = len(self.spool.queue_ids(HOLD))
+        return sizes
+
     def waiting(self, domains: Collection[str]) -> int:
         """Messages with pending recipients in `domains` (exact names)."""
         return len(self._entries_for(domains))
@@ -410,7 +423,7 @@ class Relayer(Service):
             entry = self._entries[envelope.queue_id] = _Entry(envelope.queue_id)
         entry.dropped = False
         self._index(entry, frozenset(r.domain for r in envelope.pending))
-        held = self.attempts.held_only(envelope)
+        held = entry.held = self.attempts.held_only(envelope)
         if held:
             due = max(due, envelope.arrival + self.config.relay.lifetime)
         if entry.running:
