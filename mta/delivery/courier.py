@@ -172,7 +172,7 @@ class SMTPCourier:
             self.live.subscribe(lambda new: setattr(self, "resolver",
                                                     MXResolver.from_config(new)))
         self.connect = connect or self._connect_tcp
-        self.timeouts = timeouts or Timeouts.from_config(config.relay)
+        self.timeouts = timeouts or Timeouts.from_config(self.config.relay)
         # Hosts that timed out, (address, port) -> until when they are not tried: a tarpit
         # must not hold our connection slots again at once, attempt after attempt.
         self._dead: dict[tuple[str, int], float] = {}
