@@ -437,7 +437,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         if said is not None and said.code >= 400 and said != reply.TOO_MANY_RECIPIENTS:
             session.errors += 1
             if session.errors >= self.limits.errors:
-                log.info("too many errors from [{client}]", client=self.client_address)
+                session.log_refusal("COMMAND", reply.TOO_MANY_ERRORS)
                 self._close_with(reply.TOO_MANY_ERRORS)
                 return
         self.setTimeout(self.limits.command_timeout)

@@ -173,7 +173,11 @@ class Session:
         """The reply to an over-long line; it also ends an AUTH exchange."""
         if self.expects_sasl:
             exchange, self.auth_exchange = self.auth_exchange, None
-            return exchange.abort_too_long()
+            said = exchange.abort_too_long()
+            self._log_reject("AUTH", said)
+            return said
+        self._count("unknown", False)
+        self._log_reject("COMMAND", reply.LINE_TOO_LONG)
         return reply.LINE_TOO_LONG
 
     # -- dispatch ----------------------------------------------------------------
@@ -182,22 +186,26 @@ class Session:
         if self.expects_sasl:
             return _answered(self._auth_result(self.auth_exchange.respond(line)))
         if b"\x00" in line:
-            return Answer(reply.BAD_BYTES)
+            return self._unknown(reply.BAD_BYTES)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return Answer(reply.BAD_BYTES)
+            return self._unknown(reply.BAD_BYTES)
         name, _, arg = text.partition(" ")
         found = _VERBS.get(name.upper())
         if found is None:
-            self._count("unknown", False)
-            return Answer(reply.UNKNOWN_COMMAND)
+            return self._unknown(reply.UNKNOWN_COMMAND)
         result = _answered(found.handler(self, arg.strip(" ")))
         if isinstance(result, defer.Deferred):
             return result.addCallback(self._noted, found.name, arg)
         return self._noted(result, found.name, arg)
 
     # -- the log: command counts and rejections -----------------------------------
+
+    def _unknown(self, said: Reply) -> Answer:
+        self._count("unknown", False)
+        self._log_reject("UNKNOWN", said)
+        return Answer(said)
 
     def _count(self, name: str, ok: bool) -> None:
         counts = self.counts.get(name)
@@ -217,6 +225,10 @@ class Session:
         if code >= 400:
             self._log_reject(name, said, arg)
         return answer
+
+    def log_refusal(self, stage: str, said: Reply) -> None:
+        """A refusal decided by the connection (protocol.py): too many errors."""
+        self._log_reject(stage, said)
 
     def _log_reject(self, stage: str, said: Reply, arg: str = "",
                     tx: Transaction | None = None, queue_id: str | None = None) -> None:

@@ -11,7 +11,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from mta import maillog
 from mta.config import Live
 from mta.observe import Metrics
-from tests.protocol.dialog import Server, make_config
+from tests.protocol.dialog import Server, make_config, reply_codes
 
 
 @pytest.fixture
@@ -111,3 +111,36 @@ def test_metrics_count_the_events(monkeypatch) -> None:
     assert get("mta_delivery_delay_seconds_count") == 1
     assert get("mta_tls_session_ratio") == 1.0
     assert get("mta_connections_active") == 0
+
+
+def test_every_refusal_a_session_sends_is_one_log_line(tmp_path: Path, events) -> None:
+    """Each 4xx/5xx reply of a session is a reject line, whatever the command."""
+    server = Server(tmp_path, client="192.0.2.7",
+                    relay={"mynetworks": ["127.0.0.1/32"]}, limits={"errors": 50,
+                                                                    "message_size": 1000})
+    script = (b"MAIL FROM:<a@c.test>\r\n"  # 503 before EHLO
+              b"EHLO c.test\r\n"
+              b"RCPT TO:<x@example.org>\r\n"  # 503 before MAIL
+              b"MAIL FROM:<bad address>\r\n"  # 501
+              b"MAIL FROM:<a@c.test> SIZE=5000\r\n"  # 552
+              b"MAIL FROM:<a@c.test>\r\n"
+              b"RCPT TO:<carol@example.org>\r\n"  # 550 5.1.1
+              b"RCPT TO:<x@elsewhere.test>\r\n"  # 554 relay denied
+              b"DATA\r\n"  # 554 no valid recipients
+              b"FROB\r\n"  # 500
+              + b"NOOP " + b"x" * 600 + b"\r\n"  # 500 line too long
+              + b"RCPT TO:<alice@example.org>\r\nDATA\r\n"
+              + b"Subject: big\r\n\r\n" + b"y" * 990 + b"\r\n" + b"y" * 100 + b"\r\n.\r\n"  # 552
+              + b"QUIT\r\n")
+    out = server.send(script)
+    refused = [code for code in reply_codes(out) if code[0] in "45"]
+    rejects = [line for line in lines(events) if ": reject: " in line]
+    assert len(refused) == 10 and len(rejects) == len(refused), (refused, rejects)
+    stages = [line.split(": reject: ")[1].split(" ")[0] for line in rejects]
+    assert stages == ["MAIL", "RCPT", "MAIL", "MAIL", "RCPT", "RCPT", "DATA", "UNKNOWN",
+                      "COMMAND", "END-OF-MESSAGE"]
+    assert rejects[-1].split(":")[0] != "NOQUEUE"  # the message had a queue id
+    server.protocol.connectionLost(None)  # StringTransport does not close by itself
+    assert lines(events)[-1] == (
+        "disconnect from unknown[192.0.2.7] mail=1/4 ehlo=1 rcpt=1/4 data=1/2 unknown=0/2 "
+        "quit=1 commands=5/14")
