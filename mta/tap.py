@@ -92,7 +92,7 @@ class Reloader(service.Service):
         try:
             self._pid_file.write_text(f"{os.getpid()}\n")
         except OSError as e:
-            log.warn("cannot write {path}: {why}; mta reload needs --pid",  # noqa: G010
+            log.warn("cannot write {path}: {why}; mta reload needs --pidfile",  # noqa: G010
                      path=str(self._pid_file), why=e.strerror)
             self._pid_file = None
 

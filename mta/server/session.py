@@ -469,7 +469,6 @@ class Session:
         exchange = AuthExchange(trust, self.config, self.client_address, self.hostname,
                                 self.auth_failures)
         if exchange.blocked():
-            log.info("AUTH refused: too many failures from [{client}]", client=self.client_address)
             return Answer(reply.AUTH_CLIENT_BLOCKED, CLOSE)
         self.auth_exchange = exchange
         return self._auth_result(self.auth_exchange.start(arg, self.auth_mechanisms(),

@@ -98,6 +98,8 @@ class Trust:
         self.checker, self.portal = new.checker, new.portal
         self.failures.limit = config.auth.failures_per_client
         self.failures.window = config.auth.failure_window
+        self.failures_total.limit = config.auth.failures_total
+        self.failures_total.window = config.auth.failure_window
 
 
 ALL = "*"  # the key of `Trust.failures_total`
@@ -163,7 +165,6 @@ class AuthExchange:
             return step.reply
         if self.blocked():
             self.closing = True
-            log.info("AUTH refused: too many failures from [{client}]", client=self.client_address)
             return reply.AUTH_CLIENT_BLOCKED
         self._count()
         self.tried_user = getattr(step, "username", None)

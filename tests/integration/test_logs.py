@@ -40,6 +40,7 @@ key = "{key}"
 passwords = "{passwords}"
 failure_delay = "0s"
 max_failures = 10
+failures_per_client = 3
 
 [relay]
 mynetworks = ["127.0.0.1/32"]
@@ -81,13 +82,14 @@ def test_every_rejection_and_receipt_is_one_line(start_mta: Callable[..., MtaSer
           "--body", "x" * 3000)
     # MAIL before AUTH on the submission port; three wrong passwords; one right one, in TLS.
     swaks(submission, "--from", "alice@example.org", "--to", "bob@elsewhere.test", "--tls")
-    for _ in range(3):
-        swaks(submission, "--tls", "--auth", "PLAIN", "--auth-user", "alice",
-              "--auth-password", "wrong", "--from", "alice@example.org", "--to", "b@x.test")
     done = swaks(submission, "--tls", "--auth", "PLAIN", "--auth-user", "alice",
                  "--auth-password", PASSWORD, "--from", "alice@example.org",
                  "--to", "alice@example.org", "--header", "Message-Id: <m1@client.test>")
     assert done.returncode == 0, done.stdout
+    # Three wrong passwords, then AUTH is refused to that address (failures_per_client).
+    for _ in range(4):
+        swaks(submission, "--tls", "--auth", "PLAIN", "--auth-user", "alice",
+              "--auth-password", "wrong", "--from", "alice@example.org", "--to", "b@x.test")
     # Control characters from the network never reach the log as they are.
     with socket.create_connection(("127.0.0.1", port)) as raw:
         raw.recv(512)
@@ -96,7 +98,7 @@ def test_every_rejection_and_receipt_is_one_line(start_mta: Callable[..., MtaSer
         while raw.recv(4096):
             pass
 
-    wait_for("the last disconnect", lambda: server.log_text().count("disconnect from") >= 9)
+    wait_for("the last disconnect", lambda: server.log_text().count("disconnect from") >= 10)
     log = server.log_text()
     client = re.escape(f"unknown[{UNTRUSTED}]")
     expected = [
@@ -125,6 +127,8 @@ def test_every_rejection_and_receipt_is_one_line(start_mta: Callable[..., MtaSer
     failures = re.findall(rf"warning: {client}: SASL PLAIN authentication failed: 535 5\.7\.8 "
                           rf".*, sasl_username=alice", log)
     assert len(failures) == 3
+    assert re.search(rf"NOQUEUE: reject: AUTH from {client}: 421 4\.7\.0 too many authentication "
+                     rf"failures from your address", log)
     assert "\x1b" not in log and "\x07" not in log
 
     # fail2ban reads the same lines with our filter.
@@ -132,5 +136,5 @@ def test_every_rejection_and_receipt_is_one_line(start_mta: Callable[..., MtaSer
     result = subprocess.run([regex, "--print-all-matched", str(server.log_path), str(FILTER)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"Failregex: 3 total", result.stdout), result.stdout
+    assert re.search(r"Failregex: 4 total", result.stdout), result.stdout
     assert re.search(r"127\.0\.0\.9\s+\(", result.stdout) or "127.0.0.9" in result.stdout
