@@ -65,7 +65,7 @@ class Reloader(service.Service):
     new connections and every session's next EHLO/HELO or MAIL see it, and so
     does each delivery attempt that starts from then on; no session is
     dropped.  What cannot change without a restart (the listeners, the spool
-    directory, the metrics endpoint, the [[pull]] schedule) is logged as such
+    directory, the metrics endpoint) is logged as such
     and keeps its running value.
 
     While it runs, the server's pid is in ``SPOOL/mta.pid``, for `mta reload`.
@@ -127,11 +127,9 @@ class Reloader(service.Service):
             kept["server"] = dataclasses.replace(new.server, spool=old.server.spool)
         if new.metrics != old.metrics:
             kept["metrics"] = old.metrics
-        if new.pulls != old.pulls:
-            kept["pulls"] = old.pulls
         for key in kept:
             what = {"listeners": "[[listeners]]", "server": "[server] spool",
-                    "metrics": "[metrics]", "pulls": "[[pull]]"}[key]
+                    "metrics": "[metrics]"}[key]
             log.warn("reload: {what} changed: that takes a restart; "  # noqa: G010
                      "until then the running one stays", what=what)
         if kept:
@@ -294,8 +292,9 @@ def makeService(options: Options) -> service.MultiService:
     if config.metrics.endpoint:
         maillog.metrics = Metrics(relayer)
         metrics_service(config.metrics.endpoint, maillog.metrics, reactor).setServiceParent(top)
-    if config.pulls:
-        PullService(config, spool, relayer, reactor).setServiceParent(top)
+    pulls = PullService(config, spool, relayer, reactor)  # idle without [[pull]] entries
+    pulls.setServiceParent(top)
+    reloader.on_reload.append(pulls.reconfigure)
     connections = ConnectionTable()
     pickup = Pickup(live, relayer, reactor)
     for listener, endpoint in zip(config.listeners, prepared.endpoints):

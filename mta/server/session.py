@@ -782,6 +782,10 @@ class Session:
         said = answer.reply
         if said is not None and said.code >= 400:
             self._log_reject("END-OF-MESSAGE", said, tx=tx, queue_id=queue_id)
+            # DATA/BDAT counts as accepted in the disconnect line only if the message was.
+            counts = self.counts.get((tx.mode or "").lower())
+            if counts is not None and counts[0] > 0:
+                counts[0] -= 1
         return answer
 
     def _body_verdict(self, reader: BodyReader) -> Reply | defer.Deferred:

@@ -142,5 +142,5 @@ def test_every_refusal_a_session_sends_is_one_log_line(tmp_path: Path, events) -
     assert rejects[-1].split(":")[0] != "NOQUEUE"  # the message had a queue id
     server.protocol.connectionLost(None)  # StringTransport does not close by itself
     assert lines(events)[-1] == (
-        "disconnect from unknown[192.0.2.7] mail=1/4 ehlo=1 rcpt=1/4 data=1/2 unknown=0/2 "
-        "quit=1 commands=5/14")
+        "disconnect from unknown[192.0.2.7] mail=1/4 ehlo=1 rcpt=1/4 data=0/2 unknown=0/2 "
+        "quit=1 commands=4/14")
