@@ -11,7 +11,7 @@ SOURCES = pyproject.toml $(shell find mta twisted -name '*.py' 2>/dev/null)
 # Debian packages of the peers the integration tests talk to (PEERS.md).
 # swaks needs libnet-ssleay-perl for --tls/--tlsc (a Recommends, which
 # --no-install-recommends would leave out).
-PEER_PACKAGES = swaks libnet-ssleay-perl postfix curl fetchmail msmtp dnsmasq-base openssl
+PEER_PACKAGES = swaks libnet-ssleay-perl postfix curl fetchmail msmtp dnsmasq-base openssl fail2ban
 
 .PHONY: run test venv peers bench soak lint clean
 

@@ -218,6 +218,16 @@ class Pull:
 
 
 @dataclass(frozen=True)
+class LogSection:
+    json_file: Path | None = None  # one JSON object per line per event, for log shippers
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    endpoint: str = ""  # a Twisted server endpoint serving /metrics; "" = off
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     server: ServerSection
@@ -229,6 +239,8 @@ class Config:
     limits: LimitsSection
     etrn: ETRNSection = field(default_factory=lambda: ETRNSection(_ANYWHERE, 10, 60.0))
     pulls: tuple[Pull, ...] = ()
+    log: LogSection = field(default_factory=LogSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
     @cached_property
     def addresses(self) -> aliases_module.Addresses:
@@ -242,6 +254,35 @@ class Config:
     def is_mynetwork(self, address: str) -> bool:
         ip = client_ip(address)
         return ip is not None and any(ip in net for net in self.relay.mynetworks)
+
+
+class Live:
+    """The config in force: one object that sessions, the policy, ETRN/ATRN and the
+    relayer read, whose `config` a reload replaces in one assignment (`swap`).
+
+    Readers take ``live.config`` when a unit of work starts (a connection, a
+    transaction, a delivery attempt) and keep that object to its end.  Parts
+    that derive state from the config (the router's smart host, the MX
+    resolver, the concurrency limits) `subscribe` and rebuild it on a swap.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.generation = 0
+        self._subscribers: list[Callable[[Config], None]] = []
+
+    @classmethod
+    def of(cls, config: Config | Live) -> Live:
+        return config if isinstance(config, Live) else cls(config)
+
+    def subscribe(self, callback: Callable[[Config], None]) -> None:
+        self._subscribers.append(callback)
+
+    def swap(self, config: Config) -> None:
+        self.config = config
+        self.generation += 1
+        for callback in self._subscribers:
+            callback(config)
 
 
 # -- value parsers -------------------------------------------------------------
@@ -454,6 +495,8 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
     limits = _limits(_Section(source, "limits", top.get("limits", {}, kind=dict)))
     etrn = _etrn(_Section(source, "etrn", top.get("etrn", {}, kind=dict)))
     pulls = _pulls(source, top.get("pull", [], kind=list))
+    log = _log(_Section(source, "log", top.get("log", {}, kind=dict)))
+    metrics = _metrics(_Section(source, "metrics", top.get("metrics", {}, kind=dict)))
     top.finish()
 
     for i, listener in enumerate(listeners):
@@ -467,7 +510,20 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
             raise ConfigError(
                 f"{source}: [auth] passwords: required by listener #{i + 1} "
                 f"{listener.endpoint} (role {listener.role}: AUTH before MAIL)")
-    return Config(path, server, listeners, tls, auth, relay, domains, limits, etrn, pulls)
+    return Config(path, server, listeners, tls, auth, relay, domains, limits, etrn, pulls,
+                  log, metrics)
+
+
+def _log(s: _Section) -> LogSection:
+    section = LogSection(json_file=s.path("json_file", ""))
+    s.finish()
+    return section
+
+
+def _metrics(s: _Section) -> MetricsSection:
+    section = MetricsSection(endpoint=s.get("endpoint", "", kind=str))
+    s.finish()
+    return section
 
 
 def _server(s: _Section) -> ServerSection:

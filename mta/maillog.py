@@ -11,18 +11,144 @@ we create are logged as ``QUEUEID: sender non-delivery notification: ID``
 (or ``delay`` / ``delivery status``), and a finished message as
 ``QUEUEID: removed``.  The fields are also in the event, for structured
 observers: ``queue_id``, ``to``, ``relay``, ``delay``, ``dsn``, ``status``.
+
+The SMTP server's events, one line each (namespace ``mta.smtpd``)::
+
+    connect from unknown[192.0.2.7] to smtp[tcp:25]
+    TLS connection established from unknown[192.0.2.7]: TLSv1.3 with cipher ... (256/256 bits)
+    NOQUEUE: reject: RCPT from unknown[192.0.2.7]: 550 5.1.1 no such user here;
+        from=<a@example.net> to=<zed@example.org> proto=ESMTP helo=<client.example.net>
+    warning: unknown[192.0.2.7]: SASL PLAIN authentication failed: 535 5.7.8 ...
+    QUEUEID: client=unknown[192.0.2.7], tls=TLSv1.3:..., sasl_method=PLAIN,
+        sasl_username=alice, from=<..>, nrcpt=1, size=300, message-id=<..>, proto=ESMTPSA
+    disconnect from unknown[192.0.2.7] ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6
+
+Every line is formatted once, here, with an f-string; network text goes
+through `printable` first.  Each event carries ``mta_event`` (its kind), and
+its fields too when a structured observer (``[log] json_file``) is on; the
+metrics endpoint counts the same events (mta/observe.py).
 """
 
 from __future__ import annotations
 
-from twisted.logger import Logger
+from typing import Any
+
+from twisted.logger import Logger, LogLevel
 
 from mta.reply import printable
 
 log = Logger(namespace="mta.maillog")
+smtpd = Logger(namespace="mta.smtpd")
+
+# Set by mta.observe when a JSON-lines log or the metrics endpoint is on:
+# only then are the fields of each event gathered, and counted.
+structured = False
+metrics: Any = None
 
 SENT, DEFERRED, BOUNCED, EXPIRED = "sent", "deferred", "bounced", "expired"
 
+
+def _emit(logger: Logger, level: LogLevel, event: str, text: str,
+          fields: dict[str, Any] | None = None) -> None:
+    """One line, formatted here once: the observers print it as it is (braces escaped,
+    so twisted.logger's formatter finds nothing to substitute).  `fields` go into
+    the event only when a structured observer wants them."""
+    text = text.replace("{", "{{").replace("}", "}}")
+    if structured and fields is not None:
+        logger.emit(level, text, mta_event=event, **fields)
+    else:
+        logger.emit(level, text, mta_event=event)
+
+
+def client_name(address: str) -> str:
+    """Postfix's ``name[address]``; we do no reverse DNS lookup, so the name is ``unknown``."""
+    return f"unknown[{address}]"
+
+
+# -- the SMTP server ------------------------------------------------------------
+
+def connect(client: str, listener: str) -> None:
+    _emit(smtpd, LogLevel.info, "connect", f"connect from {client_name(client)} to {listener}",
+          {"client": client, "listener": listener})
+    if metrics is not None:
+        metrics.connected(listener)
+
+
+def disconnect(client: str, listener: str, counts: dict[str, list[int]], tls: bool) -> None:
+    """`counts`: command name -> [accepted, given], as Postfix's ``rcpt=1/2``."""
+    parts = []
+    ok = total = 0
+    for name, (good, given) in counts.items():
+        parts.append(f"{name}={good}" if good == given else f"{name}={good}/{given}")
+        ok, total = ok + good, total + given
+    commands = f"commands={ok}" if ok == total else f"commands={ok}/{total}"
+    _emit(smtpd, LogLevel.info, "disconnect",
+          f"disconnect from {client_name(client)} {' '.join(parts + [commands])}",
+          {"client": client, "listener": listener, "commands": dict(counts)})
+    if metrics is not None:
+        metrics.disconnected(tls)
+
+
+def reject(queue_id: str | None, stage: str, client: str, answer: str, sender: str | None,
+           recipient: str | None, proto: str, helo: str | None) -> None:
+    """A refused command: ``NOQUEUE: reject: RCPT from unknown[addr]: 550 5.1.1 ...;
+    from=<..> to=<..> proto=ESMTP helo=<..>`` (the queue id once DATA started)."""
+    tail = []
+    if sender is not None:
+        tail.append(f"from=<{printable(sender, 300)}>")
+    if recipient is not None:
+        tail.append(f"to=<{printable(recipient, 300)}>")
+    tail.append(f"proto={proto}")
+    if helo is not None:
+        tail.append(f"helo=<{printable(helo, 255)}>")
+    _emit(smtpd, LogLevel.info, "reject",
+          f"{queue_id or 'NOQUEUE'}: reject: {stage} from {client_name(client)}: "
+          f"{printable(answer, 500)}; {' '.join(tail)}",
+          {"queue_id": queue_id, "stage": stage, "client": client, "reply": answer,
+           "from": sender, "to": recipient, "proto": proto, "helo": helo})
+    if metrics is not None:
+        metrics.rejected(stage, answer)
+
+
+def auth_failed(client: str, mechanism: str, user: str | None, answer: str) -> None:
+    """Postfix's wording, which fail2ban's filters know (etc/examples/fail2ban/)."""
+    who = f", sasl_username={printable(user, 100)}" if user else ""
+    _emit(smtpd, LogLevel.warn, "auth-failed",
+          f"warning: {client_name(client)}: SASL {mechanism} authentication failed: "
+          f"{answer}{who}", {"client": client, "mechanism": mechanism, "user": user})
+    if metrics is not None:
+        metrics.rejected("AUTH", answer)
+
+
+def tls_established(client: str, description: str) -> None:
+    """``TLS connection established from unknown[addr]: TLSv1.3 with cipher X (256/256 bits)``."""
+    _emit(smtpd, LogLevel.info, "tls", f"TLS connection established from "
+          f"{client_name(client)}: {description}", {"client": client, "tls": description})
+
+
+def received(queue_id: str, client: str, tls: str | None, sasl_method: str | None,
+             sasl_username: str | None, sender: str, recipients: int, size: int,
+             message_id: str | None, proto: str) -> None:
+    """A message committed: ``QUEUEID: client=unknown[addr], tls=..., sasl_method=PLAIN,
+    sasl_username=alice, from=<..>, nrcpt=1, size=300, message-id=<..>, proto=ESMTPSA``."""
+    parts = [f"client={client_name(client)}"]
+    if tls:
+        parts.append(f"tls={tls}")
+    if sasl_username:
+        parts += [f"sasl_method={sasl_method}", f"sasl_username={printable(sasl_username, 100)}"]
+    parts += [f"from=<{printable(sender, 300)}>", f"nrcpt={recipients}", f"size={size}"]
+    if message_id:
+        parts.append(f"message-id={printable(message_id, 300)}")
+    parts.append(f"proto={proto}")
+    _emit(smtpd, LogLevel.info, "received", f"{queue_id}: {', '.join(parts)}",
+          {"queue_id": queue_id, "client": client, "tls": tls, "sasl_method": sasl_method,
+           "sasl_username": sasl_username, "from": sender, "nrcpt": recipients,
+           "size": size, "message_id": message_id, "proto": proto})
+    if metrics is not None:
+        metrics.received()
+
+
+# -- delivery ---------------------------------------------------------------------
 
 def format_delay(seconds: float) -> str:
     """Postfix prints delays with at most two decimals and no trailing zeros."""
@@ -44,12 +170,14 @@ def delivery(queue_id: str, to: str, relay: str, delay: float, dsn: str, status:
              reason: str, orig_to: str | None = None) -> None:
     """One recipient's result of one attempt; `orig_to`, when aliases made `to` of another
     address (or the client named one with ORCPT), is shown as Postfix does."""
-    emit = log.info if status == SENT else log.warn
     orig = f", orig_to=<{printable(orig_to, 300)}>" if orig_to and orig_to != to else ""
-    emit("{queue_id}: to=<{to}>{orig}, relay={relay}, delay={delay_text}, dsn={dsn}, "
-         "status={status} ({reason})",
-         queue_id=queue_id, to=to, orig=orig, relay=relay, delay=delay,
-         delay_text=format_delay(delay), dsn=dsn, status=status, reason=reason)
+    _emit(log, LogLevel.info if status == SENT else LogLevel.warn, "delivery",
+          f"{queue_id}: to=<{to}>{orig}, relay={relay}, delay={format_delay(delay)}, "
+          f"dsn={dsn}, status={status} ({reason})",
+          {"queue_id": queue_id, "to": to, "orig_to": orig_to, "relay": relay,
+           "delay": delay, "dsn": dsn, "status": status, "reason": reason})
+    if metrics is not None:
+        metrics.delivery(status, delay)
 
 
 def report_created(queue_id: str, kind: str, report_id: str) -> None:

@@ -177,37 +177,53 @@ class PullService(Service):
         self.queue = queue
         self.reactor = reactor
         self._loops: list[task.LoopingCall] = []
-        self._running: dict[int, defer.Deferred[Any]] = {}
+        self._running: dict[Pull, defer.Deferred[Any]] = {}
 
     def startService(self) -> None:
         super().startService()
-        for index, pull in enumerate(self.config.pulls):
-            loop = task.LoopingCall(self._run, index, pull)
+        self._start_loops(self.config.pulls)
+
+    def _start_loops(self, pulls: tuple[Pull, ...], new: Any = None) -> None:
+        for pull in pulls:
+            loop = task.LoopingCall(self._run, pull)
             loop.clock = self.reactor
-            loop.start(pull.interval, now=True)
+            # At start-up every entry runs at once; after a reload, only the new ones.
+            loop.start(pull.interval, now=new is None or pull in new)
             self._loops.append(loop)
 
-    def stopService(self) -> defer.Deferred[Any] | None:
-        super().stopService()
+    def _stop_loops(self) -> None:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
         self._loops = []
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the new [[pull]] entries on their own schedule; a run in progress
+        goes on to its end."""
+        old, self.config = self.config, config
+        if config.pulls == old.pulls or not self.running:
+            return
+        self._stop_loops()
+        self._start_loops(config.pulls, new=set(config.pulls) - set(old.pulls))
+
+    def stopService(self) -> defer.Deferred[Any] | None:
+        super().stopService()
+        self._stop_loops()
         running = list(self._running.values())
         for d in running:
             d.cancel()
         return defer.DeferredList(running, consumeErrors=True) if running else None
 
-    def _run(self, index: int, pull: Pull) -> None:
-        if index in self._running:
+    def _run(self, pull: Pull) -> None:
+        if pull in self._running:
             log.info("pull from {server}: the previous run is still going", server=pull.server)
             return
         d = self.run_once(pull)
-        self._running[index] = d
+        self._running[pull] = d
 
         def ended(result: Any) -> Any:
             # Not pop()'s value, d itself: a Deferred returning itself stalls its chain.
-            self._running.pop(index, None)
+            self._running.pop(pull, None)
             return result
         d.addBoth(ended)
 

@@ -11,16 +11,18 @@ address) and one `ConnectionTable` (connection limits).  A listener with
 ``tls = "implicit"`` (465, RFC 8314 3.3) listens on its plain endpoint with
 the factory wrapped in TLS by `ServerTLS.wrap_factory`, so that SIGHUP's new
 certificate reaches it too; its endpoint should therefore be ``tcp:``, not
-``ssl:``.  SIGHUP re-reads the certificate and the password file; sessions
-in progress are not touched.
+``ssl:``.  SIGHUP re-reads the whole config (`Reloader`); sessions in
+progress are not dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
@@ -50,15 +52,35 @@ class Options(usage.Options):
             self["config"] = default_config_path()
 
 
-class ReloadOnHangup(service.Service):
-    """SIGHUP re-reads the TLS certificate and the password file, without dropping sessions."""
+PID_FILE = "mta.pid"  # in the spool: how `mta reload` finds the running server
 
-    name = "reload-on-sighup"
 
-    def __init__(self, trust: Any, reactor: Any) -> None:
+class Reloader(service.Service):
+    """SIGHUP (and `mta reload`, which sends it) re-reads the whole config.
+
+    The file is read and checked exactly as `mta check-config` does (`prepare`:
+    the config, the certificate, the password file, the endpoints).  A config
+    that fails is logged with check-config's one-line error and the running
+    one stays in force.  Otherwise the `Live` holder swaps to it in one step:
+    new connections and every session's next EHLO/HELO or MAIL see it, and so
+    does each delivery attempt that starts from then on; no session is
+    dropped.  What cannot change without a restart (the listeners, the spool
+    directory, the metrics endpoint) is logged as such
+    and keeps its running value.
+
+    While it runs, the server's pid is in ``SPOOL/mta.pid``, for `mta reload`.
+    """
+
+    name = "reloader"
+
+    def __init__(self, path: str, live: Any, trust: Any, reactor: Any) -> None:
+        self.path = path
+        self.live = live
         self.trust = trust
         self.reactor = reactor
+        self.on_reload: list[Any] = []  # callables(config) run after each swap
         self._previous: Any = None
+        self._pid_file: Path | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -66,17 +88,62 @@ class ReloadOnHangup(service.Service):
             self._previous = signal.signal(signal.SIGHUP, self._hangup)
         except ValueError:  # not the main thread (an embedding program): no SIGHUP reload
             self._previous = None
+        self._pid_file = self.live.config.server.spool / PID_FILE
+        try:
+            self._pid_file.write_text(f"{os.getpid()}\n")
+        except OSError as e:
+            log.warn("cannot write {path}: {why}; mta reload needs --pidfile",  # noqa: G010
+                     path=str(self._pid_file), why=e.strerror)
+            self._pid_file = None
 
     def stopService(self) -> None:
         super().stopService()
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
+        if self._pid_file is not None:
+            self._pid_file.unlink(missing_ok=True)
+            self._pid_file = None
 
     def _hangup(self, signum: int, frame: Any) -> None:
         # A signal handler runs between two bytecodes of whatever the reactor
         # was doing: do the work in the reactor's own turn.
-        self.reactor.callFromThread(self.trust.reload)
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """Read the config file again and put it in force; False when it failed."""
+        try:
+            prepared = prepare(self.path, self.reactor)
+        except config_module.ConfigError as e:
+            log.error("reload failed, the running config stays in force: {error}",
+                      error=str(e))
+            return False
+        old = self.live.config
+        new = prepared.config
+        kept = {}
+        if new.listeners != old.listeners:
+            kept["listeners"] = old.listeners
+        if new.server.spool != old.server.spool:
+            kept["server"] = dataclasses.replace(new.server, spool=old.server.spool)
+        if new.metrics != old.metrics:
+            kept["metrics"] = old.metrics
+        for key in kept:
+            what = {"listeners": "[[listeners]]", "server": "[server] spool",
+                    "metrics": "[metrics]"}[key]
+            log.warn("reload: {what} changed: that takes a restart; "  # noqa: G010
+                     "until then the running one stays", what=what)
+        if kept:
+            new = dataclasses.replace(new, **kept)
+        for warning in alias_warnings(new) + pickup_warnings(new, prepared.trust):
+            log.warn("{warning}", warning=warning)  # noqa: G010
+        self.trust.adopt(prepared.trust, new)
+        self.live.swap(new)
+        for callback in self.on_reload:
+            callback(new)
+        log.info("reload: {path} in force (reload #{n}): {domains} domain(s), "
+                 "hostname {hostname}", path=self.path, n=self.live.generation,
+                 domains=len(new.domains), hostname=new.server.hostname)
+        return True
 
 
 def alias_warnings(config: config_module.Config) -> list[str]:
@@ -157,6 +224,13 @@ def prepare(path: str, reactor: Any) -> Prepared:
         raise config_module.ConfigError(f"{path}: [tls] certificate: {e}") from None
     except (OSError, ValueError) as e:  # the password file
         raise config_module.ConfigError(f"{path}: [auth] passwords: {e}") from None
+    if config.metrics.endpoint:
+        try:
+            endpoints.serverFromString(reactor, config.metrics.endpoint)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise config_module.ConfigError(
+                f"{path}: [metrics] endpoint: bad endpoint {config.metrics.endpoint!r}: "
+                f"{e}") from None
     parsed = []
     for i, listener in enumerate(config.listeners):
         try:
@@ -183,7 +257,9 @@ class ListeningService(StreamServerEndpointService):
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
+    from mta import maillog
     from mta.delivery.scheduler import Relayer
+    from mta.observe import JSONLogService, Metrics, metrics_service
     from mta.pull import PullService
     from mta.server.context import ServerContext
     from mta.server.protocol import ConnectionTable, SMTPFactory
@@ -203,16 +279,26 @@ def makeService(options: Options) -> service.MultiService:
     top = service.MultiService()
     spool = Spool(config.server.spool)
     give_directories_to_runtime_user(config, options)
-    relayer = Relayer(config, spool, reactor)
+    live = config_module.Live(config)
+    relayer = Relayer(live, spool, reactor)
     relayer.setName("relayer")
     relayer.setServiceParent(top)
-    ReloadOnHangup(trust, reactor).setServiceParent(top)
-    if config.pulls:
-        PullService(config, spool, relayer, reactor).setServiceParent(top)
+    reloader = Reloader(options["config"], live, trust, reactor)
+    reloader.setServiceParent(top)
+    json_log = JSONLogService(config.log.json_file)
+    json_log.setServiceParent(top)
+    reloader.on_reload.append(json_log.reconfigure)
+    maillog.metrics = None
+    if config.metrics.endpoint:
+        maillog.metrics = Metrics(relayer)
+        metrics_service(config.metrics.endpoint, maillog.metrics, reactor).setServiceParent(top)
+    pulls = PullService(config, spool, relayer, reactor)  # idle without [[pull]] entries
+    pulls.setServiceParent(top)
+    reloader.on_reload.append(pulls.reconfigure)
     connections = ConnectionTable()
-    pickup = Pickup(config, relayer, reactor)
+    pickup = Pickup(live, relayer, reactor)
     for listener, endpoint in zip(config.listeners, prepared.endpoints):
-        context = ServerContext(config, listener, spool, queue=relayer, pickup=pickup,
+        context = ServerContext(live, listener, spool, queue=relayer, pickup=pickup,
                                 trust=trust)
         factory = SMTPFactory(context, connections)
         if listener.tls == "implicit":

@@ -177,6 +177,11 @@ class ServerTLS:
         log.info("TLS certificate reloaded: {what}", what=self.describe())
         return True
 
+    def adopt(self, new: ServerTLS) -> None:
+        """A reload: use `new`'s files and context for the handshakes from now on."""
+        self.certificate, self.key, self._context = new.certificate, new.key, new._context
+        log.info("TLS certificate reloaded: {what}", what=self.describe())
+
     def describe(self) -> str:
         """Subject and expiry of the certificate in use, for the start-up log."""
         try:

@@ -53,7 +53,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mta import bounce, maillog
-from mta.config import Config
+from mta.config import Config, Live
 from mta.delivery.courier import Result
 from mta.delivery.outcome import Delivered, Failed, Outcome, classify
 from mta.delivery.router import HOLD, SMTP, TURNED, UNKNOWN, NextHop, Router
@@ -91,11 +91,11 @@ class Verdict:
 
 
 class Attempts:
-    def __init__(self, config: Config, spool: Spool, router: Router, couriers: Mapping[str, Any],
+    def __init__(self, config: Config | Live, spool: Spool, router: Router, couriers: Mapping[str, Any],
                  limiter: Any, run_blocking: Callable[..., defer.Deferred[Any]], clock: Any,
                  rng: random.Random, on_report: Callable[[Envelope], None],
                  stopping: Callable[[], bool]) -> None:
-        self.config = config
+        self.live = Live.of(config)
         self.spool = spool
         self.router = router
         self.couriers = couriers
@@ -107,6 +107,11 @@ class Attempts:
         self.stopping = stopping
         # Envelope states whose save failed, by queue id: written before the next attempt.
         self.unsaved: dict[str, Envelope] = {}
+
+    @property
+    def config(self) -> Config:
+        """The config in force (a reload swaps it)."""
+        return self.live.config
 
     # -- plans ----------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mta import maillog
-from mta.config import Config
+from mta.config import Config, Live
 from mta.delivery import maildir
 from mta.delivery.client import (
     RecipientSpec,
@@ -104,10 +104,18 @@ def transaction_for(envelope: Envelope, recipients: list[Recipient], data: Messa
 
 
 class MaildirCourier:
-    def __init__(self, config: Config, run_blocking: RunBlocking) -> None:
-        self.hostname = config.server.hostname
-        self.config = config
+    def __init__(self, config: Config | Live, run_blocking: RunBlocking) -> None:
+        self.live = Live.of(config)
         self.run_blocking = run_blocking
+
+    @property
+    def config(self) -> Config:
+        """The config in force (a reload swaps it): mailboxes are looked up in it."""
+        return self.live.config
+
+    @property
+    def hostname(self) -> str:
+        return self.live.config.server.hostname
 
     def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
                 data: MessageData) -> defer.Deferred[list[Result]]:
@@ -146,16 +154,25 @@ class TurnedCourier:
 
 
 class SMTPCourier:
-    def __init__(self, config: Config, reactor: Any, run_blocking: RunBlocking,
+    @property
+    def config(self) -> Config:
+        """The config in force (a reload swaps it)."""
+        return self.live.config
+
+    def __init__(self, config: Config | Live, reactor: Any, run_blocking: RunBlocking,
                  resolver: MXResolver | None = None,
                  connect: Callable[[str, int, SessionPolicy], defer.Deferred[SMTPClient]] | None = None,
                  timeouts: Timeouts | None = None) -> None:
-        self.config = config
+        self.live = Live.of(config)
         self.reactor = reactor
         self.run_blocking = run_blocking
-        self.resolver = resolver or MXResolver.from_config(config)
+        self.resolver = resolver or MXResolver.from_config(self.config)
+        if resolver is None:
+            # Name servers, timeouts and our own addresses may change on a reload.
+            self.live.subscribe(lambda new: setattr(self, "resolver",
+                                                    MXResolver.from_config(new)))
         self.connect = connect or self._connect_tcp
-        self.timeouts = timeouts or Timeouts.from_config(config.relay)
+        self.timeouts = timeouts or Timeouts.from_config(self.config.relay)
         # Hosts that timed out, (address, port) -> until when they are not tried: a tarpit
         # must not hold our connection slots again at once, attempt after attempt.
         self._dead: dict[tuple[str, int], float] = {}

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mta import aliases
-from mta.config import Config, Route, parse_hostport
+from mta.config import Config, Live, Route, parse_hostport
 
 MAILDIR, SMTP, HOLD = "maildir", "smtp", "hold"
 UNKNOWN = "unknown"  # a local address with no mailbox or forward: fails 5.1.1
@@ -62,8 +62,18 @@ class NextHop:
 
 
 class Router:
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self, config: Config | Live) -> None:
+        self.live = Live.of(config)
+        self._smarthost = self._smarthost_hop() if self.config.relay.smarthost else None
+        self.live.subscribe(self._reconfigured)
+
+    @property
+    def config(self) -> Config:
+        """The config in force (a reload swaps it)."""
+        return self.live.config
+
+    def _reconfigured(self, config: Config) -> None:
+        """A reload: the smart host, its credentials and its password file may be new."""
         self._smarthost = self._smarthost_hop() if config.relay.smarthost else None
 
     def next_hop(self, address: str, release_hold: bool = False) -> NextHop:

@@ -68,7 +68,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mta import maillog
-from mta.config import Config
+from mta.config import Config, Live
 from mta.delivery.attempt import Attempts, Plan, Verdict
 from mta.delivery.client import SessionPolicy, SMTPClient
 from mta.delivery.courier import MaildirCourier, SMTPCourier, TurnedCourier
@@ -100,6 +100,7 @@ class _Entry:
     again: bool = False  # flushed while running: due again as soon as it ends
     fresh: bool = False  # new mail, not yet tried: waits in the fresh line, not the heap
     dropped: bool = False  # held or deleted by the operator while running: forget it after
+    held: bool = False  # all it has left waits for pickup (hold domains)
     domains: frozenset[str] = frozenset()  # of pending recipients: the domain index
     release: frozenset[str] = frozenset()  # held domains to attempt next time
     idle: list[defer.Deferred[None]] | None = None  # waiting for it to stop
@@ -162,7 +163,7 @@ class _Limiter:
 class Relayer(Service):
     name = "relayer"
 
-    def __init__(self, config: Config, spool: Spool, reactor: Any = None, *,
+    def __init__(self, config: Config | Live, spool: Spool, reactor: Any = None, *,
                  rng: random.Random | None = None,
                  run_blocking: Callable[..., defer.Deferred[Any]] | None = None,
                  router: Router | None = None,
@@ -170,25 +171,26 @@ class Relayer(Service):
         if reactor is None:
             from twisted.internet import reactor as global_reactor
             reactor = global_reactor
-        self.config = config
+        self.live = live = Live.of(config)
+        config = live.config
         self.spool = spool
         self.reactor = reactor
         self.rng = rng or random.Random()
         self.run_blocking = run_blocking or self._in_thread
-        self.router = router or Router(config)
+        self.router = router or Router(live)
         # DNS lookups wait on the network for up to dns_timeout: they get threads of
         # their own, so that they never hold up the spool work of the shared pool.
         self._dns_pool: ThreadPool | None = None
         if couriers is None:
             self._dns_pool = ThreadPool(0, DNS_THREADS, name="mta-dns")
             couriers = {
-                SMTP: SMTPCourier(config, reactor, self._in_dns_thread),
-                MAILDIR: MaildirCourier(config, self.run_blocking),
+                SMTP: SMTPCourier(live, reactor, self._in_dns_thread),
+                MAILDIR: MaildirCourier(live, self.run_blocking),
             }
         self.couriers = couriers
         relay = config.relay
         self.limiter = _Limiter(relay.concurrency, relay.concurrency_per_destination)
-        self.attempts = Attempts(config, spool, self.router, couriers, self.limiter,
+        self.attempts = Attempts(live, spool, self.router, couriers, self.limiter,
                                  self.run_blocking, reactor, self.rng,
                                  on_report=self.enqueue, stopping=lambda: self._stopping)
         self._entries: dict[str, _Entry] = {}
@@ -206,6 +208,20 @@ class Relayer(Service):
         self._turned_clients: set[SMTPClient] = set()
         self._stopping = False
         self._notices: task.LoopingCall | None = None
+        live.subscribe(self._reconfigured)
+
+    @property
+    def config(self) -> Config:
+        """The config in force: each attempt reads it as it starts (a reload swaps it)."""
+        return self.live.config
+
+    def _reconfigured(self, config: Config) -> None:
+        """A reload: new concurrency limits apply to the next grants."""
+        self.limiter.total = config.relay.concurrency
+        self.limiter.per_destination = config.relay.concurrency_per_destination
+        self._max_active = max(16, config.relay.concurrency * ACTIVE_PER_SLOT)
+        self.limiter._grant()
+        self._arm()
 
     def _in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
@@ -318,6 +334,18 @@ class Relayer(Service):
         self._arm()
         return len(entries)
 
+    def queue_sizes(self) -> dict[str, int]:
+        """Messages by state, for the metrics: ``active`` (being attempted), ``incoming``
+        (new, not tried yet), ``deferred`` (waiting for a retry), ``held`` (for pickup
+        by ETRN/ATRN/TURN) and ``hold`` (put on hold by the operator)."""
+        sizes = {"active": 0, "incoming": 0, "deferred": 0, "held": 0}
+        for entry in self._entries.values():
+            state = "active" if entry.running else "incoming" if entry.fresh else \
+                "held" if entry.held else "deferred"
+            sizes[state] += 1
+        sizes["hold"] = len(self.spool.queue_ids(HOLD))
+        return sizes
+
     def waiting(self, domains: Collection[str]) -> int:
         """Messages with pending recipients in `domains` (exact names)."""
         return len(self._entries_for(domains))
@@ -395,7 +423,7 @@ class Relayer(Service):
             entry = self._entries[envelope.queue_id] = _Entry(envelope.queue_id)
         entry.dropped = False
         self._index(entry, frozenset(r.domain for r in envelope.pending))
-        held = self.attempts.held_only(envelope)
+        held = entry.held = self.attempts.held_only(envelope)
         if held:
             due = max(due, envelope.arrival + self.config.relay.lifetime)
         if entry.running:

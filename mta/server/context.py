@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer, threads
 
-from mta.config import Config, Listener
+from mta.config import Config, Listener, Live
 from mta.spool.envelope import Envelope
 from mta.spool.store import Spool
 
@@ -55,16 +54,32 @@ class HeldMail(Protocol):
         Raises `TurnBusy`."""
 
 
-@dataclass
 class ServerContext:
-    """What every session of one listener shares."""
+    """What every session of one listener shares.
 
-    config: Config
-    listener: Listener
-    spool: Spool
-    queue: MailQueue
-    pickup: Pickup | None = None  # None: no ETRN, ATRN or TURN here
-    clock: Callable[[], float] = time.time
-    run_blocking: Callable[..., defer.Deferred] = threads.deferToThread
-    trust: Trust | None = None  # None: neither STARTTLS nor AUTH
-    turned: bool = False  # the session runs on a connection we turned round (mta odmr)
+    `config` is read through the service's `Live` holder, so that a reload
+    (SIGHUP, `mta reload`) reaches every listener with one swap: a new
+    connection sees the config in force, and a session in progress takes it
+    up at its next EHLO/HELO or MAIL (the transaction under way keeps the
+    config it started with).  The listener itself never changes without a
+    restart.
+    """
+
+    def __init__(self, config: Config | Live, listener: Listener, spool: Spool,
+                 queue: MailQueue, pickup: Pickup | None = None,
+                 clock: Callable[[], float] = time.time,
+                 run_blocking: Callable[..., defer.Deferred] = threads.deferToThread,
+                 trust: Trust | None = None, turned: bool = False) -> None:
+        self.live = Live.of(config)
+        self.listener = listener
+        self.spool = spool
+        self.queue = queue
+        self.pickup = pickup  # None: no ETRN, ATRN or TURN here
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.trust = trust  # None: neither STARTTLS nor AUTH
+        self.turned = turned  # the session runs on a connection we turned round (mta odmr)
+
+    @property
+    def config(self) -> Config:
+        return self.live.config

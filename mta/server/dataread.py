@@ -43,6 +43,7 @@ class _HeaderScanner:
 
     def __init__(self) -> None:
         self.received = 0
+        self.message_id: str | None = None
         self.in_header = True
         self.at_line_start = True
         self.scanned = 0
@@ -65,6 +66,8 @@ class _HeaderScanner:
                 return
             if line[:9].lower() == b"received:":
                 self.received += 1
+            elif line[:11].lower() == b"message-id:" and self.message_id is None:
+                self.message_id = line[11:].strip().decode("utf-8", "replace")[:300]
         if len(self.pending) > MAX_LINE * 4:
             self.pending = self.pending[:16]
 

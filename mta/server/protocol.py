@@ -47,15 +47,16 @@ import ipaddress
 from collections import Counter
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import defer
-from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from mta import reply
+from mta import maillog, reply
 from mta.address import client_ip
 from mta.config import Config, Listener
 from mta.reply import Reply
@@ -75,7 +76,7 @@ MAX_FRAME = 12288
 MAX_BUFFERED = 64 * 1024
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
     delimiter = b"\r\n"
     MAX_LENGTH = MAX_FRAME
@@ -105,12 +106,15 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         self.client_address = getattr(peer, "host", "unix")
         refused = self.factory.admit(self)
         if refused is not None:
+            maillog.reject(None, "CONNECT", self.client_address, str(refused), None, None,
+                           "SMTP", None)
             self._closed = True
             self.transport.write(refused.render())
             self.transport.loseConnection()
             return
         self.session = Session(self.context, self.client_address, getattr(peer, "port", 0),
                                tls=self._transport_is_tls())
+        maillog.connect(self.client_address, self.context.listener.name)
         if self.context.turned:
             log.info("turned connection: serving [{client}] as its SMTP server",
                      client=self.client_address)
@@ -134,6 +138,18 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         self._greeting_call = None
         send_now(self.transport, self.session.greeting().render())
 
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: a TLS handshake (STARTTLS or implicit) is done: log what it chose."""
+        connection = _tls_connection(self.transport)
+        if connection is None or self.session is None:
+            return
+        version = connection.get_protocol_version_name()
+        cipher = connection.get_cipher_name()
+        bits = connection.get_cipher_bits()
+        self.session.tls_info = f"{version}:{cipher}"
+        maillog.tls_established(self.client_address,
+                                f"{version} with cipher {cipher} ({bits}/{bits} bits)")
+
     def _transport_is_tls(self) -> bool:
         if self.context.turned:
             return ISSLTransport.providedBy(self.transport)
@@ -151,6 +167,8 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         if self.session is not None:
             self.factory.release(self)
             self.session.connection_lost()
+            maillog.disconnect(self.client_address, self.context.listener.name,
+                               self.session.counts, self.session.tls_info is not None)
 
     def readConnectionLost(self) -> None:
         """The client sent all it will (a shutdown of its side, such as `nc -N` does
@@ -286,8 +304,9 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
     def _refuse_early_talker(self, data: bytes) -> None:
         self._greeting_call.cancel()
         self._greeting_call = None
-        log.info("early talker [{client}]: {n} octets before the greeting",
-                 client=self.client_address, n=len(data))
+        maillog.reject(None, "CONNECT", self.client_address,
+                       f"{reply.EARLY_TALKER} ({len(data)} octets before the greeting)",
+                       None, None, "SMTP", None)
         self._close_with(reply.EARLY_TALKER, enhanced=True)
 
     def _process(self) -> None:
@@ -418,7 +437,7 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         if said is not None and said.code >= 400 and said != reply.TOO_MANY_RECIPIENTS:
             session.errors += 1
             if session.errors >= self.limits.errors:
-                log.info("too many errors from [{client}]", client=self.client_address)
+                session.log_refusal("COMMAND", reply.TOO_MANY_ERRORS)
                 self._close_with(reply.TOO_MANY_ERRORS)
                 return
         self.setTimeout(self.limits.command_timeout)
@@ -450,6 +469,16 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         self.session.start_tls()
         self.transport.startTLS(self.context.trust.tls)
         self.setTimeout(self.limits.command_timeout)
+
+
+def _tls_connection(transport: Any) -> Any:
+    """The OpenSSL connection under `transport`: its handle (implicit TLS, where we are
+    wrapped) or that of the TLS layer STARTTLS put in (twisted's `_newtls`)."""
+    handle = getattr(transport, "getHandle", lambda: None)()
+    if isinstance(handle, SSL.Connection):
+        return handle
+    layer = getattr(transport, "protocol", None)
+    return getattr(layer, "_tlsConnection", None)
 
 
 class ConnectionTable:

@@ -48,7 +48,7 @@ from twisted.logger import Logger
 
 from mta import reply
 from mta.address import client_ip, is_valid_domain
-from mta.config import Config, IPNetwork
+from mta.config import Config, IPNetwork, Live
 from mta.reply import Reply, printable
 from mta.server.answer import Answer, TurnRound
 from mta.server.context import HeldMail, TurnBusy
@@ -74,10 +74,16 @@ class Reversible:
 class Pickup:
     """ETRN, ATRN and TURN for the sessions of every listener: one per service."""
 
-    def __init__(self, config: Config, held: HeldMail, clock: Any) -> None:
-        self.config = config
+    def __init__(self, config: Config | Live, held: HeldMail, clock: Any) -> None:
+        self.live = Live.of(config)
         self.held = held
-        self.requests = WindowCounter(config.etrn.per_client, config.etrn.window, clock)
+        self.requests = WindowCounter(self.config.etrn.per_client, self.config.etrn.window,
+                                      clock)
+
+    @property
+    def config(self) -> Config:
+        """The config in force (a reload swaps it)."""
+        return self.live.config
 
     # -- who may pull what ------------------------------------------------------------
 
@@ -105,6 +111,8 @@ class Pickup:
         name = node[len(kind):].lower().rstrip(".")
         if not node or " " in node or not is_valid_domain(name):
             return reply.ETRN_SYNTAX
+        self.requests.limit = self.config.etrn.per_client  # as a reload may have set them
+        self.requests.window = self.config.etrn.window
         if self.requests.blocked(client_address):
             log.info("ETRN {node} refused: too many requests from [{client}]",
                      node=node, client=client_address)

@@ -47,7 +47,7 @@ from email.utils import format_datetime
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mta import aliases, reply
+from mta import aliases, maillog, reply
 from mta.address import (
     AddressError,
     Mailbox,
@@ -140,6 +140,19 @@ class Session:
         self._chunk_outcome: tuple[Reply | None, bool] = (None, False)
         self.auth_exchange: AuthExchange | None = None
         self.auth_failures = 0
+        self.auth_method: str | None = None
+        self.tls_info: str | None = None  # "TLSv1.3:CIPHER" once a handshake is done
+        self.counts: dict[str, list[int]] = {}  # command -> [accepted, given], for the log
+        self._message_id: str | None = None
+        self._auth_noted = False  # the AUTH command's exchange ended and was logged
+
+    def _take_config(self) -> None:
+        """Between transactions, the config in force now (a reload may have swapped it)."""
+        config = self.context.config
+        if config is not self.config:
+            self.config = config
+            self.policy = Policy(config, self.listener)
+            self.hostname = config.server.hostname
 
     # -- replies ---------------------------------------------------------------
 
@@ -160,7 +173,11 @@ class Session:
         """The reply to an over-long line; it also ends an AUTH exchange."""
         if self.expects_sasl:
             exchange, self.auth_exchange = self.auth_exchange, None
-            return exchange.abort_too_long()
+            said = exchange.abort_too_long()
+            self._log_reject("AUTH", said)
+            return said
+        self._count("unknown", False)
+        self._log_reject("COMMAND", reply.LINE_TOO_LONG)
         return reply.LINE_TOO_LONG
 
     # -- dispatch ----------------------------------------------------------------
@@ -169,16 +186,64 @@ class Session:
         if self.expects_sasl:
             return _answered(self._auth_result(self.auth_exchange.respond(line)))
         if b"\x00" in line:
-            return Answer(reply.BAD_BYTES)
+            return self._unknown(reply.BAD_BYTES)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return Answer(reply.BAD_BYTES)
+            return self._unknown(reply.BAD_BYTES)
         name, _, arg = text.partition(" ")
         found = _VERBS.get(name.upper())
         if found is None:
-            return Answer(reply.UNKNOWN_COMMAND)
-        return _answered(found.handler(self, arg.strip(" ")))
+            return self._unknown(reply.UNKNOWN_COMMAND)
+        result = _answered(found.handler(self, arg.strip(" ")))
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(self._noted, found.name, arg)
+        return self._noted(result, found.name, arg)
+
+    # -- the log: command counts and rejections -----------------------------------
+
+    def _unknown(self, said: Reply) -> Answer:
+        self._count("unknown", False)
+        self._log_reject("UNKNOWN", said)
+        return Answer(said)
+
+    def _count(self, name: str, ok: bool) -> None:
+        counts = self.counts.get(name)
+        if counts is None:
+            counts = self.counts[name] = [0, 0]
+        counts[0] += ok
+        counts[1] += 1
+
+    def _noted(self, answer: Answer, name: str, arg: str) -> Answer:
+        """Count the command; log it when refused (an AUTH exchange logs at its end)."""
+        said = answer.reply
+        if name == "AUTH" and (self.auth_exchange is not None or self._auth_noted):
+            self._auth_noted = False
+            return answer  # counted and logged by _auth_result
+        code = said.code if said is not None else 250
+        self._count(name.lower(), code < 400)
+        if code >= 400:
+            self._log_reject(name, said, arg)
+        return answer
+
+    def log_refusal(self, stage: str, said: Reply) -> None:
+        """A refusal decided by the connection (protocol.py): too many errors."""
+        self._log_reject(stage, said)
+
+    def _log_reject(self, stage: str, said: Reply, arg: str = "",
+                    tx: Transaction | None = None, queue_id: str | None = None) -> None:
+        tx = tx if tx is not None else self.transaction
+        sender = recipient = None
+        if stage in ("MAIL", "SEND", "SOML", "SAML"):
+            sender = _path_of(arg)
+        elif self.in_transaction or tx is not self.transaction:
+            sender = str(tx.reverse_path) if tx.reverse_path else ""
+        if stage == "RCPT":
+            recipient = _path_of(arg)
+        elif tx.recipients and (stage in ("DATA", "BDAT", "END-OF-MESSAGE")):
+            recipient = tx.recipients[0].address if len(tx.recipients) == 1 else None
+        maillog.reject(queue_id, stage, self.client_address, str(said), sender, recipient,
+                       self.protocol_name(), self.helo)
 
     @property
     def in_transaction(self) -> bool:
@@ -214,6 +279,7 @@ class Session:
 
     def _greet(self, name: str, esmtp: bool) -> None:
         self.reset_transaction()
+        self._take_config()
         self.helo = name
         self.esmtp = esmtp
         self.phase = Phase.GREETED
@@ -279,6 +345,16 @@ class Session:
             self.auth_exchange = None
             self.auth_failures = exchange.failures
             self.authenticated = exchange.result
+            self._count("auth", exchange.result is not None)
+            self._auth_noted = True
+            mechanism = exchange.mechanism.name if exchange.mechanism else "?"
+            if exchange.result is not None:
+                self.auth_method = mechanism
+            elif result in _AUTH_FAILED:
+                maillog.auth_failed(self.client_address, mechanism, exchange.tried_user,
+                                    str(result))
+            elif result.code >= 400:
+                self._log_reject("AUTH", result)
             if exchange.closing:
                 return Answer(result, CLOSE)
         return Answer(result)
@@ -393,7 +469,6 @@ class Session:
         exchange = AuthExchange(trust, self.config, self.client_address, self.hostname,
                                 self.auth_failures)
         if exchange.blocked():
-            log.info("AUTH refused: too many failures from [{client}]", client=self.client_address)
             return Answer(reply.AUTH_CLIENT_BLOCKED, CLOSE)
         self.auth_exchange = exchange
         return self._auth_result(self.auth_exchange.start(arg, self.auth_mechanisms(),
@@ -465,6 +540,7 @@ class Session:
             return reply.NEED_HELO
         if self.in_transaction:
             return reply.NESTED_MAIL
+        self._take_config()
         if arg[:5].upper() != "FROM:":
             return reply.syntax_error(f"syntax: {name} FROM:<address>")
         try:
@@ -695,7 +771,22 @@ class Session:
 
     def body_done(self, reader: BodyReader) -> Answer | defer.Deferred[Answer]:
         """`reader` (handed out with ReadBody) has all its bytes: answer the DATA or BDAT."""
-        return _answered(self._body_verdict(reader))
+        tx = self.transaction
+        queue_id = tx.incoming.queue_id if tx.incoming is not None else None
+        result = _answered(self._body_verdict(reader))
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(self._body_noted, tx, queue_id)
+        return self._body_noted(result, tx, queue_id)
+
+    def _body_noted(self, answer: Answer, tx: Transaction, queue_id: str | None) -> Answer:
+        said = answer.reply
+        if said is not None and said.code >= 400:
+            self._log_reject("END-OF-MESSAGE", said, tx=tx, queue_id=queue_id)
+            # DATA/BDAT counts as accepted in the disconnect line only if the message was.
+            counts = self.counts.get((tx.mode or "").lower())
+            if counts is not None and counts[0] > 0:
+                counts[0] -= 1
+        return answer
 
     def _body_verdict(self, reader: BodyReader) -> Reply | defer.Deferred:
         if isinstance(reader, ChunkReader):
@@ -711,6 +802,7 @@ class Session:
         if problem is not None:
             self.reset_transaction()
             return problem
+        self._message_id = reader.headers.message_id
         return self._commit()
 
     def _commit(self) -> defer.Deferred:
@@ -721,10 +813,13 @@ class Session:
         self.transaction = Transaction()
         self.phase = Phase.GREETED
 
+        message_id = self._message_id
+        protocol = envelope.protocol
+
         def committed(queue_id: str) -> Reply:
-            log.info("{queue_id}: client=[{client}], from=<{sender}>, nrcpt={n}, size={size}",
-                     queue_id=queue_id, client=self.client_address, sender=envelope.reverse_path,
-                     n=len(envelope.recipients), size=envelope.size)
+            maillog.received(queue_id, self.client_address, self.tls_info, self.auth_method,
+                             self.authenticated, envelope.reverse_path, len(envelope.recipients),
+                             envelope.size, message_id, protocol)
             try:
                 self.context.queue.enqueue(envelope)
             except Exception:  # noqa: BLE001 (whatever broke, the message is committed)
@@ -773,6 +868,17 @@ class Session:
         now = datetime.fromtimestamp(self.context.clock(), UTC).astimezone()
         lines.append(f"\t{format_datetime(now)}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+_AUTH_FAILED = (reply.AUTH_FAILED, reply.AUTH_TOO_MANY_FAILURES)
+
+
+def _path_of(arg: str) -> str:
+    """The address in a MAIL FROM:<..> or RCPT TO:<..> argument, for the log."""
+    start, end = arg.find("<"), arg.find(">")
+    if 0 <= start < end:
+        return arg[start + 1:end]
+    return arg.partition(":")[2].strip().split(" ")[0]
 
 
 def _answered(result: Reply | Answer | defer.Deferred) -> Answer | defer.Deferred[Answer]:

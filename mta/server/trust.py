@@ -82,13 +82,24 @@ class Trust:
     def has_cram_md5(self) -> bool:
         return self.checker is not None and self.checker.has_cram_md5()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the certificate and the password file; nothing is dropped."""
-        log.info("SIGHUP: reloading TLS certificate and password file")
-        if self.tls is not None:
-            self.tls.reload()
-        if self.checker is not None:
-            self.checker.refresh()
+    def adopt(self, new: Trust, config: Config) -> None:
+        """A reload: take `new`'s certificate and password file (read, and checked, by
+        `tap.prepare` from `config`), and its AUTH failure limits.
+
+        The ServerTLS object stays the same one (implicit-TLS listeners hold it)
+        and takes the new context: new handshakes use it, sessions already in
+        TLS keep theirs.  AUTH exchanges that start from now on use the new
+        password file.  The failures counted so far are kept.
+        """
+        if self.tls is not None and new.tls is not None:
+            self.tls.adopt(new.tls)
+        else:
+            self.tls = new.tls
+        self.checker, self.portal = new.checker, new.portal
+        self.failures.limit = config.auth.failures_per_client
+        self.failures.window = config.auth.failure_window
+        self.failures_total.limit = config.auth.failures_total
+        self.failures_total.window = config.auth.failure_window
 
 
 ALL = "*"  # the key of `Trust.failures_total`
@@ -112,6 +123,7 @@ class AuthExchange:
         self.mechanism: sasl.Mechanism | None = None
         self.waiting = False  # a 334 was sent: the next line is SASL
         self.result: str | None = None
+        self.tried_user: str | None = None  # the user name of the last credentials checked
         self.closing = False
         # The guess being checked is counted as a failure from the moment it is made, and
         # taken back if it was right: parallel sessions see each other's guesses at once.
@@ -153,9 +165,11 @@ class AuthExchange:
             return step.reply
         if self.blocked():
             self.closing = True
-            log.info("AUTH refused: too many failures from [{client}]", client=self.client_address)
             return reply.AUTH_CLIENT_BLOCKED
         self._count()
+        self.tried_user = getattr(step, "username", None)
+        if isinstance(self.tried_user, bytes):
+            self.tried_user = self.tried_user.decode("utf-8", "replace")
         d = login(self.trust.portal, step)
         return d.addCallbacks(self._succeeded, self._errored)
 
@@ -196,10 +210,7 @@ class AuthExchange:
         self.failures += 1
         if not self._counted:  # refused before any check (an authorization not allowed)
             self._count()
-        in_window = self.trust.failures.count(self.client_address)
-        log.info("AUTH {mechanism} failed from [{client}] ({session} in this session, "
-                 "{window} from this address)", mechanism=self.mechanism.name,
-                 client=self.client_address, session=self.failures, window=in_window)
+        # The session logs the failure (maillog.auth_failed), in the words fail2ban knows.
         answer = reply.AUTH_FAILED
         if self.failures >= self.config.auth.max_failures:
             self.closing = True

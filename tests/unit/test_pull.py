@@ -58,3 +58,32 @@ def test_runs_do_not_overlap_and_a_failure_does_not_stop_the_next(tmp_path: Path
     runs.started[1].callback(None)
     clock.advance(600)
     assert len(runs.started) == 3
+
+
+def test_a_reload_reschedules_changed_pulls_and_runs_new_ones_at_once(tmp_path: Path) -> None:
+    pulls, runs, clock = service(tmp_path)
+    pulls.startService()
+    assert len(runs.started) == 1  # at start-up every entry runs at once
+    runs.started[0].callback(None)
+    old = pulls.config
+    new = config_mod.from_dict({
+        "server": {"hostname": "customer.test", "spool": str(tmp_path / "spool")},
+        "pull": [{"protocol": "etrn", "server": "provider.test", "domains": ["customer.test"],
+                  "interval": "10m"},
+                 {"protocol": "etrn", "server": "other.test", "domains": ["customer.test"],
+                  "interval": "1m"}],
+    }, "<test>")
+    pulls.reconfigure(new)
+    assert len(runs.started) == 2  # only the new entry ran now
+    runs.started[1].callback(None)
+    clock.advance(60)
+    assert len(runs.started) == 3  # the new one, on its own interval
+    runs.started[2].callback(None)
+    clock.advance(540)
+    assert len(runs.started) == 5  # the old one's ten minutes, and the new one again
+    pulls.reconfigure(old)  # the second entry is gone: nothing of it runs any more
+    for d in runs.started[3:]:
+        d.callback(None)
+    clock.advance(60)
+    assert len(runs.started) == 5
+    pulls.stopService()
