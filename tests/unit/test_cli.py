@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import sys
-
 import pytest
 
 from mta import cli
@@ -16,33 +13,6 @@ def config(tmp_path):
     path = tmp_path / "mta.toml"
     path.write_text(f'[server]\nhostname = "mx.test"\nspool = "{tmp_path / "spool"}"\n')
     return path
-
-
-def sendmail(monkeypatch, config, message: bytes, *args: str) -> int:
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(message)))
-    return cli.main(["sendmail", "--config", str(config), *args])
-
-
-def only_message(config) -> tuple[object, bytes]:
-    spool = Spool(config.parent / "spool")
-    (queue_id,) = spool.queue_ids()
-    return spool.load(queue_id), spool.message_data(queue_id).read_bytes()
-
-
-@pytest.mark.parametrize("sender, stored", [("<>", ""), ("", ""), ("<a@b.test>", "a@b.test")])
-def test_sendmail_f_takes_the_null_path_and_brackets(monkeypatch, config, sender, stored):
-    assert sendmail(monkeypatch, config, b"Subject: x\n\nbody\n", "-f", sender, "r@x.test") == 0
-    envelope, _ = only_message(config)
-    assert envelope.reverse_path == stored
-
-
-def test_sendmail_text_without_headers_becomes_the_body(monkeypatch, config):
-    assert sendmail(monkeypatch, config, b"just a line of text\n", "-f", "a@b.test",
-                    "r@x.test") == 0
-    _, data = only_message(config)
-    head, sep, body = data.partition(b"\r\n\r\n")
-    assert sep and body == b"just a line of text\r\n"
-    assert b"just a line" not in head
 
 
 def test_queue_show_of_a_damaged_envelope_is_an_error_not_a_traceback(config, capsys):
