@@ -365,8 +365,8 @@ _EMPTY = object()  # compare with empty values: print a domain's keys that are s
 def _section_lines(section: Any, base: Any = None, skip: tuple[str, ...] = ()) -> list[str]:
     lines, tables = [], []
     for f in dataclasses.fields(section):
-        if f.name in skip:
-            continue
+        if f.name in skip or not f.compare:
+            continue  # not a key (compare=False: what was read from a file it names)
         value = getattr(section, f.name)
         if value is None and f.name != "sendmail_socket":
             continue  # not set (the key's default is empty)

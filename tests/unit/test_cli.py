@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mta import cli
+from mta import config as config_module
 from mta.spool.store import Spool
 
 
@@ -47,3 +50,25 @@ def test_flush_without_a_running_server_says_so_in_order(config, capsys, monkeyp
     assert cli.main(["queue", "flush", "--config", str(config)]) == 0
     assert capsys.readouterr().err == ("mta: no running server took the request within 0 s; "
                                        "it will act on it when it starts\n")
+
+
+def test_config_prints_toml_that_loads_to_the_same_config(tmp_path, capsys):
+    (tmp_path / "aliases").write_text("root: alice@example.org\n")
+    path = tmp_path / "mta.toml"
+    path.write_text(f'[server]\nhostname = "mx.test"\naliases = "{tmp_path / "aliases"}"\n'
+                    f'spool = "{tmp_path / "spool"}"\n'
+                    '[relay]\nnameservers = ["127.0.0.1:5353"]\nretry_min = "90s"\n'
+                    '[auth.senders]\nalice = ["@example.org"]\n'
+                    f'[domains."example.org"]\nroute = "maildir:{tmp_path / "mail"}"\n'
+                    'users = ["alice"]\n')
+    assert cli.main(["config", "--config", str(path)]) == 0
+    short = capsys.readouterr().out
+    assert 'retry_min = "90s"' in short and "retry_max" not in short
+    assert 'nameservers = ["127.0.0.1:5353"]' in short
+    assert "alias_entries" not in short and 'senders."alice" = ["@example.org"]' in short
+    for option in ([], ["--all"]):
+        assert cli.main(["config", "--config", str(path), *option]) == 0
+        copy = tmp_path / "copy.toml"
+        copy.write_text(capsys.readouterr().out)
+        again, first = config_module.load(copy), config_module.load(path)
+        assert dataclasses.replace(again, path=None) == dataclasses.replace(first, path=None)
