@@ -30,8 +30,9 @@ but i (-oem, -odi, -odb, -om ...), -B TYPE (8BITMIME is detected), -L, -X,
 Exit status follows sysexits(3): 0 queued (some recipients may have been
 refused: each is named on stderr), 64 bad usage, 65 bad message or address,
 67 every recipient refused, 69 no local socket configured, 75 the server
-is not running or refused for now.  -bp and -q read and write the spool
-directly, so they need the server's user (or root), as `mta queue` does.
+is not running or refused for now, 77 -bp or -q by a user who may not:
+they read and write the spool directly, so they need the server's user (or
+root), as `mta queue` does.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from mta import config as config_module
 from mta.address import AddressError, parse_mailbox, xtext_encode
 from mta.reply import printable
 
-EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL = 0, 64, 65, 67, 69, 75
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE = 0, 64, 65, 67, 69
+EX_TEMPFAIL, EX_NOPERM = 75, 77
 TIMEOUT = 300.0  # seconds for each step with the server (a large message is one step)
 
 # Options that take a value (attached, "-fme", or the next argument, "-f me").
@@ -365,6 +367,9 @@ def main(argv: list[str], name: str = "sendmail", config: str | None = None) -> 
     from mta.tap import default_config_path
     path = options.config or config or default_config_path()
     if options.mode in ("list", "flush"):
+        denied = _spool_denied(path)
+        if denied:
+            return _fail(denied, EX_NOPERM)
         from mta import cli
         command = ["queue", "list"] if options.mode == "list" else \
             ["queue", "flush", *([options.flush_domain] if options.flush_domain else [])]
@@ -400,6 +405,19 @@ def main(argv: list[str], name: str = "sendmail", config: str | None = None) -> 
     elif options.verbose:
         print(f"queued as {outcome.queue_id}")
     return outcome.code
+
+
+def _spool_denied(path: str) -> str | None:
+    """Why this user may not list or flush the queue (it is the server's), or None."""
+    try:
+        spool = config_module.load(path, check_files=False).server.spool
+        owner = os.stat(spool).st_uid
+    except (config_module.ConfigError, OSError):
+        return None  # `mta queue` says what is wrong
+    if os.geteuid() in (0, owner):
+        return None
+    return (f"the queue in {spool} belongs to the mail server's user: -bp (mailq) and -q "
+            "need root or that user")
 
 
 def _login_name() -> str:

@@ -171,6 +171,19 @@ def test_root_and_the_console_script_too_and_the_spool_stays_the_servers(
     assert "Permission denied" not in server.log_text()
 
 
+def test_mailq_for_an_ordinary_user_says_who_may(ordinary_user, server_as_nobody):
+    server = server_as_nobody
+    link = server.directory / "mailq"
+    link.symlink_to(server.bin / "mta")
+    done = as_user(ordinary_user, [str(link)], b"", server.directory)
+    assert done.returncode == 77  # EX_NOPERM
+    assert b"belongs to the mail server's user" in done.stderr
+    root = subprocess.run([str(harness.MTA), "sendmail", "-bp"], cwd=server.directory,
+                          env={k: v for k, v in source_env().items() if k != "MTA_CONFIG"},
+                          capture_output=True, timeout=60, check=False)
+    assert root.returncode == 0 and b"-- 0 message(s)" in root.stdout
+
+
 def test_without_a_running_server_the_user_hears_so(ordinary_user, server_as_nobody):
     server = server_as_nobody
     server.stop()
