@@ -245,7 +245,12 @@ def makeService(options: Options) -> service.MultiService:
     spool = Spool(config.server.spool)
     made = []
     if config.server.sendmail_socket is not None:
-        made = [d for d in [prepare_directory(config.server.sendmail_socket)] if d is not None]
+        try:
+            made = [d for d in [prepare_directory(config.server.sendmail_socket)] if d]
+        except OSError as e:
+            sys.stderr.write(f"mta: [server] sendmail_socket: cannot make "
+                             f"{config.server.sendmail_socket.parent}: {e.strerror}\n")
+            raise SystemExit(1) from None
     give_directories_to_runtime_user(config, options, made)
     relayer = Relayer(config, spool, reactor)
     relayer.setName("relayer")

@@ -191,3 +191,32 @@ def test_without_a_running_server_the_user_hears_so(ordinary_user, server_as_nob
                    b"Subject: x\n\ny\n", server.directory)
     assert done.returncode == 75  # EX_TEMPFAIL: the caller keeps or reports the message
     assert b"no mta server answers on" in done.stderr
+
+
+def test_a_second_server_on_the_same_spool_refuses_to_start(start_mta) -> None:
+    first = start_mta(CONFIG)
+    second = first.directory / "second.toml"  # the same spool, another port
+    second.write_text(CONFIG.format(port=harness.free_port()))
+    done = subprocess.run([str(harness.TWISTD), "-n", "--pidfile=", "mta", "--config",
+                           str(second)], cwd=first.directory, capture_output=True,
+                          env=source_env(), timeout=60, check=False)
+    assert done.returncode == 1
+    assert b"cannot listen on the sendmail socket spool/public/sendmail.sock: another server " \
+           b"answers on it" in done.stdout + done.stderr
+    # The first one's socket is untouched: local submission still reaches it.
+    sent = subprocess.run([str(harness.MTA), "sendmail", "--config", str(first.config_path),
+                           "bob@local.test"], input=b"Subject: x\n\ny\n", cwd=first.directory,
+                          env=source_env(), capture_output=True, timeout=60, check=False)
+    assert sent.returncode == 0, sent.stderr
+
+
+def test_a_socket_directory_that_cannot_be_made_stops_start_up(tmp_path) -> None:
+    config = tmp_path / "mta.toml"
+    config.write_text(f'[server]\nspool = "{tmp_path / "spool"}"\n'
+                      'sendmail_socket = "/proc/mta/sendmail.sock"\n'
+                      f'[[listeners]]\nendpoint = "tcp:{harness.free_port()}:interface=127.0.0.1"\n')
+    done = subprocess.run([str(harness.TWISTD), "-n", "--pidfile=", "mta", "--config",
+                           str(config)], cwd=tmp_path, capture_output=True, env=source_env(),
+                          timeout=60, check=False)
+    assert done.returncode == 1
+    assert b"mta: [server] sendmail_socket: cannot make /proc/mta" in done.stdout + done.stderr
