@@ -138,10 +138,6 @@ def cmd_aliases_expand(args: argparse.Namespace) -> int:
 
 # -- queue ------------------------------------------------------------------------
 
-def _spool(args: argparse.Namespace) -> Spool:
-    return Spool(_load(args).server.spool)
-
-
 def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
