@@ -10,8 +10,9 @@ SOURCES = pyproject.toml $(shell find mta twisted -name '*.py' 2>/dev/null)
 
 # Debian packages of the peers the integration tests talk to (PEERS.md).
 # swaks needs libnet-ssleay-perl for --tls/--tlsc (a Recommends, which
-# --no-install-recommends would leave out).
-PEER_PACKAGES = swaks libnet-ssleay-perl postfix curl fetchmail msmtp dnsmasq-base openssl fail2ban
+# --no-install-recommends would leave out).  systemd: for systemd-analyze verify of
+# etc/examples/mta.service (it is not run).
+PEER_PACKAGES = swaks libnet-ssleay-perl postfix curl fetchmail msmtp dnsmasq-base openssl fail2ban systemd
 
 .PHONY: run test venv peers bench soak lint clean
 

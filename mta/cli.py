@@ -6,17 +6,18 @@
     mta reload [--pidfile F]           check the config, then SIGHUP the running server
     mta passwd USER [--cram-md5]       set a password (from stdin when not a terminal)
     mta make-cert [--cert F --key F]   a self-signed certificate for trying TLS
-    mta queue list                     one line per queued message
-    mta queue show ID                  envelope and headers of one message
+    mta config [--all]                 the effective config (non-default values, or all)
+    mta queue list                     one line per queued message, with its age and next try
+    mta queue show ID                  times, envelope and headers of one message
     mta queue flush [DOMAIN]           try queued mail now (all, or one domain)
-    mta queue hold ID | release ID | delete ID
-    mta sendmail [-t] [-f SENDER] [RCPT ...]   inject a message read from stdin
+    mta queue hold|release|delete|requeue ID... | --all | --domain D | --sender S
+    mta sendmail [-t] [-f SENDER] [RCPT ...]   send a message read from stdin (sendmail.py)
     mta odmr --server HOST[:PORT] --user U --password-file F [--domains a,b]
                                        pull our held mail from a provider (ATRN, RFC 2645)
     mta etrn HOST[:PORT] DOMAIN...     ask a server to start a queue run (RFC 1985)
 
-Every subcommand takes ``--config FILE`` (default: $MTA_CONFIG, else
-etc/mta.toml).  Queue changes are made on the spool directly and announced
+``--config FILE`` goes before or after the subcommand (default: $MTA_CONFIG,
+else etc/mta.toml if present, else /etc/mta/mta.toml).  Queue changes are made on the spool directly and announced
 to a running server through the spool's control directory, so it notices
 them without a restart.  Exit status: 0 done, 1 the operation failed,
 2 bad usage.
@@ -25,26 +26,22 @@ them without a restart.  Exit status: 0 done, 1 the operation failed,
 from __future__ import annotations
 
 import argparse
-import email.parser
-import email.policy
-import email.utils
+import dataclasses
+import ipaddress
 import json
-import re
+import os
 import socket
 import sys
 import time
 import tomllib
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
 
 from mta import config as config_module
-from mta.address import AddressError, parse_mailbox
-from mta.aliases import LOCAL, REMOTE
-from mta.spool.envelope import PENDING, Envelope, EnvelopeError, Recipient, add_recipients
+from mta.spool.envelope import PENDING, EnvelopeError
 from mta.spool.store import HOLD, QUEUE, Spool, SpoolError
 
 
@@ -53,18 +50,18 @@ def _default_config() -> str:
     return default_config_path()
 
 
-def _load(args: argparse.Namespace) -> config_module.Config:
-    return config_module.load(args.config)
+def _load(args: argparse.Namespace, check_files: bool = True) -> config_module.Config:
+    return config_module.load(args.config, check_files=check_files)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
-    from mta.tap import alias_warnings, pickup_warnings, prepare
+    from mta.tap import config_warnings, prepare
     path = args.file or args.config
     prepared = prepare(path, reactor)
     cfg = prepared.config
-    for warning in alias_warnings(cfg) + pickup_warnings(cfg, prepared.trust):
+    for warning in config_warnings(cfg, prepared.trust):
         print(f"{path}: warning: {warning}")
     listeners = ", ".join(f"{x.role} on {x.endpoint} (tls {x.tls})" for x in cfg.listeners)
     print(f"{path}: OK: hostname {cfg.server.hostname}; spool {cfg.server.spool}; "
@@ -80,7 +77,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_passwd(args: argparse.Namespace) -> int:
     from mta.server.auth import passwd_main
-    cfg = _load(args)
+    cfg = _load(args, check_files=False)  # a missing certificate or aliases file is no matter here
     if cfg.auth.passwords is None:
         print(f"mta passwd: {args.config}: [auth] passwords: not set; "
               "name the password file there first", file=sys.stderr)
@@ -162,19 +159,41 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 # -- queue ------------------------------------------------------------------------
 
-def _spool(args: argparse.Namespace) -> Spool:
-    return Spool(_load(args).server.spool)
-
-
 def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
+def _span(seconds: float) -> str:
+    """A duration the way people say it: 45s, 12m, 3h05m, 2d04h."""
+    seconds = int(max(seconds, 0))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m" if minutes else f"{secs}s"
+
+
+def _next_try(envelope: dict, on_hold: bool, held: bool, now: float) -> str:
+    """When the running server tries the message next, as far as the spool says."""
+    if on_hold:
+        return "on hold"
+    if held:
+        return "at pickup"
+    due = envelope.get("next_attempt") or 0
+    if not envelope.get("attempts") or due <= now:
+        return "now"
+    return f"in {_span(due - now)}"
+
+
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load(args, check_files=False)
     spool = Spool(cfg.server.spool)
     held_domains = {name for name, domain in cfg.domains.items() if domain.held}
     count = pickup = 0
+    now = time.time()
     out = []
     for state in (QUEUE, HOLD):
         for queue_id, envelope in spool.scan(state):
@@ -184,7 +203,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
                 continue
             count += 1
             try:
-                lines, held = _listing(queue_id, envelope, state == HOLD, held_domains)
+                lines, held = _listing(queue_id, envelope, state == HOLD, held_domains, now)
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 out.append(f"{queue_id}? unreadable envelope: {e!r}")
                 continue
@@ -197,14 +216,16 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
 
 
 def _listing(queue_id: str, envelope: dict, on_hold: bool,
-             held_domains: set[str]) -> tuple[list[str], bool]:
+             held_domains: set[str], now: float) -> tuple[list[str], bool]:
     """The lines `mta queue list` prints for one envelope (the spool's JSON object), and
     whether all it has left is held for pickup."""
     pending = [r for r in envelope["recipients"] if r["state"] == PENDING]
     waiting = [_domain_of(r["address"]) in held_domains for r in pending]
     held = bool(pending) and all(waiting)
     mark = "!" if on_hold else "*" if held else " "
-    lines = [(f"{queue_id}{mark} {envelope['size']:>9} {_when(envelope['arrival'])}  "
+    arrival = envelope["arrival"]
+    lines = [(f"{queue_id}{mark} {envelope['size']:>9} {_when(arrival)}  "
+              f"age {_span(now - arrival)}, next {_next_try(envelope, on_hold, held, now)}  "
               f"<{envelope['reverse_path']}>")]
     for r, for_pickup in zip(pending, waiting):
         note = "  [held for pickup]" if for_pickup else ""
@@ -219,11 +240,27 @@ def _domain_of(address: str) -> str:
 
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
-    spool = _spool(args)
-    envelope = spool.load(args.id)
-    print(json.dumps(json.loads(envelope.to_json()), indent=1, ensure_ascii=False))
+    cfg = _load(args, check_files=False)
+    spool = Spool(cfg.server.spool)
+    queue_id = args.ids[0] if len(args.ids) == 1 else None
+    if queue_id is None:
+        print("mta queue show: give one queue id", file=sys.stderr)
+        return 2
+    envelope, data = spool.open_message(queue_id)
+    record = json.loads(envelope.to_json())
+    on_hold = spool.state_of(queue_id) == HOLD
+    held_domains = {name for name, domain in cfg.domains.items() if domain.held}
+    pending = [r.domain for r in envelope.pending]
+    held = bool(pending) and all(d in held_domains for d in pending)
+    now = time.time()
+    print(f"queue id:     {queue_id}{' (on hold)' if on_hold else ''}")
+    print(f"arrived:      {_when(envelope.arrival)} ({_span(now - envelope.arrival)} ago)")
+    print(f"attempts:     {envelope.attempts}")
+    print(f"next attempt: {_next_try(record, on_hold, held, now)}")
+    print("-- envelope --")
+    print(json.dumps(record, indent=1, ensure_ascii=False))
     print("-- headers --")
-    with spool.message_data(args.id).open() as f:
+    with data.open() as f:
         for line in f:
             if line in (b"\r\n", b"\n"):
                 break
@@ -232,146 +269,160 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_flush(args: argparse.Namespace) -> int:
-    spool = _spool(args)
+    spool = Spool(_load(args, check_files=False).server.spool)
     spool.notify("flush", domain=args.domain or "")
     print("flush requested" + (f" for {args.domain}" if args.domain else ""))
     _wait_for_pickup(spool, "took the request", "it will act on it when it starts")
     return 0
 
 
-# What `mta queue hold|release|delete ID` do to the spool, and what they say.
+def _requeue(spool: Spool, queue_id: str) -> None:
+    """Due now: the next attempt routes it afresh with the running config."""
+    envelope = spool.load(queue_id)
+    if envelope.attempts and envelope.next_attempt > time.time():
+        envelope.next_attempt = time.time()
+        spool.save(envelope)  # a server started later sees it due too
+
+
+# What `mta queue ACTION` does to the spool, which states it acts on, and what it says.
 _QUEUE_CHANGES = {
-    "hold": (Spool.hold, "on hold"),
-    "release": (Spool.release, "released"),
-    "delete": (Spool.remove, "deleted"),
+    "hold": (Spool.hold, (QUEUE,), "on hold"),
+    "release": (Spool.release, (HOLD,), "released"),
+    "delete": (Spool.remove, (QUEUE, HOLD), "deleted"),
+    "requeue": (_requeue, (QUEUE,), "requeued"),
 }
 
 
 def cmd_queue_change(args: argparse.Namespace) -> int:
-    change, done = _QUEUE_CHANGES[args.action]
-    spool = _spool(args)
-    change(spool, args.id)
-    spool.notify(args.action, queue_id=args.id)
-    print(f"{args.id}: {done}")
-    return 0
-
-
-# -- sendmail ------------------------------------------------------------------------
-
-def cmd_sendmail(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    raw = sys.stdin.buffer.read()
-    data = _crlf(raw)
-    header_end = data.find(b"\r\n\r\n")
-    head = data[: header_end + 2] if header_end >= 0 else data
-    message = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    recipients = [r.strip() for arg in args.recipients for r in arg.split(",") if r.strip()]
-    if args.t:
-        for field in ("To", "Cc", "Bcc"):
-            recipients += [addr for _, addr in email.utils.getaddresses(message.get_all(field, []))
-                           if addr]
-        data = _drop_header(data, b"bcc")
-    if not recipients:
-        print("mta sendmail: no recipients (give them as arguments, or -t)", file=sys.stderr)
+    change, states, done = _QUEUE_CHANGES[args.action]
+    spool = Spool(_load(args, check_files=False).server.spool)
+    chosen = [bool(args.ids), args.all, bool(args.domain or args.sender)]
+    if sum(chosen) != 1:
+        print(f"mta queue {args.action}: give queue ids, or --all, or --domain/--sender",
+              file=sys.stderr)
         return 2
-    sender = args.f if args.f is not None else _default_sender(cfg)
-    if sender.startswith("<") and sender.endswith(">"):
-        sender = sender[1:-1]  # "-f <>" is the null path, as with sendmail
-    # A bare user name is a local address, as sendmail appends its own domain.
-    sender, recipients = _qualify(sender, cfg), [_qualify(r, cfg) for r in recipients]
-    try:
-        for address in ([sender] if sender else []) + recipients:
-            parse_mailbox(address, utf8=True)
-    except AddressError as e:
-        print(f"mta sendmail: bad address: {e}", file=sys.stderr)
-        return 2
-    unknown = [r for r in recipients if cfg.addresses.resolve(r).kind not in (LOCAL, REMOTE)]
-    if unknown:
-        print(f"mta sendmail: no such local address: {', '.join(unknown)}", file=sys.stderr)
-        return 1
-    smtputf8 = not all(a.isascii() for a in [sender, *recipients])
-    envelope = Envelope(
-        queue_id="", reverse_path=sender, recipients=_expanded(cfg, recipients, sender),
-        arrival=time.time(), client_address="127.0.0.1", client_helo="localhost",
-        protocol="LOCAL", smtputf8=smtputf8,
-        body="8BITMIME" if not data.isascii() else "7BIT",
-    )
-    spool = Spool(cfg.server.spool)
-    received = (f"Received: by {cfg.server.hostname} (mta sendmail) id %s;\r\n"
-                f"\t{email.utils.format_datetime(datetime.now(UTC).astimezone())}\r\n")
-    incoming = spool.receive(envelope)
-    try:
-        incoming.write(received.replace("%s", incoming.queue_id).encode())
-        if not message.get("Date"):
-            incoming.write(f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode())
-        if not message.get("Message-ID"):
-            incoming.write(f"Message-ID: {email.utils.make_msgid(domain=cfg.server.hostname)}\r\n"
-                           .encode())
-        if not message.get("From") and sender:
-            name = f"{_quoted_name(args.F)} " if args.F else ""
-            incoming.write(f"From: {name}<{sender}>\r\n".encode())
-        if not _HEADER_FIELD.match(data):
-            incoming.write(b"\r\n")  # no header section: the text is the body
-        incoming.write(data)
-    except BaseException:
-        incoming.abort()
-        raise
-    queue_id = spool.commit(incoming)
-    spool.notify("new", queue_id=queue_id)
-    if args.v:
-        print(f"queued as {queue_id}")
-    return 0
-
-
-def _expanded(cfg: config_module.Config, recipients: list[str], sender: str) -> list[Recipient]:
-    """The recipients after aliases, de-duplicated, as RCPT makes them."""
-    out: list[Recipient] = []
-    for address in recipients:
-        targets = cfg.addresses.resolve(address).targets
-        add_recipients(out, Recipient(address).expanded(targets, null_sender=not sender))
-    return out
-
-
-# A header field's first line: a name of printable ASCII but ":", then ":" [RFC 5322 2.2].
-_HEADER_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
-
-
-def _qualify(address: str, cfg: config_module.Config) -> str:
-    return f"{address}@{cfg.server.hostname}" if address and "@" not in address else address
-
-
-def _quoted_name(name: str) -> str:
-    """A display name for From:, quoted when it is not a plain phrase [RFC 5322 3.4]."""
-    name = name.replace("\r", " ").replace("\n", " ")
-    if all(c.isalnum() or c in " !#$%&'*+-/=?^_`{|}~" for c in name):
-        return name
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _default_sender(cfg: config_module.Config) -> str:
-    import getpass
-    return f"{getpass.getuser()}@{cfg.server.hostname}"
-
-
-def _crlf(raw: bytes) -> bytes:
-    text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    return text if text.endswith(b"\r\n") or not text else text + b"\r\n"
-
-
-def _drop_header(data: bytes, name: bytes) -> bytes:
-    """Remove every `name` header field (with its folded lines) from the header section."""
-    end = data.find(b"\r\n\r\n")
-    head, body = (data[: end + 2], data[end + 2:]) if end >= 0 else (data, b"")
-    out, skipping = [], False
-    for line in head.split(b"\r\n")[:-1]:
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                out.append(line)
+    ids = args.ids or _select(spool, states, args.domain, args.sender)
+    failed = 0
+    for queue_id in ids:
+        try:
+            change(spool, queue_id)
+        except (SpoolError, EnvelopeError, OSError) as e:
+            print(f"mta: {queue_id}: {e}", file=sys.stderr)
+            failed += 1
             continue
-        skipping = line.split(b":", 1)[0].strip().lower() == name
-        if not skipping:
-            out.append(line)
-    return b"".join(x + b"\r\n" for x in out) + body
+        spool.notify(args.action, queue_id=queue_id)
+        print(f"{queue_id}: {done}")
+    if not args.ids:
+        print(f"-- {len(ids) - failed} message(s) {done}")
+    return 1 if failed else 0
+
+
+def _select(spool: Spool, states: tuple[str, ...], domain: str | None,
+            sender: str | None) -> list[str]:
+    """Queue ids in `states` with a pending recipient in `domain` (and its sub-domains) and
+    from `sender` (an address, or @domain); all of them when neither is given."""
+    domain = domain.lower().lstrip("@").rstrip(".") if domain else None
+    sender = sender.lower().strip("<>") if sender else None
+    ids = []
+    for state in states:
+        for queue_id, envelope in spool.scan(state):
+            if isinstance(envelope, Exception):
+                continue
+            if domain is not None and not any(
+                    r["state"] == PENDING and _in_domain(_domain_of(r["address"]), domain)
+                    for r in envelope["recipients"]):
+                continue
+            if sender is not None and not _sender_matches(envelope["reverse_path"], sender):
+                continue
+            ids.append(queue_id)
+    return ids
+
+
+def _in_domain(name: str, domain: str) -> bool:
+    return name == domain or name.endswith("." + domain)
+
+
+def _sender_matches(reverse_path: str, wanted: str) -> bool:
+    if wanted.startswith("@"):
+        return _in_domain(_domain_of(reverse_path), wanted[1:]) if reverse_path else False
+    return reverse_path.lower() == wanted
+
+
+# -- mta config: the effective config, like postconf -n ---------------------------------
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    default = config_module.default()
+    print(f"# {args.config}: " + ("every value" if args.all else
+                                  "values that differ from the defaults (--all: every value)"))
+    for name in ("server", "tls", "auth", "relay", "limits", "etrn"):
+        section, base = getattr(cfg, name), getattr(default, name)
+        lines = _section_lines(section, None if args.all else base)
+        if lines:
+            print(f"\n[{name}]")
+            print("\n".join(lines))
+    if args.all or cfg.listeners != default.listeners:
+        for listener in cfg.listeners:
+            print("\n[[listeners]]")
+            print("\n".join(_section_lines(listener)))
+    for name, domain in cfg.domains.items():
+        print(f'\n[domains."{name}"]')
+        print("\n".join(_section_lines(domain, _EMPTY if not args.all else None,
+                                        skip=("name",))))
+    for pull in cfg.pulls:
+        print("\n[[pull]]")
+        print(f"server = {json.dumps(pull.server)}")
+        print("\n".join(_section_lines(pull, skip=("host", "port"))))
+    return 0
+
+
+_EMPTY = object()  # compare with empty values: print a domain's keys that are set
+
+
+def _section_lines(section: Any, base: Any = None, skip: tuple[str, ...] = ()) -> list[str]:
+    lines, tables = [], []
+    for f in dataclasses.fields(section):
+        if f.name in skip or not f.compare:
+            continue  # not a key (compare=False: what was read from a file it names)
+        value = getattr(section, f.name)
+        if value is None and f.name != "sendmail_socket":
+            continue  # not set (the key's default is empty)
+        if base is _EMPTY:
+            if value in (None, (), {}, ""):
+                continue
+        elif base is not None and value == getattr(base, f.name):
+            continue
+        if isinstance(value, dict):
+            tables += [f"{f.name}.{json.dumps(k)} = {_toml(v, f.name)}" for k, v in value.items()]
+        else:
+            lines.append(f"{f.name} = {_toml(value, f.name)}")
+    return lines + tables
+
+
+def _toml(value: Any, key: str) -> str:
+    if value is None:
+        return '"off"'  # sendmail_socket, the one key whose None is printed
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return json.dumps(_duration(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+            and isinstance(value[1], int):
+        return json.dumps(f"{value[0]}:{value[1]}")  # a name server
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(v, key) for v in value) + "]"
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return json.dumps(str(value))
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 # -- role reversal: the customer side ---------------------------------------------------
@@ -464,16 +515,27 @@ def _wait_for_pickup(spool: Spool, unread: str, then: str) -> None:
 
 # -- argument parsing ------------------------------------------------------------------
 
+CONFIG_HELP = "config file (default: $MTA_CONFIG, else etc/mta.toml if present, " \
+              "else /etc/mta/mta.toml)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # --config before the subcommand (top level) or after it (each subcommand): the
+    # subcommands' default is SUPPRESS so that they do not undo one given before.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=_default_config(),
-                        help="config file (default: $MTA_CONFIG, else etc/mta.toml)")
+    common.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     parser = argparse.ArgumentParser(prog="mta", description="mta operator tools")
+    parser.add_argument("--config", default=None, help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check-config", parents=[common], help="check a config file")
     p.add_argument("file", nargs="?", help="the file (default: --config)")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("config", parents=[common],
+                       help="print the effective config (like postconf -n)")
+    p.add_argument("-a", "--all", action="store_true", help="every value, defaults too")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("passwd", parents=[common], help="set a user's password")
     p.add_argument("user")
@@ -501,32 +563,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", default=None, help="default: [server] hostname")
     p.set_defaults(func=cmd_make_cert)
 
-    q = sub.add_parser("queue", help="look at and change the queue").add_subparsers(
-        dest="action", required=True)
-    p = q.add_parser("list", parents=[common])
+    q = sub.add_parser("queue", parents=[common], help="look at and change the queue"
+                       ).add_subparsers(dest="action", required=True)
+    p = q.add_parser("list", parents=[common], help="one line per message, with age and next try")
     p.set_defaults(func=cmd_queue_list)
-    p = q.add_parser("flush", parents=[common])
+    p = q.add_parser("flush", parents=[common], help="try queued mail now")
     p.add_argument("domain", nargs="?")
     p.set_defaults(func=cmd_queue_flush)
-    for name, func in (("show", cmd_queue_show), ("hold", cmd_queue_change),
-                       ("release", cmd_queue_change), ("delete", cmd_queue_change)):
-        p = q.add_parser(name, parents=[common])
-        p.add_argument("id")
-        p.set_defaults(func=func)
+    p = q.add_parser("show", parents=[common], help="times, envelope and headers of a message")
+    p.add_argument("ids", nargs=1, metavar="ID")
+    p.set_defaults(func=cmd_queue_show)
+    for name, what in (("hold", "keep messages from delivery"), ("release", "let them go again"),
+                       ("delete", "drop messages"),
+                       ("requeue", "make messages due now, routed afresh")):
+        p = q.add_parser(name, parents=[common], help=what)
+        p.add_argument("ids", nargs="*", metavar="ID")
+        p.add_argument("--all", action="store_true", help="every message")
+        p.add_argument("--domain", help="messages with a pending recipient in DOMAIN "
+                                        "or its sub-domains")
+        p.add_argument("--sender", help="messages from this address (or @domain)")
+        p.set_defaults(func=cmd_queue_change)
 
-    p = sub.add_parser("sendmail", parents=[common],
-                       help="inject a message from stdin (like sendmail -t -f)")
-    p.add_argument("-f", metavar="SENDER", help="envelope sender (default: USER@hostname)")
-    p.add_argument("-t", action="store_true", help="recipients from To/Cc/Bcc; Bcc removed")
-    p.add_argument("-i", "-oi", action="store_true", help="accepted; a lone dot never ends input")
-    p.add_argument("-v", action="store_true", help="print the queue id")
-    p.add_argument("-F", metavar="NAME", help="the sender's full name, for a From: we add")
-    # Options of sendmail(1) that callers such as cron pass: accepted, no effect here.
-    p.add_argument("-o", metavar="OPTION", action="append", help="accepted and ignored (-oem, -odi)")
-    p.add_argument("-B", metavar="TYPE", help="accepted and ignored (8BITMIME is detected)")
-    p.add_argument("-bm", action="store_true", help="accepted: deliver mail (the default)")
-    p.add_argument("recipients", nargs="*")
-    p.set_defaults(func=cmd_sendmail)
+    # Parsed by sendmail.py, sendmail(8)'s way; here for `mta --help` only.
+    sub.add_parser("sendmail", add_help=False,
+                   help="send a message from stdin, as sendmail(8): -t -f -F -i -bp -q ...")
 
     p = sub.add_parser("odmr", parents=[common],
                        help="pull our held mail from a provider with ATRN (RFC 2645)")
@@ -553,8 +613,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Names under which `mta` is sendmail(8): a symlink /usr/sbin/sendmail -> mta works.
+SENDMAIL_NAMES = ("sendmail", "mailq", "newaliases")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mta import sendmail
+    if argv is None:
+        argv = sys.argv[1:]
+        name = os.path.basename(sys.argv[0])
+        if name in SENDMAIL_NAMES:
+            return sendmail.main(argv, name)
+    config, rest = _leading_config(argv)
+    if rest[:1] == ["sendmail"]:
+        return sendmail.main(rest[1:], "sendmail", config)
     args = build_parser().parse_args(argv)
+    if args.config is None:
+        args.config = _default_config()
     try:
         return args.func(args)
     except config_module.ConfigError as e:
@@ -564,11 +639,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mta: {e}", file=sys.stderr)
         return 1
     except EnvelopeError as e:
-        print(f"mta: {getattr(args, 'id', '')}: damaged envelope: {e}", file=sys.stderr)
+        print(f"mta: {' '.join(getattr(args, 'ids', []))}: damaged envelope: {e}",
+              file=sys.stderr)
         return 1
     except OSError as e:
         print(f"mta: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 1
+
+
+def _leading_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """A ``--config FILE`` before the subcommand, and the rest."""
+    if argv[:1] == ["--config"] and len(argv) > 1:
+        return argv[1], argv[2:]
+    if argv[:1] and argv[0].startswith("--config="):
+        return argv[0].partition("=")[2], argv[1:]
+    return None, argv
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ default.
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import re
 import socket
@@ -30,6 +31,21 @@ from mta.address import AddressError, client_ip, is_valid_domain, parse_mailbox
 
 class ConfigError(Exception):
     """The config cannot be used; the message is one line naming the key."""
+
+
+DEFAULT_SPOOL = "spool"
+SENDMAIL_SOCKET = "public/sendmail.sock"  # under the spool, unless [server] sendmail_socket says
+
+# Whether `load` checks that the files the config names exist (certificates,
+# password files, aliases).  Commands that need none of them (`mta passwd`,
+# `sendmail`) load with check_files=False, so that a missing certificate, or
+# one an ordinary user may not see, does not stop them.
+_check_files: contextvars.ContextVar[bool] = contextvars.ContextVar("check_files", default=True)
+
+
+def _missing(path: Path) -> bool:
+    """A named file that is not there, when files are checked."""
+    return _check_files.get() and not path.is_file()
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -107,6 +123,9 @@ class ServerSection:
     recipient_delimiter: str = "+"  # user+tag@ is user's; "" = off
     alias_entries: dict[str, tuple[str, ...]] | None = field(default=None, compare=False)
     virtual_entries: dict[str, tuple[str, ...]] | None = field(default=None, compare=False)
+    # Where local users hand messages to the running server (`sendmail`);
+    # None: no such socket.
+    sendmail_socket: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -470,8 +489,17 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return check
 
 
-def load(path: str | Path) -> Config:
-    path = Path(path)
+def load(path: str | Path, check_files: bool = True) -> Config:
+    """The config in `path`; with check_files=False, the files it names (certificate,
+    key, password files, aliases) need not exist (see `_check_files`)."""
+    token = _check_files.set(check_files)
+    try:
+        return _load(Path(path))
+    finally:
+        _check_files.reset(token)
+
+
+def _load(path: Path) -> Config:
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
@@ -531,7 +559,7 @@ def _server(s: _Section) -> ServerSection:
     if not is_valid_domain(hostname):
         raise s.error("hostname", f"not a valid host name: {hostname!r}")
     postmaster = s.get("postmaster", "", _mailbox_or_empty, kind=str)
-    spool = s.get("spool", "spool", kind=str)
+    spool = s.get("spool", DEFAULT_SPOOL, kind=str)
     if not spool:
         # Path("") is the working directory, whose tmp/ recovery would empty.
         raise s.error("spool", "must name a directory, e.g. \"spool\"")
@@ -542,6 +570,7 @@ def _server(s: _Section) -> ServerSection:
                                              f"\"-\", or \"\" for none; got {delimiter!r}")
     aliases = s.path("aliases", "")
     virtual = s.path("virtual", "")
+    socket_path = s.get("sendmail_socket", "", kind=str)
     section = ServerSection(
         hostname=hostname,
         spool=Path(spool),
@@ -551,6 +580,8 @@ def _server(s: _Section) -> ServerSection:
         recipient_delimiter=delimiter,
         alias_entries=_alias_file(s, "aliases", aliases, aliases_module.read_aliases),
         virtual_entries=_alias_file(s, "virtual", virtual, aliases_module.read_virtual),
+        sendmail_socket=(None if socket_path == "off" else
+                         Path(socket_path) if socket_path else Path(spool) / SENDMAIL_SOCKET),
     )
     s.finish()
     return section
@@ -562,6 +593,11 @@ def _alias_file(s: _Section, key: str, path: Path | None,
     """An aliases or virtual file read now, so that a reload reads it again."""
     if path is None:
         return None
+    if not _check_files.get():
+        try:  # `mta passwd`, `sendmail`: the aliases are no matter to them
+            return read(path)
+        except (OSError, aliases_module.AliasFileError):
+            return None
     if not path.is_file():
         raise s.error(key, f"no such file: {path}")
     try:
@@ -617,10 +653,10 @@ def _tls(s: _Section) -> TLSSection:
     key = s.path("key", "")
     s.finish()
     if certificate is not None:
-        if not certificate.is_file():
+        if _missing(certificate):
             raise s.error("certificate", f"no such file: {certificate}")
         key = key or certificate
-        if not key.is_file():
+        if _missing(key):
             raise s.error("key", f"no such file: {key}")
     elif key is not None:
         raise s.error("certificate", "required when key is set")
@@ -714,9 +750,9 @@ def _relay(s: _Section) -> RelaySection:
             raise s.error(key, "must be above zero")
     if section.smarthost_user and section.smarthost_password_file is None:
         raise s.error("smarthost_password_file", "required when smarthost_user is set")
-    if section.smarthost_password_file and not section.smarthost_password_file.is_file():
+    if section.smarthost_password_file and _missing(section.smarthost_password_file):
         raise s.error("smarthost_password_file", f"no such file: {section.smarthost_password_file}")
-    if section.tls_ca_file is not None and not section.tls_ca_file.is_file():
+    if section.tls_ca_file is not None and _missing(section.tls_ca_file):
         raise s.error("tls_ca_file", f"no such file: {section.tls_ca_file}")
     if section.retry_min <= 0 or section.retry_max < section.retry_min:
         raise s.error("retry_max", "must be at least retry_min, and retry_min above zero")
@@ -868,11 +904,11 @@ def _pulls(source: str, items: list[Any]) -> tuple[Pull, ...]:
                 raise s.error("user", "required for protocol \"odmr\"")
             if pull.password_file is None:
                 raise s.error("password_file", "required for protocol \"odmr\"")
-            if not pull.password_file.is_file():
+            if _missing(pull.password_file):
                 raise s.error("password_file", f"no such file: {pull.password_file}")
         elif not pull.domains:
             raise s.error("domains", "required for protocol \"etrn\": the domains to ask for")
-        if pull.ca_file is not None and not pull.ca_file.is_file():
+        if pull.ca_file is not None and _missing(pull.ca_file):
             raise s.error("ca_file", f"no such file: {pull.ca_file}")
         s.finish()
         result.append(pull)

@@ -61,7 +61,10 @@ def _emit(logger: Logger, level: LogLevel, event: str, text: str,
 
 
 def client_name(address: str) -> str:
-    """Postfix's ``name[address]``; we do no reverse DNS lookup, so the name is ``unknown``."""
+    """Postfix's ``name[address]``; we do no reverse DNS lookup, so the name is ``unknown``.
+    A local submission (the sendmail socket) is ``local uid=N (user)``."""
+    if address.startswith("local "):
+        return address
     return f"unknown[{address}]"
 
 

@@ -4,6 +4,8 @@
 the key), then builds, in start order: the relayer (whose start scans the
 spool, so recovery finishes before any listener accepts a connection), the
 SIGHUP handler, then one listening service per ``[[listeners]]`` entry.
+Last comes the local submission socket (``[server] sendmail_socket``,
+server/local.py), where `sendmail` hands over local users' mail.
 This is the only module that knows every part of mta.
 
 Listeners share one `Trust` (TLS context, password portal, AUTH failures per
@@ -34,17 +36,24 @@ from twisted.python import usage
 
 from mta import config as config_module
 
-DEFAULT_CONFIG = "etc/mta.toml"
+DEFAULT_CONFIG = "etc/mta.toml"  # a work tree's config, relative to the working directory
+SYSTEM_CONFIG = "/etc/mta/mta.toml"  # an installed server's (README, "Installing on a server")
 log = Logger(namespace="mta")
 
 
 def default_config_path() -> str:
-    return os.environ.get("MTA_CONFIG") or DEFAULT_CONFIG
+    """$MTA_CONFIG, else etc/mta.toml when there is one here, else /etc/mta/mta.toml:
+    the same for twistd and every `mta` subcommand, so `sendmail` run by cron from
+    any directory finds the server's config."""
+    if os.environ.get("MTA_CONFIG"):
+        return os.environ["MTA_CONFIG"]
+    return DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else SYSTEM_CONFIG
 
 
 class Options(usage.Options):
     optParameters = [  # noqa: RUF012 (twisted.python.usage's convention)
-        ["config", "c", None, "config file (default: $MTA_CONFIG, else etc/mta.toml)"],
+        ["config", "c", None, ("config file (default: $MTA_CONFIG, else etc/mta.toml "
+                              "if present, else /etc/mta/mta.toml)")],
     ]
 
     def postOptions(self) -> None:
@@ -178,7 +187,38 @@ def pickup_warnings(config: config_module.Config, trust: Any) -> list[str]:
     return warnings
 
 
-def give_directories_to_runtime_user(config: config_module.Config, options: Options) -> None:
+def config_warnings(config: config_module.Config, trust: Any) -> list[str]:
+    """Everything start-up logs and `mta check-config` prints as a warning."""
+    return (alias_warnings(config) + relay_warnings(config) + pickup_warnings(config, trust)
+            + sendmail_warnings(config))
+
+
+def relay_warnings(config: config_module.Config) -> list[str]:
+    """mynetworks wider than private address space: everyone in it may relay [DESIGN.md 8]."""
+    warnings = []
+    for network in config.relay.mynetworks:
+        if network.prefixlen == 0:
+            warnings.append(f"[relay] mynetworks: {network} makes this an open relay: any host "
+                            "on the internet may send mail anywhere through it")
+        elif network.num_addresses > 1 and not (network.is_private or network.is_loopback
+                                                or network.is_link_local):
+            warnings.append(f"[relay] mynetworks: {network} is wider than private address "
+                            f"space: all its {network.num_addresses} addresses may relay; "
+                            "use AUTH for clients outside your own networks")
+    return warnings
+
+
+def sendmail_warnings(config: config_module.Config) -> list[str]:
+    """What would keep local users from reaching the sendmail socket."""
+    from mta.server.local import reachable_by_others
+    if config.server.sendmail_socket is None:
+        return []
+    why = reachable_by_others(config.server.sendmail_socket)
+    return [f"[server] sendmail_socket: {why}"] if why else []
+
+
+def give_directories_to_runtime_user(config: config_module.Config, options: Options,
+                                     made: list[Any] = ()) -> None:
     """With ``twistd --uid U [--gid G]`` started as root, the spool (made just now,
     as root) and the Maildir roots must belong to U, who runs everything after
     the ports are bound; otherwise every message would be refused with 451."""
@@ -187,7 +227,7 @@ def give_directories_to_runtime_user(config: config_module.Config, options: Opti
     if uid is None or os.geteuid() != 0:
         return
     gid = -1 if gid is None else gid
-    roots = [config.server.spool]
+    roots = [config.server.spool, *made]
     for domain in config.domains.values():
         if domain.route.kind == "maildir" and domain.route.path is not None:
             domain.route.path.mkdir(parents=True, exist_ok=True)
@@ -262,6 +302,7 @@ def makeService(options: Options) -> service.MultiService:
     from mta.observe import JSONLogService, Metrics, metrics_service
     from mta.pull import PullService
     from mta.server.context import ServerContext
+    from mta.server.local import LOCAL_LISTENER, LocalSubmission, prepare_directory
     from mta.server.protocol import ConnectionTable, SMTPFactory
     from mta.server.reversal import Pickup
     from mta.spool.store import Spool
@@ -272,13 +313,21 @@ def makeService(options: Options) -> service.MultiService:
         sys.stderr.write(f"mta: {e}\n")
         raise SystemExit(1) from None
     config, trust = prepared.config, prepared.trust
-    for warning in alias_warnings(config) + pickup_warnings(config, trust):
+    for warning in config_warnings(config, trust):
         log.warn("{warning}", warning=warning)  # noqa: G010
     if trust.tls is not None:
         log.info("TLS certificate: {what}", what=trust.tls.describe())
     top = service.MultiService()
     spool = Spool(config.server.spool)
-    give_directories_to_runtime_user(config, options)
+    made = []
+    if config.server.sendmail_socket is not None:
+        try:
+            made = [d for d in [prepare_directory(config.server.sendmail_socket)] if d]
+        except OSError as e:
+            sys.stderr.write(f"mta: [server] sendmail_socket: cannot make "
+                             f"{config.server.sendmail_socket.parent}: {e.strerror}\n")
+            raise SystemExit(1) from None
+    give_directories_to_runtime_user(config, options, made)
     live = config_module.Live(config)
     relayer = Relayer(live, spool, reactor)
     relayer.setName("relayer")
@@ -307,4 +356,9 @@ def makeService(options: Options) -> service.MultiService:
         listening._raiseSynchronously = True
         listening.setName(listener.name)
         listening.setServiceParent(top)
+    if config.server.sendmail_socket is not None:
+        # Local users' `sendmail` (local.py): the same sessions, without TLS, AUTH or ETRN.
+        context = ServerContext(live, LOCAL_LISTENER, spool, queue=relayer)
+        LocalSubmission(config.server.sendmail_socket, SMTPFactory(context, connections),
+                        reactor).setServiceParent(top)
     return top

@@ -42,8 +42,8 @@ recipients, so that flush, waiting and turn find their messages without
 walking the whole queue.
 
 Notices.  Every second the spool's ``control/`` notices from the command
-line are read (in a thread) and acted on: ``new`` and ``release`` schedule
-the message now, ``flush`` is `flush(domain)`, ``hold`` and ``delete``
+line are read (in a thread) and acted on: ``new``, ``release`` and
+``requeue`` schedule the message now (an attempt routes it afresh), ``flush`` is `flush(domain)`, ``hold`` and ``delete``
 forget it (an attempt re-reads the envelope from disk anyway).
 
 Spool work runs in the reactor's thread pool, DNS resolution in a pool of
@@ -576,7 +576,7 @@ class Relayer(Service):
         action, queue_id = notice.get("action"), notice.get("queue_id", "")
         if action == "flush":
             self.flush(notice.get("domain") or None)
-        elif action in ("new", "release") and queue_id:
+        elif action in ("new", "release", "requeue") and queue_id:
             d = self.run_blocking(self.attempts.load, queue_id)
             d.addCallback(self._noticed, action)
             return d
@@ -599,7 +599,8 @@ class Relayer(Service):
             maillog.picked_up(envelope.queue_id, envelope.reverse_path,
                               len(envelope.recipients), envelope.size)
         else:
-            maillog.operator(envelope.queue_id, "released")
+            maillog.operator(envelope.queue_id,
+                             "released" if action == "release" else "requeued")
         self.enqueue(envelope)
 
     def _read_notices(self) -> defer.Deferred[None]:

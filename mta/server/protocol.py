@@ -62,6 +62,7 @@ from mta.config import Config, Listener
 from mta.reply import Reply
 from mta.server.answer import Answer, Close, ReadBody, StartTLS, TurnRound
 from mta.server.context import ServerContext
+from mta.server.local import peer_user
 from mta.server.ratelimit import WindowCounter
 from mta.server.reversal import Reversible
 from mta.server.session import Session
@@ -113,7 +114,9 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
             return
         self.session = Session(self.context, self.client_address, getattr(peer, "port", 0),
-                               tls=self._transport_is_tls())
+                               tls=self._transport_is_tls(),
+                               local_user=peer_user(self.transport)
+                               if self.context.listener.role == "local" else None)
         maillog.connect(self.client_address, self.context.listener.name)
         if self.context.turned:
             log.info("turned connection: serving [{client}] as its SMTP server",
@@ -505,7 +508,8 @@ class ConnectionTable:
     def admit(self, client: str, listener: Listener, config: Config) -> Reply | None:
         """Count a new connection, or say why it is refused."""
         limits = config.limits
-        trusted = config.is_mynetwork(client)
+        # Local users of the sendmail socket are this machine's own (server/local.py).
+        trusted = listener.role == "local" or config.is_mynetwork(client)
         if not trusted:
             if self._rate is None or self._rate.limit != limits.connection_rate:
                 self._rate = WindowCounter(limits.connection_rate, RATE_WINDOW, self.clock)

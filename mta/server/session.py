@@ -25,6 +25,15 @@ expanded at RCPT, once: the transaction keeps the addresses as given
 (`forward_paths`, for the limit and the Received header) and the expanded,
 de-duplicated recipients that go into the spool.
 
+Local submission (local.py): on the `sendmail` socket the kernel names the
+user (`local_user`); that user is trusted as an authenticated one for
+relaying, and named in the Received header and the log.
+
+Submitted mail is completed (cleanup.py, RFC 6409 8): on submission
+listeners, in authenticated sessions and from local users, a message
+without Date:, Message-ID: or From: gets them; port-25 mail from outside
+is stored as it came.
+
 Role reversal [DESIGN.md 5]: ETRN, ATRN and TURN are ordered here (after
 a greeting, outside a transaction) and decided in reversal.py.
 
@@ -59,8 +68,10 @@ from mta.address import (
 from mta.reply import Reply
 from mta.server import sasl
 from mta.server.answer import CLOSE, START_TLS, Answer, ReadBody, answer
+from mta.server.cleanup import HeaderCompletion
 from mta.server.context import ServerContext
 from mta.server.dataread import BodyReader, ChunkReader, DataReader
+from mta.server.local import LocalUser
 from mta.server.policy import Policy
 from mta.server.trust import AuthExchange, is_loopback
 from mta.spool.envelope import Envelope, Recipient, add_recipients
@@ -96,6 +107,8 @@ class Transaction:
     rcpt_attempts: int = 0
     mode: str | None = None  # "DATA" or "BDAT" once a body started
     incoming: Incoming | None = None
+    # Where the body goes: `incoming`, or a HeaderCompletion in front of it.
+    writer: Incoming | HeaderCompletion | None = None
     body: BodyReader | None = None
 
 
@@ -122,7 +135,7 @@ def verb(name: str, syntax: str, help: str) -> Callable:
 
 class Session:
     def __init__(self, context: ServerContext, client_address: str, client_port: int = 0,
-                 tls: bool = False) -> None:
+                 tls: bool = False, local_user: LocalUser | None = None) -> None:
         self.context = context
         self.config = context.config
         self.listener = context.listener
@@ -135,6 +148,7 @@ class Session:
         self.esmtp = False
         self.tls = tls
         self.authenticated: str | None = None
+        self.local_user = local_user  # on the sendmail socket: who the kernel says it is
         self.transaction = Transaction()
         self.errors = 0
         self._chunk_outcome: tuple[Reply | None, bool] = (None, False)
@@ -244,6 +258,19 @@ class Session:
             recipient = tx.recipients[0].address if len(tx.recipients) == 1 else None
         maillog.reject(queue_id, stage, self.client_address, str(said), sender, recipient,
                        self.protocol_name(), self.helo)
+
+    @property
+    def submitter(self) -> str | None:
+        """Our own user sending, whom relaying is allowed: the AUTH identity, or the
+        local user of the sendmail socket (whom the kernel vouches for)."""
+        if self.authenticated is not None:
+            return self.authenticated
+        return self.local_user.name if self.local_user is not None else None
+
+    @property
+    def completes_headers(self) -> bool:
+        """Whether bare messages get Date:, Message-ID:, From: here [RFC 6409 8]."""
+        return self.listener.role in ("submission", "local") or self.submitter is not None
 
     @property
     def in_transaction(self) -> bool:
@@ -645,7 +672,7 @@ class Session:
             return refused
         if len(tx.forward_paths) >= self.config.limits.recipients:
             return reply.TOO_MANY_RECIPIENTS  # RFC 5321 4.5.3.1.10
-        targets = self.policy.check_rcpt(mailbox, self.client_address, self.authenticated)
+        targets = self.policy.check_rcpt(mailbox, self.client_address, self.submitter)
         if isinstance(targets, Reply):
             return targets
         # Aliases are expanded once, here: the spool keeps the result, so a restart or
@@ -705,7 +732,7 @@ class Session:
         if opened is not None:
             return opened
         tx.mode = "DATA"
-        tx.body = DataReader(tx.incoming, self.config.limits.message_size,
+        tx.body = DataReader(tx.writer, self.config.limits.message_size,
                              self.config.limits.received_headers)
         self.phase = Phase.DATA
         return self._read(tx.body, reply.START_DATA)
@@ -731,7 +758,7 @@ class Session:
             self._chunk_outcome = (refused, False)
             return self._read(ChunkReader(None, _NullIncoming(), size, 0, 0, discard=True))
         tx.mode = "BDAT"
-        tx.body = ChunkReader(tx.body, tx.incoming, size, limits.message_size,
+        tx.body = ChunkReader(tx.body, tx.writer, size, limits.message_size,
                               limits.received_headers)
         self.phase = Phase.DATA
         self._chunk_outcome = (None, last)
@@ -767,7 +794,20 @@ class Session:
             log.error("cannot open a spool file: {error}", error=e)
             return reply.SPOOL_ERROR
         self.transaction.incoming = incoming
+        self.transaction.writer = incoming
+        if self.completes_headers:
+            self.transaction.writer = HeaderCompletion(
+                incoming, self.hostname, self._author(envelope.reverse_path), self.context.clock)
         return None
+
+    def _author(self, reverse_path: str) -> str | None:
+        """The address of a From: we add: the envelope sender, else our user's address."""
+        if reverse_path:
+            return reverse_path
+        user = self.submitter
+        if user is None:
+            return None
+        return user if "@" in user else f"{user}@{self.hostname}"
 
     def body_done(self, reader: BodyReader) -> Answer | defer.Deferred[Answer]:
         """`reader` (handed out with ReadBody) has all its bytes: answer the DATA or BDAT."""
@@ -802,6 +842,13 @@ class Session:
         if problem is not None:
             self.reset_transaction()
             return problem
+        if isinstance(self.transaction.writer, HeaderCompletion):
+            try:
+                self.transaction.writer.finish()
+            except OSError as e:
+                log.error("cannot write to a spool file: {error}", error=e)
+                self.reset_transaction()
+                return reply.SPOOL_ERROR
         self._message_id = reader.headers.message_id
         return self._commit()
 
@@ -817,7 +864,8 @@ class Session:
         protocol = envelope.protocol
 
         def committed(queue_id: str) -> Reply:
-            maillog.received(queue_id, self.client_address, self.tls_info, self.auth_method,
+            client = f"local {self.local_user}" if self.local_user else self.client_address
+            maillog.received(queue_id, client, self.tls_info, self.auth_method,
                              self.authenticated, envelope.reverse_path, len(envelope.recipients),
                              envelope.size, message_id, protocol)
             try:
@@ -845,6 +893,8 @@ class Session:
 
     def protocol_name(self) -> str:
         """The ``with`` keyword [RFC 3848, RFC 6531 for UTF8SMTP]."""
+        if self.local_user is not None:
+            return "LOCAL"  # the envelope's record of a sendmail submission
         if not self.esmtp:
             return "SMTP"
         base = "UTF8SMTP" if self.transaction.smtputf8 else "ESMTP"
@@ -853,6 +903,12 @@ class Session:
     def _received_header(self, queue_id: str) -> bytes:
         tx = self.transaction
         utf8 = tx.smtputf8
+        if self.local_user is not None:
+            # Postfix's form for local submission: no network peer to name.
+            user = _header_safe(self.local_user.name, utf8)
+            now = datetime.fromtimestamp(self.context.clock(), UTC).astimezone()
+            return (f"Received: by {self.hostname} (mta, from userid {self.local_user.uid} "
+                    f"{user})\r\n\tid {queue_id}; {format_datetime(now)}\r\n").encode()
         helo = _header_safe(self.helo or "unknown", utf8)
         # TCP-info is an address-literal [RFC 5321 4.4, 4.1.3]: IPv6 ones are tagged.
         literal = f"IPv6:{self.client_address}" if ":" in self.client_address \

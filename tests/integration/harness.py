@@ -149,10 +149,12 @@ class MtaServer:
         self.log_path = directory / "twistd.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> MtaServer:
+    def start(self, twistd_options: tuple[str, ...] = ()) -> MtaServer:
+        """`twistd_options` go before the plugin name (e.g. ``--uid``, ``--gid``)."""
         self.log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", "mta", "--config", str(self.config_path)],
+            [str(TWISTD), "-n", "--pidfile=", *twistd_options, "mta",
+             "--config", str(self.config_path)],
             cwd=self.directory, stdout=self.log, stderr=subprocess.STDOUT, env=source_env())
         wait_for(f"mta listening on {self.port}", self._ready)
         return self

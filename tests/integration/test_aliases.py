@@ -224,6 +224,10 @@ def test_cron_mail_to_root_and_masquerading(server: MtaServer,
     assert cron["Subject"] == "Cron <root@host> backup"
     assert cron["Delivered-To"] == "alice@example.org"
     assert cron["Return-Path"] == f"<root@{HOSTNAME}>"
+    # A local name that does not exist is refused by the server's RCPT at once.
+    refused = command(server, "sendmail", "-f", "root", "nosuchname", stdin=b"Subject: x\n\ny\n")
+    assert refused.returncode == 67  # EX_NOUSER
+    assert f"nosuchname@{HOSTNAME}: 550 5.1.1".encode() in refused.stderr
     # The same sender leaving by SMTP is masqueraded as example.org.
     done = command(server, "sendmail", "-f", "root", "member@remote.test",
                    stdin=b"Subject: out\n\nout\n")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
-import sys
+import dataclasses
 
 import pytest
 
 from mta import cli
+from mta import config as config_module
 from mta.spool.store import Spool
 
 
@@ -16,33 +16,6 @@ def config(tmp_path):
     path = tmp_path / "mta.toml"
     path.write_text(f'[server]\nhostname = "mx.test"\nspool = "{tmp_path / "spool"}"\n')
     return path
-
-
-def sendmail(monkeypatch, config, message: bytes, *args: str) -> int:
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(message)))
-    return cli.main(["sendmail", "--config", str(config), *args])
-
-
-def only_message(config) -> tuple[object, bytes]:
-    spool = Spool(config.parent / "spool")
-    (queue_id,) = spool.queue_ids()
-    return spool.load(queue_id), spool.message_data(queue_id).read_bytes()
-
-
-@pytest.mark.parametrize("sender, stored", [("<>", ""), ("", ""), ("<a@b.test>", "a@b.test")])
-def test_sendmail_f_takes_the_null_path_and_brackets(monkeypatch, config, sender, stored):
-    assert sendmail(monkeypatch, config, b"Subject: x\n\nbody\n", "-f", sender, "r@x.test") == 0
-    envelope, _ = only_message(config)
-    assert envelope.reverse_path == stored
-
-
-def test_sendmail_text_without_headers_becomes_the_body(monkeypatch, config):
-    assert sendmail(monkeypatch, config, b"just a line of text\n", "-f", "a@b.test",
-                    "r@x.test") == 0
-    _, data = only_message(config)
-    head, sep, body = data.partition(b"\r\n\r\n")
-    assert sep and body == b"just a line of text\r\n"
-    assert b"just a line" not in head
 
 
 def test_queue_show_of_a_damaged_envelope_is_an_error_not_a_traceback(config, capsys):
@@ -77,3 +50,25 @@ def test_flush_without_a_running_server_says_so_in_order(config, capsys, monkeyp
     assert cli.main(["queue", "flush", "--config", str(config)]) == 0
     assert capsys.readouterr().err == ("mta: no running server took the request within 0 s; "
                                        "it will act on it when it starts\n")
+
+
+def test_config_prints_toml_that_loads_to_the_same_config(tmp_path, capsys):
+    (tmp_path / "aliases").write_text("root: alice@example.org\n")
+    path = tmp_path / "mta.toml"
+    path.write_text(f'[server]\nhostname = "mx.test"\naliases = "{tmp_path / "aliases"}"\n'
+                    f'spool = "{tmp_path / "spool"}"\n'
+                    '[relay]\nnameservers = ["127.0.0.1:5353"]\nretry_min = "90s"\n'
+                    '[auth.senders]\nalice = ["@example.org"]\n'
+                    f'[domains."example.org"]\nroute = "maildir:{tmp_path / "mail"}"\n'
+                    'users = ["alice"]\n')
+    assert cli.main(["config", "--config", str(path)]) == 0
+    short = capsys.readouterr().out
+    assert 'retry_min = "90s"' in short and "retry_max" not in short
+    assert 'nameservers = ["127.0.0.1:5353"]' in short
+    assert "alias_entries" not in short and 'senders."alice" = ["@example.org"]' in short
+    for option in ([], ["--all"]):
+        assert cli.main(["config", "--config", str(path), *option]) == 0
+        copy = tmp_path / "copy.toml"
+        copy.write_text(capsys.readouterr().out)
+        again, first = config_module.load(copy), config_module.load(path)
+        assert dataclasses.replace(again, path=None) == dataclasses.replace(first, path=None)

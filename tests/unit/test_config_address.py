@@ -310,3 +310,34 @@ def test_check_config_and_aliases_check_report_alias_problems(tmp_path, capsys):
     (tmp_path / "aliases").write_text("team: alice\n")
     assert cli.main(["aliases", "check", "--config", str(path)]) == 0
     assert capsys.readouterr().out == f"{path}: aliases OK\n"
+
+
+def test_sendmail_socket_defaults_to_the_spool_and_can_be_off():
+    cfg = config.from_dict({"server": {"spool": "/var/spool/mta"}})
+    assert cfg.server.sendmail_socket == Path("/var/spool/mta/public/sendmail.sock")
+    cfg = config.from_dict({"server": {"sendmail_socket": "/run/mta/submit.sock"}})
+    assert cfg.server.sendmail_socket == Path("/run/mta/submit.sock")
+    assert config.from_dict({"server": {"sendmail_socket": "off"}}).server.sendmail_socket is None
+
+
+def test_files_need_not_exist_when_not_checked(tmp_path):
+    path = tmp_path / "mta.toml"
+    path.write_text('[tls]\ncertificate = "/nonexistent/cert.pem"\n'
+                    '[relay]\nsmarthost_user = "u"\nsmarthost_password_file = "/nonexistent/pw"\n')
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load(path)
+    assert config.load(path, check_files=False).tls.certificate == Path("/nonexistent/cert.pem")
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load(path)  # checking is back on for everyone else
+
+
+def test_default_config_path(tmp_path, monkeypatch):
+    from mta.tap import default_config_path
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MTA_CONFIG", raising=False)
+    assert default_config_path() == "/etc/mta/mta.toml"
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "mta.toml").write_text("")
+    assert default_config_path() == "etc/mta.toml"
+    monkeypatch.setenv("MTA_CONFIG", "/elsewhere.toml")
+    assert default_config_path() == "/elsewhere.toml"
