@@ -367,6 +367,10 @@ class Attempts:
                     retry_until=envelope.arrival + self.config.relay.lifetime,
                     postmaster=self.config.server.postmaster,
                     addresses=self.config.addresses)
+            except OSError as e:  # a full or failing disk: one line, retried next attempt
+                log.error("{queue_id}: cannot create a {kind} report yet: {error}",
+                          queue_id=envelope.queue_id, kind=kind, error=e)
+                continue
             except Exception:  # noqa: BLE001 (retried at the next attempt)
                 log.failure("{queue_id}: cannot create a {kind} report",
                             queue_id=envelope.queue_id, kind=kind)

@@ -534,7 +534,13 @@ class Relayer(Service):
             return verdict
 
         def failed(f: Any) -> None:
-            log.failure("attempt of {queue_id} failed", f, queue_id=entry.queue_id)
+            if f.check(OSError, defer.CancelledError):
+                # The disk (full, read-only) or a stop: one line, retried later; a
+                # traceback per message and retry would bury the log in an outage.
+                log.error("attempt of {queue_id} not finished, tried again later: {error}",
+                          queue_id=entry.queue_id, error=f.getErrorMessage())
+            else:
+                log.failure("attempt of {queue_id} failed", f, queue_id=entry.queue_id)
             self._attempts.discard(d)
             self._settle(entry, None)
         d.addCallbacks(ended, failed)

@@ -189,7 +189,7 @@ class RelayerTest(SynchronousTestCase):
         envelope = self.submit("bob@far.test")
         self.assertEqual(self.spool.queue_ids(), [envelope.queue_id])  # no report, not removed
         self.assertEqual(self.spool.load(envelope.queue_id).recipients[0].state, PENDING)
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.flushLoggedErrors(OSError), [])  # one error line, no traceback
         self.clock.advance(60)  # the next attempt records it first, then reports
         self.assertEqual(self.courier.addresses, [["bob@far.test"], ["alice@here.test"]])
         self.assertEqual(self.spool.queue_ids(), [])
@@ -206,12 +206,12 @@ class RelayerTest(SynchronousTestCase):
             save(envelope)
         self.spool.save = full_disk  # type: ignore[method-assign]
         envelope = self.submit("bob@far.test", "carol@far.test")
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.flushLoggedErrors(OSError), [])  # one error line, no traceback
         spool_dir = self.tmp / "spool" / "queue"
         self.assertEqual(sorted(p.name for p in spool_dir.iterdir()),
                          [f"{envelope.queue_id}.msg"])  # no half-written state left
         self.clock.advance(60)  # the disk is still full: nothing is tried
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.flushLoggedErrors(OSError), [])  # one error line, no traceback
         self.assertEqual(self.courier.addresses, [["bob@far.test", "carol@far.test"]])
         self.clock.advance(60)  # room again: the state is written, then only carol goes
         self.assertEqual(self.courier.addresses,
