@@ -81,14 +81,19 @@ class AliasFileError(ValueError):
 _NAME = re.compile(r"[^\s:#,\"]+\Z")
 
 
+def _read_text(path: Path, where: str, cannot: str = "") -> str:
+    """A file's text, or an AliasFileError that starts with `where`."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise AliasFileError(f"{where} {cannot}{e.strerror}") from None
+    except UnicodeDecodeError:
+        raise AliasFileError(f"{where} not UTF-8 text") from None
+
+
 def _logical_lines(path: Path) -> Iterable[tuple[int, str]]:
     """(first line number, text) of each entry: continuation lines joined, comments dropped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise AliasFileError(f"{path}: cannot read: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise AliasFileError(f"{path}: not UTF-8 text") from None
+    text = _read_text(path, f"{path}:", "cannot read: ")
     start, parts = 0, []
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
@@ -126,12 +131,7 @@ def _targets(text: str, where: str, depth: int = 0) -> list[str]:
 def _include(path: Path, where: str, depth: int) -> list[str]:
     if depth >= MAX_INCLUDE_DEPTH:
         raise AliasFileError(f"{where}: :include: nested more than {MAX_INCLUDE_DEPTH} deep")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise AliasFileError(f"{where}: :include:{path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise AliasFileError(f"{where}: :include:{path}: not UTF-8 text") from None
+    text = _read_text(path, f"{where}: :include:{path}:")
     targets = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
