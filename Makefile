@@ -11,8 +11,10 @@ SOURCES = pyproject.toml $(shell find mta twisted -name '*.py' 2>/dev/null)
 # Debian packages of the peers the integration tests talk to (PEERS.md).
 # swaks needs libnet-ssleay-perl for --tls/--tlsc (a Recommends, which
 # --no-install-recommends would leave out).  systemd: for systemd-analyze verify of
-# etc/examples/mta.service (it is not run).
-PEER_PACKAGES = swaks libnet-ssleay-perl postfix curl fetchmail msmtp dnsmasq-base openssl fail2ban systemd
+# etc/examples/mta.service (it is not run).  libmail-dkim-perl, opendkim-tools: independent
+# DKIM verifiers; publicsuffix: the list DMARC finds organisational domains in.
+PEER_PACKAGES = swaks libnet-ssleay-perl postfix curl fetchmail msmtp dnsmasq-base openssl fail2ban systemd \
+	libmail-dkim-perl opendkim-tools publicsuffix
 
 .PHONY: run test venv peers bench soak lint clean
 

@@ -10,8 +10,14 @@ The zone is a JSON object of names to records::
       "example.test":     {"MX": [[10, "mx1.example.test"], [20, "mx2.example.test"]]},
       "mx1.example.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
       "nullmx.test":      {"MX": [[0, "."]]},
+      "example.test":     {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]},
       "broken.test":      "SERVFAIL"
     }
+
+A TXT record is one string; strings longer than 255 octets (DKIM keys) are
+served as several character-strings of one record, which is how they are
+published [RFC 6376 3.6.2.2, RFC 7208 3.3].  A file of zones may be re-read
+while the server runs: send it SIGHUP (tests change records this way).
 
 A name not in the zone is NXDOMAIN; a name without records of the asked
 type is an empty NOERROR answer; ``"SERVFAIL"`` makes every query for the
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from typing import Any
 
@@ -61,7 +68,15 @@ class ZoneResolver(ResolverBase):
             return [dns.Record_A(address, ttl=60) for address in records.get("A", [])]
         if type == dns.AAAA:
             return [dns.Record_AAAA(address, ttl=60) for address in records.get("AAAA", [])]
+        if type == dns.TXT:
+            return [dns.Record_TXT(*_character_strings(text), ttl=60)
+                    for text in records.get("TXT", [])]
         return []
+
+
+def _character_strings(text: str) -> list[bytes]:
+    data = text.encode()
+    return [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
 
 
 def main() -> None:
@@ -71,7 +86,15 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.zone) as f:
         zone = json.load(f)
-    factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
+    resolver = ZoneResolver(zone)
+
+    def reread(signum: int, frame: Any) -> None:
+        with open(args.zone) as f:
+            fresh = ZoneResolver(json.load(f))
+        resolver.zone = fresh.zone
+
+    signal.signal(signal.SIGHUP, reread)
+    factory = server.DNSServerFactory(authorities=[resolver])
     protocol = dns.DNSDatagramProtocol(factory)
     udp = reactor.listenUDP(0, protocol, interface=args.address)
     port = udp.getHost().port
