@@ -42,6 +42,7 @@ from twisted.logger import Logger
 
 from mta.config import Config
 from mta.delivery.outcome import DeliveryError
+from mta.resolver import make_resolver
 
 log = Logger(namespace="mta.delivery.mx")
 
@@ -59,23 +60,6 @@ class _Lookups:
 
     temporary: list[str] = field(default_factory=list)
     permanent: list[str] = field(default_factory=list)
-
-
-def make_resolver(nameservers: Iterable[tuple[str, int]], timeout: float) -> dns.resolver.Resolver:
-    """A dnspython resolver on `nameservers` (empty: the system's /etc/resolv.conf)."""
-    servers = list(nameservers)
-    try:
-        resolver = dns.resolver.Resolver(configure=not servers)
-    except dns.resolver.NoResolverConfiguration:
-        # No usable /etc/resolv.conf: a local resolver is the only sensible guess.
-        log.warn("no system resolver configuration; using 127.0.0.1:53")  # noqa: G010
-        resolver = dns.resolver.Resolver(configure=False)
-        servers = [("127.0.0.1", 53)]
-    if servers:
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in servers]
-    resolver.timeout = timeout
-    resolver.lifetime = timeout
-    return resolver
 
 
 def order_mx(records: Iterable[tuple[int, str]], rng: random.Random) -> list[tuple[int, str]]:
