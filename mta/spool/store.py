@@ -126,6 +126,12 @@ class Incoming:
     Its file is opened only when the data outgrows the buffer, or at `commit`, in
     the committing thread: a small message costs the receiving thread no system
     call at all.
+
+    Between the end of the data and the commit, checks that need the whole
+    message (DKIM signing, DKIM/DMARC verification) may read it with
+    `read_data()` and put header fields in front of it with `prepend()`: in
+    memory for a message still in the buffer, by writing a new file for one
+    that outgrew it.  Both block on the disk: the committing thread calls them.
     """
 
     def __init__(self, spool: Spool, envelope: Envelope) -> None:
@@ -135,6 +141,7 @@ class Incoming:
         self.fd: int | None = None  # None until the file is opened
         self.path: Path | None = None  # None: an unnamed file (O_TMPFILE)
         self.buffer = bytearray(HEADER + envelope.to_json())
+        self.data_start = len(self.buffer)  # where the data begins, in the file
         self.size = 0  # octets of data (the envelope line not counted)
         self.done = False
 
@@ -148,13 +155,57 @@ class Incoming:
         """Write what is buffered to the file (opened now if it is not yet)."""
         if self.fd is None:
             self.fd, self.path = self.spool._open_tmp(self.queue_id)
-        view = memoryview(self.buffer)
-        try:
-            while view:
-                view = view[os.write(self.fd, view):]
-        finally:
-            view.release()
+        _write_all(self.fd, self.buffer)
         self.buffer.clear()
+
+    def read_data(self) -> bytes:
+        """The message data received so far (without the envelope line)."""
+        if self.fd is None:
+            return bytes(self.buffer[self.data_start:])
+        written = os.fstat(self.fd).st_size
+        parts = []
+        offset = self.data_start
+        while offset < written:
+            chunk = os.pread(self.fd, min(written - offset, 1 << 20), offset)
+            if not chunk:
+                break
+            parts.append(chunk)
+            offset += len(chunk)
+        parts.append(bytes(self.buffer))
+        return b"".join(parts)
+
+    def prepend(self, fields: bytes) -> None:
+        """Put `fields` (complete header lines, CRLF-terminated) before the data."""
+        if not fields:
+            return
+        self.size += len(fields)
+        if self.fd is None:
+            self.buffer[self.data_start:self.data_start] = fields
+            return
+        # The data is partly in the file: copy it behind the fields into a new one.
+        old_fd, old_path = self.fd, self.path
+        suffix = ".new" if old_path is not None and old_path.suffix == DATA_SUFFIX else DATA_SUFFIX
+        self.fd, self.path = self.spool._open_tmp(self.queue_id, suffix)
+        try:
+            _write_all(self.fd, os.pread(old_fd, self.data_start, 0))
+            _write_all(self.fd, fields)
+            offset, end = self.data_start, os.fstat(old_fd).st_size
+            while offset < end:
+                chunk = os.pread(old_fd, min(end - offset, 1 << 20), offset)
+                if not chunk:
+                    break
+                _write_all(self.fd, chunk)
+                offset += len(chunk)
+        except BaseException:
+            os.close(self.fd)
+            if self.path is not None:
+                _unlink(self.path)
+            self.fd, self.path = old_fd, old_path
+            self.size -= len(fields)
+            raise
+        os.close(old_fd)
+        if old_path is not None:
+            _unlink(old_path)
 
     def abort(self) -> None:
         """Forget the message: close and drop its file, if it has one (idempotent)."""
@@ -166,6 +217,15 @@ class Incoming:
             os.close(self.fd)
             if self.path is not None:
                 _unlink(self.path)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        view.release()
 
 
 class Spool:
@@ -192,13 +252,13 @@ class Spool:
         envelope.queue_id = self.new_id()
         return Incoming(self, envelope)
 
-    def _open_tmp(self, queue_id: str) -> tuple[int, Path | None]:
+    def _open_tmp(self, queue_id: str, suffix: str = DATA_SUFFIX) -> tuple[int, Path | None]:
         """A new file in ``tmp/`` for `queue_id`: unnamed where the filesystem can
         (nothing to clean up after a crash), else named after the queue id."""
         if self._unnamed:
-            return os.open(self.root / TMP, os.O_TMPFILE | os.O_WRONLY, 0o600), None
-        path = self.root / TMP / (queue_id + DATA_SUFFIX)
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path
+            return os.open(self.root / TMP, os.O_TMPFILE | os.O_RDWR, 0o600), None
+        path = self.root / TMP / (queue_id + suffix)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), path
 
     def commit(self, incoming: Incoming) -> str:
         """Make `incoming` durable in ``queue/``; blocking.  Sets the envelope's size.

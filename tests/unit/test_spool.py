@@ -124,6 +124,41 @@ def test_a_large_message_goes_to_disk_as_it_arrives(spool, tmp_path):
     incoming.abort()  # idempotent
 
 
+@pytest.mark.parametrize("size", [100, store.WRITE_BUFFER * 3 + 7])
+def test_checks_read_the_whole_message_and_prepend_fields(spool, tmp_path, size):
+    """A small message (in memory) and a large one (partly on disk) alike."""
+    body = b"Subject: x\r\n\r\n" + (b"y" * 98 + b"\r\n") * (size // 100)
+    incoming = spool.receive(envelope())
+    for i in range(0, len(body), 4096):
+        incoming.write(body[i:i + 4096])
+    assert (incoming.fd is not None) == (size > store.WRITE_BUFFER)
+    assert incoming.read_data() == body
+    incoming.prepend(b"DKIM-Signature: v=1\r\n")
+    incoming.prepend(b"Authentication-Results: here; none\r\n")
+    expected = b"Authentication-Results: here; none\r\nDKIM-Signature: v=1\r\n" + body
+    assert incoming.read_data() == expected
+    queue_id = spool.commit(incoming)
+    assert spool.message_data(queue_id).read_bytes() == expected
+    assert spool.open_message(queue_id)[0].size == len(expected)
+    assert list((tmp_path / "tmp").iterdir()) == []  # the first file is gone
+
+
+def test_a_prepend_that_fails_keeps_the_message_as_it_was(spool, tmp_path, monkeypatch):
+    incoming = spool.receive(envelope())
+    body = b"Subject: x\r\n\r\n" + b"z" * (store.WRITE_BUFFER * 2)
+    incoming.write(body)
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        incoming.prepend(b"X-Field: 1\r\n")
+    monkeypatch.setattr(os, "write", real)
+    assert incoming.read_data() == body
+    queue_id = spool.commit(incoming)
+    assert spool.message_data(queue_id).read_bytes() == body
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_concurrent_commits_share_directory_syncs(spool, monkeypatch):
     calls = []
     real = os.fsync
