@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -34,7 +35,7 @@ import socket
 import sys
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,32 +192,45 @@ def _next_try(envelope: dict, on_hold: bool, held: bool, now: float) -> str:
 def cmd_queue_list(args: argparse.Namespace) -> int:
     cfg = _load(args, check_files=False)
     spool = Spool(cfg.server.spool)
-    held_domains = {name for name, domain in cfg.domains.items() if domain.held}
+    held_domains = frozenset(name for name, domain in cfg.domains.items() if domain.held)
     count = pickup = 0
     now = time.time()
-    out = []
     for state in (QUEUE, HOLD):
-        for queue_id, envelope in spool.scan(state):
-            if isinstance(envelope, Exception):
-                # Damaged: the server moves it to corrupt/ at its next start.
-                out.append(f"{queue_id}? unreadable envelope: {envelope}")
-                continue
-            count += 1
-            try:
-                lines, held = _listing(queue_id, envelope, state == HOLD, held_domains, now)
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                out.append(f"{queue_id}? unreadable envelope: {e!r}")
-                continue
+        listing = functools.partial(_list_run, on_hold=state == HOLD,
+                                    held_domains=held_domains, now=now)
+        for text, listed, held in spool.scan_runs(state, listing):
+            sys.stdout.write(text)
+            count += listed
             pickup += held
-            out += lines
-    out.append(f"-- {count} message(s), {pickup} held for pickup; "
-               "! = on hold, * = held for pickup, ? = damaged")
-    sys.stdout.write("\n".join(out) + "\n")
+    sys.stdout.write(f"-- {count} message(s), {pickup} held for pickup; "
+                     "! = on hold, * = held for pickup, ? = damaged\n")
     return 0
 
 
-def _listing(queue_id: str, envelope: dict, on_hold: bool,
-             held_domains: set[str], now: float) -> tuple[list[str], bool]:
+def _list_run(messages: Iterator[tuple[str, dict | Exception]], on_hold: bool,
+              held_domains: frozenset[str], now: float) -> tuple[str, int, int]:
+    """The text `mta queue list` prints for a run of messages, how many it lists (the
+    damaged not counted), and how many of them are held for pickup."""
+    out = []
+    count = pickup = 0
+    for queue_id, envelope in messages:
+        if not isinstance(envelope, Exception):
+            try:
+                lines, held = _listing(queue_id, envelope, on_hold, held_domains, now)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                envelope = ValueError(repr(e))
+            else:
+                count += 1
+                pickup += held
+                out += lines
+                continue
+        # Damaged: the server moves it to corrupt/ at its next start.
+        out.append(f"{queue_id}? unreadable envelope: {envelope}")
+    return "".join(line + "\n" for line in out), count, pickup
+
+
+def _listing(queue_id: str, envelope: dict, on_hold: bool, held_domains: frozenset[str],
+             now: float) -> tuple[list[str], bool]:
     """The lines `mta queue list` prints for one envelope (the spool's JSON object), and
     whether all it has left is held for pickup."""
     pending = [r for r in envelope["recipients"] if r["state"] == PENDING]

@@ -61,7 +61,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from twisted.logger import Logger
 
@@ -69,11 +69,14 @@ from mta.safeio import fsync_dir
 from mta.spool.envelope import Envelope, EnvelopeError, validate
 
 log = Logger(namespace="mta.spool")
+T = TypeVar("T")
 
 TMP, QUEUE, HOLD, CORRUPT, CONTROL = "tmp", "queue", "hold", "corrupt", "control"
 DATA_SUFFIX, ENVELOPE_SUFFIX = ".msg", ".env"
 HEADER = b"MTA2 "  # a message file's first line: HEADER, the envelope as JSON, LF
 WRITE_BUFFER = 64 * 1024
+SCAN_WORKERS = 8  # processes reading a large queue's envelopes at once (Spool.scan)
+SCAN_RUN = 2000  # messages each of them reads at least
 
 
 class SpoolError(Exception):
@@ -390,19 +393,40 @@ class Spool:
         queue: one directory listing, one small read a message, no objects built
         beyond the JSON."""
         directory = os.path.join(self.root, state)
+        return _scan_run(directory, self._listed(directory))
+
+    def scan_runs(self, state: str, summarise: Callable[[Iterator[tuple[str, Any]]], T]) -> list[T]:
+        """`summarise` applied to runs of consecutive messages of `scan(state)`, in order.
+
+        A large queue is read by up to `SCAN_WORKERS` processes at once, one run each:
+        with a cold page cache, reads made one after the other wait on the disk in
+        turn (100,000 messages took 7 s so, 3 s with eight readers on a 2-core
+        machine).  `summarise` runs in those processes: it must be a module-level
+        function (or a partial of one) and return something that pickles, best one
+        small value per run.  A small queue is one run, read here.
+        """
+        directory = os.path.join(self.root, state)
+        entries = self._listed(directory)
+        workers = min(SCAN_WORKERS, len(entries) // SCAN_RUN)
+        if workers < 2:
+            return [summarise(_scan_run(directory, entries))]
+        import concurrent.futures  # only `mta queue` commands get here: the server never
+        import multiprocessing  # reads its queue this way
+
+        size = -(-len(entries) // workers)
+        runs = [entries[i:i + size] for i in range(0, len(entries), size)]
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(len(runs), mp_context=context) as pool:
+            return list(pool.map(_summarise_run, [summarise] * len(runs),
+                                 [directory] * len(runs), runs))
+
+    @staticmethod
+    def _listed(directory: str) -> list[tuple[str, bool]]:
+        """(queue id, whether it has a state file) of every message in `directory`, sorted."""
         names = {entry.name for entry in os.scandir(directory)}
-        for name in sorted(names):
-            if not name.endswith(DATA_SUFFIX) or name.startswith("."):
-                continue
-            queue_id = name[: -len(DATA_SUFFIX)]
-            try:
-                found = _read_envelope(directory, queue_id, queue_id + ENVELOPE_SUFFIX in names)
-            except FileNotFoundError:
-                continue  # delivered or moved while we looked
-            except (OSError, ValueError) as e:
-                yield queue_id, e
-                continue
-            yield queue_id, found
+        cut = len(DATA_SUFFIX)
+        return [(name[:-cut], name[:-cut] + ENVELOPE_SUFFIX in names) for name in sorted(names)
+                if name.endswith(DATA_SUFFIX) and not name.startswith(".")]
 
     def queue_ids(self, state: str = QUEUE) -> list[str]:
         """Committed queue ids in `state`, oldest first."""
@@ -531,12 +555,31 @@ class _DirectorySync:
             self._synced = upto
 
 
+def _scan_run(directory: str, entries: list[tuple[str, bool]],
+              ) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+    for queue_id, has_state in entries:
+        try:
+            found = _read_envelope(directory, queue_id, has_state)
+        except FileNotFoundError:
+            continue  # delivered or moved while we looked
+        except (OSError, ValueError) as e:
+            yield queue_id, e
+            continue
+        yield queue_id, found
+
+
+def _summarise_run(summarise: Callable[[Iterator[tuple[str, Any]]], T], directory: str,
+                   entries: list[tuple[str, bool]]) -> T:
+    """One reader process's share of `Spool.scan_runs`."""
+    return summarise(_scan_run(directory, entries))
+
+
 def _read_envelope(directory: str, queue_id: str, has_state: bool) -> dict[str, Any]:
     """A message's envelope as a JSON object (its state file if any, else its first line),
     with "size" set; ValueError if it cannot be read."""
     if has_state:
-        return _as_envelope(json.loads(_read_file(os.path.join(directory,
-                                                               queue_id + ENVELOPE_SUFFIX))))
+        return _as_envelope(json.loads(_read_file(os.path.join(
+            directory, queue_id + ENVELOPE_SUFFIX)).decode("utf-8")))
     fd = os.open(os.path.join(directory, queue_id + DATA_SUFFIX), os.O_RDONLY)
     try:
         head = os.read(fd, 4096)
@@ -552,7 +595,7 @@ def _read_envelope(directory: str, queue_id: str, has_state: bool) -> dict[str, 
         os.close(fd)
     if not head.startswith(HEADER) or end < 0:
         raise ValueError("no envelope")
-    data = _as_envelope(json.loads(head[len(HEADER):end]))
+    data = _as_envelope(json.loads(head[len(HEADER):end].decode("utf-8")))
     data["size"] = size - end - 1
     return data
 

@@ -335,3 +335,22 @@ def test_a_mistyped_envelope_field_is_damage_not_a_crash(spool, tmp_path, field,
     loaded = spool.load_committed(spool.queue_ids())
     assert [e.queue_id for e in loaded] == [good]
     assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [f"{bad}.env", f"{bad}.msg"]
+
+
+def _ids_and_kinds(messages):
+    return [(queue_id, type(found).__name__) for queue_id, found in messages]
+
+
+def test_a_large_queue_is_read_by_several_processes_in_order(spool, tmp_path, monkeypatch):
+    """scan_runs gives what one sequential scan gives, run by run, damaged ones included."""
+    ids = [commit(spool) for _ in range(23)]
+    (tmp_path / "queue" / f"{ids[7]}.env").write_text("{not json")
+    monkeypatch.setattr(store, "SCAN_RUN", 3)
+    monkeypatch.setattr(store, "SCAN_WORKERS", 4)
+    runs = spool.scan_runs(store.QUEUE, _ids_and_kinds)
+    assert len(runs) == 4  # four processes, each a run of consecutive messages
+    expected = _ids_and_kinds(spool.scan())
+    assert [pair for run in runs for pair in run] == expected
+    assert expected[7] == (ids[7], "JSONDecodeError") and len(expected) == 23
+    monkeypatch.setattr(store, "SCAN_RUN", 100)  # small: one run, read in this process
+    assert spool.scan_runs(store.QUEUE, _ids_and_kinds) == [expected]
