@@ -181,8 +181,10 @@ def signing_key(key: object, domain: str, selector: str, path: Path) -> SigningK
                                                serialization.PublicFormat.Raw)
         return SigningKey(domain, selector, path, ED25519_SHA256, 256,
                           base64.b64encode(seed), base64.b64encode(public))
-    raise DKIMKeyError(f"{path}: a {type(key).__name__.lstrip('_')}; DKIM signs with RSA "
-                       f"(rsa-sha256) or Ed25519 (ed25519-sha256) keys only")
+    kind = {"ECPrivateKey": "an elliptic-curve (ECDSA) key", "DSAPrivateKey": "a DSA key"}.get(
+        type(key).__name__, f"a {type(key).__name__}")
+    raise DKIMKeyError(f"{path}: {kind}; DKIM signs with RSA (rsa-sha256) or Ed25519 "
+                       f"(ed25519-sha256) keys only")
 
 
 def generate(key_type: str, bits: int = RSA_BITS) -> tuple[object, bytes]:
