@@ -69,6 +69,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     listeners = ", ".join(f"{x.role} on {x.endpoint} (tls {x.tls})" for x in cfg.listeners)
     print(f"{path}: OK: hostname {cfg.server.hostname}; spool {cfg.server.spool}; "
           f"listeners: {listeners}; {len(cfg.domains)} domain(s)")
+    for name, table in cfg.dkim.items():
+        keys = ", ".join(f"s={k.selector} {k.algorithm}" for k in table.keys)
+        print(f"{path}: DKIM signs mail of {name} and its subdomains ({keys}); "
+              f"publish the records: mta dkim record {name}")
     relay = cfg.relay
     if relay.smarthost and relay.smarthost_tls == "verify":
         store = relay.tls_ca_file or "the system's CA certificates"
@@ -463,6 +467,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     for name, domain in cfg.domains.items():
         print(f'\n[domains."{name}"]')
         print("\n".join(_section_lines(domain, _EMPTY if not args.all else None,
+                                        skip=("name",))))
+    for name, table in cfg.dkim.items():
+        print(f'\n[dkim."{name}"]')
+        print("\n".join(_section_lines(table, _EMPTY if not args.all else None,
                                         skip=("name",))))
     for pull in cfg.pulls:
         print("\n[[pull]]")
