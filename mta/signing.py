@@ -28,8 +28,11 @@ fields of `SIGNED_FIELDS` that are present, every instance of each, and
 From: once more than it occurs (over-signing: a From: added on the way does
 not pass [RFC 6376 8.15]); no l= (the whole body).  One signature per key of
 the domain: the main ``key`` (RSA, 2048 bits by default, or Ed25519), and
-the optional ``ed25519_key`` beside an RSA one (dual signing, RFC 8463 4:
+the optional ``ed25519_key`` beside an RSA one (dual signing, RFC 8463:
 verifiers that cannot check Ed25519 still find the RSA signature).
+
+Cost: dkimpy's RSA is pure Python (2048 bits: about 5-10 ms of CPU a
+message, holding the GIL); Ed25519 (PyNaCl) well under 1 ms.
 
 Keys (`load_key`) are read when the config is loaded (and again at each
 reload), never per message: a missing, unreadable or unparseable file, one

@@ -7,8 +7,10 @@ pointed at the loopback DNS server) and Perl's Mail::DKIM (libmail-dkim-perl) wi
 Net::DNS resolver on the same server.  Debian's Mail::DKIM (1.20230212) knows
 rsa-sha256 only: for it an ed25519-sha256 signature is "invalid (unsupported
 algorithm)", and the message passes by its RSA signature, which is what dual signing
-is for (RFC 8463).  OpenDKIM's opendkim-testmsg cannot be given a DNS server or port,
-so it is not used.
+is for (RFC 8463).  OpenDKIM's opendkim-testmsg is not used: it reads /etc/resolv.conf
+only (no server or port can be given), and run in a network namespace with a
+resolv.conf of its own it answered "dkim_chunk(): Syntax error" even for an unsigned
+message.
 
 Senders: swaks with AUTH on a submission listener, smtp-source from mynetworks,
 `mta sendmail` on the local socket, swaks from 127.0.0.9 (outside mynetworks) on port
