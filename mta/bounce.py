@@ -31,17 +31,17 @@ bounce of a bounce [RFC 3461 6.2, RFC 5321 6.1]: a failed report
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mta.spool.envelope import Envelope, Recipient
 
 if TYPE_CHECKING:
     from mta.aliases import Addresses
-from mta.spool.store import MessageData, Spool
+from mta.spool.store import Incoming, MessageData, Spool
 
 FAILED, DELAYED, DELIVERED, RELAYED, EXPANDED = (
     "failed", "delayed", "delivered", "relayed", "expanded")
@@ -85,10 +85,12 @@ def report_recipient(envelope: Envelope, kind: str, postmaster: str,
 
 def send_report(spool: Spool, hostname: str, envelope: Envelope, data: MessageData, kind: str,
                 lines: list[ReportLine], now: float, retry_until: float | None = None,
-                postmaster: str = "", addresses: Addresses | None = None) -> Envelope | None:
+                postmaster: str = "", addresses: Addresses | None = None,
+                sign: Callable[[Incoming], Any] | None = None) -> Envelope | None:
     """Build and inject one report about `lines` (recipients sharing one envelope
     sender); the committed report envelope, or None if none is due.  With
-    `addresses`, a local report recipient is expanded as RCPT would."""
+    `addresses`, a local report recipient is expanded as RCPT would; `sign` puts
+    DKIM signatures in front of the report before it is committed (signing.py)."""
     if not lines:
         return None
     to = report_recipient(envelope, kind, postmaster, lines[0].recipient)
@@ -117,7 +119,7 @@ def send_report(spool: Spool, hostname: str, envelope: Envelope, data: MessageDa
     )
     chunks = build_report(hostname, envelope, data, kind, lines, now, to,
                           retry_until=retry_until, utf8=utf8, full=full)
-    spool.inject(report, chunks)
+    spool.inject(report, chunks, before_commit=sign)
     return report
 
 

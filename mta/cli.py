@@ -6,6 +6,9 @@
     mta reload [--pidfile F]           check the config, then SIGHUP the running server
     mta passwd USER [--cram-md5]       set a password (from stdin when not a terminal)
     mta make-cert [--cert F --key F]   a self-signed certificate for trying TLS
+    mta dkim keygen DOMAIN SELECTOR [--type rsa|ed25519] [--bits N] [--output F] [--force]
+                                       a DKIM key (0600) and the DNS record to publish
+    mta dkim record DOMAIN             the DNS records of the configured keys of DOMAIN
     mta config [--all]                 the effective config (non-default values, or all)
     mta queue list                     one line per queued message, with its age and next try
     mta queue show ID                  times, envelope and headers of one message
@@ -67,6 +70,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     listeners = ", ".join(f"{x.role} on {x.endpoint} (tls {x.tls})" for x in cfg.listeners)
     print(f"{path}: OK: hostname {cfg.server.hostname}; spool {cfg.server.spool}; "
           f"listeners: {listeners}; {len(cfg.domains)} domain(s)")
+    for name, table in cfg.dkim.items():
+        keys = ", ".join(f"s={k.selector} {k.algorithm}" for k in table.keys)
+        print(f"{path}: DKIM signs mail of {name} and its subdomains ({keys}); "
+              f"publish the records: mta dkim record {name}")
     relay = cfg.relay
     if relay.smarthost and relay.smarthost_tls == "verify":
         store = relay.tls_ca_file or "the system's CA certificates"
@@ -155,6 +162,98 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return 1
     print(f"mta reload: {args.config} checked; SIGHUP sent to {pid} "
           "(the server logs \"reload: ... in force\")")
+    return 0
+
+
+# -- DKIM keys (signing.py) ------------------------------------------------------------
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    """A new DKIM private key, mode 0600, and what to publish and configure for it."""
+    from mta import signing
+    from mta.address import is_valid_domain
+    domain = args.domain.lower().rstrip(".")
+    if not is_valid_domain(domain):
+        print(f"mta dkim keygen: not a valid domain name: {args.domain!r}", file=sys.stderr)
+        return 2
+    if not signing.valid_selector(args.selector):
+        print(f"mta dkim keygen: not a valid selector (DNS labels such as \"s1\" or "
+              f"\"2025a\"): {args.selector!r}", file=sys.stderr)
+        return 2
+    if args.type == "ed25519" and args.bits is not None:
+        print("mta dkim keygen: --bits is for RSA keys; Ed25519 keys have one size",
+              file=sys.stderr)
+        return 2
+    bits = args.bits if args.bits is not None else signing.RSA_BITS
+    if not signing.MIN_RSA_BITS <= bits <= signing.MAX_RSA_BITS:
+        print(f"mta dkim keygen: --bits must be {signing.MIN_RSA_BITS} to "
+              f"{signing.MAX_RSA_BITS} (RFC 8301: at least 1024; 2048 is usual)",
+              file=sys.stderr)
+        return 2
+    path = Path(args.output or f"etc/dkim/{domain}.{args.selector}.key")
+    if path.exists() and not args.force:
+        print(f"mta dkim keygen: {path} exists; --force replaces it (and the record "
+              "published for it stops matching)", file=sys.stderr)
+        return 1
+    key, pem = signing.generate(args.type, bits)
+    _write_private(path, pem)
+    loaded = signing.signing_key(key, domain, args.selector, path)
+    print(f"wrote {path} ({loaded.describe()}, mode 0600)")
+    _print_record(loaded)
+    section = f'[dkim."{domain}"]'
+    if args.type == "ed25519":
+        print(f"\nThen sign with it beside the domain's RSA key (RFC 8463 dual signing): in "
+              f"{section} of the config add\n"
+              f'ed25519_selector = "{args.selector}"\ned25519_key = "{path}"\n'
+              "(or make it the only key with selector/key: many receivers cannot check "
+              "Ed25519 signatures yet)")
+    else:
+        print(f'\nThen add to the config:\n{section}\nselector = "{args.selector}"\n'
+              f'key = "{path}"')
+    print("\nPublish the record first, then `mta reload`: until the record is in the DNS, "
+          "receivers fail the signatures.")
+    return 0
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a private key: mode 0600 from the start, complete or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _print_record(key: object) -> None:
+    from mta import signing
+    assert isinstance(key, signing.SigningKey)
+    print(f"\nPublish this TXT record ({key.describe()}):\n"
+          f"  name:  {key.record_name}\n  value: {key.record}\n"
+          f"\nIn zone-file form (strings of at most 255 octets):\n{signing.zone_lines(key)}")
+
+
+def cmd_dkim_record(args: argparse.Namespace) -> int:
+    """The DNS records that the configured keys of a domain need."""
+    cfg = _load(args)
+    domain = args.domain.lower().rstrip(".")
+    table = cfg.dkim.get(domain)
+    if table is None:
+        configured = ", ".join(sorted(cfg.dkim)) or "none"
+        print(f"mta dkim record: {args.config}: no [dkim.\"{domain}\"] table "
+              f"(configured: {configured})", file=sys.stderr)
+        return 1
+    for key in table.keys:
+        print(f"[dkim.\"{domain}\"] {key.path}:")
+        _print_record(key)
+        print()
     return 0
 
 
@@ -383,6 +482,10 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(f'\n[domains."{name}"]')
         print("\n".join(_section_lines(domain, _EMPTY if not args.all else None,
                                         skip=("name",))))
+    for name, table in cfg.dkim.items():
+        print(f'\n[dkim."{name}"]')
+        print("\n".join(_section_lines(table, _EMPTY if not args.all else None,
+                                        skip=("name",))))
     for pull in cfg.pulls:
         print("\n[[pull]]")
         print(f"server = {json.dumps(pull.server)}")
@@ -576,6 +679,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default="etc/key.pem")
     p.add_argument("--hostname", default=None, help="default: [server] hostname")
     p.set_defaults(func=cmd_make_cert)
+
+    d = sub.add_parser("dkim", help="DKIM signing keys and their DNS records"
+                       ).add_subparsers(dest="action", required=True)
+    p = d.add_parser("keygen", parents=[common],
+                     help="make a DKIM private key and print the DNS record to publish")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("selector", metavar="SELECTOR")
+    p.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
+                   help="rsa (rsa-sha256, the default) or ed25519 (ed25519-sha256, RFC 8463)")
+    p.add_argument("--bits", type=int, default=None, help="RSA key size (default 2048)")
+    p.add_argument("--output", metavar="FILE",
+                   help="where to write the key (default etc/dkim/DOMAIN.SELECTOR.key)")
+    p.add_argument("--force", action="store_true", help="replace an existing key file")
+    p.set_defaults(func=cmd_dkim_keygen)
+    p = d.add_parser("record", parents=[common],
+                     help="print the DNS records of a domain's configured keys")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.set_defaults(func=cmd_dkim_record)
 
     q = sub.add_parser("queue", parents=[common], help="look at and change the queue"
                        ).add_subparsers(dest="action", required=True)

@@ -114,6 +114,21 @@ class Domain:
 
 
 @dataclass(frozen=True)
+class DKIMDomain:
+    """One ``[dkim."example.org"]`` table: the keys that sign that domain's mail (signing.py)."""
+
+    name: str  # d=
+    selector: str
+    key: Path
+    # An Ed25519 key signing beside an RSA `key` (dual signing, RFC 8463); optional.
+    ed25519_selector: str = ""
+    ed25519_key: Path | None = None
+    # The keys as read at load, in signing order (signing.SigningKey); () when files
+    # are not checked.  Not compared: a reload reads them again.
+    keys: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class ServerSection:
     hostname: str
     spool: Path
@@ -183,6 +198,7 @@ class RelaySection:
     # A host that timed out is not tried again for this long ("0": no memory).
     dead_host_time: float = 300.0
     masquerade: str = ""  # outbound SMTP: the sender user@HOSTNAME becomes user@masquerade
+    dkim_domain: str = "from"  # whose [dkim] key signs: the From: header's domain, or "sender"
 
 
 @dataclass(frozen=True)
@@ -260,6 +276,7 @@ class Config:
     pulls: tuple[Pull, ...] = ()
     log: LogSection = field(default_factory=LogSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    dkim: dict[str, DKIMDomain] = field(default_factory=dict)
 
     @cached_property
     def addresses(self) -> aliases_module.Addresses:
@@ -525,6 +542,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
     pulls = _pulls(source, top.get("pull", [], kind=list))
     log = _log(_Section(source, "log", top.get("log", {}, kind=dict)))
     metrics = _metrics(_Section(source, "metrics", top.get("metrics", {}, kind=dict)))
+    dkim = _dkim(source, top.get("dkim", {}, kind=dict))
     top.finish()
 
     for i, listener in enumerate(listeners):
@@ -539,7 +557,60 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
                 f"{source}: [auth] passwords: required by listener #{i + 1} "
                 f"{listener.endpoint} (role {listener.role}: AUTH before MAIL)")
     return Config(path, server, listeners, tls, auth, relay, domains, limits, etrn, pulls,
-                  log, metrics)
+                  log, metrics, dkim)
+
+
+def _dkim(source: str, table: dict[str, Any]) -> dict[str, DKIMDomain]:
+    """``[dkim."DOMAIN"]`` tables; their keys are read now (signing.py), so that a
+    reload reads them again and a bad key stops start-up, naming the file."""
+    if not table:
+        return {}
+    from mta import signing  # dkimpy and cryptography: only for a config that signs
+    result = {}
+    for name, item in table.items():
+        s = _Section(source, f'dkim."{name}"', item)
+        domain = name.lower().rstrip(".")
+        if not is_valid_domain(domain):
+            raise s.error(None, "not a valid domain name")
+        pairs = []
+        for selector_key, key_key, required in (("selector", "key", True),
+                                                ("ed25519_selector", "ed25519_key", False)):
+            selector = s.get(selector_key, "", kind=str)
+            path = s.path(key_key, "")
+            if not selector and path is None and not required:
+                continue
+            if not selector:
+                raise s.error(selector_key, f"required beside {key_key}, e.g. \"s1\"")
+            if not signing.valid_selector(selector):
+                raise s.error(selector_key, f"not a valid selector (DNS labels): {selector!r}")
+            if path is None:
+                raise s.error(key_key, f"required: the private key file, e.g. "
+                                       f"\"etc/dkim/{domain}.{selector}.key\" "
+                                       f"(mta dkim keygen {domain} {selector})")
+            pairs.append((selector_key, key_key, selector, path))
+        s.finish()
+        if len(pairs) == 2 and pairs[0][2] == pairs[1][2]:
+            raise s.error("ed25519_selector", "must differ from selector: each key has its "
+                                              "own DNS record")
+        keys = []
+        if _check_files.get():
+            for selector_key, key_key, selector, path in pairs:
+                try:
+                    key = signing.load_key(path, domain, selector)
+                except signing.DKIMKeyError as e:
+                    raise s.error(key_key, str(e)) from None
+                if key_key == "ed25519_key" and key.algorithm != signing.ED25519_SHA256:
+                    raise s.error(key_key, f"{path} is an RSA key; ed25519_key takes an "
+                                           "Ed25519 one (mta dkim keygen --type ed25519)")
+                keys.append(key)
+            if len(keys) == 2 and keys[0].algorithm == signing.ED25519_SHA256:
+                raise s.error("key", f"{pairs[0][3]} is an Ed25519 key: with ed25519_key "
+                                     "beside it, key must be the RSA one")
+        result[domain] = DKIMDomain(
+            name=domain, selector=pairs[0][2], key=pairs[0][3],
+            ed25519_selector=pairs[1][2] if len(pairs) == 2 else "",
+            ed25519_key=pairs[1][3] if len(pairs) == 2 else None, keys=tuple(keys))
+    return result
 
 
 def _log(s: _Section) -> LogSection:
@@ -742,6 +813,7 @@ def _relay(s: _Section) -> RelaySection:
         smtp_data_done_timeout=s.get("smtp_data_done_timeout", "10m", parse_duration),
         dead_host_time=s.get("dead_host_time", "5m", parse_duration),
         masquerade=s.get("masquerade", "", _masquerade_domain, kind=str),
+        dkim_domain=s.get("dkim_domain", "from", _choice("from", "sender"), kind=str),
     )
     for key in ("smtp_greeting_timeout", "smtp_command_timeout", "smtp_mail_timeout",
                 "smtp_rcpt_timeout", "smtp_data_init_timeout", "smtp_data_block_timeout",

@@ -21,6 +21,7 @@ The SMTP server's events, one line each (namespace ``mta.smtpd``)::
     warning: unknown[192.0.2.7]: SASL PLAIN authentication failed: 535 5.7.8 ...
     QUEUEID: client=unknown[192.0.2.7], tls=TLSv1.3:..., sasl_method=PLAIN,
         sasl_username=alice, from=<..>, nrcpt=1, size=300, message-id=<..>, proto=ESMTPSA
+    QUEUEID: dkim=signed d=example.org s=s1 a=rsa-sha256
     disconnect from unknown[192.0.2.7] ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6
 
 Every line is formatted once, here, with an f-string; network text goes
@@ -149,6 +150,22 @@ def received(queue_id: str, client: str, tls: str | None, sasl_method: str | Non
            "size": size, "message_id": message_id, "proto": proto})
     if metrics is not None:
         metrics.received()
+
+
+def dkim_signing(queue_id: str, signed: Any) -> None:
+    """What DKIM signing did (signing.Signed): ``QUEUEID: dkim=signed d=example.org s=s1
+    a=rsa-sha256``, one line per signature; ``QUEUEID: dkim=error d=...: why`` when a key
+    could not sign (the message goes on without that signature)."""
+    for key in signed.keys:
+        _emit(smtpd, LogLevel.info, "dkim_signed",
+              f"{queue_id}: dkim=signed d={key.domain} s={key.selector} a={key.algorithm}",
+              {"queue_id": queue_id, "d": key.domain, "s": key.selector, "a": key.algorithm})
+    what = "sent without this signature" if signed.keys else "sent unsigned"
+    for error in signed.errors:
+        why = printable(error, 300)
+        _emit(smtpd, LogLevel.error, "dkim_error",
+              f"{queue_id}: dkim=error d={signed.domain}: {why}; {what}",
+              {"queue_id": queue_id, "d": signed.domain, "error": why})
 
 
 # -- delivery ---------------------------------------------------------------------

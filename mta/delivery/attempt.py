@@ -52,7 +52,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mta import bounce, maillog
+from mta import bounce, maillog, signing
 from mta.config import Config, Live
 from mta.delivery.courier import Result
 from mta.delivery.outcome import Delivered, Failed, Outcome, classify
@@ -359,14 +359,23 @@ class Attempts:
     def _send_reports(self, envelope: Envelope, data: MessageData,
                       batches: list[tuple[str, list[bounce.ReportLine]]], now: float) -> Any:
         """Inject the reports; marks who was told (the caller saves that)."""
+        hostname = self.config.server.hostname
+        # Reports come From: MAILER-DAEMON@hostname: signed by the key of the hostname's
+        # domain or its closest parent's, as our users' mail is (signing.py).
+        dkim_domain = signing.domain_keys(self.config, hostname)
         for kind, lines in batches:
+            signed: list[signing.Signed] = []
+            sign = None
+            if dkim_domain is not None:
+                def sign(incoming: Any, keys: Any = dkim_domain, made: list = signed) -> None:
+                    made.append(signing.sign_incoming(incoming, keys))
             try:
                 report = yield self.run_blocking(
-                    bounce.send_report, self.spool, self.config.server.hostname, envelope,
+                    bounce.send_report, self.spool, hostname, envelope,
                     data, kind, lines, now,
                     retry_until=envelope.arrival + self.config.relay.lifetime,
                     postmaster=self.config.server.postmaster,
-                    addresses=self.config.addresses)
+                    addresses=self.config.addresses, sign=sign)
             except OSError as e:  # a full or failing disk: one line, retried next attempt
                 log.error("{queue_id}: cannot create a {kind} report yet: {error}",
                           queue_id=envelope.queue_id, kind=kind, error=e)
@@ -384,6 +393,8 @@ class Attempts:
                 maillog.report_dropped(envelope.queue_id, f"no one to send a {kind} report to")
                 continue
             maillog.report_created(envelope.queue_id, bounce.log_kind(kind), report.queue_id)
+            for outcome in signed:
+                maillog.dkim_signing(report.queue_id, outcome)
             self.on_report(report)
 
     def _delay_warnings_due(self, envelope: Envelope, now: float) -> list[Recipient]:

@@ -30,20 +30,31 @@ unstuffing, no line rules; only the size and loop limits apply.
 
 from __future__ import annotations
 
+import re
+
 from mta import reply
 from mta.reply import Reply
 from mta.spool.store import Incoming
 
 MAX_LINE = 1000  # octets including CRLF [RFC 5321 4.5.3.1.6]
 _HEADER_SCAN_LIMIT = 256 * 1024  # stop looking for Received headers this far into a message
+_FROM = re.compile(rb"from[ \t]*:", re.IGNORECASE)
+_FROM_LIMIT = 4096  # characters of a From: field kept (it names the signing domain)
 
 
 class _HeaderScanner:
-    """Counts Received: header fields in the header section (up to the first empty line)."""
+    """Counts Received: header fields in the header section (up to the first empty line).
+
+    With `want_from` set (DKIM signing may apply: signing.py), it also keeps the
+    first From: field, unfolded, so that the signing domain is known without
+    reading the message back."""
 
     def __init__(self) -> None:
         self.received = 0
         self.message_id: str | None = None
+        self.want_from = False
+        self.from_field: str | None = None
+        self._in_from = False  # the last line was (part of) the first From: field
         self.in_header = True
         self.at_line_start = True
         self.scanned = 0
@@ -64,12 +75,24 @@ class _HeaderScanner:
             if not line:
                 self.in_header = False
                 return
+            if self.want_from:
+                self._from(line)
             if line[:9].lower() == b"received:":
                 self.received += 1
             elif line[:11].lower() == b"message-id:" and self.message_id is None:
                 self.message_id = line[11:].strip().decode("utf-8", "replace")[:300]
         if len(self.pending) > MAX_LINE * 4:
             self.pending = self.pending[:16]
+
+    def _from(self, line: bytes) -> None:
+        if self._in_from and line[:1] in (b" ", b"\t"):  # a folded continuation [RFC 5322 2.2.3]
+            if len(self.from_field or "") < _FROM_LIMIT:
+                self.from_field = (self.from_field or "") + line.decode("utf-8", "replace")
+            return
+        self._in_from = False
+        if self.from_field is None and _FROM.match(line):
+            self.from_field = line.split(b":", 1)[1].decode("utf-8", "replace")
+            self._in_from = True
 
 
 class BodyReader:

@@ -56,7 +56,7 @@ from email.utils import format_datetime
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mta import aliases, maillog, reply
+from mta import aliases, maillog, reply, signing
 from mta.address import (
     AddressError,
     Mailbox,
@@ -65,6 +65,7 @@ from mta.address import (
     split_path_and_params,
     xtext_decode,
 )
+from mta.config import Config, DKIMDomain
 from mta.reply import Reply
 from mta.server import sasl
 from mta.server.answer import CLOSE, START_TLS, Answer, ReadBody, answer
@@ -110,6 +111,7 @@ class Transaction:
     # Where the body goes: `incoming`, or a HeaderCompletion in front of it.
     writer: Incoming | HeaderCompletion | None = None
     body: BodyReader | None = None
+    dkim: bool = False  # DKIM signing may apply (signing.py): the reader keeps the From: field
 
 
 # -- the command table ---------------------------------------------------------
@@ -734,6 +736,7 @@ class Session:
         tx.mode = "DATA"
         tx.body = DataReader(tx.writer, self.config.limits.message_size,
                              self.config.limits.received_headers)
+        tx.body.headers.want_from = tx.dkim
         self.phase = Phase.DATA
         return self._read(tx.body, reply.START_DATA)
 
@@ -760,6 +763,7 @@ class Session:
         tx.mode = "BDAT"
         tx.body = ChunkReader(tx.body, tx.writer, size, limits.message_size,
                               limits.received_headers)
+        tx.body.headers.want_from = tx.dkim
         self.phase = Phase.DATA
         self._chunk_outcome = (None, last)
         return self._read(tx.body)
@@ -795,10 +799,40 @@ class Session:
             return reply.SPOOL_ERROR
         self.transaction.incoming = incoming
         self.transaction.writer = incoming
+        self.transaction.dkim = self._dkim_applies()
         if self.completes_headers:
             self.transaction.writer = HeaderCompletion(
                 incoming, self.hostname, self._author(envelope.reverse_path), self.context.clock)
         return None
+
+    # -- DKIM signing (signing.py) ------------------------------------------------------
+
+    def _dkim_applies(self) -> bool:
+        """Whether this message may be signed: the config has DKIM keys, it comes from a
+        trusted source (AUTH, the sendmail socket, mynetworks), and not every recipient
+        is delivered here (nobody downstream would check a signature)."""
+        config = self.config
+        if not config.dkim:
+            return False
+        if self.submitter is None and not config.is_mynetwork(self.client_address):
+            return False
+        return not all(_maildir(config, r.address) for r in self.transaction.recipients)
+
+    def _dkim_domain(self, reader: BodyReader) -> DKIMDomain | None:
+        """The ``[dkim]`` table whose keys sign this message, if any: by the From:
+        field's domain, or the envelope sender's ([relay] dkim_domain)."""
+        tx = self.transaction
+        if not tx.dkim:
+            return None
+        if self.config.relay.dkim_domain == "sender":
+            domain = tx.reverse_path.domain if tx.reverse_path is not None else None
+        else:
+            author = reader.headers.from_field
+            if author is None and isinstance(tx.writer, HeaderCompletion) \
+                    and "From" in tx.writer.added:
+                author = tx.writer.author  # the From: we added (RFC 6409 8)
+            domain = signing.author_domain(author) if author else None
+        return signing.domain_keys(self.config, domain) if domain else None
 
     def _author(self, reverse_path: str) -> str | None:
         """The address of a From: we add: the envelope sender, else our user's address."""
@@ -850,9 +884,9 @@ class Session:
                 self.reset_transaction()
                 return reply.SPOOL_ERROR
         self._message_id = reader.headers.message_id
-        return self._commit()
+        return self._commit(self._dkim_domain(reader))
 
-    def _commit(self) -> defer.Deferred:
+    def _commit(self, dkim_domain: DKIMDomain | None = None) -> defer.Deferred:
         tx = self.transaction
         incoming = tx.incoming
         envelope = incoming.envelope
@@ -863,11 +897,13 @@ class Session:
         message_id = self._message_id
         protocol = envelope.protocol
 
-        def committed(queue_id: str) -> Reply:
+        def committed(queue_id: str, signed: signing.Signed | None = None) -> Reply:
             client = f"local {self.local_user}" if self.local_user else self.client_address
             maillog.received(queue_id, client, self.tls_info, self.auth_method,
                              self.authenticated, envelope.reverse_path, len(envelope.recipients),
                              envelope.size, message_id, protocol)
+            if signed is not None:
+                maillog.dkim_signing(queue_id, signed)
             try:
                 self.context.queue.enqueue(envelope)
             except Exception:  # noqa: BLE001 (whatever broke, the message is committed)
@@ -886,8 +922,13 @@ class Session:
                             queue_id=incoming.queue_id)
             return reply.spool_error(error)
 
-        d = self.context.run_blocking(self.context.spool.commit, incoming)
-        return d.addCallbacks(committed, failed)
+        if dkim_domain is None:
+            d = self.context.run_blocking(self.context.spool.commit, incoming)
+            return d.addCallbacks(committed, failed)
+        # Signed once, here, in the committing thread: the queue holds what is sent.
+        d = self.context.run_blocking(signing.sign_and_commit, self.context.spool, incoming,
+                                      dkim_domain)
+        return d.addCallbacks(lambda done: committed(*done), failed)
 
     # -- Received: [RFC 5321 4.4] --------------------------------------------------
 
@@ -927,6 +968,12 @@ class Session:
 
 
 _AUTH_FAILED = (reply.AUTH_FAILED, reply.AUTH_TOO_MANY_FAILURES)
+
+
+def _maildir(config: Config, address: str) -> bool:
+    """Whether mail to `address` is delivered into a Maildir here."""
+    domain = config.domain_for(address.rpartition("@")[2])
+    return domain is not None and domain.route.kind == "maildir"
 
 
 def _path_of(arg: str) -> str:

@@ -293,8 +293,11 @@ class Spool:
         incoming.envelope.size = incoming.size
         return incoming.queue_id
 
-    def inject(self, envelope: Envelope, data: bytes | Iterator[bytes]) -> str:
-        """Commit a message we generate ourselves (bounces, `mta sendmail`); blocking."""
+    def inject(self, envelope: Envelope, data: bytes | Iterator[bytes],
+               before_commit: Callable[[Incoming], Any] | None = None) -> str:
+        """Commit a message we generate ourselves (bounces, `mta sendmail`); blocking.
+        `before_commit(incoming)` may put header fields in front of it (`prepend`):
+        DKIM signing of our reports."""
         incoming = self.receive(envelope)
         try:
             if isinstance(data, bytes):
@@ -302,6 +305,8 @@ class Spool:
             else:
                 for chunk in data:
                     incoming.write(chunk)
+            if before_commit is not None:
+                before_commit(incoming)
         except BaseException:
             incoming.abort()
             raise
