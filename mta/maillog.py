@@ -21,6 +21,8 @@ The SMTP server's events, one line each (namespace ``mta.smtpd``)::
     warning: unknown[192.0.2.7]: SASL PLAIN authentication failed: 535 5.7.8 ...
     QUEUEID: client=unknown[192.0.2.7], tls=TLSv1.3:..., sasl_method=PLAIN,
         sasl_username=alice, from=<..>, nrcpt=1, size=300, message-id=<..>, proto=ESMTPSA
+    QUEUEID: spf=pass smtp.mailfrom=a@example.net dkim=pass header.d=example.net
+        header.s=s1 dmarc=pass header.from=example.net      (port-25 mail from outside)
     disconnect from unknown[192.0.2.7] ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6
 
 Every line is formatted once, here, with an f-string; network text goes
@@ -149,6 +151,14 @@ def received(queue_id: str, client: str, tls: str | None, sasl_method: str | Non
            "size": size, "message_id": message_id, "proto": proto})
     if metrics is not None:
         metrics.received()
+
+
+def checked(queue_id: str, verdicts: str) -> None:
+    """The inbound checks' verdicts on a message from outside (mta/checks/): ``QUEUEID:
+    spf=pass smtp.mailfrom=a@x dkim=pass header.d=x header.s=s dmarc=pass header.from=x``.
+    `verdicts` is built from network text already made fit for a header (authresults.py)."""
+    _emit(smtpd, LogLevel.info, "checked", f"{queue_id}: {printable(verdicts, 2000)}",
+          {"queue_id": queue_id, "verdicts": verdicts})
 
 
 # -- delivery ---------------------------------------------------------------------

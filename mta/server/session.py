@@ -34,6 +34,13 @@ listeners, in authenticated sessions and from local users, a message
 without Date:, Message-ID: or From: gets them; port-25 mail from outside
 is stored as it came.
 
+Mail from outside is checked (mta/checks/inbound.py): on ``smtp``
+listeners, for clients the relay policy does not trust, SPF starts at MAIL
+(MAIL waits for it with ``spf = "reject"``), forged Authentication-Results
+are filtered out of the header as it streams in, and after the final dot
+the verdict decides between a refusal and a commit with our
+Authentication-Results in front.  Other sessions never reach that code.
+
 Role reversal [DESIGN.md 5]: ETRN, ATRN and TURN are ordered here (after
 a greeting, outside a transaction) and decided in reversal.py.
 
@@ -52,6 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -68,7 +76,7 @@ from mta.address import (
 from mta.reply import Reply
 from mta.server import sasl
 from mta.server.answer import CLOSE, START_TLS, Answer, ReadBody, answer
-from mta.server.cleanup import HeaderCompletion
+from mta.server.cleanup import HeaderCompletion, HeaderEditor
 from mta.server.context import ServerContext
 from mta.server.dataread import BodyReader, ChunkReader, DataReader
 from mta.server.local import LocalUser
@@ -76,6 +84,9 @@ from mta.server.policy import Policy
 from mta.server.trust import AuthExchange, is_loopback
 from mta.spool.envelope import Envelope, Recipient, add_recipients
 from mta.spool.store import Incoming
+
+if TYPE_CHECKING:
+    from mta.checks.inbound import MessageChecks, SessionChecks, Verdict
 
 log = Logger(namespace="mta.smtpd")
 
@@ -107,9 +118,10 @@ class Transaction:
     rcpt_attempts: int = 0
     mode: str | None = None  # "DATA" or "BDAT" once a body started
     incoming: Incoming | None = None
-    # Where the body goes: `incoming`, or a HeaderCompletion in front of it.
-    writer: Incoming | HeaderCompletion | None = None
+    # Where the body goes: `incoming`, or a HeaderEditor (cleanup.py) in front of it.
+    writer: Incoming | HeaderEditor | None = None
     body: BodyReader | None = None
+    checks: MessageChecks | None = None  # mail from outside: SPF/DKIM/DMARC (mta/checks/)
 
 
 # -- the command table ---------------------------------------------------------
@@ -159,6 +171,7 @@ class Session:
         self.counts: dict[str, list[int]] = {}  # command -> [accepted, given], for the log
         self._message_id: str | None = None
         self._auth_noted = False  # the AUTH command's exchange ended and was logged
+        self._checks: SessionChecks | None = None  # made at the first checked MAIL
 
     def _take_config(self) -> None:
         """Between transactions, the config in force now (a reload may have swapped it)."""
@@ -271,6 +284,14 @@ class Session:
     def completes_headers(self) -> bool:
         """Whether bare messages get Date:, Message-ID:, From: here [RFC 6409 8]."""
         return self.listener.role in ("submission", "local") or self.submitter is not None
+
+    @property
+    def checked(self) -> bool:
+        """Whether this transaction's mail comes from outside and is checked (mta/checks/):
+        port 25, a client neither authenticated nor in mynetworks, checks configured."""
+        return (self.listener.role == "smtp" and self.context.checks is not None
+                and self.config.checks.enabled
+                and not self.policy.is_trusted(self.client_address, self.submitter))
 
     @property
     def in_transaction(self) -> bool:
@@ -562,7 +583,7 @@ class Session:
     def saml(self, arg: str) -> Reply:
         return self._mail(arg, "SAML")
 
-    def _mail(self, arg: str, name: str) -> Reply:
+    def _mail(self, arg: str, name: str) -> Reply | defer.Deferred:
         if self.phase == Phase.CONNECTED:
             return reply.NEED_HELO
         if self.in_transaction:
@@ -591,9 +612,26 @@ class Session:
         refused = self.policy.check_mail(self.authenticated, tx.reverse_path, declared)
         if refused is not None:
             return refused
+        if self.checked:
+            waiting = self._start_checks(tx)
+            if waiting is not None:  # spf = "reject": MAIL's reply waits for SPF
+                return waiting.addCallback(lambda refusal: refusal or self._mail_accepted(tx))
+        return self._mail_accepted(tx)
+
+    def _mail_accepted(self, tx: Transaction) -> Reply:
         self.transaction = tx
         self.phase = Phase.MAIL
         return reply.SENDER_OK
+
+    def _start_checks(self, tx: Transaction) -> defer.Deferred | None:
+        """The checks of mail from outside start with SPF; a Deferred when MAIL must wait."""
+        from mta.checks.inbound import SessionChecks
+        if self._checks is None:
+            self._checks = SessionChecks()
+        tx.checks = self.context.checks.begin(
+            self.config, self._checks, self.client_address, self.helo or "",
+            str(tx.reverse_path) if tx.reverse_path else "")
+        return tx.checks.refusal_at_mail()
 
     def _mail_params(self, tx: Transaction, params: dict[str, str | None]) -> Reply | None:
         for key, value in params.items():
@@ -795,7 +833,9 @@ class Session:
             return reply.SPOOL_ERROR
         self.transaction.incoming = incoming
         self.transaction.writer = incoming
-        if self.completes_headers:
+        if self.transaction.checks is not None:
+            self.transaction.writer = self.transaction.checks.header_filter(incoming)
+        elif self.completes_headers:
             self.transaction.writer = HeaderCompletion(
                 incoming, self.hostname, self._author(envelope.reverse_path), self.context.clock)
         return None
@@ -842,24 +882,54 @@ class Session:
         if problem is not None:
             self.reset_transaction()
             return problem
-        if isinstance(self.transaction.writer, HeaderCompletion):
+        writer = self.transaction.writer
+        if isinstance(writer, HeaderEditor):
             try:
-                self.transaction.writer.finish()
+                writer.finish()
             except OSError as e:
                 log.error("cannot write to a spool file: {error}", error=e)
                 self.reset_transaction()
                 return reply.SPOOL_ERROR
         self._message_id = reader.headers.message_id
-        return self._commit()
+        checks = self.transaction.checks
+        incoming = self._detach()
+        if checks is not None:
+            return self._check_then_commit(checks, incoming, writer)
+        return self._commit(incoming)
 
-    def _commit(self) -> defer.Deferred:
-        tx = self.transaction
-        incoming = tx.incoming
-        envelope = incoming.envelope
-        tx.incoming = None  # the spool owns it now, whatever happens
+    def _detach(self) -> Incoming:
+        """The message is complete: the spool (or the checks) own it now, whatever happens."""
+        incoming = self.transaction.incoming
+        self.transaction.incoming = None
         self.transaction = Transaction()
         self.phase = Phase.GREETED
+        return incoming
 
+    def _check_then_commit(self, checks: MessageChecks, incoming: Incoming,
+                           headers: HeaderEditor) -> defer.Deferred:
+        """Mail from outside: the checks' verdict refuses it, or it is committed with our
+        Authentication-Results in front (mta/checks/inbound.py)."""
+        message_id = self._message_id
+
+        def decided(verdict: Verdict) -> Reply | defer.Deferred:
+            maillog.checked(incoming.queue_id, verdict.summary)
+            if verdict.refusal is not None:
+                incoming.abort()
+                return verdict.refusal
+            self._message_id = message_id
+            return self._commit(incoming, verdict.fields)
+
+        def failed(failure) -> Reply:
+            log.failure("{queue_id}: the inbound checks failed", failure,
+                        queue_id=incoming.queue_id)
+            incoming.abort()
+            return reply.LOCAL_ERROR
+        return checks.verdict(incoming, headers).addCallbacks(decided, failed)
+
+    def _commit(self, incoming: Incoming, fields: bytes = b"") -> defer.Deferred:
+        """Commit `incoming`, with header `fields` put in front of it first (in the
+        committing thread: `prepend` may copy a large message on disk)."""
+        envelope = incoming.envelope
         message_id = self._message_id
         protocol = envelope.protocol
 
@@ -886,7 +956,10 @@ class Session:
                             queue_id=incoming.queue_id)
             return reply.spool_error(error)
 
-        d = self.context.run_blocking(self.context.spool.commit, incoming)
+        if fields:
+            d = self.context.run_blocking(_prepend_and_commit, self.context.spool, incoming, fields)
+        else:
+            d = self.context.run_blocking(self.context.spool.commit, incoming)
         return d.addCallbacks(committed, failed)
 
     # -- Received: [RFC 5321 4.4] --------------------------------------------------
@@ -927,6 +1000,15 @@ class Session:
 
 
 _AUTH_FAILED = (reply.AUTH_FAILED, reply.AUTH_TOO_MANY_FAILURES)
+
+
+def _prepend_and_commit(spool: Any, incoming: Incoming, fields: bytes) -> str:
+    try:
+        incoming.prepend(fields)
+    except BaseException:
+        incoming.abort()  # as a failed commit does: nothing half-stored stays behind
+        raise
+    return spool.commit(incoming)
 
 
 def _path_of(arg: str) -> str:
