@@ -39,7 +39,7 @@ def field(authserv_id: str, spf: SPFResult | None, dkim: list[DKIMResult] | None
           dmarc: list[DMARCResult] | None) -> bytes:
     """The header field, CRLF-terminated, ready for `Incoming.prepend`."""
     results = _results(spf, dkim, dmarc)
-    header = AuthenticationResultsHeader(None, authserv_id=authserv_id, results=results)
+    header = AuthenticationResultsHeader(authserv_id=authserv_id, results=results)
     text = f"{header.HEADER_FIELD_NAME}: {header.authserv_id}"
     text += ";\r\n\t" + ";\r\n\t".join(str(r) for r in results) if results else "; none"
     return (text + "\r\n").encode("utf-8")

@@ -187,14 +187,19 @@ class HeaderEditor:
 
     def finish(self) -> None:
         """The body is complete: a message that was all header gets its ending at the end."""
+        if self.open and self.midline is not None:  # a long last line without a line end
+            if self.midline:
+                self.incoming.write(b"\r\n")
+            self.midline = None
+        if self.open and self.pending:
+            # The last line had no line end (BDAT): complete it, and read it as a line.
+            size = self.size
+            self.write(b"\r\n")
+            self.size = size
         if not self.open:
             return
         out: list[bytes] = []
         self._field_done(out)
-        if self.pending:
-            out.append(self.pending)
-            if not self.pending.endswith(b"\n"):
-                out.append(b"\r\n")
         out.append(self.ending(body_follows=False))
         self._write(out)
         self._close()
