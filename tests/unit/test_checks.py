@@ -353,3 +353,38 @@ def test_an_endless_header_line_is_decided_without_holding_it() -> None:
     headers.finish()
     assert sink.data == (b"Subject: ok\r\nX-Long: " + b"z" * (2 * FIELD_LIMIT)
                          + b"\r\nTo: b\r\n\r\nbody\r\n")
+
+
+# -- [checks] in the config ----------------------------------------------------------------------
+
+def test_checks_config_defaults_and_errors(tmp_path: Path) -> None:
+    from mta.config import ConfigError, from_dict
+    section = from_dict({}).checks
+    assert (section.spf, section.dkim, section.dmarc, section.quarantine_header,
+            section.threads) == ("record", "record", "record", "X-Quarantine", 10)
+    assert section.enabled and not from_dict(
+        {"checks": {"spf": "off", "dkim": "off", "dmarc": "off"}}).checks.enabled
+    for checks, error in [
+            ({"spf": "hard"}, ("[checks] spf: expected one of off, record, reject, "
+                               "reject-after-data; got 'hard'")),
+            ({"dmarc": "reject"}, "[checks] dmarc: expected one of off, record, enforce"),
+            ({"dkim": "off"}, "[checks] dkim: dmarc = \"record\" needs dkim results"),
+            ({"spf": "off", "dmarc": "enforce"}, "[checks] spf: dmarc = \"enforce\" needs spf"),
+            ({"quarantine_header": "X Bad"}, "[checks] quarantine_header: not a header field"),
+            ({"threads": 0}, "[checks] threads: must be at least 1"),
+            ({"public_suffix_list": str(tmp_path / "none.dat")},
+             "[checks] public_suffix_list: no such file"),
+            ({"spam": True}, "[checks] spam: unknown key")]:
+        with pytest.raises(ConfigError) as e:
+            from_dict({"checks": checks}, "mta.toml")
+        assert str(e.value).startswith(f"mta.toml: {error}"), str(e.value)
+    # Without DMARC, the list is not needed.
+    assert from_dict({"checks": {"dmarc": "off",
+                                 "public_suffix_list": str(tmp_path / "none.dat")}}).checks
+
+
+def test_the_documented_config_loads_with_these_keys() -> None:
+    from mta.config import load
+    repo = Path(__file__).resolve().parents[2]
+    section = load(repo / "etc" / "mta.toml", check_files=False).checks
+    assert (section.spf, section.dkim, section.dmarc) == ("record", "record", "record")
