@@ -21,15 +21,18 @@ and gives "" for a value it cannot read.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from authres import AuthenticationResultsHeader, DKIMAuthenticationResult, SPFAuthenticationResult
 from authres.core import AuthenticationResult, AuthenticationResultProperty
 from authres.dmarc import DMARCAuthenticationResult
 
-from mta.checks.dkimverify import DKIMResult
-from mta.checks.dmarc import DMARCResult
-from mta.checks.spf import SPFResult
 from mta.reply import printable
+
+if TYPE_CHECKING:  # the reading side (cleanup.py) imports this module: not dkimpy or pyspf
+    from mta.checks.dkimverify import DKIMResult
+    from mta.checks.dmarc import DMARCResult
+    from mta.checks.spf import SPFResult
 
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+\Z")
 _TOKEN_END = re.compile(r'[\s;()"]')

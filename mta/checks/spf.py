@@ -52,6 +52,7 @@ def check(resolver: dns.resolver.Resolver, client_ip: str, sender: str, helo: st
           receiver: str = "") -> SPFResult:
     """SPF for `sender` ("" for the null reverse-path) from `client_ip`, who said `helo`."""
     _install()
+    sender, helo = _a_labels(sender), _a_labels(helo)
     query = spf.query(i=client_ip, s=sender, h=helo, receiver=receiver or None,
                       querytime=max(CHECK_TIME, resolver.lifetime))
     _local.resolver = resolver
@@ -64,6 +65,18 @@ def check(resolver: dns.resolver.Resolver, client_ip: str, sender: str, helo: st
     if result not in RESULTS:  # "ambiguous" comes only with strict=2, which we do not ask for
         result = "permerror"
     return SPFResult(result, query.ident, query.s, explanation or "")
+
+
+def _a_labels(text: str) -> str:
+    """An address's (or a name's) domain as DNS has it: an SMTPUTF8 sender's U-labels
+    become A-labels [RFC 5890]; a domain IDNA refuses is left for pyspf to judge."""
+    if text.isascii():
+        return text
+    local, at, domain = text.rpartition("@")
+    try:
+        return f"{local}{at}{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return text
 
 
 def _install() -> None:

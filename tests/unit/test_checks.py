@@ -27,6 +27,7 @@ OTHER_KEY, _ = dkim_key()
 
 ZONE = {
     "good.test": {"TXT": ["v=spf1 ip4:127.0.0.9 -all"]},
+    "xn--bcher-kva.test": {"TXT": ["v=spf1 ip4:127.0.0.9 -all"]},
     "mail.good.test": {"TXT": ["v=spf1 ip4:127.0.0.9 -all"]},
     "soft.test": {"TXT": ["v=spf1 ~all"]},
     "broken.test": "SERVFAIL",
@@ -80,6 +81,12 @@ def test_spf_results_come_from_our_resolver(resolver, dns_server: LoopbackDNS) -
     assert spf.check(resolver, CLIENT, "a@soft.test", "x").result == "softfail"
     assert spf.check(resolver, CLIENT, "a@unknown.test", "x").result == "none"
     assert spf.check(resolver, CLIENT, "a@loop.test", "x").result == "permerror"
+
+
+def test_spf_of_an_smtputf8_sender_asks_for_the_a_label(resolver) -> None:
+    result = spf.check(resolver, CLIENT, "jörg@bücher.test", "client.test")
+    assert result.result == "pass"
+    assert spf.check(resolver, CLIENT, "", "bücher.test").result == "pass"
 
 
 def test_spf_servfail_is_temperror_not_a_guess(resolver) -> None:
