@@ -43,7 +43,7 @@ import dns.resolver
 from mta import resolver as resolver_module
 from mta.address import is_valid_domain
 from mta.checks.dkimverify import DKIMResult
-from mta.checks.psl import PublicSuffixList
+from mta.checks.psl import PublicSuffixList, a_label
 from mta.checks.spf import SPFResult
 
 POLICIES = ("none", "quarantine", "reject")
@@ -206,11 +206,6 @@ def strictest(results: list[DMARCResult]) -> DMARCResult:
     return max(results, key=lambda r: (rank.get(r.result, 0), POLICIES.index(r.disposition)))
 
 
+
 def _ascii(domain: str) -> str:
-    domain = domain.lower().rstrip(".")
-    if domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
+    return a_label(domain.lower().rstrip("."))

@@ -29,7 +29,7 @@ class PublicSuffixList:
             rule = line.strip().split()[0] if line.strip() else ""
             if not rule or rule.startswith("//"):
                 continue
-            rule = _ascii(rule.lower().rstrip("."))
+            rule = a_label(rule.lower().rstrip("."))
             if rule.startswith("!"):
                 self.exceptions.add(rule[1:])
             elif rule.startswith("*."):
@@ -39,7 +39,7 @@ class PublicSuffixList:
 
     def public_suffix(self, domain: str) -> str:
         """The public suffix of `domain` (lower case, no trailing dot, A-labels)."""
-        labels = _ascii(domain.lower().rstrip(".")).split(".")
+        labels = a_label(domain.lower().rstrip(".")).split(".")
         for i in range(len(labels)):
             candidate = ".".join(labels[i:])
             if candidate in self.exceptions:
@@ -52,7 +52,7 @@ class PublicSuffixList:
 
     def organizational_domain(self, domain: str) -> str:
         """The public suffix plus one label [RFC 7489 3.2]; a suffix itself is its own."""
-        name = _ascii(domain.lower().rstrip("."))
+        name = a_label(domain.lower().rstrip("."))
         suffix = self.public_suffix(name)
         if name == suffix:
             return name
@@ -60,7 +60,7 @@ class PublicSuffixList:
         return ".".join(labels[-(suffix.count(".") + 2):])
 
 
-def _ascii(name: str) -> str:
+def a_label(name: str) -> str:
     """A-labels, as DNS and DKIM's d= have them; a name IDNA refuses stays as it is."""
     if name.isascii():
         return name

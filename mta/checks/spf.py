@@ -26,6 +26,8 @@ import dns.exception
 import dns.resolver
 import spf
 
+from mta.checks.psl import a_label
+
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 # RFC 7208 4.6.4: at least 20 seconds for a whole check; our per-query
 # lifetime (dns_timeout) bounds each lookup inside it.
@@ -73,10 +75,7 @@ def _a_labels(text: str) -> str:
     if text.isascii():
         return text
     local, at, domain = text.rpartition("@")
-    try:
-        return f"{local}{at}{domain.encode('idna').decode('ascii')}"
-    except UnicodeError:
-        return text
+    return f"{local}{at}{a_label(domain)}"
 
 
 def _install() -> None:

@@ -139,6 +139,7 @@ def test_spf_reject_after_data_weighs_dkim_first(server) -> None:
     assert send(s, "alice@good.test", forwarded) == "250 2.0.0"  # SPF passes anyway
     assert send(s, "bounce@lists.test", forwarded) == "250 2.0.0"  # SPF fails, DKIM aligned
     assert send(s, "bounce@lists.test", message("lists.test")) == "550 5.7.23"
+    assert send(s, "bounce@broken.test", message("lists.test")) == "451 4.7.24"
 
 
 def test_servfail_on_the_policy_is_temperror_or_451(server) -> None:
