@@ -48,7 +48,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dns.resolver
@@ -265,6 +265,9 @@ class MessageChecks:
 
     def _decide(self, results: tuple) -> Verdict:
         spf_result, dkim_results, dmarc_results = results
+        if dmarc_results and self.settings.dmarc != "enforce":
+            # Recorded, not acted on: dis= in the header and the log says what was done.
+            dmarc_results = [replace(r, disposition="none") for r in dmarc_results]
         fields = authresults.field(self.authserv_id, spf_result, dkim_results, dmarc_results)
         summary = authresults.summary(spf_result, dkim_results, dmarc_results)
         decisive = dmarc.strictest(dmarc_results) if dmarc_results else None

@@ -169,7 +169,6 @@ class Session:
         self.auth_method: str | None = None
         self.tls_info: str | None = None  # "TLSv1.3:CIPHER" once a handshake is done
         self.counts: dict[str, list[int]] = {}  # command -> [accepted, given], for the log
-        self._message_id: str | None = None
         self._auth_noted = False  # the AUTH command's exchange ended and was logged
         self._checks: SessionChecks | None = None  # made at the first checked MAIL
 
@@ -625,7 +624,7 @@ class Session:
 
     def _start_checks(self, tx: Transaction) -> defer.Deferred | None:
         """The checks of mail from outside start with SPF; a Deferred when MAIL must wait."""
-        from mta.checks.inbound import SessionChecks
+        from mta.checks.inbound import SessionChecks  # dkimpy and pyspf: only where checked
         if self._checks is None:
             self._checks = SessionChecks()
         tx.checks = self.context.checks.begin(
@@ -890,12 +889,12 @@ class Session:
                 log.error("cannot write to a spool file: {error}", error=e)
                 self.reset_transaction()
                 return reply.SPOOL_ERROR
-        self._message_id = reader.headers.message_id
+        message_id = reader.headers.message_id
         checks = self.transaction.checks
         incoming = self._detach()
         if checks is not None:
-            return self._check_then_commit(checks, incoming, writer)
-        return self._commit(incoming)
+            return self._check_then_commit(checks, incoming, writer, message_id)
+        return self._commit(incoming, message_id)
 
     def _detach(self) -> Incoming:
         """The message is complete: the spool (or the checks) own it now, whatever happens."""
@@ -906,18 +905,16 @@ class Session:
         return incoming
 
     def _check_then_commit(self, checks: MessageChecks, incoming: Incoming,
-                           headers: HeaderEditor) -> defer.Deferred:
+                           headers: HeaderEditor, message_id: str | None) -> defer.Deferred:
         """Mail from outside: the checks' verdict refuses it, or it is committed with our
         Authentication-Results in front (mta/checks/inbound.py)."""
-        message_id = self._message_id
 
         def decided(verdict: Verdict) -> Reply | defer.Deferred:
             maillog.checked(incoming.queue_id, verdict.summary)
             if verdict.refusal is not None:
                 incoming.abort()
                 return verdict.refusal
-            self._message_id = message_id
-            return self._commit(incoming, verdict.fields)
+            return self._commit(incoming, message_id, verdict.fields)
 
         def failed(failure) -> Reply:
             log.failure("{queue_id}: the inbound checks failed", failure,
@@ -926,11 +923,11 @@ class Session:
             return reply.LOCAL_ERROR
         return checks.verdict(incoming, headers).addCallbacks(decided, failed)
 
-    def _commit(self, incoming: Incoming, fields: bytes = b"") -> defer.Deferred:
+    def _commit(self, incoming: Incoming, message_id: str | None,
+                fields: bytes = b"") -> defer.Deferred:
         """Commit `incoming`, with header `fields` put in front of it first (in the
         committing thread: `prepend` may copy a large message on disk)."""
         envelope = incoming.envelope
-        message_id = self._message_id
         protocol = envelope.protocol
 
         def committed(queue_id: str) -> Reply:
