@@ -170,11 +170,16 @@ class _Shared:
 
 
 class SessionChecks:
-    """Per connection: one SPF check at a time, and the last one's result."""
+    """Per connection: one SPF check at a time, and the last one's result.
+
+    A check still waiting for its turn when the client has moved on to
+    another sender (or gone) and nobody waits for it is not run at all.
+    """
 
     def __init__(self) -> None:
         self.lock = defer.DeferredSemaphore(1)
         self.last: tuple[tuple[str, str], _Shared] | None = None
+        self.closed = False  # the connection is gone
 
     def spf(self, key: tuple[str, str], start: Callable[[], defer.Deferred]) -> _Shared:
         if self.last is not None and self.last[0] == key:
@@ -182,12 +187,21 @@ class SessionChecks:
         shared = _Shared()
         self.last = (key, shared)
 
+        def run() -> defer.Deferred:
+            superseded = self.closed or self.last is None or self.last[1] is not shared
+            if superseded and not shared.waiting:
+                return defer.succeed(SPFResult("temperror", "mailfrom", key[0], "not run"))
+            return start()
+
         def failed(failure: Any) -> SPFResult:
             log.failure("SPF check failed", failure)
             return SPFResult("temperror", "mailfrom", key[0], "internal error")
 
-        self.lock.run(start).addErrback(failed).addCallback(shared.set)
+        self.lock.run(run).addErrback(failed).addCallback(shared.set)
         return shared
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class MessageChecks:

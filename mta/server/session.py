@@ -306,6 +306,8 @@ class Session:
     def connection_lost(self) -> None:
         """Whatever was being received and not committed is forgotten."""
         self.reset_transaction()
+        if self._checks is not None:
+            self._checks.close()  # SPF checks not started yet are not run
 
     # -- greeting and housekeeping ---------------------------------------------
 

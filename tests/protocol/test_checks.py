@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer
 
-from mta.checks.inbound import InboundChecks
+from mta.checks.inbound import InboundChecks, SessionChecks
+from mta.checks.spf import SPFResult
 from mta.server.context import ServerContext
 from mta.server.protocol import SMTPFactory
 from mta.spool.store import Spool
@@ -185,3 +186,33 @@ def test_one_spf_check_for_a_session_that_repeats_itself(server, dns_server) -> 
     for _ in range(5):
         assert s.codes("MAIL FROM:<alice@good.test>\r\nRSET\r\n") == ["250 2.1.0", "250 2.0.0"]
     assert dns_server.queries()[before:] == ["good.test TXT"]
+
+
+def test_a_client_that_changes_sender_in_a_loop_queues_no_lookups() -> None:
+    """Each MAIL with a new sender starts an SPF check; one runs at a time per session,
+    and those the client moved on from before their turn are never run."""
+    started: list[str] = []
+    pending: list[defer.Deferred] = []
+
+    def start(sender: str):
+        def go() -> defer.Deferred:
+            started.append(sender)
+            pending.append(defer.Deferred())
+            return pending[-1]
+        return go
+    state = SessionChecks()
+    first = state.spf(("a@x.test", "h"), start("a@x.test"))
+    for n in range(100):
+        state.spf((f"n{n}@x.test", "h"), start(f"n{n}@x.test"))
+    last = state.spf(("z@x.test", "h"), start("z@x.test"))
+    wanted = last.get()
+    assert started == ["a@x.test"]  # the rest wait their turn
+    pending[0].callback(SPFResult("pass", "mailfrom", "a@x.test"))
+    assert started == ["a@x.test", "z@x.test"]  # the 100 in between are skipped
+    pending[1].callback(SPFResult("fail", "mailfrom", "z@x.test"))
+    assert first.result.result == "pass" and wanted.result.result == "fail"
+    state.spf(("b@x.test", "h"), start("b@x.test"))
+    state.spf(("gone@x.test", "h"), start("gone@x.test"))
+    state.close()  # the connection is lost while b is checked and "gone" waits
+    pending[2].callback(SPFResult("pass", "mailfrom", "b@x.test"))
+    assert started == ["a@x.test", "z@x.test", "b@x.test"]
