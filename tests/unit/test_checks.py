@@ -395,3 +395,18 @@ def test_the_documented_config_loads_with_these_keys() -> None:
     repo = Path(__file__).resolve().parents[2]
     section = load(repo / "etc" / "mta.toml", check_files=False).checks
     assert (section.spf, section.dkim, section.dmarc) == ("record", "record", "record")
+
+
+def test_a_reload_resizes_the_pool_and_renews_the_resolver() -> None:
+    from mta.checks.inbound import InboundChecks
+    from mta.config import from_dict
+    old = from_dict({"relay": {"nameservers": ["127.0.0.1:5300"]}})
+    new = from_dict({"relay": {"nameservers": ["127.0.0.1:5301"], "dns_timeout": "3s"},
+                     "checks": {"threads": 3}})
+    checks = InboundChecks(None, old.checks.threads)
+    assert checks.resolver(old) is checks.resolver(old)
+    assert checks.pool.max == 10
+    checks.reconfigure(new)
+    resolver = checks.resolver(new)
+    assert checks.pool.max == 3
+    assert (resolver.nameservers[0].port, resolver.lifetime) == (5301, 3.0)
