@@ -66,9 +66,8 @@ def _verify_one(signer: dkim.DKIM, index: int, resolver: dns.resolver.Resolver) 
         prepared = signer.verify_headerprep(index)
     except dkim.DKIMException as e:
         return _result("neutral", _tags_of(signer, index), f"bad signature: {e}")
-    sig, include_headers, signature_fields = prepared
-    tags = sig
-    name = sig[b"s"] + b"._domainkey." + sig[b"d"]
+    tags, include_headers, signature_fields = prepared
+    name = tags[b"s"] + b"._domainkey." + tags[b"d"]
     try:
         record = _key_record(resolver, name)
     except _KeyLookupFailed as e:
@@ -80,7 +79,7 @@ def _verify_one(signer: dkim.DKIM, index: int, resolver: dns.resolver.Resolver) 
     except (dkim.DKIMException, binascii.Error, ValueError) as e:
         return _result("permerror", tags, f"unusable key: {e}")
     try:
-        good = signer.verify_sig_process(sig, include_headers, signature_fields[index], None)
+        good = signer.verify_sig_process(tags, include_headers, signature_fields[index], None)
     except dkim.KeyFormatError as e:  # e.g. a key shorter than MIN_KEY_BITS
         return _result("permerror", tags, f"unusable key: {e}")
     except dkim.ValidationError as e:  # the body hash does not match
@@ -123,9 +122,4 @@ def _result(result: str, tags: dict[bytes, bytes], reason: str = "") -> DKIMResu
 
 def _text(value: bytes) -> str:
     return value.decode("ascii", "replace")
-
-
-def signature_prefix(signature: str) -> str:
-    """header.b: the first 8 characters of b= [RFC 6008 4], enough to tell signatures apart."""
-    return signature[:8]
 

@@ -101,8 +101,8 @@ class InboundChecks:
 
     def stop(self) -> None:
         """No new work; threads still waiting for DNS are left to end on their own."""
-        # ThreadPool.stop() refuses new work at once, then joins every thread: the
-        # join happens in a thread of its own, which nobody waits for.
+        # ThreadPool.stop() refuses new work, then joins every thread; it runs in a
+        # thread of its own, which nobody waits for (the pool's threads are daemons).
         threading.Thread(target=self.pool.stop, name="mta-checks-stop", daemon=True).start()
 
     def reconfigure(self, config: Config) -> None:
