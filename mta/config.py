@@ -262,6 +262,25 @@ class MetricsSection:
     endpoint: str = ""  # a Twisted server endpoint serving /metrics; "" = off
 
 
+DEFAULT_PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"  # Debian's publicsuffix
+
+
+@dataclass(frozen=True)
+class ChecksSection:
+    """What port 25 checks of mail from untrusted clients (mta/checks/, DESIGN.md 12)."""
+
+    spf: str = "record"  # off | record | reject (at MAIL) | reject-after-data
+    dkim: str = "record"  # off | record
+    dmarc: str = "record"  # off | record | enforce
+    public_suffix_list: Path = Path(DEFAULT_PUBLIC_SUFFIX_LIST)  # for DMARC's organisational domain
+    quarantine_header: str = "X-Quarantine"  # added to DMARC p=quarantine failures (enforce)
+    threads: int = 10  # the checks' own thread pool: DNS lookups and signature checks
+
+    @property
+    def enabled(self) -> bool:
+        return (self.spf, self.dkim, self.dmarc) != ("off", "off", "off")
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path | None
@@ -277,6 +296,7 @@ class Config:
     log: LogSection = field(default_factory=LogSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     dkim: dict[str, DKIMDomain] = field(default_factory=dict)
+    checks: ChecksSection = field(default_factory=ChecksSection)
 
     @cached_property
     def addresses(self) -> aliases_module.Addresses:
@@ -543,6 +563,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
     log = _log(_Section(source, "log", top.get("log", {}, kind=dict)))
     metrics = _metrics(_Section(source, "metrics", top.get("metrics", {}, kind=dict)))
     dkim = _dkim(source, top.get("dkim", {}, kind=dict))
+    checks = _checks(_Section(source, "checks", top.get("checks", {}, kind=dict)))
     top.finish()
 
     for i, listener in enumerate(listeners):
@@ -557,7 +578,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
                 f"{source}: [auth] passwords: required by listener #{i + 1} "
                 f"{listener.endpoint} (role {listener.role}: AUTH before MAIL)")
     return Config(path, server, listeners, tls, auth, relay, domains, limits, etrn, pulls,
-                  log, metrics, dkim)
+                  log, metrics, dkim, checks)
 
 
 def _dkim(source: str, table: dict[str, Any]) -> dict[str, DKIMDomain]:
@@ -621,6 +642,37 @@ def _log(s: _Section) -> LogSection:
 
 def _metrics(s: _Section) -> MetricsSection:
     section = MetricsSection(endpoint=s.get("endpoint", "", kind=str))
+    s.finish()
+    return section
+
+
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")  # RFC 5322 2.2: printable ASCII but ":"
+
+
+def _checks(s: _Section) -> ChecksSection:
+    section = ChecksSection(
+        spf=s.get("spf", "record", _choice("off", "record", "reject", "reject-after-data"),
+                  kind=str),
+        dkim=s.get("dkim", "record", _choice("off", "record"), kind=str),
+        dmarc=s.get("dmarc", "record", _choice("off", "record", "enforce"), kind=str),
+        public_suffix_list=s.path("public_suffix_list", DEFAULT_PUBLIC_SUFFIX_LIST)
+        or Path(DEFAULT_PUBLIC_SUFFIX_LIST),
+        quarantine_header=s.get("quarantine_header", "X-Quarantine", kind=str),
+        threads=s.positive_int("threads", 10),
+    )
+    if not _FIELD_NAME.match(section.quarantine_header):
+        raise s.error("quarantine_header", f"not a header field name: "
+                                           f"{section.quarantine_header!r}")
+    if section.dmarc != "off":
+        # DMARC weighs the SPF and DKIM results [RFC 7489 4.2]: it needs both.
+        for key in ("spf", "dkim"):
+            if getattr(section, key) == "off":
+                raise s.error(key, f"dmarc = \"{section.dmarc}\" needs {key} results: "
+                                   f"set {key} = \"record\" or dmarc = \"off\"")
+        if _missing(section.public_suffix_list):
+            raise s.error("public_suffix_list", f"no such file: {section.public_suffix_list} "
+                                                f"(DMARC needs it: install Debian's "
+                                                f"publicsuffix package, or set dmarc = \"off\")")
     s.finish()
     return section
 

@@ -22,6 +22,8 @@ The SMTP server's events, one line each (namespace ``mta.smtpd``)::
     QUEUEID: client=unknown[192.0.2.7], tls=TLSv1.3:..., sasl_method=PLAIN,
         sasl_username=alice, from=<..>, nrcpt=1, size=300, message-id=<..>, proto=ESMTPSA
     QUEUEID: dkim=signed d=example.org s=s1 a=rsa-sha256
+    QUEUEID: spf=pass smtp.mailfrom=a@example.net dkim=pass header.d=example.net
+        header.s=s1 dmarc=pass header.from=example.net      (port-25 mail from outside)
     disconnect from unknown[192.0.2.7] ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6
 
 Every line is formatted once, here, with an f-string; network text goes
@@ -166,6 +168,14 @@ def dkim_signing(queue_id: str, signed: Any) -> None:
         _emit(smtpd, LogLevel.error, "dkim_error",
               f"{queue_id}: dkim=error d={signed.domain}: {why}; {what}",
               {"queue_id": queue_id, "d": signed.domain, "error": why})
+
+
+def checked(queue_id: str, verdicts: str) -> None:
+    """The inbound checks' verdicts on a message from outside (mta/checks/): ``QUEUEID:
+    spf=pass smtp.mailfrom=a@x dkim=pass header.d=x header.s=s dmarc=pass header.from=x``.
+    `verdicts` is built from network text already made fit for a header (authresults.py)."""
+    _emit(smtpd, LogLevel.info, "checked", f"{queue_id}: {printable(verdicts, 2000)}",
+          {"queue_id": queue_id, "verdicts": verdicts})
 
 
 # -- delivery ---------------------------------------------------------------------

@@ -115,6 +115,7 @@ CONNECTING_TOO_FAST = Reply(421, "4.7.0", "too many connections from your addres
                                            "minute, try again later")
 EARLY_TALKER = Reply(554, "5.5.0", "protocol violation: talked before the greeting")
 LOCAL_ERROR_CLOSING = Reply(421, "4.3.0", "local error, closing connection")
+LOCAL_ERROR = Reply(451, "4.3.0", "local error in processing; try again later")
 SPOOL_ERROR = Reply(451, "4.3.0", "local error in processing, message not accepted")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "too many recipients")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "insufficient system storage")
@@ -213,6 +214,32 @@ AUTH_CLIENT_BLOCKED = Reply(
     421, "4.7.0", "too many authentication failures from your address, try again later")
 TLS_IN_TRANSACTION = Reply(503, "5.5.1", "STARTTLS not permitted during a mail transaction")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "sender address not owned by the authenticated user")
+
+
+# Inbound checks (mta/checks/inbound.py): the texts name the check and the domain.
+def spf_fail(sender: str, explanation: str) -> Reply:
+    """RFC 7208 8.4: 550 5.7.23 [RFC 7372 3.2], with the domain's explanation."""
+    return Reply(550, "5.7.23", f"SPF check failed for <{sender}>: {explanation}".rstrip(": "))
+
+
+def spf_temperror(domain: str) -> Reply:
+    """RFC 7208 8.6: a temporary DNS error is 451 4.7.24 [RFC 7372 3.3]: try again later."""
+    return Reply(451, "4.7.24", f"SPF check of {domain or 'the sender'} got a temporary DNS "
+                                "error; try again later")
+
+
+def dmarc_reject(domain: str, reason: str) -> Reply:
+    return Reply(550, "5.7.1", f"DMARC policy of {domain} rejects this message: {reason}")
+
+
+def dmarc_temperror(domain: str) -> Reply:
+    return Reply(451, "4.7.1", f"DMARC check of {domain or 'the From: domain'} got a temporary "
+                               "DNS error; try again later")
+
+
+def dmarc_no_author(why: str) -> Reply:
+    return Reply(550, "5.7.1", f"DMARC: {why}; a message needs one From: field with its "
+                               "author's address (RFC 5322 3.6.2, RFC 7489 6.6.1)")
 
 
 # -- role reversal: ETRN [RFC 1985], ATRN [RFC 2645], TURN [RFC 821] -------------------

@@ -4,6 +4,8 @@
 the key), then builds, in start order: the relayer (whose start scans the
 spool, so recovery finishes before any listener accepts a connection), the
 SIGHUP handler, then one listening service per ``[[listeners]]`` entry.
+The inbound checks of port-25 mail (mta/checks/) get a thread pool of
+their own, started and stopped with the service.
 Last comes the local submission socket (``[server] sendmail_socket``,
 server/local.py), where `sendmail` hands over local users' mail.
 This is the only module that knows every part of mta.
@@ -282,6 +284,20 @@ def prepare(path: str, reactor: Any) -> Prepared:
     return Prepared(config, trust, parsed)
 
 
+def inbound_checks(config: config_module.Config, reactor: Any, top: service.MultiService,
+                   reloader: Reloader) -> Any:
+    """The SPF/DKIM/DMARC checks of port-25 mail (mta/checks/), with their own thread pool;
+    None when there is no ``smtp`` listener.  A reload reaches them through the config
+    each transaction takes, and resizes the pool."""
+    if not any(listener.role == "smtp" for listener in config.listeners):
+        return None
+    from mta.checks.inbound import ChecksService, InboundChecks
+    checks = InboundChecks(reactor, config.checks.threads)
+    ChecksService(checks).setServiceParent(top)
+    reloader.on_reload.append(checks.reconfigure)
+    return checks
+
+
 class ListeningService(StreamServerEndpointService):
     """A listener whose failure to bind (port in use, no permission) is one line."""
 
@@ -346,9 +362,10 @@ def makeService(options: Options) -> service.MultiService:
     reloader.on_reload.append(pulls.reconfigure)
     connections = ConnectionTable()
     pickup = Pickup(live, relayer, reactor)
+    checks = inbound_checks(config, reactor, top, reloader)
     for listener, endpoint in zip(config.listeners, prepared.endpoints):
         context = ServerContext(live, listener, spool, queue=relayer, pickup=pickup,
-                                trust=trust)
+                                trust=trust, checks=checks if listener.role == "smtp" else None)
         factory = SMTPFactory(context, connections)
         if listener.tls == "implicit":
             factory = trust.tls.wrap_factory(factory, reactor)

@@ -1,6 +1,6 @@
 """A small authoritative DNS server for tests, on loopback, from a JSON zone.
 
-Run as ``python tests/dnsserver.py ZONE.json [--address 127.0.0.1]``.  It
+Run as ``python tests/dnsserver.py ZONE.json [--address 127.0.0.1] [--log FILE]``.  It
 listens on UDP and TCP at a free port and prints that port on its first
 line of output, then serves until terminated.
 
@@ -21,7 +21,10 @@ while the server runs: send it SIGHUP (tests change records this way).
 
 A name not in the zone is NXDOMAIN; a name without records of the asked
 type is an empty NOERROR answer; ``"SERVFAIL"`` makes every query for the
-name fail with SERVFAIL.  ``"."`` is the root name, so ``[0, "."]`` is the
+name fail with SERVFAIL; ``"TIMEOUT"`` leaves every query for it
+unanswered.  With ``--log FILE`` each query is appended to FILE as one
+line, ``NAME TYPE`` (tests prove with it which lookups were made, and
+that none were).  ``"."`` is the root name, so ``[0, "."]`` is the
 null MX of RFC 7505.
 """
 
@@ -44,17 +47,23 @@ class ServerFailure(Exception):
 
 
 class ZoneResolver(ResolverBase):
-    def __init__(self, zone: dict[str, Any]) -> None:
+    def __init__(self, zone: dict[str, Any], log: Any = None) -> None:
         super().__init__()
         self.zone = {name.lower().rstrip("."): records for name, records in zone.items()}
+        self.log = log  # an open file: one line per query
 
     def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> defer.Deferred:
         key = name.decode().lower().rstrip(".")
+        if self.log is not None:
+            self.log.write(f"{key} {dns.QUERY_TYPES.get(type, type)}\n")
+            self.log.flush()
         records = self.zone.get(key)
         if records is None:
             return defer.fail(error.AuthoritativeDomainError(name))
         if records == "SERVFAIL":
             return defer.fail(ServerFailure(key))
+        if records == "TIMEOUT":
+            return defer.Deferred()  # never answered
         answers = [dns.RRHeader(name, type, cls, 60, payload, auth=True)
                    for payload in self._payloads(records, type)]
         return defer.succeed((answers, [], []))
@@ -83,10 +92,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("zone")
     parser.add_argument("--address", default="127.0.0.1")
+    parser.add_argument("--log", help="append each query to this file: NAME TYPE")
     args = parser.parse_args()
     with open(args.zone) as f:
         zone = json.load(f)
-    resolver = ZoneResolver(zone)
+    resolver = ZoneResolver(zone, open(args.log, "a") if args.log else None)  # noqa: SIM115
 
     def reread(signum: int, frame: Any) -> None:
         with open(args.zone) as f:

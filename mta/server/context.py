@@ -25,6 +25,7 @@ from mta.spool.envelope import Envelope
 from mta.spool.store import Spool
 
 if TYPE_CHECKING:
+    from mta.checks.inbound import InboundChecks
     from mta.server.reversal import Pickup
     from mta.server.trust import Trust
 
@@ -69,7 +70,8 @@ class ServerContext:
                  queue: MailQueue, pickup: Pickup | None = None,
                  clock: Callable[[], float] = time.time,
                  run_blocking: Callable[..., defer.Deferred] = threads.deferToThread,
-                 trust: Trust | None = None, turned: bool = False) -> None:
+                 trust: Trust | None = None, turned: bool = False,
+                 checks: InboundChecks | None = None) -> None:
         self.live = Live.of(config)
         self.listener = listener
         self.spool = spool
@@ -79,6 +81,7 @@ class ServerContext:
         self.run_blocking = run_blocking
         self.trust = trust  # None: neither STARTTLS nor AUTH
         self.turned = turned  # the session runs on a connection we turned round (mta odmr)
+        self.checks = checks  # None: no inbound SPF/DKIM/DMARC here (mta/checks/)
 
     @property
     def config(self) -> Config:

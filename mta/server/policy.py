@@ -10,6 +10,7 @@ Each check returns None to accept or the Reply that refuses.  The rules
   recipient is answered with its targets after aliases.
 - Mail for any other domain is relaying: only for clients in `mynetworks`
   or authenticated sessions (554 5.7.1 otherwise).  No open relay, ever.
+  `is_trusted` is that one predicate; the inbound checks ask it too.
 - A listener with `require_auth` refuses MAIL before AUTH (530 5.7.0).
 - With ``[auth] sender_restriction``, an authenticated user may use only
   their own addresses as the reverse-path (553 5.7.1 otherwise): USER@ any
@@ -73,9 +74,14 @@ class Policy:
             return reply.NO_SUCH_USER
         if found.kind == LOOP:
             return reply.ALIAS_LOOP
-        if authenticated is not None or self.config.is_mynetwork(client_address):
+        if self.is_trusted(client_address, authenticated):
             return found.targets
         return reply.RELAY_DENIED
+
+    def is_trusted(self, client_address: str, submitter: str | None) -> bool:
+        """Our own user or network: may relay, and is not checked as mail from outside
+        (mta/checks/).  `submitter` is the AUTH identity or the local sendmail user."""
+        return submitter is not None or self.config.is_mynetwork(client_address)
 
     def is_local(self, mailbox: Mailbox) -> bool:
         return self.config.addresses.is_local_domain(mailbox.domain_key)

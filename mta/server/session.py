@@ -34,6 +34,13 @@ listeners, in authenticated sessions and from local users, a message
 without Date:, Message-ID: or From: gets them; port-25 mail from outside
 is stored as it came.
 
+Mail from outside is checked (mta/checks/inbound.py): on ``smtp``
+listeners, for clients the relay policy does not trust, SPF starts at MAIL
+(MAIL waits for it with ``spf = "reject"``), forged Authentication-Results
+are filtered out of the header as it streams in, and after the final dot
+the verdict decides between a refusal and a commit with our
+Authentication-Results in front.  Other sessions never reach that code.
+
 Role reversal [DESIGN.md 5]: ETRN, ATRN and TURN are ordered here (after
 a greeting, outside a transaction) and decided in reversal.py.
 
@@ -52,6 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -69,7 +77,7 @@ from mta.config import Config, DKIMDomain
 from mta.reply import Reply
 from mta.server import sasl
 from mta.server.answer import CLOSE, START_TLS, Answer, ReadBody, answer
-from mta.server.cleanup import HeaderCompletion
+from mta.server.cleanup import HeaderCompletion, HeaderEditor
 from mta.server.context import ServerContext
 from mta.server.dataread import BodyReader, ChunkReader, DataReader
 from mta.server.local import LocalUser
@@ -77,6 +85,9 @@ from mta.server.policy import Policy
 from mta.server.trust import AuthExchange, is_loopback
 from mta.spool.envelope import Envelope, Recipient, add_recipients
 from mta.spool.store import Incoming
+
+if TYPE_CHECKING:
+    from mta.checks.inbound import MessageChecks, SessionChecks, Verdict
 
 log = Logger(namespace="mta.smtpd")
 
@@ -108,10 +119,11 @@ class Transaction:
     rcpt_attempts: int = 0
     mode: str | None = None  # "DATA" or "BDAT" once a body started
     incoming: Incoming | None = None
-    # Where the body goes: `incoming`, or a HeaderCompletion in front of it.
-    writer: Incoming | HeaderCompletion | None = None
+    # Where the body goes: `incoming`, or a HeaderEditor (cleanup.py) in front of it.
+    writer: Incoming | HeaderEditor | None = None
     body: BodyReader | None = None
     dkim: bool = False  # DKIM signing may apply (signing.py): the reader keeps the From: field
+    checks: MessageChecks | None = None  # mail from outside: SPF/DKIM/DMARC (mta/checks/)
 
 
 # -- the command table ---------------------------------------------------------
@@ -159,8 +171,8 @@ class Session:
         self.auth_method: str | None = None
         self.tls_info: str | None = None  # "TLSv1.3:CIPHER" once a handshake is done
         self.counts: dict[str, list[int]] = {}  # command -> [accepted, given], for the log
-        self._message_id: str | None = None
         self._auth_noted = False  # the AUTH command's exchange ended and was logged
+        self._checks: SessionChecks | None = None  # made at the first checked MAIL
 
     def _take_config(self) -> None:
         """Between transactions, the config in force now (a reload may have swapped it)."""
@@ -275,6 +287,14 @@ class Session:
         return self.listener.role in ("submission", "local") or self.submitter is not None
 
     @property
+    def checked(self) -> bool:
+        """Whether this transaction's mail comes from outside and is checked (mta/checks/):
+        port 25, a client neither authenticated nor in mynetworks, checks configured."""
+        return (self.listener.role == "smtp" and self.context.checks is not None
+                and self.config.checks.enabled
+                and not self.policy.is_trusted(self.client_address, self.submitter))
+
+    @property
     def in_transaction(self) -> bool:
         return self.phase in TRANSACTION
 
@@ -288,6 +308,8 @@ class Session:
     def connection_lost(self) -> None:
         """Whatever was being received and not committed is forgotten."""
         self.reset_transaction()
+        if self._checks is not None:
+            self._checks.close()  # SPF checks not started yet are not run
 
     # -- greeting and housekeeping ---------------------------------------------
 
@@ -564,7 +586,7 @@ class Session:
     def saml(self, arg: str) -> Reply:
         return self._mail(arg, "SAML")
 
-    def _mail(self, arg: str, name: str) -> Reply:
+    def _mail(self, arg: str, name: str) -> Reply | defer.Deferred:
         if self.phase == Phase.CONNECTED:
             return reply.NEED_HELO
         if self.in_transaction:
@@ -593,9 +615,26 @@ class Session:
         refused = self.policy.check_mail(self.authenticated, tx.reverse_path, declared)
         if refused is not None:
             return refused
+        if self.checked:
+            waiting = self._start_checks(tx)
+            if waiting is not None:  # spf = "reject": MAIL's reply waits for SPF
+                return waiting.addCallback(lambda refusal: refusal or self._mail_accepted(tx))
+        return self._mail_accepted(tx)
+
+    def _mail_accepted(self, tx: Transaction) -> Reply:
         self.transaction = tx
         self.phase = Phase.MAIL
         return reply.SENDER_OK
+
+    def _start_checks(self, tx: Transaction) -> defer.Deferred | None:
+        """The checks of mail from outside start with SPF; a Deferred when MAIL must wait."""
+        from mta.checks.inbound import SessionChecks  # dkimpy and pyspf: only where checked
+        if self._checks is None:
+            self._checks = SessionChecks()
+        tx.checks = self.context.checks.begin(
+            self.config, self._checks, self.client_address, self.helo or "",
+            str(tx.reverse_path) if tx.reverse_path else "")
+        return tx.checks.refusal_at_mail()
 
     def _mail_params(self, tx: Transaction, params: dict[str, str | None]) -> Reply | None:
         for key, value in params.items():
@@ -800,7 +839,9 @@ class Session:
         self.transaction.incoming = incoming
         self.transaction.writer = incoming
         self.transaction.dkim = self._dkim_applies()
-        if self.completes_headers:
+        if self.transaction.checks is not None:
+            self.transaction.writer = self.transaction.checks.header_filter(incoming)
+        elif self.completes_headers:
             self.transaction.writer = HeaderCompletion(
                 incoming, self.hostname, self._author(envelope.reverse_path), self.context.clock)
         return None
@@ -876,25 +917,56 @@ class Session:
         if problem is not None:
             self.reset_transaction()
             return problem
-        if isinstance(self.transaction.writer, HeaderCompletion):
+        writer = self.transaction.writer
+        if isinstance(writer, HeaderEditor):
             try:
-                self.transaction.writer.finish()
+                writer.finish()
             except OSError as e:
                 log.error("cannot write to a spool file: {error}", error=e)
                 self.reset_transaction()
                 return reply.SPOOL_ERROR
-        self._message_id = reader.headers.message_id
-        return self._commit(self._dkim_domain(reader))
+        message_id = reader.headers.message_id
+        checks = self.transaction.checks
+        dkim_domain = self._dkim_domain(reader)
+        incoming = self._detach()
+        if checks is not None:
+            return self._check_then_commit(checks, incoming, writer, message_id)
+        return self._commit(incoming, message_id, dkim_domain=dkim_domain)
 
-    def _commit(self, dkim_domain: DKIMDomain | None = None) -> defer.Deferred:
-        tx = self.transaction
-        incoming = tx.incoming
-        envelope = incoming.envelope
-        tx.incoming = None  # the spool owns it now, whatever happens
+    def _detach(self) -> Incoming:
+        """The message is complete: the spool (or the checks) own it now, whatever happens."""
+        incoming = self.transaction.incoming
+        self.transaction.incoming = None
         self.transaction = Transaction()
         self.phase = Phase.GREETED
+        return incoming
 
-        message_id = self._message_id
+    def _check_then_commit(self, checks: MessageChecks, incoming: Incoming,
+                           headers: HeaderEditor, message_id: str | None) -> defer.Deferred:
+        """Mail from outside: the checks' verdict refuses it, or it is committed with our
+        Authentication-Results in front (mta/checks/inbound.py)."""
+
+        def decided(verdict: Verdict) -> Reply | defer.Deferred:
+            maillog.checked(incoming.queue_id, verdict.summary)
+            if verdict.refusal is not None:
+                incoming.abort()
+                return verdict.refusal
+            return self._commit(incoming, message_id, verdict.fields)
+
+        def failed(failure) -> Reply:
+            log.failure("{queue_id}: the inbound checks failed", failure,
+                        queue_id=incoming.queue_id)
+            incoming.abort()
+            return reply.LOCAL_ERROR
+        return checks.verdict(incoming, headers).addCallbacks(decided, failed)
+
+    def _commit(self, incoming: Incoming, message_id: str | None, fields: bytes = b"",
+                dkim_domain: DKIMDomain | None = None) -> defer.Deferred:
+        """Commit `incoming`, with header `fields` put in front of it first, or signed
+        with `dkim_domain`'s keys (in the committing thread: `prepend` may copy a large
+        message on disk).  The checks' fields and signing never meet: one is for mail
+        from outside, the other for our own users' mail."""
+        envelope = incoming.envelope
         protocol = envelope.protocol
 
         def committed(queue_id: str, signed: signing.Signed | None = None) -> Reply:
@@ -922,13 +994,16 @@ class Session:
                             queue_id=incoming.queue_id)
             return reply.spool_error(error)
 
-        if dkim_domain is None:
+        if dkim_domain is not None:
+            # Signed once, here, in the committing thread: the queue holds what is sent.
+            d = self.context.run_blocking(signing.sign_and_commit, self.context.spool,
+                                          incoming, dkim_domain)
+            return d.addCallbacks(lambda done: committed(*done), failed)
+        if fields:
+            d = self.context.run_blocking(_prepend_and_commit, self.context.spool, incoming, fields)
+        else:
             d = self.context.run_blocking(self.context.spool.commit, incoming)
-            return d.addCallbacks(committed, failed)
-        # Signed once, here, in the committing thread: the queue holds what is sent.
-        d = self.context.run_blocking(signing.sign_and_commit, self.context.spool, incoming,
-                                      dkim_domain)
-        return d.addCallbacks(lambda done: committed(*done), failed)
+        return d.addCallbacks(committed, failed)
 
     # -- Received: [RFC 5321 4.4] --------------------------------------------------
 
@@ -974,6 +1049,15 @@ def _maildir(config: Config, address: str) -> bool:
     """Whether mail to `address` is delivered into a Maildir here."""
     domain = config.domain_for(address.rpartition("@")[2])
     return domain is not None and domain.route.kind == "maildir"
+
+
+def _prepend_and_commit(spool: Any, incoming: Incoming, fields: bytes) -> str:
+    try:
+        incoming.prepend(fields)
+    except BaseException:
+        incoming.abort()  # as a failed commit does: nothing half-stored stays behind
+        raise
+    return spool.commit(incoming)
 
 
 def _path_of(arg: str) -> str:

@@ -1,0 +1,125 @@
+"""DKIM verification [RFC 6376 6] of every signature of a message, with dkimpy.
+
+`verify(resolver, message)` checks each ``DKIM-Signature`` field of
+`message` (the whole message as received, CRLF line ends) and returns one
+`DKIMResult` per signature, in the order they appear, with the result
+names of RFC 8601 2.7.1:
+
+- ``pass``: the signature verifies with the key published at
+  ``s._domainkey.d`` [RFC 6376 3.6.2];
+- ``fail``: it parsed and a key was found, but the body hash or the
+  signature does not match;
+- ``neutral``: the signature cannot be processed (a syntax error, a
+  missing required tag, an expired signature) [RFC 8601 2.7.1];
+- ``permerror``: no key at that name, or a key record that cannot be used
+  (revoked, bad syntax, too short: RFC 8301 3.2 wants 1024 bits at least);
+- ``temperror``: the key lookup timed out or got SERVFAIL: nobody can say.
+
+A message without signatures gives an empty list (``dkim=none``).  The key
+lookup goes through our resolver (`mta.resolver.txt`), not dkimpy's own.
+It blocks on DNS and hashes the whole message: callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+from dataclasses import dataclass
+
+import dkim
+import dns.resolver
+
+from mta import resolver as resolver_module
+
+MIN_KEY_BITS = 1024  # RFC 8301 3.2
+_quiet = logging.getLogger("mta.checks.dkimpy")  # dkimpy logs every step: keep it out of ours
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
+
+
+@dataclass(frozen=True)
+class DKIMResult:
+    result: str  # pass | fail | neutral | permerror | temperror
+    domain: str  # d=, lower case ("" when the signature has none)
+    selector: str  # s=
+    algorithm: str  # a=
+    signature: str  # b=, for header.b [RFC 6008]: the first 8 characters go in the header
+    reason: str = ""  # why it is not a pass, for the header's comment and the log
+
+
+class _KeyLookupFailed(Exception):
+    """The key's TXT lookup got no definite answer (temperror)."""
+
+
+def verify(resolver: dns.resolver.Resolver, message: bytes) -> list[DKIMResult]:
+    try:
+        signer = dkim.DKIM(message, logger=_quiet, minkey=MIN_KEY_BITS,
+                           timeout=resolver.lifetime)
+    except dkim.DKIMException as e:  # a message dkimpy cannot even split into fields
+        return [DKIMResult("neutral", "", "", "", "", f"message not parseable: {e}")]
+    count = sum(1 for name, _ in signer.headers if name.lower() == b"dkim-signature")
+    return [_verify_one(signer, index, resolver) for index in range(count)]
+
+
+def _verify_one(signer: dkim.DKIM, index: int, resolver: dns.resolver.Resolver) -> DKIMResult:
+    try:
+        prepared = signer.verify_headerprep(index)
+    except dkim.DKIMException as e:
+        return _result("neutral", _tags_of(signer, index), f"bad signature: {e}")
+    tags, include_headers, signature_fields = prepared
+    name = tags[b"s"] + b"._domainkey." + tags[b"d"]
+    try:
+        record = _key_record(resolver, name)
+    except _KeyLookupFailed as e:
+        return _result("temperror", tags, str(e))
+    if record is None:
+        return _result("permerror", tags, f"no key at {_text(name)}")
+    try:
+        signer.pk, signer.keysize, signer.ktag, signer.seqtlsrpt = dkim.evaluate_pk(name, record)
+    except (dkim.DKIMException, binascii.Error, ValueError) as e:
+        return _result("permerror", tags, f"unusable key: {e}")
+    try:
+        good = signer.verify_sig_process(tags, include_headers, signature_fields[index], None)
+    except dkim.KeyFormatError as e:  # e.g. a key shorter than MIN_KEY_BITS
+        return _result("permerror", tags, f"unusable key: {e}")
+    except dkim.ValidationError as e:  # the body hash does not match
+        return _result("fail", tags, str(e))
+    except (dkim.DKIMException, binascii.Error, ValueError, TypeError) as e:
+        return _result("neutral", tags, f"cannot verify: {e}")
+    return _result("pass" if good else "fail", tags, "" if good else "signature did not verify")
+
+
+def _key_record(resolver: dns.resolver.Resolver, name: bytes) -> bytes | None:
+    """The key record at `name` [RFC 6376 3.6.2.2]; None when there is none."""
+    try:
+        records = resolver_module.txt(resolver, name.decode("ascii"))
+    except UnicodeDecodeError:
+        return None  # d= and s= are ASCII [RFC 6376 3.5]; anything else names no key
+    except resolver_module.TemporaryDNSError as e:
+        raise _KeyLookupFailed(f"key lookup: {e}") from e
+    if not records:
+        return None
+    # Several records at one name are ambiguous; RFC 6376 3.6.2.2 lets a verifier use the
+    # first.  A record that does not parse is a permerror either way.
+    return records[0].encode("utf-8")
+
+
+def _tags_of(signer: dkim.DKIM, index: int) -> dict[bytes, bytes]:
+    """What can be read of a signature that did not pass its syntax checks."""
+    fields = [value for name, value in signer.headers if name.lower() == b"dkim-signature"]
+    try:
+        return dkim.util.parse_tag_value(fields[index])
+    except Exception:  # noqa: BLE001 (a malformed tag list: nothing to name)
+        return {}
+
+
+def _result(result: str, tags: dict[bytes, bytes], reason: str = "") -> DKIMResult:
+    signature = _text(b"".join(tags.get(b"b", b"").split()))
+    return DKIMResult(result, _text(tags.get(b"d", b"")).lower().rstrip("."),
+                      _text(tags.get(b"s", b"")), _text(tags.get(b"a", b"")),
+                      signature, reason[:200])
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", "replace")
+
