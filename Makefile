@@ -12,7 +12,7 @@ SOURCES = pyproject.toml $(shell find mta twisted -name '*.py' 2>/dev/null)
 # swaks needs libnet-ssleay-perl for --tls/--tlsc (a Recommends, which
 # --no-install-recommends would leave out).  systemd: for systemd-analyze verify of
 # etc/examples/mta.service (it is not run).  libmail-dkim-perl, opendkim-tools: independent
-# DKIM verifiers; publicsuffix: the list DMARC finds organisational domains in.
+# DKIM verifiers; publicsuffix: Debian's public suffix list, which a test compares with ours.
 PEER_PACKAGES = swaks libnet-ssleay-perl postfix curl fetchmail msmtp dnsmasq-base openssl fail2ban systemd \
 	libmail-dkim-perl opendkim-tools publicsuffix
 

@@ -262,7 +262,7 @@ class MetricsSection:
     endpoint: str = ""  # a Twisted server endpoint serving /metrics; "" = off
 
 
-DEFAULT_PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"  # Debian's publicsuffix
+DEBIAN_PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"  # Debian's publicsuffix
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,8 @@ class ChecksSection:
     spf: str = "record"  # off | record | reject (at MAIL) | reject-after-data
     dkim: str = "record"  # off | record
     dmarc: str = "record"  # off | record | enforce
-    public_suffix_list: Path = Path(DEFAULT_PUBLIC_SUFFIX_LIST)  # for DMARC's organisational domain
+    # For DMARC's organisational domain; None: the copy shipped with publicsuffixlist.
+    public_suffix_list: Path | None = None
     quarantine_header: str = "X-Quarantine"  # added to DMARC p=quarantine failures (enforce)
     threads: int = 10  # the checks' own thread pool: DNS lookups and signature checks
 
@@ -655,8 +656,7 @@ def _checks(s: _Section) -> ChecksSection:
                   kind=str),
         dkim=s.get("dkim", "record", _choice("off", "record"), kind=str),
         dmarc=s.get("dmarc", "record", _choice("off", "record", "enforce"), kind=str),
-        public_suffix_list=s.path("public_suffix_list", DEFAULT_PUBLIC_SUFFIX_LIST)
-        or Path(DEFAULT_PUBLIC_SUFFIX_LIST),
+        public_suffix_list=s.path("public_suffix_list", ""),
         quarantine_header=s.get("quarantine_header", "X-Quarantine", kind=str),
         threads=s.positive_int("threads", 10),
     )
@@ -669,10 +669,10 @@ def _checks(s: _Section) -> ChecksSection:
             if getattr(section, key) == "off":
                 raise s.error(key, f"dmarc = \"{section.dmarc}\" needs {key} results: "
                                    f"set {key} = \"record\" or dmarc = \"off\"")
-        if _missing(section.public_suffix_list):
+        if section.public_suffix_list is not None and _missing(section.public_suffix_list):
             raise s.error("public_suffix_list", f"no such file: {section.public_suffix_list} "
-                                                f"(DMARC needs it: install Debian's "
-                                                f"publicsuffix package, or set dmarc = \"off\")")
+                                                f"(leave it out to use the list shipped with "
+                                                f"mta, or set dmarc = \"off\")")
     s.finish()
     return section
 

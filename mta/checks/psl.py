@@ -2,15 +2,19 @@
 
 RFC 7489 3.2 defines a domain's organisational domain from a public suffix
 list: the public suffix (the longest matching rule, ``*`` a wildcard label,
-``!`` an exception that takes one label off) plus one more label.  The list
-is the one Debian's ``publicsuffix`` package installs
-(``/usr/share/publicsuffix/public_suffix_list.dat``, ``[checks]
-public_suffix_list``), read in its published form [publicsuffix.org/list]:
-one rule a line, ``//`` comments, the ICANN and private sections alike.
+``!`` an exception that takes one label off) plus one more label.  The
+matching is the `publicsuffixlist` package's (PyPI), which also ships a
+recent copy of the list [publicsuffix.org/list], updated with the package:
+that copy is the default, so DMARC works on any machine.  ``[checks]
+public_suffix_list`` names another file in the published form instead, such
+as the one Debian's ``publicsuffix`` package keeps up to date
+(``/usr/share/publicsuffix/public_suffix_list.dat``).
 
-`load(path)` reads a file once per modification time; `organizational_domain`
-never fails: a name no rule matches has the implicit rule ``*`` (its last
-label is the suffix), as the list's own algorithm says.
+`load(path)` reads a file once per modification time (None: the shipped
+copy, read once); `organizational_domain` never fails: a name no rule
+matches has the implicit rule ``*`` (its last label is the suffix), as the
+list's own algorithm says, and a public suffix is its own organisational
+domain.
 """
 
 from __future__ import annotations
@@ -19,45 +23,28 @@ import os
 import threading
 from pathlib import Path
 
+import publicsuffixlist
+
 
 class PublicSuffixList:
-    def __init__(self, lines: list[str]) -> None:
-        self.rules: set[str] = set()
-        self.wildcards: set[str] = set()  # "*.ck" is kept as "ck"
-        self.exceptions: set[str] = set()  # "!www.ck" is kept as "www.ck"
-        for line in lines:
-            rule = line.strip().split()[0] if line.strip() else ""
-            if not rule or rule.startswith("//"):
-                continue
-            rule = a_label(rule.lower().rstrip("."))
-            if rule.startswith("!"):
-                self.exceptions.add(rule[1:])
-            elif rule.startswith("*."):
-                self.wildcards.add(rule[2:])
-            else:
-                self.rules.add(rule)
+    def __init__(self, source: publicsuffixlist.PublicSuffixList) -> None:
+        self.source = source
+
+    @classmethod
+    def of_lines(cls, lines: list[str]) -> PublicSuffixList:
+        """A list made of rule lines (tests, and any file in the published form)."""
+        text = "\n".join(lines).encode("utf-8")
+        return cls(publicsuffixlist.PublicSuffixList(source=text.splitlines(keepends=True)))
 
     def public_suffix(self, domain: str) -> str:
         """The public suffix of `domain` (lower case, no trailing dot, A-labels)."""
-        labels = a_label(domain.lower().rstrip(".")).split(".")
-        for i in range(len(labels)):
-            candidate = ".".join(labels[i:])
-            if candidate in self.exceptions:
-                return ".".join(labels[i + 1:])  # an exception rule: one label less
-            if candidate in self.rules:
-                return candidate
-            if i > 0 and candidate in self.wildcards:
-                return ".".join(labels[i - 1:])
-        return labels[-1]  # the implicit "*" rule
+        name = a_label(domain.lower().rstrip("."))
+        return self.source.publicsuffix(name) or name.rpartition(".")[2]
 
     def organizational_domain(self, domain: str) -> str:
         """The public suffix plus one label [RFC 7489 3.2]; a suffix itself is its own."""
         name = a_label(domain.lower().rstrip("."))
-        suffix = self.public_suffix(name)
-        if name == suffix:
-            return name
-        labels = name.split(".")
-        return ".".join(labels[-(suffix.count(".") + 2):])
+        return self.source.privatesuffix(name) or name
 
 
 def a_label(name: str) -> str:
@@ -70,19 +57,23 @@ def a_label(name: str) -> str:
         return name
 
 
-_cache: dict[Path, tuple[float, PublicSuffixList]] = {}
+_cache: dict[Path | None, tuple[float, PublicSuffixList]] = {}
 _lock = threading.Lock()
 
 
-def load(path: Path) -> PublicSuffixList:
-    """The list in `path`, read again only when the file changed (OSError if unreadable)."""
-    mtime = os.stat(path).st_mtime
+def load(path: Path | None = None) -> PublicSuffixList:
+    """The list in `path` (None: the copy shipped with publicsuffixlist), read again
+    only when the file changed; OSError if it cannot be read."""
+    mtime = os.stat(path).st_mtime if path is not None else 0.0
     with _lock:
         cached = _cache.get(path)
         if cached is not None and cached[0] == mtime:
             return cached[1]
-    with open(path, encoding="utf-8") as f:
-        table = PublicSuffixList(f.read().splitlines())
+    if path is None:
+        table = PublicSuffixList(publicsuffixlist.PublicSuffixList())
+    else:
+        with open(path, "rb") as f:
+            table = PublicSuffixList(publicsuffixlist.PublicSuffixList(source=f))
     with _lock:
         _cache[path] = (mtime, table)
     return table

@@ -17,7 +17,7 @@ import spf as pyspf
 from mta.checks import authresults, dkimverify, dmarc, psl, spf
 from mta.checks.dkimverify import DKIMResult
 from mta.checks.spf import SPFResult
-from mta.config import DEFAULT_PUBLIC_SUFFIX_LIST
+from mta.config import DEBIAN_PUBLIC_SUFFIX_LIST
 from mta.resolver import make_resolver
 from tests.authpeers import LoopbackDNS, dkim_key, sign
 
@@ -63,7 +63,7 @@ def resolver(dns_server: LoopbackDNS):
 
 @pytest.fixture(scope="module")
 def suffixes() -> psl.PublicSuffixList:
-    return psl.load(Path(DEFAULT_PUBLIC_SUFFIX_LIST))
+    return psl.load()
 
 
 MESSAGE = (b"From: Alice <alice@good.test>\r\nTo: bob@example.org\r\nSubject: hello\r\n"
@@ -160,7 +160,8 @@ def test_dkim_a_malformed_signature_is_neutral(resolver) -> None:
 # -- the public suffix list -------------------------------------------------------------------
 
 def test_organizational_domains() -> None:
-    table = psl.PublicSuffixList(["// comment", "com", "uk", "co.uk", "*.ck", "!www.ck", ""])
+    table = psl.PublicSuffixList.of_lines(["// comment", "com", "uk", "co.uk", "*.ck", "!www.ck",
+                                           ""])
     assert table.organizational_domain("mail.example.com") == "example.com"
     assert table.organizational_domain("a.b.example.co.uk") == "example.co.uk"
     assert table.organizational_domain("co.uk") == "co.uk"
@@ -170,10 +171,13 @@ def test_organizational_domains() -> None:
     assert table.organizational_domain("Mail.Example.COM.") == "example.com"
 
 
-def test_the_debian_list(suffixes: psl.PublicSuffixList) -> None:
-    assert suffixes.organizational_domain("a.b.example.co.uk") == "example.co.uk"
-    assert suffixes.organizational_domain("mx.example.org") == "example.org"
-    assert suffixes.organizational_domain("mail.bücher.de") == "xn--bcher-kva.de"
+def test_the_shipped_list_and_debian_s(suffixes: psl.PublicSuffixList) -> None:
+    debian = psl.load(Path(DEBIAN_PUBLIC_SUFFIX_LIST))
+    for table in (suffixes, debian):
+        assert table.organizational_domain("a.b.example.co.uk") == "example.co.uk"
+        assert table.organizational_domain("mx.example.org") == "example.org"
+        assert table.organizational_domain("mail.bücher.de") == "xn--bcher-kva.de"
+        assert table.organizational_domain("co.uk") == "co.uk"
 
 
 # -- DMARC ----------------------------------------------------------------------------------

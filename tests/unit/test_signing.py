@@ -257,6 +257,33 @@ def test_rsa_and_ed25519_signatures_verify(rsa_key, ed_key) -> None:
     assert rsa_tags["h"] == "from:to:subject:list-id:from"
 
 
+def test_openssl_makes_the_rsa_signature_dkimpy_would_make(rsa_key, monkeypatch) -> None:
+    """The RSA step goes to OpenSSL for our keys (dkimpy's own is pure Python): the same
+    message signed at the same second gives the same bytes either way."""
+    import hashlib
+    import time
+
+    from dkim.crypto import parse_pem_private_key
+
+    parsed = parse_pem_private_key(rsa_key.private)
+    digest = hashlib.sha256(b"a header hash")
+    calls = []
+    monkeypatch.setattr(signing, "_dkimpy_rsa_sign",
+                        lambda d, k: calls.append(k) or signing.dkim.crypto.RSASSA_PKCS1_v1_5_sign(
+                            d, k))
+    assert signing._rsa_sign(digest, parsed) == \
+        signing.dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, parsed)
+    assert calls == []  # OpenSSL made it
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)
+    fast = signing.signatures(MESSAGE, [rsa_key]).fields
+    monkeypatch.setattr(signing.dkim, "RSASSA_PKCS1_v1_5_sign",
+                        signing.dkim.crypto.RSASSA_PKCS1_v1_5_sign)
+    assert signing.signatures(MESSAGE, [rsa_key]).fields == fast
+    # A key we did not load (someone else's use of dkimpy) still takes dkimpy's way.
+    other = signing.generate("rsa", 1024)[1]
+    assert signing._rsa_sign(digest, parse_pem_private_key(other)) and len(calls) == 1
+
+
 def test_a_signature_survives_what_relaxed_canonicalisation_forgives(rsa_key) -> None:
     signed = signing.signatures(MESSAGE, [rsa_key]).fields + MESSAGE
     refolded = signed.replace(b"Subject: signed", b"subject:   signed\r\n\t").replace(
