@@ -15,7 +15,11 @@ names of RFC 8601 2.7.1:
   (revoked, bad syntax, too short: RFC 8301 3.2 wants 1024 bits at least);
 - ``temperror``: the key lookup timed out or got SERVFAIL: nobody can say.
 
-A message without signatures gives an empty list (``dkim=none``).  The key
+A message without signatures gives an empty list (``dkim=none``).  Only the
+first `MAX_SIGNATURES` are checked (RFC 6376 6.1 lets a verifier limit them):
+each costs a key lookup that may wait the whole DNS timeout, and a sender
+could otherwise tie up a checking thread for hours with a thousand of them;
+the rest are ``neutral`` with that reason, without a lookup.  The key
 lookup goes through our resolver (`mta.resolver.txt`), not dkimpy's own.
 It blocks on DNS and hashes the whole message: callers run it in a thread.
 """
@@ -32,6 +36,7 @@ import dns.resolver
 from mta import resolver as resolver_module
 
 MIN_KEY_BITS = 1024  # RFC 8301 3.2
+MAX_SIGNATURES = 8  # checked per message; real mail carries one to three
 _quiet = logging.getLogger("mta.checks.dkimpy")  # dkimpy logs every step: keep it out of ours
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
@@ -58,7 +63,10 @@ def verify(resolver: dns.resolver.Resolver, message: bytes) -> list[DKIMResult]:
     except dkim.DKIMException as e:  # a message dkimpy cannot even split into fields
         return [DKIMResult("neutral", "", "", "", "", f"message not parseable: {e}")]
     count = sum(1 for name, _ in signer.headers if name.lower() == b"dkim-signature")
-    return [_verify_one(signer, index, resolver) for index in range(count)]
+    return [_verify_one(signer, index, resolver) if index < MAX_SIGNATURES else
+            _result("neutral", _tags_of(signer, index),
+                    f"not checked: more than {MAX_SIGNATURES} signatures")
+            for index in range(count)]
 
 
 def _verify_one(signer: dkim.DKIM, index: int, resolver: dns.resolver.Resolver) -> DKIMResult:

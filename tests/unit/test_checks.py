@@ -151,6 +151,19 @@ def test_dkim_every_signature_is_verified(resolver) -> None:
     assert dkimverify.verify(resolver, MESSAGE) == []
 
 
+def test_dkim_checks_at_most_max_signatures(resolver, monkeypatch) -> None:
+    """A pile of signatures cannot tie a thread up in key lookups: the first few count."""
+    monkeypatch.setattr(dkimverify, "MAX_SIGNATURES", 2)
+    message = sign(MESSAGE, "good.test", "s1", KEY)
+    for i in range(3):
+        message = sign(message, f"nokey{i}.test", "s1", KEY)
+    results = dkimverify.verify(resolver, message)
+    assert [(r.result, r.domain) for r in results] == [
+        ("permerror", "nokey2.test"), ("permerror", "nokey1.test"),
+        ("neutral", "nokey0.test"), ("neutral", "good.test")]
+    assert results[-1].reason == "not checked: more than 2 signatures"
+
+
 def test_dkim_a_malformed_signature_is_neutral(resolver) -> None:
     broken = b"DKIM-Signature: v=1; a=rsa-sha256; d=good.test; s=s1\r\n" + MESSAGE
     [result] = dkimverify.verify(resolver, broken)
