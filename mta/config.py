@@ -183,6 +183,9 @@ class RelaySection:
     # A host that timed out is not tried again for this long ("0": no memory).
     dead_host_time: float = 300.0
     masquerade: str = ""  # outbound SMTP: the sender user@HOSTNAME becomes user@masquerade
+    # MTA-STS [RFC 8461] for mail delivered by MX to domains [tls_policy] does not name.
+    mta_sts: bool = True
+    mta_sts_port: int = 443  # where policy files are fetched (https://mta-sts.DOMAIN/...)
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,11 @@ class MetricsSection:
     endpoint: str = ""  # a Twisted server endpoint serving /metrics; "" = off
 
 
+# [tls_policy] values (as Postfix's smtp_tls_policy_maps levels): how strictly the TLS of a
+# destination domain's servers is checked; "sts" leaves it to MTA-STS.
+TLS_POLICIES = ("none", "may", "encrypt", "verify", "sts")
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path | None
@@ -260,6 +268,7 @@ class Config:
     pulls: tuple[Pull, ...] = ()
     log: LogSection = field(default_factory=LogSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    tls_policy: dict[str, str] = field(default_factory=dict)  # domain -> one of TLS_POLICIES
 
     @cached_property
     def addresses(self) -> aliases_module.Addresses:
@@ -525,6 +534,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
     pulls = _pulls(source, top.get("pull", [], kind=list))
     log = _log(_Section(source, "log", top.get("log", {}, kind=dict)))
     metrics = _metrics(_Section(source, "metrics", top.get("metrics", {}, kind=dict)))
+    tls_policy = _tls_policy(_Section(source, "tls_policy", top.get("tls_policy", {}, kind=dict)))
     top.finish()
 
     for i, listener in enumerate(listeners):
@@ -539,13 +549,31 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
                 f"{source}: [auth] passwords: required by listener #{i + 1} "
                 f"{listener.endpoint} (role {listener.role}: AUTH before MAIL)")
     return Config(path, server, listeners, tls, auth, relay, domains, limits, etrn, pulls,
-                  log, metrics)
+                  log, metrics, tls_policy)
 
 
 def _log(s: _Section) -> LogSection:
     section = LogSection(json_file=s.path("json_file", ""))
     s.finish()
     return section
+
+
+def _tls_policy(s: _Section) -> dict[str, str]:
+    """``[tls_policy]``: ``"example.com" = "verify"``, one destination domain per key."""
+    table = {}
+    for name, value in s.table.items():
+        if isinstance(value, dict):
+            # TOML reads an unquoted example.com as a table "example" holding "com".
+            raise s.error(name, 'quote the domain name: "example.com" = "verify"')
+        policy = s.get(name, None, _choice(*TLS_POLICIES), kind=str)
+        domain = name.lower().rstrip(".")
+        if not is_valid_domain(domain):
+            raise s.error(name, "not a valid domain name")
+        if domain in table:
+            raise s.error(name, f"{domain} is named twice")
+        table[domain] = policy
+    s.finish()
+    return table
 
 
 def _metrics(s: _Section) -> MetricsSection:
@@ -742,6 +770,8 @@ def _relay(s: _Section) -> RelaySection:
         smtp_data_done_timeout=s.get("smtp_data_done_timeout", "10m", parse_duration),
         dead_host_time=s.get("dead_host_time", "5m", parse_duration),
         masquerade=s.get("masquerade", "", _masquerade_domain, kind=str),
+        mta_sts=s.get("mta_sts", True, kind=bool),
+        mta_sts_port=s.get("mta_sts_port", 443, _port, kind=int),
     )
     for key in ("smtp_greeting_timeout", "smtp_command_timeout", "smtp_mail_timeout",
                 "smtp_rcpt_timeout", "smtp_data_init_timeout", "smtp_data_block_timeout",
