@@ -261,7 +261,7 @@ def read_cached(directory: Path, domain: str) -> Policy | None:
 
 def write_cached(directory: Path, domain: str, policy: Policy) -> None:
     """Blocking: store `policy` for `domain`, atomically."""
-    directory.mkdir(mode=0o700, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     data = {"domain": domain, "id": policy.id, "fetched": policy.fetched, "mode": policy.mode,
             "max_age": policy.max_age, "mx": list(policy.mx)}
     write_atomic(cache_path(directory, domain), json.dumps(data).encode() + b"\n", 0o600)
@@ -363,6 +363,8 @@ def fetch_policy_text(reactor: Any, domain: str, addresses: Iterable[str], port:
             options[0] = tls.client_options(host, verify=True, trust_root=trust_root)
             continue
         except Exception as e:  # noqa: BLE001 (TLS, HTTP: every failure is one line)
+            if _cancelled(e):  # the caller's timeout: let it say so
+                raise defer.CancelledError() from None
             raise FetchError(f"{address}: {_why(e)}") from None
         text = yield _policy_body(response)
         return text
@@ -397,6 +399,13 @@ def _policy_body(response: Any) -> Any:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise FetchError("policy is not UTF-8 text") from None
+
+
+def _cancelled(error: BaseException) -> bool:
+    """Whether `error` is (or wraps, as the Agent does) a cancellation."""
+    reasons = getattr(error, "reasons", None) or []
+    return isinstance(error, defer.CancelledError) or \
+        any(r.check(defer.CancelledError) for r in reasons)
 
 
 def _why(error: BaseException) -> str:
