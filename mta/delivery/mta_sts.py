@@ -86,6 +86,7 @@ RECHECK = 300.0  # seconds a TXT answer, or its absence, is trusted
 REFRESH_BEFORE = 86400.0  # a policy is fetched again when less than this (or half
 # its max_age, if shorter) is left of it, so that it does not lapse while in use
 DIRECTORY = "sts"  # under the spool
+REMEMBERED = 10000  # domains known in memory before those without a policy are forgotten
 
 _ID = re.compile(r"[A-Za-z0-9]{1,32}\Z")
 _FIELD_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}"
@@ -476,6 +477,8 @@ class Policies:
             waiting.append(d)
             return d
         self._waiting[key] = []
+        if len(self._known) > REMEMBERED:
+            self._forget(now)
         discovery = self._discover(key, known)
 
         def answer(policy: Policy | None) -> Policy | None:
@@ -483,6 +486,15 @@ class Policies:
                 waiter.callback(policy)
             return policy
         return discovery.addCallback(answer)
+
+    def _forget(self, now: float) -> None:
+        """Keep memory bounded on a relay that mails many domains: what is known of
+        domains without a policy, once stale, is asked again when next needed."""
+        for domain in [d for d, k in self._known.items()
+                       if k.policy is None and now >= k.checked + RECHECK]:
+            del self._known[domain]
+        self._retry_after = {k: t for k, t in self._retry_after.items() if t > now}
+        self._reported = {k for k in self._reported if k[0] in self._known}
 
     def abort_all(self) -> None:
         """Stop the fetches under way (service shutdown); their lookups answer at once."""

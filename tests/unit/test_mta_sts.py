@@ -450,3 +450,14 @@ def test_policies_hold_only_mode_and_patterns() -> None:
     assert policy.expires == 15.0
     assert policy.same_as(Policy("enforce", ("mx.example.com",), 10, "1", 99.0))
     assert not policy.same_as(Policy("enforce", ("mx.example.com",), 10, "2", 5.0))
+
+
+def test_memory_stays_bounded(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mta_sts, "REMEMBERED", 3)
+    world.publish("kept.test", "1")
+    policies = world.policies()
+    for name in ("kept.test", "a.test", "b.test", "c.test"):
+        result(policies.lookup(name))
+    world.clock.advance(mta_sts.RECHECK + 1)
+    result(policies.lookup("d.test"))
+    assert sorted(policies._known) == ["d.test", "kept.test"]  # a policy is never forgotten
