@@ -335,3 +335,14 @@ def test_a_mistyped_envelope_field_is_damage_not_a_crash(spool, tmp_path, field,
     loaded = spool.load_committed(spool.queue_ids())
     assert [e.queue_id for e in loaded] == [good]
     assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [f"{bad}.env", f"{bad}.msg"]
+
+
+def test_recovery_and_the_queue_leave_the_mta_sts_cache_alone(spool, tmp_path):
+    from mta.delivery.mta_sts import Policy, read_cached, write_cached
+    directory = tmp_path / "sts"  # SPOOL/sts, where the relayer keeps MTA-STS policies
+    write_cached(directory, "example.com", Policy("enforce", ("mx.example.com",), 86400, "1"))
+    queue_id = commit(spool)
+    assert spool.recover_files() == [queue_id]
+    assert [qid for qid, _ in spool.scan()] == [queue_id]
+    assert read_cached(directory, "example.com").id == "1"
+    assert sorted(p.name for p in directory.iterdir()) == ["example.com.json"]
