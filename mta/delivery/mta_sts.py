@@ -177,10 +177,11 @@ def parse_policy(text: str) -> Policy:
     version (``STSv1``), mode (``enforce``, ``testing``, ``none``) and max_age
     (at most ten digits; more than a year counts as a year) are required,
     and at least one ``mx`` unless the mode is "none".  Names and values are
-    case-sensitive.  Blank lines are passed over.
+    case-sensitive.  Blank lines (and a byte order mark) are passed over.
     """
     fields: dict[str, str] = {}
     mx: list[str] = []
+    text = text.removeprefix("\ufeff")  # a byte order mark some editors write
     for number, line in enumerate(text.split("\n"), 1):
         line = line.removesuffix("\r")
         if not line.strip(" \t"):

@@ -84,6 +84,7 @@ def test_policy_fields() -> None:
     GOOD + "extension-field_1.x: any value; with = signs\n",  # unknown fields are ignored
     GOOD + "mode: testing\nmax_age: 5\nversion: STSv2\n",  # the first of each counts
     "\n" + GOOD + "\n\n",  # blank lines are passed over
+    "\ufeff" + GOOD,  # and a byte order mark
     GOOD.replace("mx1.example.com", "MX1.Example.COM"),  # patterns are compared in lower case
 ])
 def test_policy_variants_that_are_valid(text: str) -> None:
