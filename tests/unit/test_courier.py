@@ -613,3 +613,15 @@ def test_one_route_with_two_tls_levels_is_two_transactions() -> None:
     groups = attempts._groups(envelope, attempts.scheduled())
     assert sorted((hop.tls, indices) for hop, indices in groups.values()) == \
         [("opportunistic", [0, 1]), ("verify", [2])]
+
+
+def test_a_reload_brings_new_tls_policies_to_the_next_attempt() -> None:
+    live = config_mod.Live(config_mod.from_dict({}))
+    router = Router(live)
+    assert (router.next_hop("a@far.test").tls, router.next_hop("a@far.test").sts) == \
+        ("opportunistic", True)
+    live.swap(config_mod.from_dict({"relay": {"mta_sts": False},
+                                    "tls_policy": {"far.test": "encrypt"}}))
+    assert (router.next_hop("a@far.test").tls, router.next_hop("a@far.test").sts) == \
+        ("required", False)
+    assert router.next_hop("a@near.test").sts is False
