@@ -199,6 +199,9 @@ class RelaySection:
     dead_host_time: float = 300.0
     masquerade: str = ""  # outbound SMTP: the sender user@HOSTNAME becomes user@masquerade
     dkim_domain: str = "from"  # whose [dkim] key signs: the From: header's domain, or "sender"
+    # MTA-STS [RFC 8461] for mail delivered by MX to domains [tls_policy] does not name.
+    mta_sts: bool = True
+    mta_sts_port: int = 443  # where policy files are fetched (https://mta-sts.DOMAIN/...)
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,9 @@ class ChecksSection:
     @property
     def enabled(self) -> bool:
         return (self.spf, self.dkim, self.dmarc) != ("off", "off", "off")
+# [tls_policy] values (as Postfix's smtp_tls_policy_maps levels): how strictly the TLS of a
+# destination domain's servers is checked; "sts" leaves it to MTA-STS.
+TLS_POLICIES = ("none", "may", "encrypt", "verify", "sts")
 
 
 @dataclass(frozen=True)
@@ -298,6 +304,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     dkim: dict[str, DKIMDomain] = field(default_factory=dict)
     checks: ChecksSection = field(default_factory=ChecksSection)
+    tls_policy: dict[str, str] = field(default_factory=dict)  # domain -> one of TLS_POLICIES
 
     @cached_property
     def addresses(self) -> aliases_module.Addresses:
@@ -565,6 +572,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
     metrics = _metrics(_Section(source, "metrics", top.get("metrics", {}, kind=dict)))
     dkim = _dkim(source, top.get("dkim", {}, kind=dict))
     checks = _checks(_Section(source, "checks", top.get("checks", {}, kind=dict)))
+    tls_policy = _tls_policy(_Section(source, "tls_policy", top.get("tls_policy", {}, kind=dict)))
     top.finish()
 
     for i, listener in enumerate(listeners):
@@ -579,7 +587,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
                 f"{source}: [auth] passwords: required by listener #{i + 1} "
                 f"{listener.endpoint} (role {listener.role}: AUTH before MAIL)")
     return Config(path, server, listeners, tls, auth, relay, domains, limits, etrn, pulls,
-                  log, metrics, dkim, checks)
+                  log, metrics, dkim, checks, tls_policy)
 
 
 def _dkim(source: str, table: dict[str, Any]) -> dict[str, DKIMDomain]:
@@ -639,6 +647,24 @@ def _log(s: _Section) -> LogSection:
     section = LogSection(json_file=s.path("json_file", ""))
     s.finish()
     return section
+
+
+def _tls_policy(s: _Section) -> dict[str, str]:
+    """``[tls_policy]``: ``"example.com" = "verify"``, one destination domain per key."""
+    table = {}
+    for name, value in s.table.items():
+        if isinstance(value, dict):
+            # TOML reads an unquoted example.com as a table "example" holding "com".
+            raise s.error(name, 'quote the domain name: "example.com" = "verify"')
+        policy = s.get(name, None, _choice(*TLS_POLICIES), kind=str)
+        domain = name.lower().rstrip(".")
+        if not is_valid_domain(domain):
+            raise s.error(name, "not a valid domain name")
+        if domain in table:
+            raise s.error(name, f"{domain} is named twice")
+        table[domain] = policy
+    s.finish()
+    return table
 
 
 def _metrics(s: _Section) -> MetricsSection:
@@ -866,6 +892,8 @@ def _relay(s: _Section) -> RelaySection:
         dead_host_time=s.get("dead_host_time", "5m", parse_duration),
         masquerade=s.get("masquerade", "", _masquerade_domain, kind=str),
         dkim_domain=s.get("dkim_domain", "from", _choice("from", "sender"), kind=str),
+        mta_sts=s.get("mta_sts", True, kind=bool),
+        mta_sts_port=s.get("mta_sts_port", 443, _port, kind=int),
     )
     for key in ("smtp_greeting_timeout", "smtp_command_timeout", "smtp_mail_timeout",
                 "smtp_rcpt_timeout", "smtp_data_init_timeout", "smtp_data_block_timeout",

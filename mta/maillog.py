@@ -6,7 +6,8 @@ Each delivery attempt of each recipient is one line::
     QUEUEID: to=<alice@example.org>, orig_to=<sales@example.org>, relay=maildir, ...
 
 with status ``sent``, ``deferred``, ``bounced`` or ``expired``; ``relay=none``
-when no connection was made, ``relay=maildir`` for a local mailbox.  Reports
+when no connection was made, ``relay=maildir`` for a local mailbox.  An MTA-STS
+policy's verdict on an MX host is one more line per attempt (`sts_verdict`).  Reports
 we create are logged as ``QUEUEID: sender non-delivery notification: ID``
 (or ``delay`` / ``delivery status``), and a finished message as
 ``QUEUEID: removed``.  The fields are also in the event, for structured
@@ -234,3 +235,20 @@ def picked_up(envelope_queue_id: str, sender: str, recipients: int, size: int) -
     """A message put in the spool by `mta sendmail`, seen by the running server."""
     log.info("{queue_id}: from=<{sender}>, nrcpt={n}, size={size} (local submission)",
              queue_id=envelope_queue_id, sender=sender, n=recipients, size=size)
+
+
+def sts_verdict(queue_id: str, recipients: list[str], domain: str, mode: str, policy_id: str,
+                mx: str, verdict: str, refused: bool) -> None:
+    """One MTA-STS verdict [RFC 8461 5] on one MX host in one attempt::
+
+        QUEUEID: to=<a@example.com>, sts=enforce, domain=example.com, policy_id=2024,
+            mx=mx1.example.com: verified
+
+    or ``refused (why)`` (mode enforce: that host is not used), ``would refuse (why)``
+    (mode testing: it is used all the same)."""
+    to = f"to=<{recipients[0]}>" + (f", nrcpt={len(recipients)}" if len(recipients) > 1 else "")
+    _emit(log, LogLevel.warn if refused else LogLevel.info, "sts",
+          f"{queue_id}: {to}, sts={mode}, domain={domain}, policy_id={policy_id}, "
+          f"mx={mx}: {printable(verdict, 500)}",
+          {"queue_id": queue_id, "to": recipients, "sts": mode, "domain": domain,
+           "policy_id": policy_id, "mx": mx, "verdict": verdict})

@@ -192,7 +192,7 @@ def pickup_warnings(config: config_module.Config, trust: Any) -> list[str]:
 def config_warnings(config: config_module.Config, trust: Any) -> list[str]:
     """Everything start-up logs and `mta check-config` prints as a warning."""
     return (alias_warnings(config) + relay_warnings(config) + pickup_warnings(config, trust)
-            + sendmail_warnings(config))
+            + sendmail_warnings(config) + tls_policy_warnings(config))
 
 
 def relay_warnings(config: config_module.Config) -> list[str]:
@@ -207,6 +207,26 @@ def relay_warnings(config: config_module.Config) -> list[str]:
             warnings.append(f"[relay] mynetworks: {network} is wider than private address "
                             f"space: all its {network.num_addresses} addresses may relay; "
                             "use AUTH for clients outside your own networks")
+    return warnings
+
+
+def tls_policy_warnings(config: config_module.Config) -> list[str]:
+    """[tls_policy] entries that govern nothing: mail for the domain never goes to its
+    own servers by SMTP (router.py), or "sts" where MTA-STS cannot apply."""
+    warnings = []
+    for domain, level in sorted(config.tls_policy.items()):
+        where = f'[tls_policy] "{domain}"'
+        configured = config.domain_for(domain)
+        route = configured.route if configured is not None else None
+        if route is not None and route.kind == "maildir":
+            warnings.append(f"{where}: mail for {domain} is delivered here ({route}); "
+                            "the entry has no effect")
+        elif route is None and config.relay.smarthost:
+            warnings.append(f"{where}: mail for {domain} goes through the smart host, whose "
+                            "TLS is [relay] smarthost_tls; the entry has no effect")
+        elif level == "sts" and route is not None and route.kind == "smtp":
+            warnings.append(f"{where}: MTA-STS governs delivery by MX only, and {domain} "
+                            f"has the route {route}; its TLS is [relay] tls_verify's")
     return warnings
 
 

@@ -10,10 +10,15 @@ What it owns:
   (on SIGHUP, say) and swaps the context for new handshakes; sessions already
   running keep the one they started with.  If the new files are bad, reload
   logs the error and keeps the old context.
-- `client_options(hostname, verify)` for the outbound SMTP client: with
-  `verify`, Twisted's `optionsForClientTLS` (chain to a trust root, and the
-  name checked by service-identity); without, opportunistic TLS [RFC 7435]:
-  encrypt, send SNI, but accept any certificate (as Postfix's "may" level).
+- `client_options(hostname, verify)` for the outbound SMTP client and the
+  MTA-STS policy fetch: with `verify`, Twisted's `optionsForClientTLS` (chain
+  to a trust root, and the name checked by service-identity); without,
+  opportunistic TLS [RFC 7435]: encrypt, send SNI, but accept any
+  certificate (as Postfix's "may" level).  With `check` as well, the
+  certificate is checked as `verify` would and any is still taken: the
+  options' `problem` says what `verify` would have refused (MTA-STS
+  "testing" mode, which delivers anyway and reports [RFC 8461 5]).
+  `describe_failure` turns a failed handshake into one short line.
 - `make_cert(cert_path, key_path, hostname)` for ``mta make-cert``: a
   self-signed certificate (RSA 2048, SHA-256) naming `hostname`, localhost,
   127.0.0.1 and ::1.
@@ -43,6 +48,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -205,22 +212,49 @@ class ServerTLS:
 
 # -- the client side ---------------------------------------------------------------------
 
-def client_options(hostname: str, verify: bool,
-                   trust_root: str | Path | None = None) -> IOpenSSLClientConnectionCreator:
+def client_options(hostname: str, verify: bool, trust_root: str | Path | None = None,
+                   check: bool = False) -> IOpenSSLClientConnectionCreator:
     """TLS options for connecting to `hostname` (give them to ``startTLS``).
 
     With `verify`, the chain must lead to `trust_root` (a PEM file of CA
     certificates; default: the platform's store) and the certificate must
-    name `hostname` (service-identity).  Without, any certificate is taken.
-    Both send SNI when `hostname` is a DNS name, and neither goes below TLS 1.2.
+    name `hostname` (service-identity).  Without, any certificate is taken;
+    with `check` too, it is checked all the same and the options'
+    `problem` tells the result (`CheckingClientTLS`).  All send SNI when
+    `hostname` is a DNS name, and none goes below TLS 1.2.  Options serve
+    one connection.
     """
     if not verify:
+        if check:
+            return CheckingClientTLS(hostname, trust_root)
         return OpportunisticClientTLS(hostname)
     trust = _trust_root(Path(trust_root)) if trust_root is not None else None
     return optionsForClientTLS(
         hostname, trustRoot=trust,
         extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
     )
+
+
+def describe_failure(error: BaseException) -> str:
+    """A failed client handshake in one short line: "certificate verify failed",
+    "certificate does not name mx.example.org", or the connection's own error."""
+    if isinstance(error, VerificationError):
+        return f"certificate does not name {_mismatched(error)}"
+    if isinstance(error, SSL.Error):
+        return _why(error)
+    return str(error) or error.__class__.__name__
+
+
+def _mismatched(error: VerificationError) -> str:
+    names = []
+    for mismatch in error.errors:
+        identity = getattr(mismatch, "mismatched_id", None)
+        name = getattr(identity, "hostname", None) or getattr(identity, "ip", None)
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        if name:
+            names.append(str(name))
+    return ", ".join(names) or "the host"
 
 
 def _trust_root(path: Path) -> Any:
@@ -250,6 +284,68 @@ class OpportunisticClientTLS:
         if self._server_name is not None:
             connection.set_tlsext_host_name(self._server_name)
         return connection
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class CheckingClientTLS(OpportunisticClientTLS):
+    """Opportunistic TLS that checks the certificate as `client_options(verify=True)`
+    would (chain to the trust root, name by service-identity) and takes it anyway.
+
+    `problem`, once the handshake is done, is None for a certificate that verify
+    would accept, else the reason it would refuse it ("certificate verify failed:
+    unable to get local issuer certificate", "certificate does not name ...").
+    """
+
+    def __init__(self, hostname: str, trust_root: str | Path | None = None) -> None:
+        super().__init__(hostname)
+        self.problem: str | None = "no TLS handshake"
+        self._chain_problem: str | None = None
+        context = self._context
+        if trust_root is not None:
+            try:
+                context.load_verify_locations(str(trust_root))
+            except SSL.Error as e:
+                raise TLSConfigError(f"{trust_root}: cannot load CA certificates: "
+                                     f"{_why(e)}") from None
+        else:
+            context.set_default_verify_paths()  # what Twisted's platformTrust() uses
+        context.set_verify(SSL.VERIFY_PEER, self._chain_checked)
+        context.set_info_callback(self._handshake_event)
+
+    def _chain_checked(self, connection: SSL.Connection, certificate: Any, error: int,
+                       depth: int, ok: int) -> bool:
+        if not ok and self._chain_problem is None:
+            self._chain_problem = f"certificate verify failed: {_verify_error(error)}"
+        return True  # opportunistic: the handshake goes on whatever was found
+
+    def _handshake_event(self, connection: SSL.Connection, where: int, ret: int) -> None:
+        if where & SSL.SSL_CB_HANDSHAKE_DONE:
+            self.problem = self._chain_problem or _identity_problem(connection, self.hostname)
+
+
+def _identity_problem(connection: SSL.Connection, hostname: str) -> str | None:
+    name = hostname.strip("[]").rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        check = verify_ip_address
+    except ValueError:
+        check = verify_hostname
+    try:
+        check(connection, name)
+    except VerificationError as e:
+        return f"certificate does not name {_mismatched(e)}"
+    except CertificateError as e:
+        return f"unusable certificate: {e}"
+    return None
+
+
+def _verify_error(code: int) -> str:
+    """OpenSSL's text for an X509_V_ERR code."""
+    try:
+        from OpenSSL._util import ffi, lib  # pyOpenSSL exposes no public name for it
+        return ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+    except (ImportError, AttributeError):
+        return f"X509 error {code}"
 
 
 def _sni_name(hostname: str) -> bytes | None:

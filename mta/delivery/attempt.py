@@ -200,16 +200,18 @@ class Attempts:
         return (yield self._after_attempt(save, envelope, data, delivered))
 
     def _groups(self, envelope: Envelope,
-                plan: Plan) -> dict[tuple[str, str | None], tuple[NextHop, list[int]]]:
-        """Pending recipients by next hop and sender: each group is one transaction."""
-        groups: dict[tuple[str, str | None], tuple[NextHop, list[int]]] = {}
+                plan: Plan) -> dict[tuple[str, str, str | None], tuple[NextHop, list[int]]]:
+        """Pending recipients by next hop and sender: each group is one transaction.  Two
+        domains routed to one host with different [tls_policy] levels are two groups."""
+        groups: dict[tuple[str, str, str | None], tuple[NextHop, list[int]]] = {}
         for index, recipient in enumerate(envelope.recipients):
             if recipient.state != PENDING:
                 continue
             hop = plan.route(recipient)
             if hop.kind == HOLD:
                 continue
-            groups.setdefault((hop.destination, recipient.sender), (hop, []))[1].append(index)
+            key = (hop.destination, hop.tls, recipient.sender)
+            groups.setdefault(key, (hop, []))[1].append(index)
         return groups
 
     @defer.inlineCallbacks

@@ -10,9 +10,12 @@ Session set-up, then `ready` fires with the peer's `Capabilities`:
 
 - greeting (220), EHLO, or HELO when EHLO is refused [RFC 5321 3.2];
 - STARTTLS when offered and the policy allows it, then EHLO again
-  [RFC 3207 4.2]; "required"/"verify" policies fail without it, "verify"
-  and "verify-if-offered" check the certificate against the host name
-  (service-identity), with the TLS options of mta/tls.py;
+  [RFC 3207 4.2]; "required"/"verify" policies fail without it
+  (`TLSUnavailable`), "verify" and "verify-if-offered" check the
+  certificate against the host name (service-identity), with the TLS
+  options of mta/tls.py; under the others, `check_identity` checks it
+  too but takes any, and `identity_problem` tells what was found (MTA-STS
+  "testing" mode);
 - AUTH when credentials are given [RFC 4954], with the first mechanism of
   the policy's list that the peer offers: PLAIN [RFC 4616], LOGIN, or
   CRAM-MD5 [RFC 2195].  PLAIN and LOGIN carry the password itself: without
@@ -117,6 +120,8 @@ class SessionPolicy:
     auth_mechanisms: tuple[str, ...] = _PASSWORD_MECHANISMS  # in order of preference
     # PLAIN/LOGIN without TLS: only where the operator chose it (smarthost_tls = "opportunistic").
     plaintext_password: bool = False
+    # Check the certificate under a policy that takes any, and tell (identity_problem).
+    check_identity: bool = False
 
     def __repr__(self) -> str:
         return f"SessionPolicy({self.peer_name}, tls={self.tls}, auth={bool(self.auth_user)})"
@@ -170,6 +175,10 @@ class TransactionResult:
 
 class TLSFailed(DeliveryError):
     """The TLS handshake (or certificate check) after STARTTLS failed."""
+
+
+class TLSUnavailable(DeliveryError):
+    """The policy requires TLS and the peer does not offer STARTTLS, or refuses it."""
 
 
 class _Stage(enum.Enum):
@@ -326,6 +335,7 @@ class SMTPClient(Reversible, LineReceiver):
         self._timer: IDelayedCall | None = None
         self._tls_started = False
         self._tls_confirmed = False  # the EHLO after STARTTLS was answered: the handshake worked
+        self._tls_used: object | None = None  # the TLS options of our STARTTLS
         self._aborting = False
         self._txn: _TxnState | None = None
         self._need_rset = False
@@ -351,7 +361,7 @@ class SMTPClient(Reversible, LineReceiver):
         self._handlers.clear()
         if self._tls_started and not self._tls_confirmed and not self.ready.called:
             reason = Failure(TLSFailed("4.7.5", f"TLS handshake with {self.policy.peer_name} "
-                                                f"failed: {reason.getErrorMessage()}",
+                                                f"failed: {tls.describe_failure(reason.value)}",
                                        self.policy.peer_name))
         self._fail(reason)
         self.done.callback(None)
@@ -471,12 +481,13 @@ class SMTPClient(Reversible, LineReceiver):
             txn, self._txn = self._txn, None
             txn.finish(reason)
 
-    def _session_error(self, reply: Reply, stage: _Stage) -> None:
+    def _session_error(self, reply: Reply, stage: _Stage,
+                       kind: type[DeliveryError] = DeliveryError) -> None:
         """A refusal during set-up: temporary whatever its code (the host, not the recipients)."""
         status = reply.enhanced if reply.enhanced and reply.enhanced[0] == "4" else "4.0.0"
         if reply.enhanced and reply.enhanced[0] == "5":
             status = "4" + reply.enhanced[1:]
-        self._quit_after_error(DeliveryError(
+        self._quit_after_error(kind(
             status, f"{self.policy.peer_name} refused {stage.value}: {reply_text(reply)}",
             self.policy.peer_name))
 
@@ -522,7 +533,7 @@ class SMTPClient(Reversible, LineReceiver):
                 self._send("STARTTLS", _Stage.STARTTLS, self._on_starttls)
                 return
             if policy in ("required", "verify"):
-                self._quit_after_error(DeliveryError(
+                self._quit_after_error(TLSUnavailable(
                     "4.7.4", f"TLS is required but {self.policy.peer_name} does not offer "
                              "STARTTLS", self.policy.peer_name))
                 return
@@ -532,7 +543,7 @@ class SMTPClient(Reversible, LineReceiver):
         if reply.code != 220:
             # Offered, then refused: only plain opportunism goes on without TLS.
             if self.policy.tls in ("required", "verify", VERIFY_IF_OFFERED):
-                self._session_error(reply, _Stage.STARTTLS)
+                self._session_error(reply, _Stage.STARTTLS, TLSUnavailable)
             else:
                 self._authenticate()
             return
@@ -548,14 +559,33 @@ class SMTPClient(Reversible, LineReceiver):
             self._abort(DeliveryError("4.7.5", str(e), self.policy.peer_name))
             return
         self._tls_started = True
+        self._tls_used = options
         self.transport.startTLS(options)
         # RFC 3207 4.2: forget everything learnt before TLS and say EHLO again.
         self.capabilities = Capabilities(tls=True)
         self._send_ehlo()
 
     def _tls_options(self) -> object:
-        return tls.client_options(self.policy.peer_name, verify=self.policy.tls in _VERIFIED,
-                                  trust_root=self.policy.ca_file)
+        verify = self.policy.tls in _VERIFIED
+        return tls.client_options(self.policy.peer_name, verify=verify,
+                                  trust_root=self.policy.ca_file if verify or
+                                  self.policy.check_identity else None,
+                                  check=self.policy.check_identity)
+
+    @property
+    def identity_problem(self) -> str | None:
+        """Why this session is not proven to reach `policy.peer_name` over TLS (None: it
+        is): no TLS, or what a certificate check found (under `check_identity`)."""
+        caps = self.capabilities
+        if not caps.tls:
+            if self._tls_started:
+                return "no TLS: the handshake failed"
+            if self.policy.tls == "off":
+                return "no TLS"
+            return "STARTTLS refused" if caps.has("STARTTLS") else "STARTTLS not offered"
+        if self.policy.tls in _VERIFIED:
+            return None  # the handshake itself checked it
+        return getattr(self._tls_used, "problem", "certificate not checked")
 
     def _authenticate(self) -> None:
         if not self.policy.auth_user:

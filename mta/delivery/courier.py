@@ -21,6 +21,15 @@ error becomes an outcome through `outcome.classify`.
   message to the same address: no new TCP connection, greeting, EHLO,
   STARTTLS and AUTH each time.  If the peer dropped it meanwhile, a fresh
   connection is made.
+  A hop marked ``sts`` (delivery by MX, router.py) asks MTA-STS
+  (mta_sts.py) for the domain's policy while the MX hosts are resolved.
+  Under a policy in mode "enforce", a host that does not match its ``mx``
+  patterns is not tried, and the others only with TLS "verify" (STARTTLS,
+  a certificate that verifies for the MX host name) [RFC 8461 4, 5]; when
+  none is left, the recipients are deferred (4.7.5) with the policy's
+  refusals as the reason.  In mode "testing" delivery goes as before,
+  certificates are checked without refusing, and what "enforce" would
+  refuse is logged.  Each verdict is one mail log line (maillog.sts_verdict).
 - `MaildirCourier`: local delivery in a thread (`maildir.deliver`).
 - `TurnedCourier`: one message after another over a connection that a
   customer opened and we turned round (ATRN, TURN), with a client that is
@@ -33,7 +42,7 @@ error becomes an outcome through `outcome.classify`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer, endpoints
@@ -45,7 +54,7 @@ from twisted.python.failure import Failure
 
 from mta import maillog
 from mta.config import Config, Live
-from mta.delivery import maildir
+from mta.delivery import maildir, mta_sts
 from mta.delivery.client import (
     RecipientSpec,
     SessionPolicy,
@@ -53,11 +62,12 @@ from mta.delivery.client import (
     Stalled,
     Timeouts,
     TLSFailed,
+    TLSUnavailable,
     Transaction,
 )
 from mta.delivery.mx import MXHost, MXResolver, _is_ip
 from mta.delivery.outcome import Deferred, DeliveryError, Outcome, classify
-from mta.delivery.router import OPPORTUNISTIC, NextHop
+from mta.delivery.router import OPPORTUNISTIC, VERIFY, NextHop
 from mta.spool.envelope import Envelope, Recipient
 from mta.spool.store import MessageData
 
@@ -84,6 +94,41 @@ class _QuietFactory(Factory):
 class Result:
     outcome: Outcome
     relay: str  # host[address]:port, "maildir" or "none"
+
+
+@dataclass
+class _STS:
+    """One transaction's MTA-STS policy, and the hosts it refused (for the reason)."""
+
+    policy: mta_sts.Policy
+    domain: str
+    queue_id: str
+    recipients: list[str]
+    refused: list[str] = field(default_factory=list)
+    last: Outcome | None = None  # the outcome of the latest refusal
+
+    @property
+    def enforce(self) -> bool:
+        return self.policy.mode == mta_sts.ENFORCE
+
+    def verdict(self, mx: str, text: str, refused: bool = False) -> None:
+        maillog.sts_verdict(self.queue_id, self.recipients, self.domain, self.policy.mode,
+                            self.policy.id, mx, text, refused)
+
+    def refuse(self, mx: str, why: str) -> Outcome | None:
+        """Log that `mx` fails the policy; under enforce, the outcome that says so."""
+        if not self.enforce:
+            self.verdict(mx, f"would refuse ({why})", refused=True)
+            return None
+        self.verdict(mx, f"refused ({why})", refused=True)
+        self.refused.append(f"{mx}: {why}")
+        self.last = Deferred("4.7.5", self.reason())
+        return self.last
+
+    def reason(self, then: Outcome | None = None) -> str:
+        text = (f"MTA-STS policy of {self.domain} (mode enforce, id {self.policy.id}) "
+                f"refused {'; '.join(self.refused)}")
+        return f"{text}; {then.diagnostic}" if then is not None else text
 
 
 def transaction_for(envelope: Envelope, recipients: list[Recipient], data: MessageData,
@@ -162,7 +207,7 @@ class SMTPCourier:
     def __init__(self, config: Config | Live, reactor: Any, run_blocking: RunBlocking,
                  resolver: MXResolver | None = None,
                  connect: Callable[[str, int, SessionPolicy], defer.Deferred[SMTPClient]] | None = None,
-                 timeouts: Timeouts | None = None) -> None:
+                 timeouts: Timeouts | None = None, sts: Any = None) -> None:
         self.live = Live.of(config)
         self.reactor = reactor
         self.run_blocking = run_blocking
@@ -172,6 +217,9 @@ class SMTPCourier:
             self.live.subscribe(lambda new: setattr(self, "resolver",
                                                     MXResolver.from_config(new)))
         self.connect = connect or self._connect_tcp
+        # MTA-STS policies: asked only for hops marked sts, so free when unused.
+        self.sts = sts or mta_sts.Policies(self.live, reactor, run_blocking,
+                                           lambda: self.resolver)
         self.timeouts = timeouts or Timeouts.from_config(self.config.relay)
         # Hosts that timed out, (address, port) -> until when they are not tried: a tarpit
         # must not hold our connection slots again at once, attempt after attempt.
@@ -188,11 +236,14 @@ class SMTPCourier:
     @defer.inlineCallbacks
     def deliver(self, hop: NextHop, envelope: Envelope, recipients: list[Recipient],
                 data: MessageData) -> Any:
+        # The policy lookup runs while the MX hosts are resolved; it never fails.
+        policy_lookup = self.sts.lookup(hop.domain) if hop.sts and hop.mx else None
         try:
             hosts = yield self._resolve(hop)
         except Exception as e:  # noqa: BLE001 (any failure becomes an outcome)
             outcome = classify(e)
             return [Result(outcome, "none")] * len(recipients)
+        policy = (yield policy_lookup) if policy_lookup is not None else None
         # RFC 5321 4.5.3.1.8: a server may refuse RCPTs beyond 100 (452); send
         # recipients in 100-recipient transactions, all in this attempt.
         results: list[Result] = []
@@ -204,8 +255,10 @@ class SMTPCourier:
                 results.extend([Result(Deferred("4.3.2", "delivery interrupted: shutting down"),
                                        "none")] * len(chunk))
                 continue
+            sts = None if policy is None else \
+                _STS(policy, hop.domain, envelope.queue_id, [r.address for r in chunk])
             chunk_results, reached = yield self._deliver_to_hosts(hop, hosts, envelope, chunk,
-                                                                  data)
+                                                                  data, sts)
             results.extend(chunk_results)
             if not reached:
                 # No host would hold a transaction: the others share that reason.
@@ -215,12 +268,19 @@ class SMTPCourier:
 
     @defer.inlineCallbacks
     def _deliver_to_hosts(self, hop: NextHop, hosts: list[MXHost], envelope: Envelope,
-                          recipients: list[Recipient], data: MessageData) -> Any:
+                          recipients: list[Recipient], data: MessageData,
+                          sts: _STS | None = None) -> Any:
         """Results for one transaction's recipients, walked over the hosts and addresses in
         order, and whether any host held a transaction."""
         results: list[Result | None] = [None] * len(recipients)
         last = Result(Deferred("4.4.1", f"no host to try for {hop.destination}"), "none")
         for host in hosts:
+            if sts is not None and not sts.policy.matches(host.name):
+                # RFC 8461 4.1: only MX hosts the policy names may have the mail.
+                refusal = sts.refuse(host.name, "MX host not in the policy's mx patterns")
+                if refusal is not None:
+                    last = Result(refusal, "none")
+                    continue
             for address in host.addresses:
                 undecided = [i for i, r in enumerate(results) if r is None]
                 if not undecided:
@@ -232,7 +292,7 @@ class SMTPCourier:
                     continue
                 txn = transaction_for(envelope, [recipients[i] for i in undecided], data,
                                       self.config.addresses.masquerade)
-                outcomes, final, failure = yield self._try_address(hop, host, address, txn)
+                outcomes, final, failure = yield self._try_address(hop, host, address, txn, sts)
                 for i, outcome in zip(undecided, outcomes):
                     if outcome is not None:
                         results[i] = Result(outcome, relay)
@@ -241,10 +301,14 @@ class SMTPCourier:
                 if final:
                     return [r if r is not None else last for r in results], True
         reached = any(r is not None for r in results)
+        if sts is not None and sts.refused and last.outcome is not sts.last:
+            # Another host failed after the policy refused some: say both.
+            last = Result(Deferred("4.7.5", sts.reason(last.outcome)), last.relay)
         return [r if r is not None else last for r in results], reached
 
     def abort_all(self) -> None:
         self._generation += 1
+        self.sts.abort_all()
         for parked in self._idle.values():
             for _, _, timer in parked:
                 if timer.active():
@@ -294,20 +358,26 @@ class SMTPCourier:
         return d.addErrback(loop_for_held)
 
     @defer.inlineCallbacks
-    def _try_address(self, hop: NextHop, host: MXHost, address: str, txn: Transaction) -> Any:
+    def _try_address(self, hop: NextHop, host: MXHost, address: str, txn: Transaction,
+                     sts: _STS | None = None) -> Any:
         """(outcomes for txn's recipients or None, stop trying others?, session failure or None)."""
-        policy = self._policy(hop, host)
+        policy = self._policy(hop, host, sts)
         attempts = [policy]
         if policy.tls == OPPORTUNISTIC:
             # After a failed handshake, plain text, but never the password: the host offered
             # TLS, so only a host without STARTTLS gets it in clear (smarthost_tls).
-            attempts.append(replace(policy, tls="off", plaintext_password=False))
+            attempts.append(replace(policy, tls="off", plaintext_password=False,
+                                    check_identity=False))
         failure: Outcome | None = None
+        judged = False  # an MTA-STS verdict on this address is logged
         for attempt in attempts:
             key = (address, hop.port, attempt)
             reused = self._unpark(key)
             if reused is not None:
                 client, uses = reused
+                if sts is not None and not judged:
+                    self._judge(sts, f"{host.name}[{address}]", client)
+                    judged = True
                 result = yield client.deliver(txn)
                 if result.error is None or result.data_sent or \
                         any(o is not None for o in result.outcomes):
@@ -320,15 +390,22 @@ class SMTPCourier:
                 return [None] * len(txn.recipients), False, failure
             try:
                 yield client.ready
-            except TLSFailed as e:
+            except (TLSFailed, TLSUnavailable) as e:
                 failure = classify(e)
-                log.info("TLS with {peer}[{address}] failed ({why}); trying without",
-                         peer=host.name, address=address, why=e.text)
+                if sts is not None and not judged:
+                    failure = sts.refuse(f"{host.name}[{address}]", e.text) or failure
+                    judged = True
+                if attempt is not attempts[-1]:
+                    log.info("TLS with {peer}[{address}] failed ({why}); trying without",
+                             peer=host.name, address=address, why=e.text)
                 continue
             except Exception as e:  # noqa: BLE001 (any failure becomes an outcome)
                 client.quit()
                 self._note(address, hop.port, e)
                 return [None] * len(txn.recipients), False, classify(e)
+            if sts is not None and not judged:
+                self._judge(sts, f"{host.name}[{address}]", client)
+                judged = True
             result = yield client.deliver(txn)
             return self._answer(key, client, 1, txn, result)
         return [None] * len(txn.recipients), False, failure
@@ -376,12 +453,28 @@ class SMTPCourier:
             self._idle.pop(key, None)
         client.quit()
 
-    def _policy(self, hop: NextHop, host: MXHost) -> SessionPolicy:
+    def _policy(self, hop: NextHop, host: MXHost, sts: _STS | None = None) -> SessionPolicy:
+        tls, check = hop.tls, False
+        if sts is not None:
+            if sts.enforce:
+                tls = VERIFY  # RFC 8461 4.2: a certificate valid for the MX host name
+            else:
+                check = tls != VERIFY  # testing: find out, refuse nothing
         return SessionPolicy(helo_name=self.config.server.hostname, peer_name=host.name,
-                             tls=hop.tls, ca_file=self.config.relay.tls_ca_file,
-                             plaintext_password=hop.tls == OPPORTUNISTIC,
+                             tls=tls, ca_file=self.config.relay.tls_ca_file,
+                             plaintext_password=tls == OPPORTUNISTIC,
                              auth_user=hop.auth_user,
-                             auth_password=hop.auth_password)
+                             auth_password=hop.auth_password, check_identity=check)
+
+    @staticmethod
+    def _judge(sts: _STS, mx: str, client: SMTPClient) -> None:
+        """The verdict on a session that is ready: verified (always, under enforce, whose
+        "verify" policy made sure), or what enforce would refuse (testing)."""
+        problem = client.identity_problem
+        if problem is None:
+            sts.verdict(mx, "verified")
+        else:
+            sts.refuse(mx, problem)
 
     @defer.inlineCallbacks
     def _open(self, address: str, port: int, policy: SessionPolicy) -> Any:

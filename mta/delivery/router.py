@@ -17,6 +17,15 @@
    `relay.smarthost_tls`, AUTH with `smarthost_user`);
 4. the domain's MX hosts at `relay.smtp_port` [RFC 5321 5.1].
 
+The TLS policy of a hop to the domain's own servers (1 with an ``smtp:``
+route, 4) is the domain's ``[tls_policy]`` level when it has one (none: no
+TLS; may: opportunistic; encrypt: TLS required, any certificate; verify: a
+certificate that names the host), else `relay.tls_verify`'s.  A hop by MX
+whose level is "sts" (the default for unlisted domains while `relay.mta_sts`
+is on) carries ``sts=True``: the courier then asks MTA-STS (mta_sts.py),
+whose policy may tighten it per MX host.  Explicit routes, address literals
+and the smart host never use MTA-STS [RFC 8461 5: it governs MX delivery].
+
 A `NextHop` is a plain value.  Its `destination` names it for grouping
 (recipients of one message with the same destination share one SMTP
 transaction) and for the per-destination concurrency limit.  Nothing here
@@ -39,6 +48,8 @@ TURNED = "turned"  # over a connection the customer opened and we turned round (
 # certificate check, plain text when the peer cannot; "required": STARTTLS
 # or no delivery; "verify": required, and the certificate must name the host.
 OPPORTUNISTIC, REQUIRED, VERIFY = "opportunistic", "required", "verify"
+# [tls_policy] levels (config.TLS_POLICIES) as those policies; "sts" is decided per delivery.
+_LEVELS = {"none": "off", "may": OPPORTUNISTIC, "encrypt": REQUIRED, "verify": VERIFY}
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,7 @@ class NextHop:
     auth_user: str = ""
     auth_password: str = ""
     loop_is_temporary: bool = False  # MX pointing back at us: defer (held domains) rather than fail
+    sts: bool = False  # MTA-STS decides how each MX host of `domain` must do TLS
     # maildir
     path: Path | None = None
 
@@ -99,17 +111,28 @@ class Router:
             return replace(self._smarthost, domain=domain)
         return self._mx_hop(domain)
 
-    def _mx_hop(self, domain: str, loop_is_temporary: bool = False) -> NextHop:
+    def _tls(self, domain: str, by_mx: bool) -> tuple[str, bool]:
+        """The TLS policy for `domain`'s own servers, and whether MTA-STS decides it."""
         relay = self.config.relay
-        return NextHop(SMTP, domain, domain, host=domain, port=relay.smtp_port, mx=True,
-                       tls=VERIFY if relay.tls_verify else OPPORTUNISTIC,
-                       loop_is_temporary=loop_is_temporary)
+        default = VERIFY if relay.tls_verify else OPPORTUNISTIC
+        level = self.config.tls_policy.get(domain)
+        if level is None:
+            return default, by_mx and relay.mta_sts
+        if level == "sts":
+            return default, by_mx
+        return _LEVELS[level], False
+
+    def _mx_hop(self, domain: str, loop_is_temporary: bool = False) -> NextHop:
+        tls, sts = self._tls(domain, by_mx=True)
+        return NextHop(SMTP, domain, domain, host=domain, port=self.config.relay.smtp_port,
+                       mx=True, tls=tls, loop_is_temporary=loop_is_temporary, sts=sts)
 
     def _route_hop(self, route: Route, domain: str) -> NextHop:
         # A route without a port uses the port of MX hosts, as mail by MX does.
         port = route.port or self.config.relay.smtp_port
+        tls, _ = self._tls(domain, by_mx=False)
         return NextHop(SMTP, str(route), domain, host=route.host, port=port, mx=route.mx,
-                       tls=VERIFY if self.config.relay.tls_verify else OPPORTUNISTIC)
+                       tls=tls)
 
     def _literal_hop(self, domain: str) -> NextHop:
         inner = domain[1:-1]

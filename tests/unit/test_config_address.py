@@ -109,6 +109,16 @@ def test_defaults():
      "[pull #1] domains: not a valid domain name"),
     ('[[pull]]\nprotocol = "etrn"\nserver = "p.example"\ndomains = ["a.b"]\ninterval = "0s"',
      "[pull #1] interval: must be more than zero"),
+    ('[tls_policy]\n"example.com" = "secure"',
+     "[tls_policy] example.com: expected one of none, may, encrypt, verify, sts; got 'secure'"),
+    ('[tls_policy]\nexample.com = "verify"',
+     '[tls_policy] example: quote the domain name: "example.com" = "verify"'),
+    ('[tls_policy]\n"exa mple.com" = "verify"', "[tls_policy] exa mple.com: not a valid domain"),
+    ('[tls_policy]\n"example.com" = true', "[tls_policy] example.com: expected a string"),
+    ('[tls_policy]\n"a.example" = "may"\n"A.Example." = "none"',
+     "[tls_policy] A.Example.: a.example is named twice"),
+    ('[relay]\nmta_sts = "yes"', "[relay] mta_sts: expected true or false, got 'yes'"),
+    ("[relay]\nmta_sts_port = 70000", "[relay] mta_sts_port: expected a port number"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "mta.toml"
@@ -341,3 +351,32 @@ def test_default_config_path(tmp_path, monkeypatch):
     assert default_config_path() == "etc/mta.toml"
     monkeypatch.setenv("MTA_CONFIG", "/elsewhere.toml")
     assert default_config_path() == "/elsewhere.toml"
+
+
+def test_tls_policy_and_mta_sts_keys():
+    cfg = config.default()
+    assert (cfg.relay.mta_sts, cfg.relay.mta_sts_port, cfg.tls_policy) == (True, 443, {})
+    cfg = config.from_dict({"relay": {"mta_sts": False, "mta_sts_port": 8443},
+                            "tls_policy": {"Example.COM.": "verify", "b.test": "sts"}})
+    assert (cfg.relay.mta_sts, cfg.relay.mta_sts_port) == (False, 8443)
+    assert cfg.tls_policy == {"example.com": "verify", "b.test": "sts"}
+
+
+def test_tls_policy_entries_that_govern_nothing_are_warned_about(tmp_path):
+    from mta.tap import config_warnings
+    cfg = config.from_dict({
+        "relay": {"smarthost": "smtp.isp.test:25"},
+        "domains": {"local.test": {"route": f"maildir:{tmp_path}"},
+                    "inner.test": {"route": "smtp:[10.0.0.5]"}},
+        "tls_policy": {"local.test": "verify", "far.test": "encrypt", "inner.test": "sts",
+                       "held.test": "verify"}})
+    warnings = [w for w in config_warnings(cfg, None) if w.startswith("[tls_policy]")]
+    assert warnings == [
+        ('[tls_policy] "far.test": mail for far.test goes through the smart host, whose TLS '
+        'is [relay] smarthost_tls; the entry has no effect'),
+        ('[tls_policy] "held.test": mail for held.test goes through the smart host, whose TLS '
+        'is [relay] smarthost_tls; the entry has no effect'),
+        ('[tls_policy] "inner.test": MTA-STS governs delivery by MX only, and inner.test has '
+        "the route smtp:[10.0.0.5]; its TLS is [relay] tls_verify's"),
+        (f'[tls_policy] "local.test": mail for local.test is delivered here (maildir:{tmp_path});'
+        " the entry has no effect")]

@@ -110,6 +110,22 @@ class StubResolver:
     resolve_host = resolve
 
 
+class StubPolicies:
+    """MTA-STS as the courier sees it: the policy `lookup` gives, per domain."""
+
+    def __init__(self, policies: dict[str, Any] | None = None) -> None:
+        self.policies = policies or {}
+        self.asked: list[str] = []
+        self.aborted = False
+
+    def lookup(self, domain: str) -> defer.Deferred:
+        self.asked.append(domain)
+        return defer.succeed(self.policies.get(domain))
+
+    def abort_all(self) -> None:
+        self.aborted = True
+
+
 EHLO = b"220 peer\r\n250-peer\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
 
 
@@ -120,6 +136,7 @@ class CourierTest(SynchronousTestCase):
         self.connections: list[tuple[str, SessionPolicy, SMTPClient | None, StringTransport]] = []
         self.refuse: set[str] = set()
         self.data = Path(self.mktemp_file())
+        self.sts = StubPolicies()
 
     def mktemp_file(self) -> str:
         fd, name = tempfile.mkstemp(prefix="mta-test-courier-")
@@ -140,7 +157,7 @@ class CourierTest(SynchronousTestCase):
 
     def courier(self, hosts: list[MXHost] | Exception) -> SMTPCourier:
         return SMTPCourier(self.config, self.clock, defer.maybeDeferred,
-                           resolver=StubResolver(hosts), connect=self.connect)
+                           resolver=StubResolver(hosts), connect=self.connect, sts=self.sts)
 
     def deliver(self, courier: SMTPCourier, *addresses: str) -> defer.Deferred:
         envelope = Envelope("ABC", "s@here.test", [Recipient(a) for a in addresses], 0.0,
@@ -324,6 +341,30 @@ class CourierTest(SynchronousTestCase):
         self.assertIsNotNone(courier_clients)
 
 
+def test_tls_policy_and_mta_sts_choose_the_hops_tls() -> None:
+    def hop(address: str, tls_policy: dict[str, str], **relay: Any) -> tuple[str, bool]:
+        cfg = config_mod.from_dict({"relay": relay, "tls_policy": tls_policy, "domains": {
+            "fwd.test": {"route": "smtp:[10.0.0.5]:2525"},
+            "pull.test": {"route": "hold"}}})
+        next_hop = Router(cfg).next_hop(address, release_hold=True)
+        return next_hop.tls, next_hop.sts
+    # MX delivery: MTA-STS decides unless [tls_policy] names the domain.
+    assert hop("a@far.test", {}) == ("opportunistic", True)
+    assert hop("a@far.test", {}, tls_verify=True) == ("verify", True)
+    assert hop("a@far.test", {}, mta_sts=False) == ("opportunistic", False)
+    assert hop("a@far.test", {"far.test": "sts"}, mta_sts=False) == ("opportunistic", True)
+    assert hop("a@far.test", {"far.test": "none"}) == ("off", False)
+    assert hop("a@far.test", {"far.test": "may"}, tls_verify=True) == ("opportunistic", False)
+    assert hop("a@far.test", {"far.test": "encrypt"}) == ("required", False)
+    assert hop("a@far.test", {"far.test": "verify"}) == ("verify", False)
+    assert hop("a@pull.test", {}) == ("opportunistic", True)  # a held domain released by MX
+    # An explicit route: [tls_policy] applies, MTA-STS never [RFC 8461 5: MX delivery].
+    assert hop("a@fwd.test", {}) == ("opportunistic", False)
+    assert hop("a@fwd.test", {"fwd.test": "verify"}) == ("verify", False)
+    assert hop("a@fwd.test", {"fwd.test": "sts"}) == ("opportunistic", False)
+    assert hop("a@[192.0.2.1]", {}) == ("opportunistic", False)
+
+
 @pytest.mark.parametrize("address", ["a@far.test", "b@[127.0.0.1]"])
 def test_router_never_raises(address: str) -> None:
     assert Router(make_config()).next_hop(address).kind == SMTP
@@ -401,3 +442,186 @@ class ReuseTest(CourierTest):
         courier.abort_all()
         self.assertTrue(transport.disconnecting or client.gone)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+# -- MTA-STS: the policy's verdicts on MX hosts [RFC 8461 4, 5] --------------------------------
+
+class STSTest(CourierTest):
+    """The courier under an MTA-STS policy (given by a stub; discovery is test_mta_sts.py)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from twisted.logger import formatEvent, globalLogPublisher
+        self.lines: list[str] = []
+
+        def observe(event: dict) -> None:
+            if event.get("mta_event") == "sts":
+                self.lines.append(formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def policy(self, mode: str, *mx: str) -> None:
+        from mta.delivery.mta_sts import Policy
+        self.sts.policies["far.test"] = Policy(mode, mx, 86400, "7", 0.0)
+
+    def starttls(self, client: SMTPClient, transport: StringTransport) -> None:
+        """The peer offers STARTTLS, says 220 and (as if the handshake worked) EHLO again."""
+        transport.startTLS = lambda options: None
+        client.dataReceived(EHLO + b"220 go ahead\r\n")
+        client.dataReceived(b"250-peer\r\n250 PIPELINING\r\n")
+
+    def test_enforce_skips_hosts_outside_the_policy_and_verifies_the_others(self) -> None:
+        self.policy("enforce", "*.good.test")
+        hosts = [MXHost("mx1.far.test", 10, ("127.0.0.2",)),
+                 MXHost("mx.good.test", 20, ("127.0.0.3",))]
+        d = self.deliver(self.courier(hosts), "a@far.test")
+        self.assertEqual(self.sts.asked, ["far.test"])
+        (address, policy, client, transport), = self.connections  # mx1 never tried
+        self.assertEqual((address, policy.tls, policy.peer_name), ("127.0.0.3", "verify",
+                                                                    "mx.good.test"))
+        self.starttls(client, transport)
+        self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        (result,) = self.successResultOf(d)
+        self.assertIsInstance(result.outcome, Delivered)
+        self.assertEqual(self.lines, [
+            ("ABC: to=<a@far.test>, sts=enforce, domain=far.test, policy_id=7, "
+            "mx=mx1.far.test: refused (MX host not in the policy's mx patterns)"),
+            ("ABC: to=<a@far.test>, sts=enforce, domain=far.test, policy_id=7, "
+            "mx=mx.good.test[127.0.0.3]: verified")])
+
+    def test_enforce_with_no_host_left_defers_with_the_reason(self) -> None:
+        self.policy("enforce", "mx.other.test")
+        hosts = [MXHost("mx1.far.test", 10, ("127.0.0.2",)),
+                 MXHost("mx2.far.test", 20, ("127.0.0.3",))]
+        a, b = self.successResultOf(self.deliver(self.courier(hosts), "a@far.test",
+                                                 "b@far.test"))
+        self.assertEqual(self.connections, [])
+        self.assertEqual((type(a.outcome), a.outcome.status, a.relay), (Deferred, "4.7.5", "none"))
+        self.assertEqual(a.outcome.diagnostic,
+                         "MTA-STS policy of far.test (mode enforce, id 7) refused "
+                         "mx1.far.test: MX host not in the policy's mx patterns; "
+                         "mx2.far.test: MX host not in the policy's mx patterns")
+        self.assertEqual(b.outcome, a.outcome)
+        self.assertIn("ABC: to=<a@far.test>, nrcpt=2, sts=enforce", self.lines[0])
+
+    def test_enforce_refuses_a_host_without_starttls(self) -> None:
+        self.policy("enforce", "mx.far.test")
+        d = self.deliver(self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))]),
+                         "a@far.test")
+        _, _, client, transport = self.connections[0]
+        client.dataReceived(b"220 peer\r\n250-peer\r\n250 PIPELINING\r\n")
+        self.assertNotIn(b"MAIL FROM", transport.value())
+        client.dataReceived(b"221 bye\r\n")
+        (result,) = self.successResultOf(d)
+        self.assertEqual(len(self.connections), 1)  # no plain-text retry
+        self.assertEqual((result.outcome.status, result.outcome.diagnostic), (
+            "4.7.5", ("MTA-STS policy of far.test (mode enforce, id 7) refused "
+                     "mx.far.test[127.0.0.2]: TLS is required but mx.far.test does not "
+                     "offer STARTTLS")))
+
+    def test_enforce_refuses_a_failed_handshake(self) -> None:
+        self.policy("enforce", "mx.far.test")
+        d = self.deliver(self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))]),
+                         "a@far.test")
+        _, _, client, transport = self.connections[0]
+        transport.startTLS = lambda options: None
+        client.dataReceived(EHLO + b"220 go ahead\r\n")
+        from OpenSSL import SSL
+        client.connectionLost(Failure(SSL.Error([("SSL routines", "",
+                                                  "certificate verify failed")])))
+        (result,) = self.successResultOf(d)
+        self.assertEqual(len(self.connections), 1)
+        self.assertEqual(result.outcome.diagnostic,
+                         "MTA-STS policy of far.test (mode enforce, id 7) refused "
+                         "mx.far.test[127.0.0.2]: TLS handshake with mx.far.test failed: "
+                         "certificate verify failed")
+        self.assertIn("mx=mx.far.test[127.0.0.2]: refused (TLS handshake with mx.far.test "
+                      "failed: certificate verify failed)", self.lines[0])
+
+    def test_a_refused_host_and_a_dead_one_are_both_named(self) -> None:
+        self.policy("enforce", "mx2.far.test")
+        self.refuse = {"127.0.0.3"}
+        hosts = [MXHost("mx1.far.test", 10, ("127.0.0.2",)),
+                 MXHost("mx2.far.test", 20, ("127.0.0.3",))]
+        (result,) = self.successResultOf(self.deliver(self.courier(hosts), "a@far.test"))
+        self.assertEqual(result.outcome.diagnostic,
+                         "MTA-STS policy of far.test (mode enforce, id 7) refused "
+                         "mx1.far.test: MX host not in the policy's mx patterns; "
+                         "connect to mx2.far.test[127.0.0.3]:25: connection refused")
+
+    def test_testing_delivers_and_logs_what_enforce_would_refuse(self) -> None:
+        self.policy("testing", "mx.other.test")
+        d = self.deliver(self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))]),
+                         "a@far.test")
+        _, policy, client, transport = self.connections[0]
+        self.assertEqual((policy.tls, policy.check_identity), ("opportunistic", True))
+        client.dataReceived(b"220 peer\r\n250-peer\r\n250 PIPELINING\r\n")  # no STARTTLS
+        self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertIsInstance(self.successResultOf(d)[0].outcome, Delivered)
+        self.assertEqual(self.lines, [
+            ("ABC: to=<a@far.test>, sts=testing, domain=far.test, policy_id=7, "
+            "mx=mx.far.test: would refuse (MX host not in the policy's mx patterns)"),
+            ("ABC: to=<a@far.test>, sts=testing, domain=far.test, policy_id=7, "
+            "mx=mx.far.test[127.0.0.2]: would refuse (STARTTLS not offered)")])
+
+    def test_testing_after_a_failed_handshake_says_so_once(self) -> None:
+        self.policy("testing", "mx.far.test")
+        d = self.deliver(self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))]),
+                         "a@far.test")
+        _, _, client, transport = self.connections[0]
+        transport.startTLS = lambda options: None
+        client.dataReceived(EHLO + b"220 go ahead\r\n")
+        client.connectionLost(Failure(Exception("handshake failure")))
+        _, policy, client, transport = self.connections[1]  # plain text, as before
+        self.assertEqual(policy.tls, "off")
+        client.dataReceived(EHLO)
+        self.finish(client, transport, b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertIsInstance(self.successResultOf(d)[0].outcome, Delivered)
+        self.assertEqual(len(self.lines), 1)
+        self.assertIn("would refuse (TLS handshake with mx.far.test failed: handshake failure)",
+                      self.lines[0])
+
+    def test_no_policy_means_the_hops_own_tls(self) -> None:
+        d = self.deliver(self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))]),
+                         "a@far.test")
+        _, policy, _, _ = self.connections[0]
+        self.assertEqual((policy.tls, policy.check_identity), ("opportunistic", False))
+        self.assertEqual(self.sts.asked, ["far.test"])
+        self.assertNoResult(d)
+        self.assertEqual(self.lines, [])
+
+    def test_explicit_routes_never_ask(self) -> None:
+        self.deliver(self.courier([MXHost("10.0.0.5", 0, ("10.0.0.5",))]), "a@fwd.test")
+        self.deliver(self.courier([MXHost("inner.test", 0, ("10.0.0.6",))]), "a@mxfwd.test")
+        self.assertEqual(self.sts.asked, [])
+
+    def test_shutdown_stops_policy_fetches(self) -> None:
+        courier = self.courier([])
+        courier.abort_all()
+        self.assertTrue(self.sts.aborted)
+
+
+def test_one_route_with_two_tls_levels_is_two_transactions() -> None:
+    """Recipients of two domains routed to one host share a transaction, unless their
+    [tls_policy] levels differ: each group goes with its own TLS policy."""
+    from mta.delivery.attempt import Attempts
+    domains = {name: {"route": "smtp:[10.0.0.5]:2525"} for name in ("a.test", "b.test", "c.test")}
+    cfg = config_mod.from_dict({"domains": domains, "tls_policy": {"c.test": "verify"}})
+    attempts = Attempts(cfg, None, Router(cfg), {}, None, None, None, None, None, lambda: False)
+    envelope = Envelope("ABC", "s@here.test",
+                        [Recipient("x@a.test"), Recipient("y@b.test"), Recipient("z@c.test")], 0.0)
+    groups = attempts._groups(envelope, attempts.scheduled())
+    assert sorted((hop.tls, indices) for hop, indices in groups.values()) == \
+        [("opportunistic", [0, 1]), ("verify", [2])]
+
+
+def test_a_reload_brings_new_tls_policies_to_the_next_attempt() -> None:
+    live = config_mod.Live(config_mod.from_dict({}))
+    router = Router(live)
+    assert (router.next_hop("a@far.test").tls, router.next_hop("a@far.test").sts) == \
+        ("opportunistic", True)
+    live.swap(config_mod.from_dict({"relay": {"mta_sts": False},
+                                    "tls_policy": {"far.test": "encrypt"}}))
+    assert (router.next_hop("a@far.test").tls, router.next_hop("a@far.test").sts) == \
+        ("required", False)
+    assert router.next_hop("a@near.test").sts is False

@@ -354,3 +354,14 @@ def test_a_large_queue_is_read_by_several_processes_in_order(spool, tmp_path, mo
     assert expected[7] == (ids[7], "JSONDecodeError") and len(expected) == 23
     monkeypatch.setattr(store, "SCAN_RUN", 100)  # small: one run, read in this process
     assert spool.scan_runs(store.QUEUE, _ids_and_kinds) == [expected]
+
+
+def test_recovery_and_the_queue_leave_the_mta_sts_cache_alone(spool, tmp_path):
+    from mta.delivery.mta_sts import Policy, read_cached, write_cached
+    directory = tmp_path / "sts"  # SPOOL/sts, where the relayer keeps MTA-STS policies
+    write_cached(directory, "example.com", Policy("enforce", ("mx.example.com",), 86400, "1"))
+    queue_id = commit(spool)
+    assert spool.recover_files() == [queue_id]
+    assert [qid for qid, _ in spool.scan()] == [queue_id]
+    assert read_cached(directory, "example.com").id == "1"
+    assert sorted(p.name for p in directory.iterdir()) == ["example.com.json"]

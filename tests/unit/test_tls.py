@@ -455,3 +455,53 @@ class OverSockets(TrialTestCase):
         name, ehlo = yield threads.deferToThread(
             smtplib_session, port, self.root / "a.pem", True)
         self.assertEqual((name, ehlo), ("localhost", "toy (TLS)\nHELP"))
+
+
+# -- checking without refusing (MTA-STS testing mode) -------------------------------------
+
+def test_checking_client_finds_a_good_certificate(certs):
+    server_tls = tls.ServerTLS(certs / "a.pem", certs / "a.key")
+    options = tls.client_options("mx.example.org", verify=False, trust_root=certs / "a.pem",
+                                 check=True)
+    assert options.problem == "no TLS handshake"
+    client, _ = twisted_dialog(server_tls, options)
+    assert client.received == b"220 ready\r\nQUIT\r\n"
+    assert options.problem is None
+
+
+def test_checking_client_takes_a_wrong_name_and_says_so(certs):
+    server_tls = tls.ServerTLS(certs / "a.pem", certs / "a.key")
+    options = tls.client_options("mx3.example.org", verify=False, trust_root=certs / "a.pem",
+                                 check=True)
+    client, _ = twisted_dialog(server_tls, options)
+    assert client.received == b"220 ready\r\nQUIT\r\n"  # the session went on
+    assert options.problem == "certificate does not name mx3.example.org"
+
+
+def test_checking_client_takes_an_unknown_issuer_and_says_so(certs):
+    server_tls = tls.ServerTLS(certs / "a.pem", certs / "a.key")
+    options = tls.client_options("mx.example.org", verify=False, trust_root=certs / "b.pem",
+                                 check=True)
+    client, _ = twisted_dialog(server_tls, options)
+    assert client.received == b"220 ready\r\nQUIT\r\n"
+    assert options.problem.startswith("certificate verify failed: ")
+    assert "self-signed" in options.problem or "self signed" in options.problem
+
+
+def test_checking_client_sends_sni_and_needs_a_readable_trust_root(tmp_path):
+    options = tls.client_options("mx.example.org.", verify=False, check=True)
+    assert options.clientConnectionForTLS(None).get_servername() == b"mx.example.org"
+    with pytest.raises(tls.TLSConfigError, match="none.pem"):
+        tls.client_options("mx.example.org", verify=False, trust_root=tmp_path / "none.pem",
+                           check=True)
+
+
+def test_handshake_failures_in_one_line(certs):
+    server_tls = tls.ServerTLS(certs / "a.pem", certs / "a.key")
+    wrong = tls.client_options("mx3.example.org", verify=True, trust_root=certs / "a.pem")
+    client, _ = twisted_dialog(server_tls, wrong)
+    assert tls.describe_failure(client.lost.value) == "certificate does not name mx3.example.org"
+    unknown = tls.client_options("mx.example.org", verify=True, trust_root=certs / "b.pem")
+    client, _ = twisted_dialog(server_tls, unknown)
+    assert tls.describe_failure(client.lost.value) == "certificate verify failed"
+    assert tls.describe_failure(ValueError("odd")) == "odd"
