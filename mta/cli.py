@@ -9,6 +9,8 @@
     mta dkim keygen DOMAIN SELECTOR [--type rsa|ed25519] [--bits N] [--output F] [--force]
                                        a DKIM key (0600) and the DNS record to publish
     mta dkim record DOMAIN             the DNS records of the configured keys of DOMAIN
+    mta records [DOMAIN...] [--dmarc P] [--sts MODE]
+                                       every record to publish: MX, SPF, DKIM, DMARC, MTA-STS
     mta config [--all]                 the effective config (non-default values, or all)
     mta queue list                     one line per queued message, with its age and next try
     mta queue show ID                  times, envelope and headers of one message
@@ -254,6 +256,25 @@ def cmd_dkim_record(args: argparse.Namespace) -> int:
         print(f"[dkim.\"{domain}\"] {key.path}:")
         _print_record(key)
         print()
+    return 0
+
+
+def cmd_records(args: argparse.Namespace) -> int:
+    """The DNS records (and MTA-STS policy file) each domain should publish."""
+    from mta import publish
+    from mta.address import is_valid_domain
+    cfg = _load(args)
+    domains = [d.lower().rstrip(".") for d in args.domains] or publish.default_domains(cfg)
+    if not domains:
+        print(f"mta records: {args.config}: no local or signing domain configured; "
+              "name one: mta records DOMAIN", file=sys.stderr)
+        return 1
+    for domain in domains:
+        if not is_valid_domain(domain):
+            print(f"mta records: not a valid domain name: {domain!r}", file=sys.stderr)
+            return 2
+    print("\n".join(publish.records(cfg, domain, args.dmarc, args.sts) for domain in domains),
+          end="")
     return 0
 
 
@@ -697,6 +718,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the DNS records of a domain's configured keys")
     p.add_argument("domain", metavar="DOMAIN")
     p.set_defaults(func=cmd_dkim_record)
+
+    p = sub.add_parser("records", parents=[common],
+                       help="print the DNS records (MX, SPF, DKIM, DMARC, MTA-STS) to publish")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN",
+                   help="default: the Maildir and DKIM domains of the config")
+    p.add_argument("--dmarc", choices=("none", "quarantine", "reject"), default="none",
+                   help="the DMARC policy (p=) to publish; start with none")
+    p.add_argument("--sts", choices=("testing", "enforce"), default="testing",
+                   help="the MTA-STS mode of the policy file; start with testing")
+    p.set_defaults(func=cmd_records)
 
     q = sub.add_parser("queue", parents=[common], help="look at and change the queue"
                        ).add_subparsers(dest="action", required=True)
