@@ -169,14 +169,18 @@ def dkim_signing(queue_id: str, signed: Any) -> None:
         _emit(smtpd, LogLevel.error, "dkim_error",
               f"{queue_id}: dkim=error d={signed.domain}: {why}; {what}",
               {"queue_id": queue_id, "d": signed.domain, "error": why})
+    if metrics is not None:
+        metrics.dkim_signing(len(signed.keys), len(signed.errors))
 
 
-def checked(queue_id: str, verdicts: str) -> None:
+def checked(queue_id: str, verdicts: str, results: tuple[tuple[str, str], ...] = ()) -> None:
     """The inbound checks' verdicts on a message from outside (mta/checks/): ``QUEUEID:
     spf=pass smtp.mailfrom=a@x dkim=pass header.d=x header.s=s dmarc=pass header.from=x``.
     `verdicts` is built from network text already made fit for a header (authresults.py)."""
     _emit(smtpd, LogLevel.info, "checked", f"{queue_id}: {printable(verdicts, 2000)}",
           {"queue_id": queue_id, "verdicts": verdicts})
+    if metrics is not None:
+        metrics.checked(results)
 
 
 # -- delivery ---------------------------------------------------------------------
@@ -252,3 +256,6 @@ def sts_verdict(queue_id: str, recipients: list[str], domain: str, mode: str, po
           f"mx={mx}: {printable(verdict, 500)}",
           {"queue_id": queue_id, "to": recipients, "sts": mode, "domain": domain,
            "policy_id": policy_id, "mx": mx, "verdict": verdict})
+    if metrics is not None:
+        metrics.sts(mode, "would_refuse" if verdict.startswith("would refuse") else
+                    "refused" if refused else "verified")

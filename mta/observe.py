@@ -9,7 +9,9 @@ Both are off by default and turned on by the config:
   sessions and those with TLS (and their share), messages received,
   recipient deliveries by status (sent, deferred, bounced, expired),
   rejections by stage and reply code, the delivery delay of sent mail as a
-  histogram, and, read at each scrape, the queue by state.
+  histogram, the inbound checks' verdicts (per method and result), DKIM
+  signatures made, MTA-STS verdicts, and, read at each scrape, the queue by
+  state.
 - ``[log] json_file = PATH`` writes one JSON object per line for each event
   of mta's own loggers (``time``, ``level``, ``namespace``, ``event``,
   ``text`` and the event's fields), for log shippers.  SIGHUP reopens the
@@ -59,6 +61,17 @@ class Metrics:
                                   ["status"], registry=r)
         self.rejections = Counter("mta_rejections", "refused SMTP commands, by stage and reply",
                                   ["stage", "code", "dsn"], registry=r)
+        self.auth_results = Counter(
+            "mta_auth_results", "verdicts of the inbound checks on mail from outside, per "
+            "method (spf, dkim, dmarc) and result (pass, fail, none, temperror, ...)",
+            ["method", "result"], registry=r)
+        self.dkim_signatures = Counter("mta_dkim_signatures",
+                                       "DKIM signatures made (signed) and keys that could "
+                                       "not sign (error)", ["result"], registry=r)
+        self.sts_verdicts = Counter("mta_sts_verdicts",
+                                    "MTA-STS verdicts on MX hosts, per mode and verdict "
+                                    "(verified, refused, would_refuse)",
+                                    ["mode", "verdict"], registry=r)
         self.delay = Histogram("mta_delivery_delay_seconds",
                                "time from receipt to delivery of sent mail",
                                buckets=DELAY_BUCKETS, registry=r)
@@ -86,6 +99,19 @@ class Metrics:
 
     def received(self) -> None:
         self.received_messages.inc()
+
+    def checked(self, results: tuple[tuple[str, str], ...]) -> None:
+        for method, result in results:
+            self.auth_results.labels(method, result).inc()
+
+    def dkim_signing(self, signed: int, errors: int) -> None:
+        if signed:
+            self.dkim_signatures.labels("signed").inc(signed)
+        if errors:
+            self.dkim_signatures.labels("error").inc(errors)
+
+    def sts(self, mode: str, verdict: str) -> None:
+        self.sts_verdicts.labels(mode, verdict).inc()
 
     def delivery(self, status: str, delay: float) -> None:
         self.deliveries.labels(status).inc()

@@ -77,6 +77,9 @@ class Verdict:
     refusal: Reply | None  # None: accept
     fields: bytes  # header fields to put in front of the message (when accepted)
     summary: str  # the verdicts on one line, for the mail log
+    # (method, result) for the metrics: ("spf", "pass"), one ("dkim", ...) per signature
+    # (or "none"), and the ("dmarc", ...) that decided.
+    results: tuple[tuple[str, str], ...] = ()
 
 
 class InboundChecks:
@@ -292,7 +295,12 @@ class MessageChecks:
             fields += (f"{name}: dmarc header.from={_safe(decisive.domain)} "
                        f"p={decisive.policy}\r\n").encode()
             summary += f" action={name.lower()}"
-        return Verdict(refusal, fields, summary)
+        counted = [("spf", spf_result.result)] if spf_result is not None else []
+        if self.settings.dkim != "off":
+            counted += [("dkim", r.result) for r in dkim_results] or [("dkim", "none")]
+        if decisive is not None:
+            counted.append(("dmarc", decisive.result))
+        return Verdict(refusal, fields, summary, tuple(counted))
 
     def _refusal(self, spf_result: SPFResult | None, decisive: DMARCResult | None) -> Reply | None:
         enforce = self.settings.dmarc == "enforce" and decisive is not None

@@ -947,7 +947,7 @@ class Session:
         Authentication-Results in front (mta/checks/inbound.py)."""
 
         def decided(verdict: Verdict) -> Reply | defer.Deferred:
-            maillog.checked(incoming.queue_id, verdict.summary)
+            maillog.checked(incoming.queue_id, verdict.summary, verdict.results)
             if verdict.refusal is not None:
                 incoming.abort()
                 return verdict.refusal

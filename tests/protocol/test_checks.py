@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer
 
+from mta import maillog
 from mta.checks.inbound import InboundChecks, SessionChecks
 from mta.checks.spf import SPFResult
 from mta.server.context import ServerContext
@@ -100,13 +101,19 @@ def test_signed_mail_from_a_permitted_address_passes(server) -> None:
     assert text.endswith(data)
 
 
-def test_forged_mail_is_recorded_by_default(server) -> None:
+def test_forged_mail_is_recorded_by_default(server, monkeypatch) -> None:
+    logged = []
+    monkeypatch.setattr(maillog, "checked", lambda *args: logged.append(args))
     s = server()
     data = sign(message("bank.test"), "bank.test", "s1", KEY)  # no key published for bank.test
     assert send(s, "ceo@bank.test", data) == "250 2.0.0"
     text = stored(s)
     assert b"\tspf=fail" in text and b"\tdkim=permerror" in text
     assert b"\tdmarc=fail (p=reject dis=none) header.from=bank.test\r\n" in text
+    # What the log line and the metrics get: the same verdicts.
+    [(_, summary, results)] = logged
+    assert results == (("spf", "fail"), ("dkim", "permerror"), ("dmarc", "fail"))
+    assert summary.startswith("spf=fail smtp.mailfrom=ceo@bank.test dkim=permerror")
 
 
 def test_dmarc_enforce_refuses_p_reject_failures(server) -> None:

@@ -113,6 +113,37 @@ def test_metrics_count_the_events(monkeypatch) -> None:
     assert get("mta_connections_active") == 0
 
 
+def test_metrics_count_the_authentication_verdicts(monkeypatch) -> None:
+    """Inbound checks per method and result, DKIM signatures, MTA-STS verdicts: counted at
+    the same calls that log them."""
+    from types import SimpleNamespace
+    metrics = Metrics()
+    monkeypatch.setattr(maillog, "metrics", metrics)
+    maillog.checked("Q1", "spf=pass dkim=pass dkim=fail dmarc=pass",
+                    (("spf", "pass"), ("dkim", "pass"), ("dkim", "fail"), ("dmarc", "pass")))
+    maillog.checked("Q2", "spf=fail dkim=none dmarc=fail",
+                    (("spf", "fail"), ("dkim", "none"), ("dmarc", "fail")))
+    key = SimpleNamespace(domain="example.org", selector="s1", algorithm="rsa-sha256")
+    maillog.dkim_signing("Q3", SimpleNamespace(domain="example.org", keys=[key, key],
+                                               errors=["s=e1: broken"]))
+    maillog.sts_verdict("Q4", ["a@x.test"], "x.test", "enforce", "1", "mx.x.test", "verified",
+                        False)
+    maillog.sts_verdict("Q4", ["a@x.test"], "x.test", "enforce", "1", "mx.y.test",
+                        "refused (MX host not in the policy)", True)
+    maillog.sts_verdict("Q5", ["a@x.test"], "x.test", "testing", "1", "mx.y.test",
+                        "would refuse (certificate)", True)
+    get = metrics.registry.get_sample_value
+    assert get("mta_auth_results_total", {"method": "spf", "result": "pass"}) == 1
+    assert get("mta_auth_results_total", {"method": "dkim", "result": "fail"}) == 1
+    assert get("mta_auth_results_total", {"method": "dkim", "result": "none"}) == 1
+    assert get("mta_auth_results_total", {"method": "dmarc", "result": "fail"}) == 1
+    assert get("mta_dkim_signatures_total", {"result": "signed"}) == 2
+    assert get("mta_dkim_signatures_total", {"result": "error"}) == 1
+    for mode, verdict in (("enforce", "verified"), ("enforce", "refused"),
+                          ("testing", "would_refuse")):
+        assert get("mta_sts_verdicts_total", {"mode": mode, "verdict": verdict}) == 1
+
+
 def test_every_refusal_a_session_sends_is_one_log_line(tmp_path: Path, events) -> None:
     """Each 4xx/5xx reply of a session is a reject line, whatever the command."""
     server = Server(tmp_path, client="192.0.2.7",
