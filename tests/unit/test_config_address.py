@@ -31,6 +31,12 @@ def test_shipped_configs_load(tmp_path, monkeypatch):
     (tmp_path / "etc/passwords").write_text("")
     (tmp_path / "etc/smarthost.secret").write_text("secret\n")
     (tmp_path / "etc/odmr.secret").write_text("secret\n")
+    from mta import signing
+    (tmp_path / "etc/dkim").mkdir()
+    for domain in ("example.org", "lan.example"):
+        key = tmp_path / f"etc/dkim/{domain}.s1.key"
+        key.write_bytes(signing.generate("rsa", 1024)[1])
+        key.chmod(0o600)
     for name in ("aliases", "aliases.example.org", "virtual"):
         (tmp_path / "etc" / name).write_text((REPO / "etc" / "examples" / name).read_text())
     monkeypatch.chdir(tmp_path)
