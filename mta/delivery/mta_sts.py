@@ -20,7 +20,9 @@ Discovery [RFC 8461 3]:
   resolver, TLS with SNI and a certificate that must verify for
   ``mta-sts.DOMAIN`` (trust root: ``[relay] tls_ca_file``, else the
   platform's), no redirect followed, at most `MAX_POLICY_SIZE` octets,
-  media type text/plain, `FETCH_TIMEOUT` for the whole fetch [3.3].  The
+  media type text/plain, `FETCH_TIMEOUT` for the whole fetch [3.3], and
+  at most `MAX_RESPONSE_SIZE` octets of answer in all (header fields
+  included: a host that sends them without end is cut off).  The
   port is ``[relay] mta_sts_port`` (443; tests point it elsewhere).
 
 The cache [RFC 8461 3.3, 5.1]: every fetched policy is written to
@@ -58,6 +60,7 @@ from twisted.internet import defer, endpoints
 from twisted.internet import error as net_error
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -80,6 +83,10 @@ log = Logger(namespace="mta.sts")
 ENFORCE, TESTING, NONE = "enforce", "testing", "none"
 MAX_AGE_LIMIT = 31557600  # one year: the largest max_age [RFC 8461 3.2]
 MAX_POLICY_SIZE = 64 * 1024  # the suggested limit of the policy body [RFC 8461 3.3]
+# Octets one connection to a policy host may send us in all (status line, header fields,
+# chunk framing, body): Twisted's HTTP client counts neither header lines nor their
+# length, so a hostile host could fill our memory with header fields until the timeout.
+MAX_RESPONSE_SIZE = 2 * MAX_POLICY_SIZE
 FETCH_TIMEOUT = 60.0  # the suggested timeout of the whole fetch [RFC 8461 3.3]
 FETCH_RETRY = 300.0  # a failed fetch is not retried for the same id sooner [RFC 8461 3.3]
 RECHECK = 300.0  # seconds a TXT answer, or its absence, is trusted
@@ -293,12 +300,44 @@ class _PolicyHost:
                  timeout: float) -> None:
         self.reactor, self.address, self.port = reactor, address, port
         self.options, self.timeout = options, timeout
+        self.cut = False  # a connection sent more than MAX_RESPONSE_SIZE octets
 
     def endpointForURI(self, uri: Any) -> Any:
         kind = endpoints.TCP6ClientEndpoint if ":" in self.address else \
             endpoints.TCP4ClientEndpoint
         tcp = kind(self.reactor, self.address, self.port, timeout=self.timeout)
-        return endpoints.wrapClientTLS(self.options, tcp)
+        return _CappedEndpoint(endpoints.wrapClientTLS(self.options, tcp), self)
+
+
+class _CappedEndpoint:
+    """An endpoint whose connections are dropped once the peer has sent more than
+    `MAX_RESPONSE_SIZE` octets (after TLS); the Agent still gets its own protocol."""
+
+    def __init__(self, endpoint: Any, host: _PolicyHost) -> None:
+        self.endpoint, self.host = endpoint, host
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        wrapping = _CappedFactory(factory)
+        wrapping.host = self.host
+        d = self.endpoint.connect(wrapping)
+        return d.addCallback(lambda protocol: protocol.wrappedProtocol)
+
+
+class _CappedProtocol(ProtocolWrapper):
+    received = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > MAX_RESPONSE_SIZE:
+            self.factory.host.cut = True
+            self.transport.abortConnection()
+            return
+        super().dataReceived(data)
+
+
+class _CappedFactory(WrappingFactory):
+    protocol = _CappedProtocol
+    noisy = False
 
 
 class _CappedBody(Protocol):
@@ -352,8 +391,8 @@ def fetch_policy_text(reactor: Any, domain: str, addresses: Iterable[str], port:
         raise FetchError(str(e)) from None
     unreachable = []
     for address in addresses:
-        agent = Agent.usingEndpointFactory(
-            reactor, _PolicyHost(reactor, address, port, options[0], connect_timeout))
+        policy_host = _PolicyHost(reactor, address, port, options[0], connect_timeout)
+        agent = Agent.usingEndpointFactory(reactor, policy_host)
         try:
             response = yield agent.request(b"GET", url.encode("ascii"),
                                            Headers({b"User-Agent": [b"mta (MTA-STS)"]}))
@@ -367,8 +406,11 @@ def fetch_policy_text(reactor: Any, domain: str, addresses: Iterable[str], port:
         except Exception as e:  # noqa: BLE001 (TLS, HTTP: every failure is one line)
             if _cancelled(e):  # the caller's timeout: let it say so
                 raise defer.CancelledError() from None
-            raise FetchError(f"{address}: {_why(e)}") from None
-        text = yield _policy_body(response)
+            raise FetchError(f"{address}: {_oversized(policy_host) or _why(e)}") from None
+        try:
+            text = yield _policy_body(response)
+        except FetchError as e:
+            raise FetchError(_oversized(policy_host) or e.args[0]) from None
         return text
     raise FetchError(f"cannot connect to {host}: {'; '.join(unreachable) or 'no address'}")
 
@@ -401,6 +443,10 @@ def _policy_body(response: Any) -> Any:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise FetchError("policy is not UTF-8 text") from None
+
+
+def _oversized(policy_host: _PolicyHost) -> str:
+    return f"the answer exceeded {MAX_RESPONSE_SIZE} octets" if policy_host.cut else ""
 
 
 def _cancelled(error: BaseException) -> bool:

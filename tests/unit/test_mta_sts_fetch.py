@@ -14,13 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from mta import config as config_mod
 from mta import tls
-from mta.delivery.mta_sts import FetchError, Policies, fetch_policy_text, parse_policy
+from mta.delivery.mta_sts import (
+    MAX_RESPONSE_SIZE,
+    FetchError,
+    Policies,
+    fetch_policy_text,
+    parse_policy,
+)
 from mta.delivery.mx import MXHost
 from tests.testca import TestCA
 
@@ -63,6 +70,19 @@ class PolicyResource(Resource):
         return POLICY
 
 
+class HeaderFlood(Protocol):
+    """A policy host that answers 200 and then sends header fields (or one field's
+    continuation lines) and never ends them: 2 MiB of them, then it waits."""
+
+    continuation = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n")
+        line = b" " + b"a" * 1000 + b"\r\n" if self.continuation else \
+            b"X-Junk: " + b"a" * 1000 + b"\r\n"
+        self.transport.write(line * 2048)
+
+
 class FetchTest(TestCase):
     timeout = 30
 
@@ -77,6 +97,13 @@ class FetchTest(TestCase):
     def serve(self, *names: str) -> int:
         cert, key = self.ca.issue("policy-host", *(names or ("mta-sts.example.test",)))
         factory = tls.ServerTLS(cert, key).wrap_factory(Site(self.resource))
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        return self.port.getHost().port
+
+    def serve_raw(self, protocol: type[Protocol]) -> int:
+        cert, key = self.ca.issue("policy-host", "mta-sts.example.test")
+        factory = tls.ServerTLS(cert, key).wrap_factory(Factory.forProtocol(protocol))
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         return self.port.getHost().port
@@ -149,6 +176,19 @@ class FetchTest(TestCase):
     def test_a_policy_over_64_kib_without_length_is_cut(self) -> Any:
         self.resource.behaviour = "big-chunked"
         return self.fails(self.fetch(self.serve()), "policy larger than 65536 octets")
+
+    def test_header_fields_that_never_end_are_cut(self) -> Any:
+        """Twisted's HTTP client bounds neither the number nor the length of header
+        fields: without a cap on the whole answer, a hostile policy host fills our memory
+        until the fetch times out (gigabytes in seconds over a fast link)."""
+        d = self.fetch(self.serve_raw(HeaderFlood)).addTimeout(10, reactor)
+        return self.fails(d, f"127.0.0.1: the answer exceeded {MAX_RESPONSE_SIZE} octets")
+
+    def test_a_header_field_continued_forever_is_cut(self) -> Any:
+        class Continued(HeaderFlood):
+            continuation = True
+        d = self.fetch(self.serve_raw(Continued)).addTimeout(10, reactor)
+        return self.fails(d, f"127.0.0.1: the answer exceeded {MAX_RESPONSE_SIZE} octets")
 
     @defer.inlineCallbacks
     def test_the_whole_lookup_with_a_timeout(self) -> Any:
