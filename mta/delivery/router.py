@@ -20,7 +20,8 @@
 The TLS policy of a hop to the domain's own servers (1 with an ``smtp:``
 route, 4) is the domain's ``[tls_policy]`` level when it has one (none: no
 TLS; may: opportunistic; encrypt: TLS required, any certificate; verify: a
-certificate that names the host), else `relay.tls_verify`'s.  A hop by MX
+certificate that names the host; a domain in U-labels is looked up by its
+A-labels), else `relay.tls_verify`'s.  A hop by MX
 whose level is "sts" (the default for unlisted domains while `relay.mta_sts`
 is on) carries ``sts=True``: the courier then asks MTA-STS (mta_sts.py),
 whose policy may tighten it per MX host.  Explicit routes, address literals
@@ -36,6 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import idna
 
 from mta import aliases
 from mta.config import Config, Live, Route, parse_hostport
@@ -71,6 +74,17 @@ class NextHop:
 
     def __repr__(self) -> str:  # never show the password
         return f"NextHop({self.kind}, {self.destination})"
+
+
+def _a_label(domain: str) -> str:
+    """`domain` as [tls_policy] names it: A-labels (the config takes no others), so that
+    mail to ``bücher.example`` (SMTPUTF8) gets ``xn--bcher-kva.example``'s level."""
+    if domain.isascii():
+        return domain
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except idna.IDNAError:
+        return domain
 
 
 class Router:
@@ -115,7 +129,8 @@ class Router:
         """The TLS policy for `domain`'s own servers, and whether MTA-STS decides it."""
         relay = self.config.relay
         default = VERIFY if relay.tls_verify else OPPORTUNISTIC
-        level = self.config.tls_policy.get(domain)
+        level = self.config.tls_policy.get(_a_label(domain)) if self.config.tls_policy \
+            else None
         if level is None:
             return default, by_mx and relay.mta_sts
         if level == "sts":

@@ -363,6 +363,9 @@ def test_tls_policy_and_mta_sts_choose_the_hops_tls() -> None:
     assert hop("a@fwd.test", {"fwd.test": "verify"}) == ("verify", False)
     assert hop("a@fwd.test", {"fwd.test": "sts"}) == ("opportunistic", False)
     assert hop("a@[192.0.2.1]", {}) == ("opportunistic", False)
+    # [tls_policy] names domains in A-labels; mail to the U-labels (SMTPUTF8) is theirs.
+    assert hop("a@bücher.example", {"xn--bcher-kva.example": "verify"}) == ("verify", False)
+    assert hop("a@BÜCHER.example.", {"xn--bcher-kva.example": "none"}) == ("off", False)
 
 
 @pytest.mark.parametrize("address", ["a@far.test", "b@[127.0.0.1]"])
