@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mta import config as config_module
 from mta import signing
@@ -351,3 +355,61 @@ def test_a_spool_error_while_signing_drops_the_message(tmp_path, rsa_key, monkey
         signing.sign_and_commit(spool, incoming, table)
     assert incoming.done and spool.queue_ids() == []
     assert os.listdir(tmp_path / "spool" / "tmp") == []
+
+
+# -- large messages: dkimpy's parse and relaxed body, in pieces ---------------------------
+
+_OCTETS = st.sampled_from([b"a", b" ", b"\t", b"\r", b"\n", b"\r\n", b"  \r\n", b"\r\n\r\n"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(head=st.lists(_OCTETS, max_size=20).map(b"".join),
+       body=st.lists(_OCTETS, max_size=200).map(b"".join))
+def test_pieces_give_dkimpys_own_parse_and_relaxed_body(head: bytes, body: bytes) -> None:
+    """What `_split` and `_relaxed_body` make, a few octets at a time, is what dkimpy
+    makes of the whole message at once, octet for octet."""
+    message = b"From: a@example.test\r\nSubject:" + head + b"\r\n\r\n" + body
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(signing, "BODY_PIECE", 3)
+        header, split_body = signing._split(message)
+        ours = signing._relaxed_body(split_body)
+    try:
+        headers, dkimpy_body = dkim.rfc822_parse(message)
+    except dkim.MessageFormatError:  # a bad header section: the same, parsed alone
+        with pytest.raises(dkim.MessageFormatError):
+            dkim.rfc822_parse(header)
+        return
+    assert dkim.rfc822_parse(header) == (headers, b"")
+    assert split_body == dkimpy_body
+    assert ours == signing._dkimpy_relaxed_body(dkimpy_body)
+
+
+def test_signing_a_large_message_leaves_other_threads_running(rsa_key, ed_key) -> None:
+    """Signing runs in a thread beside the reactor.  dkimpy parses the message and
+    canonicalises its body with regular expressions over the whole of it, each holding
+    the GIL from start to end: 24 MB full of spaces stopped every other thread for 2 s.
+    In pieces, the other threads get their turn."""
+    body = b"word  \t  " * 7 + b"  \r\n"
+    message = b"From: a@example.test\r\nSubject: big\r\n\r\n" + body * (12_000_000 // len(body))
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        signed = signing.signatures(message, [rsa_key, ed_key])
+    finally:
+        done.set()
+        ticker.join()
+    assert signed.errors == [] and len(signed.keys) == 2
+    assert verify(signed.fields + message, rsa_key, ed_key)
+    assert verify(signed.fields + message, rsa_key, ed_key, index=1)
+    assert max(gaps) < 0.2, f"other threads waited {max(gaps):.2f}s"
