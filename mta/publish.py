@@ -9,6 +9,11 @@ form, with comments saying what each is for, made from the config in force:
   for our bounces (MAIL FROM:<>, RFC 7208 2.3); with a smart host, the
   domain's mail leaves from the provider's hosts instead, which the comment
   says to add;
+- a domain that is not local here (a ``[dkim]`` domain whose mail this
+  server only signs and sends, say for a LAN) gets no MX, an SPF record
+  naming our host (``a:HOST``), and no MTA-STS records: an MX or a policy
+  naming this host would send the domain's incoming mail where nobody takes
+  it;
 - DKIM [RFC 6376]: the record of each configured key (``[dkim."DOMAIN"]``),
   or the `mta dkim keygen` command that makes one;
 - DMARC [RFC 7489]: ``p=none`` (or the policy asked for) with aggregate
@@ -60,14 +65,24 @@ def records(config: Config, domain: str, dmarc: str = "none", sts_mode: str = "t
     if "." not in host:
         out.append(f"; [server] hostname is {host!r}: other servers need a fully qualified "
                    "name they can look up")
-    out += ["", "; Mail for the domain comes here (RFC 5321 5.1).",
-            f"{domain}.  MX  10 {host}."]
+    receives = config.addresses.is_local_domain(domain)
+    if receives:
+        out += ["", "; Mail for the domain comes here (RFC 5321 5.1).",
+                f"{domain}.  MX  10 {host}."]
+    else:
+        out += ["", (f"; {domain} is not a local domain of this config: its mail is received "
+                    "elsewhere; keep the MX records it has (no MX here).")]
 
     out += ["", "; SPF (RFC 7208): the hosts that send the domain's mail."]
     if config.relay.smarthost:
         out.append(f"; Mail leaves through the smart host {config.relay.smarthost}: add what "
                    "its provider says to (often include:...), before -all.")
-    out.append(f'{domain}.  TXT "v=spf1 mx -all"')
+    if receives:
+        out.append(f'{domain}.  TXT "v=spf1 mx -all"')
+    else:
+        out.append(f"; One SPF record per name: if {domain} has one, add a:{host} to it "
+                   "(before its -all) instead.")
+        out.append(f'{domain}.  TXT "v=spf1 a:{host} -all"')
     out.append(f'{host}.  TXT "v=spf1 a -all"  ; our bounces (MAIL FROM:<>) are checked by '
                "the HELO name")
 
@@ -89,6 +104,11 @@ def records(config: Config, domain: str, dmarc: str = "none", sts_mode: str = "t
     out.append(f'_dmarc.{domain}.  TXT "v=DMARC1; p={dmarc}; '
                f'rua=mailto:postmaster@{domain}"')
 
+    if not receives:
+        out += ["", (f"; MTA-STS (RFC 8461) is about mail sent to {domain}: its policy names "
+                    f"the hosts that receive that mail, not this one; whoever runs them "
+                    "publishes it.")]
+        return "\n".join(out) + "\n"
     policy = sts_policy(config, sts_mode)
     out += ["", "; MTA-STS (RFC 8461): deliver to the domain's MX only over verified TLS.",
             f'_mta-sts.{domain}.  TXT "v=STSv1; id={sts_id(policy)}"',

@@ -83,3 +83,22 @@ def test_the_command(config, tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "mta.cli", "--config", str(toml), "records",
                           "bad..name"], capture_output=True, text=True, env=env, check=False)
     assert run.returncode == 2 and "not a valid domain name" in run.stderr
+
+
+def test_a_domain_this_server_only_signs_for_keeps_its_own_mx(tmp_path: Path) -> None:
+    """A domain whose mail leaves through us but is received elsewhere (a LAN's smart
+    host signing for it): an MX or an MTA-STS policy naming our host would send the
+    domain's incoming mail here, where nobody takes it."""
+    key = tmp_path / "s1.key"
+    key.write_bytes(signing.generate("ed25519")[1])
+    os.chmod(key, 0o600)
+    config = from_dict({"server": {"hostname": "relay.example.org"},
+                        "dkim": {"lan.example": {"selector": "s1", "key": str(key)}}})
+    text = publish.records(config, "lan.example")
+    assert not re.search(r"^lan\.example\.\s+MX", text, re.MULTILINE)
+    assert "its mail is received elsewhere" in text
+    assert txt(text, "lan.example.") == "v=spf1 a:relay.example.org -all"
+    assert "_mta-sts" not in text and "mta-sts.txt" not in text
+    [signing_key] = config.dkim["lan.example"].keys
+    assert txt(text, "s1._domainkey.lan.example.") == signing_key.record
+    assert dmarc.parse_record(txt(text, "_dmarc.lan.example.")).p == "none"
