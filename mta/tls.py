@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet.interfaces import (
@@ -229,19 +230,64 @@ def client_options(hostname: str, verify: bool, trust_root: str | Path | None = 
             return CheckingClientTLS(hostname, trust_root)
         return OpportunisticClientTLS(hostname)
     trust = _trust_root(Path(trust_root)) if trust_root is not None else None
-    return optionsForClientTLS(
+    return VerifyingClientTLS(optionsForClientTLS(
         hostname, trustRoot=trust,
         extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
-    )
+    ), Path(trust_root) if trust_root is not None else None)
 
 
-def describe_failure(error: BaseException) -> str:
-    """A failed client handshake in one short line: "certificate verify failed",
-    "certificate does not name mx.example.org", or the connection's own error."""
+@implementer(IOpenSSLClientConnectionCreator)
+class VerifyingClientTLS:
+    """Twisted's verifying client options (the chain to the trust root, the name by
+    service-identity), left as they are, and `chain_problem`: why OpenSSL refused the
+    chain ("certificate has expired", "self-signed certificate"), which its error
+    ("certificate verify failed") leaves out and an operator needs in a deferral's
+    reason.  Found, only after a failed handshake, by checking the chain the peer sent
+    again against the same trust root."""
+
+    def __init__(self, options: IOpenSSLClientConnectionCreator,
+                 trust_root: Path | None) -> None:
+        self._options = options
+        self._trust_root = trust_root
+        self._connection: SSL.Connection | None = None
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        self._connection = self._options.clientConnectionForTLS(tls_protocol)
+        return self._connection
+
+    @property
+    def chain_problem(self) -> str | None:
+        chain = self._connection.get_peer_cert_chain() if self._connection else None
+        if not chain:
+            return None
+        store = crypto.X509Store()
+        try:
+            if self._trust_root is not None:
+                store.load_locations(str(self._trust_root))
+            else:  # the platform's store, as Twisted's platformTrust() uses
+                paths = ssl.get_default_verify_paths()
+                if paths.cafile is None and paths.capath is None:
+                    return None
+                store.load_locations(paths.cafile, paths.capath)
+            crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            return str(e)
+        except (crypto.Error, OSError):
+            return None
+        return None
+
+
+def describe_failure(error: BaseException, options: object = None) -> str:
+    """A failed client handshake in one short line: "certificate verify failed:
+    certificate has expired" (the reason when `options`, the `VerifyingClientTLS` of
+    the handshake, has it), "certificate does not name mx.example.org", or the
+    connection's own error."""
     if isinstance(error, VerificationError):
         return f"certificate does not name {_mismatched(error)}"
     if isinstance(error, SSL.Error):
-        return _why(error)
+        why = _why(error)
+        problem = getattr(options, "chain_problem", None)
+        return f"{why}: {problem}" if problem and problem not in why else why
     return str(error) or error.__class__.__name__
 
 

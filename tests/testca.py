@@ -47,16 +47,19 @@ class TestCA:
         self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, name: str, *dns_names: str, days: int = 30) -> tuple[Path, Path]:
-        """A server certificate for `dns_names` (the first is also its CN): (cert, key)."""
+        """A server certificate for `dns_names` (the first is also its CN): (cert, key),
+        valid for `days` from now; `days` < 0: one that expired that long ago."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
+        start = now - datetime.timedelta(hours=1) if days > 0 else \
+            now + datetime.timedelta(days=days - 30)
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_before(start)
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]),
                            critical=False)

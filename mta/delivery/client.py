@@ -361,7 +361,7 @@ class SMTPClient(Reversible, LineReceiver):
         self._handlers.clear()
         if self._tls_started and not self._tls_confirmed and not self.ready.called:
             reason = Failure(TLSFailed("4.7.5", f"TLS handshake with {self.policy.peer_name} "
-                                                f"failed: {tls.describe_failure(reason.value)}",
+                                                f"failed: {tls.describe_failure(reason.value, self._tls_used)}",
                                        self.policy.peer_name))
         self._fail(reason)
         self.done.callback(None)

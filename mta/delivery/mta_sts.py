@@ -406,7 +406,8 @@ def fetch_policy_text(reactor: Any, domain: str, addresses: Iterable[str], port:
         except Exception as e:  # noqa: BLE001 (TLS, HTTP: every failure is one line)
             if _cancelled(e):  # the caller's timeout: let it say so
                 raise defer.CancelledError() from None
-            raise FetchError(f"{address}: {_oversized(policy_host) or _why(e)}") from None
+            why = _oversized(policy_host) or _why(e, options[0])
+            raise FetchError(f"{address}: {why}") from None
         try:
             text = yield _policy_body(response)
         except FetchError as e:
@@ -456,14 +457,15 @@ def _cancelled(error: BaseException) -> bool:
         any(r.check(defer.CancelledError) for r in reasons)
 
 
-def _why(error: BaseException) -> str:
-    """One printable line for a failed fetch: the TLS reason, the connection's error."""
+def _why(error: BaseException, options: object = None) -> str:
+    """One printable line for a failed fetch: the TLS reason (with why the certificate
+    was refused, from the handshake's `options`), the connection's error."""
     reasons = getattr(error, "reasons", None)  # ResponseNeverReceived and its kin
     if reasons:
-        return "; ".join(_why(r.value) for r in reasons)
+        return "; ".join(_why(r.value, options) for r in reasons)
     if isinstance(error, defer.CancelledError):
         return "cancelled"
-    text = tls.describe_failure(error)
+    text = tls.describe_failure(error, options)
     if isinstance(error, net_error.ConnectionRefusedError):
         text = "connection refused"
     return printable(text, 300)

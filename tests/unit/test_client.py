@@ -338,7 +338,7 @@ class ClientTest(SynchronousTestCase):
         self.assertEqual(self.sent(), "EHLO relay.here.test\r\nSTARTTLS\r\n")
         self.feed("220 go\r\n")
         options = self.transport.tls_options
-        self.assertEqual(type(options).__name__, "ClientTLSOptions")  # verifying, not "any"
+        self.assertEqual(type(options).__name__, "VerifyingClientTLS")  # verifying, not "any"
 
     def test_command_and_its_reply(self) -> None:
         self.ready(EHLO_PLAIN)

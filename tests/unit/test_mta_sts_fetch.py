@@ -94,8 +94,9 @@ class FetchTest(TestCase):
         self.resource = PolicyResource()
         self.port = None
 
-    def serve(self, *names: str) -> int:
-        cert, key = self.ca.issue("policy-host", *(names or ("mta-sts.example.test",)))
+    def serve(self, *names: str, days: int = 30) -> int:
+        cert, key = self.ca.issue("policy-host", *(names or ("mta-sts.example.test",)),
+                                  days=days)
         factory = tls.ServerTLS(cert, key).wrap_factory(Site(self.resource))
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
@@ -155,6 +156,10 @@ class FetchTest(TestCase):
         port = self.serve()
         return self.fails(self.fetch(port, trust_root=self.other_ca.path),
                           "127.0.0.1: certificate verify failed")
+
+    def test_an_expired_certificate_says_so(self) -> Any:
+        return self.fails(self.fetch(self.serve(days=-1)),
+                          "127.0.0.1: certificate verify failed: certificate has expired")
 
     def test_redirects_are_not_followed(self) -> Any:
         self.resource.behaviour = "redirect"

@@ -34,6 +34,7 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import TestCase as TrialTestCase
 
 from mta import tls
+from tests.testca import TestCA
 
 
 @pytest.fixture(scope="module")
@@ -505,3 +506,27 @@ def test_handshake_failures_in_one_line(certs):
     client, _ = twisted_dialog(server_tls, unknown)
     assert tls.describe_failure(client.lost.value) == "certificate verify failed"
     assert tls.describe_failure(ValueError("odd")) == "odd"
+    # With the handshake's options, the reason OpenSSL's error leaves out.
+    assert tls.describe_failure(client.lost.value, unknown) == \
+        "certificate verify failed: self-signed certificate"
+
+
+def test_a_refused_chain_says_why(tmp_path):
+    """"certificate verify failed" alone sends the operator to openssl s_client; the
+    deferral says what was wrong (expired, unknown issuer)."""
+    ca = TestCA(tmp_path / "ca")
+    expired = tls.ServerTLS(*ca.issue("old", "mx.example.org", days=-1))
+    options = tls.client_options("mx.example.org", verify=True, trust_root=ca.path)
+    client, _ = twisted_dialog(expired, options)
+    assert client.lost.check(SSL.Error)
+    assert tls.describe_failure(client.lost.value, options) == \
+        "certificate verify failed: certificate has expired"
+    good = tls.ServerTLS(*ca.issue("new", "mx.example.org"))
+    other = TestCA(tmp_path / "other", "another CA")
+    options = tls.client_options("mx.example.org", verify=True, trust_root=other.path)
+    client, _ = twisted_dialog(good, options)
+    assert tls.describe_failure(client.lost.value, options) == \
+        "certificate verify failed: self-signed certificate in certificate chain"
+    options = tls.client_options("mx.example.org", verify=True, trust_root=ca.path)
+    client, _ = twisted_dialog(good, options)
+    assert client.lost is None and options.chain_problem is None
