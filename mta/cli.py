@@ -173,7 +173,7 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     """A new DKIM private key, mode 0600, and what to publish and configure for it."""
     from mta import signing
     from mta.address import is_valid_domain
-    domain = args.domain.lower().rstrip(".")
+    domain = _domain_argument(args.domain)
     if not is_valid_domain(domain):
         print(f"mta dkim keygen: not a valid domain name: {args.domain!r}", file=sys.stderr)
         return 2
@@ -192,7 +192,7 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     path = Path(args.output or f"etc/dkim/{domain}.{args.selector}.key")
-    if path.exists() and not args.force:
+    if (path.exists() or path.is_symlink()) and not args.force:  # a dangling link too
         print(f"mta dkim keygen: {path} exists; --force replaces it (and the record "
               "published for it stops matching)", file=sys.stderr)
         return 1
@@ -214,6 +214,19 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     print("\nPublish the record first, then `mta reload`: until the record is in the DNS, "
           "receivers fail the signatures.")
     return 0
+
+
+def _domain_argument(text: str) -> str:
+    """A domain named on the command line as the config and the DNS name it: lower case,
+    no trailing dot, A-labels (``bücher.example`` is ``xn--bcher-kva.example``)."""
+    domain = text.lower().rstrip(".")
+    if domain.isascii():
+        return domain
+    import idna
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except idna.IDNAError:
+        return domain  # refused as "not a valid domain name", as it was given
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -245,7 +258,7 @@ def _print_record(key: object) -> None:
 def cmd_dkim_record(args: argparse.Namespace) -> int:
     """The DNS records that the configured keys of a domain need."""
     cfg = _load(args)
-    domain = args.domain.lower().rstrip(".")
+    domain = _domain_argument(args.domain)
     table = cfg.dkim.get(domain)
     if table is None:
         configured = ", ".join(sorted(cfg.dkim)) or "none"
@@ -264,7 +277,7 @@ def cmd_records(args: argparse.Namespace) -> int:
     from mta import publish
     from mta.address import is_valid_domain
     cfg = _load(args)
-    domains = [d.lower().rstrip(".") for d in args.domains] or publish.default_domains(cfg)
+    domains = [_domain_argument(d) for d in args.domains] or publish.default_domains(cfg)
     if not domains:
         print(f"mta records: {args.config}: no local or signing domain configured; "
               "name one: mta records DOMAIN", file=sys.stderr)
