@@ -364,6 +364,54 @@ def test_a_message_that_is_all_header_is_filtered_too() -> None:
     assert sink.data == b"From: a@x.test\r\n"
 
 
+HIDDEN = (b"From evil@bank.test Mon Nov 30 12:00:00 2026\r\n"
+          b"Authentication-Results: mx.test; dmarc=pass header.from=bank.test\r\n"
+          b"Subject: pay now\r\n"
+          b"this line is no field\r\n"
+          b"Authentication-Results: mx.test; dkim=pass header.d=bank.test\r\n"
+          b"  folded on\r\n"
+          b"From: <ceo@bank.test>\r\n"
+          b"\r\n"
+          b"Authentication-Results: mx.test; the body is not looked at\r\n")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, len(HIDDEN)])
+def test_forged_results_behind_a_line_of_text_are_left_out_too(chunk: int) -> None:
+    """Dovecot reads fields on past a line that is none (and Python's email past a
+    misplaced "From " line): a forged field hidden behind one must go all the same."""
+    import email
+
+    from mta.server.cleanup import ResultsFilter
+    sink = Sink()
+    headers = ResultsFilter(sink, "mx.test")
+    for i in range(0, len(HIDDEN), chunk):
+        headers.write(HIDDEN[i:i + chunk])
+    headers.finish()
+    assert sink.data == (b"From evil@bank.test Mon Nov 30 12:00:00 2026\r\n"
+                         b"Subject: pay now\r\n"
+                         b"this line is no field\r\n"
+                         b"From: <ceo@bank.test>\r\n"
+                         b"\r\n"
+                         b"Authentication-Results: mx.test; the body is not looked at\r\n")
+    assert (headers.removed, headers.from_count) == (2, 1)
+    # As a reader of the stored message sees it (our own field goes in front).
+    stored = email.message_from_bytes(b"Authentication-Results: mx.test; none\r\n"
+                                      b"Received: by mx.test\r\n" + sink.data)
+    assert stored.get_all("Authentication-Results") == ["mx.test; none"]
+
+
+def test_a_long_line_of_text_in_the_header_is_passed_on() -> None:
+    from mta.server.cleanup import FIELD_LIMIT, ResultsFilter
+    sink = Sink()
+    headers = ResultsFilter(sink, "mx.test")
+    text = b"Subject: ok\r\n" + b"t" * (2 * FIELD_LIMIT) + b"\r\n\tfolded\r\n"
+    headers.write(text[:FIELD_LIMIT + 100])
+    headers.write(text[FIELD_LIMIT + 100:])
+    headers.write(b"Authentication-Results: mx.test; dkim=pass\r\nTo: b\r\n\r\nbody\r\n")
+    headers.finish()
+    assert sink.data == text + b"To: b\r\n\r\nbody\r\n"
+
+
 def test_an_endless_header_line_is_decided_without_holding_it() -> None:
     """BDAT has no line limit: a field longer than FIELD_LIMIT is decided on its start."""
     from mta.server.cleanup import FIELD_LIMIT, ResultsFilter
