@@ -223,3 +223,27 @@ def test_a_client_that_changes_sender_in_a_loop_queues_no_lookups() -> None:
     state.close()  # the connection is lost while b is checked and "gone" waits
     pending[2].callback(SPFResult("pass", "mailfrom", "b@x.test"))
     assert started == ["a@x.test", "z@x.test", "b@x.test"]
+
+
+def test_a_client_that_leaves_while_its_message_is_checked_gets_nothing_stored(server) -> None:
+    """It was never answered, so it sends the message again: storing this copy would
+    deliver it twice."""
+    s = server()
+    held: list[tuple] = []
+
+    def later(function, *args) -> defer.Deferred:
+        held.append((function, args, defer.Deferred()))
+        return held[-1][2]
+    s.factory.context.checks._run = later
+    data = sign(message("good.test"), "good.test", "s1", KEY)
+    assert s.codes("EHLO client.test\r\n")[-1] == "250"
+    assert s.codes("MAIL FROM:<alice@good.test>\r\nRCPT TO:<alice@example.org>\r\n"
+                   "DATA\r\n") == ["250 2.1.0", "250 2.1.5", "354"]
+    assert s.codes(data + b".\r\n") == []  # the checks are under way
+    s.protocol.connectionLost()
+    while held:  # SPF, then DKIM and DMARC
+        function, args, d = held.pop(0)
+        d.callback(function(*args))
+    spool = s.factory.context.spool
+    assert spool.queue_ids() == [] and s.factory.context.queue == []
+    assert not list((Path(s.factory.context.config.server.spool) / "tmp").iterdir())
