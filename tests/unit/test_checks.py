@@ -159,9 +159,38 @@ def test_dkim_checks_at_most_max_signatures(resolver, monkeypatch) -> None:
         message = sign(message, f"nokey{i}.test", "s1", KEY)
     results = dkimverify.verify(resolver, message)
     assert [(r.result, r.domain) for r in results] == [
-        ("permerror", "nokey2.test"), ("permerror", "nokey1.test"),
-        ("neutral", "nokey0.test"), ("neutral", "good.test")]
-    assert results[-1].reason == "not checked: more than 2 signatures"
+        ("permerror", "nokey2.test"), ("permerror", "nokey1.test"), ("neutral", "")]
+    assert results[-1].reason == "2 more signatures not checked: at most 2 a message"
+
+
+def test_dkim_a_pile_of_signatures_is_one_line_of_our_header(resolver) -> None:
+    """Thousands of signatures made thousands of header lines (600 KB for 5000)."""
+    pile = b"".join(b"DKIM-Signature: v=1; a=rsa-sha256; d=x.test; s=s%d; h=from; bh=AA==; "
+                    b"b=AAAA\r\n" % i for i in range(5000))
+    results = dkimverify.verify(resolver, pile + MESSAGE)
+    assert len(results) == dkimverify.MAX_SIGNATURES + 1
+    field = authresults.field("mx.test", None, results, None)
+    assert field.count(b"dkim=") == dkimverify.MAX_SIGNATURES + 1 and len(field) < 2000
+    assert b"\tdkim=neutral (4992 more signatures not checked: at most 8 a message)\r\n" \
+        in field
+
+
+def test_dkim_one_lookup_per_key_name_and_a_time_budget(resolver, dns_server) -> None:
+    """Many signatures naming one slow key wait for it once; a message's lookups stop
+    when its budget of DNS timeouts is spent."""
+    message = MESSAGE
+    for _ in range(3):
+        message = sign(message, "servfail.test", "s1", KEY)
+    before = len(dns_server.queries())
+    assert [r.result for r in dkimverify.verify(resolver, message)] == ["temperror"] * 3
+    assert dns_server.queries()[before:] == ["s1._domainkey.servfail.test TXT"]
+    times = iter([0.0, 0.0, 1e9, 1e9])  # the budget is spent after the first lookup
+    message = sign(sign(MESSAGE, "good.test", "s1", KEY), "nokey.test", "s1", KEY)
+    before = len(dns_server.queries())
+    results = dkimverify.verify(resolver, message, clock=lambda: next(times))
+    assert [r.result for r in results] == ["permerror", "temperror"]
+    assert "lookups took 3 DNS timeouts already" in results[1].reason
+    assert dns_server.queries()[before:] == ["s1._domainkey.nokey.test TXT"]
 
 
 def test_dkim_a_malformed_signature_is_neutral(resolver) -> None:
