@@ -11,6 +11,7 @@ names of RFC 8601 2.7.1:
   signature does not match;
 - ``neutral``: the signature cannot be processed (a syntax error, a
   missing required tag, an expired signature) [RFC 8601 2.7.1];
+- ``policy``: an algorithm we refuse to verify (rsa-sha1, RFC 8301 3.1);
 - ``permerror``: no key at that name, or a key record that cannot be used
   (revoked, bad syntax, too short: RFC 8301 3.2 wants 1024 bits at least);
 - ``temperror``: the key lookup timed out or got SERVFAIL: nobody can say.
@@ -24,6 +25,9 @@ were left unchecked (one line in our header, not one per signature).  One
 message's key lookups share a budget of `LOOKUP_BUDGET` DNS timeouts, and a
 key name asked once is not asked again: a signature whose lookup would start
 after the budget is spent is ``temperror`` without one.
+
+``rsa-sha1`` signatures are ``policy`` without a lookup: RFC 8301 3.1 says
+rsa-sha1 "MUST NOT be used for signing or verifying".
 
 The key lookup goes through our resolver (`mta.resolver.txt`), not
 dkimpy's own.  It blocks on DNS and hashes the whole message: callers run
@@ -46,6 +50,7 @@ from mta import resolver as resolver_module
 MIN_KEY_BITS = 1024  # RFC 8301 3.2
 MAX_SIGNATURES = 8  # checked per message; real mail carries one to three
 LOOKUP_BUDGET = 3  # DNS timeouts (the resolver's lifetime) one message's key lookups may use
+REFUSED_ALGORITHMS = (b"rsa-sha1",)  # RFC 8301 3.1
 _quiet = logging.getLogger("mta.checks.dkimpy")  # dkimpy logs every step: keep it out of ours
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
@@ -53,7 +58,7 @@ _quiet.propagate = False
 
 @dataclass(frozen=True)
 class DKIMResult:
-    result: str  # pass | fail | neutral | permerror | temperror
+    result: str  # pass | fail | neutral | policy | permerror | temperror
     domain: str  # d=, lower case ("" when the signature has none)
     selector: str  # s=
     algorithm: str  # a=
@@ -116,6 +121,8 @@ def _verify_one(signer: dkim.DKIM, index: int, keys: _Keys) -> DKIMResult:
     except dkim.DKIMException as e:
         return _result("neutral", _tags_of(signer, index), f"bad signature: {e}")
     tags, include_headers, signature_fields = prepared
+    if tags.get(b"a", b"").strip().lower() in REFUSED_ALGORITHMS:
+        return _result("policy", tags, "rsa-sha1 is not accepted (RFC 8301 3.1)")
     name = tags[b"s"] + b"._domainkey." + tags[b"d"]
     try:
         record = keys.record(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import pytest
 import spf as pyspf
 
@@ -191,6 +192,17 @@ def test_dkim_one_lookup_per_key_name_and_a_time_budget(resolver, dns_server) ->
     assert [r.result for r in results] == ["permerror", "temperror"]
     assert "lookups took 3 DNS timeouts already" in results[1].reason
     assert dns_server.queries()[before:] == ["s1._domainkey.nokey.test TXT"]
+
+
+def test_dkim_rsa_sha1_is_not_verified(resolver, dns_server) -> None:
+    """RFC 8301 3.1: rsa-sha1 MUST NOT be used for verifying."""
+    signed = dkim.sign(MESSAGE, b"s1", b"good.test", KEY, signature_algorithm=b"rsa-sha1",
+                       include_headers=[b"from"]) + MESSAGE
+    before = len(dns_server.queries())
+    [result] = dkimverify.verify(resolver, signed)
+    assert (result.result, result.domain, result.algorithm) == ("policy", "good.test",
+                                                                 "rsa-sha1")
+    assert dns_server.queries()[before:] == []
 
 
 def test_dkim_a_malformed_signature_is_neutral(resolver) -> None:
