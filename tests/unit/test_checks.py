@@ -344,6 +344,15 @@ def test_authserv_ids() -> None:
     assert authresults.authserv_id_of("(unclosed mx.test; none") == ""
 
 
+@pytest.mark.parametrize("after", ["\x00", "\x00x", "\x1b", "\x7f", "/1", ",x", "=x", "@x"])
+def test_our_name_followed_by_a_control_or_special_character_is_ours(after: str) -> None:
+    """A token ends at a CTL or tspecial [RFC 2045 5.1, RFC 8601 2.2]: a reader that stops
+    at a NUL (a C string) sees our name in "mx.test\\0; dmarc=pass", so it is ours."""
+    assert authresults.authserv_id_of(f"mx.test{after}; dmarc=pass") == "mx.test"
+    assert authresults.authserv_id_of(f"mx.test.example{after}; dmarc=pass") == \
+        "mx.test.example"
+
+
 def test_the_log_summary() -> None:
     line = authresults.summary(SPFResult("pass", "mailfrom", "a@x.test"),
                                [dkim_pass("x.test")],
