@@ -26,7 +26,8 @@ claims our authserv-id [RFC 8601 5] (other hosts' are kept), and notes what
 the checks need from the header: the ``From:`` fields and whether there is
 a ``DKIM-Signature``.  It reads the whole header section, however long,
 holding one field at a time (at most `FIELD_LIMIT` octets of it; a longer
-field is decided on its first `FIELD_LIMIT` octets).  For it only the empty
+field is decided on its first `FIELD_LIMIT` octets, and a From: that long is
+noted as unreadable: DMARC gives it permerror).  For it only the empty
 line ends the header section: a line of text among the fields (a misplaced
 mbox ``From `` line, say) is kept and the fields after it are still looked
 at, because the programs that read the stored message (Dovecot, and Python's
@@ -272,6 +273,9 @@ class ResultsFilter(HeaderEditor):
         self.removed = 0  # Authentication-Results fields left out
         self.from_fields: list[str] = []  # the values of the From: fields, unfolded
         self.from_count = 0
+        # A From: longer than FIELD_LIMIT is read only in part: which addresses it
+        # names is unknown, and DMARC must not judge it by the part it read.
+        self.from_too_long = False
         self.signatures = 0  # DKIM-Signature fields
 
     def keep(self, name: bytes, field: bytes) -> bool:
@@ -281,7 +285,9 @@ class ResultsFilter(HeaderEditor):
                 return False
         elif name == b"from":
             self.from_count += 1
-            if len(self.from_fields) < MAX_FROM_FIELDS:
+            if len(field) > FIELD_LIMIT:  # decided on its first FIELD_LIMIT octets
+                self.from_too_long = True
+            elif len(self.from_fields) < MAX_FROM_FIELDS:
                 self.from_fields.append(_value(field))
         elif name == b"dkim-signature":
             self.signatures += 1

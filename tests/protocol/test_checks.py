@@ -247,3 +247,15 @@ def test_a_client_that_leaves_while_its_message_is_checked_gets_nothing_stored(s
     spool = s.factory.context.spool
     assert spool.queue_ids() == [] and s.factory.context.queue == []
     assert not list((Path(s.factory.context.config.server.spool) / "tmp").iterdir())
+
+
+def test_a_from_field_too_long_to_read_whole_is_not_judged_by_its_start(server) -> None:
+    """Past FIELD_LIMIT a field is decided on its start: a From: padded with 64 KiB of
+    the sender's own addresses hid a p=reject domain behind them, and DMARC passed
+    judgement on the start alone (dmarc=none, accepted under enforce)."""
+    padding = b"".join(b"\r\n " + b", ".join([b"x@good.test"] * 70) + b"," for _ in range(80))
+    data = b"From: x@good.test," + padding + b"\r\n ceo@bank.test\r\nSubject: pay\r\n\r\nHi\r\n"
+    assert send(server(dmarc="enforce"), "alice@good.test", data) == "550 5.7.1"
+    s = server()
+    assert send(s, "alice@good.test", data) == "250 2.0.0"
+    assert b"\tdmarc=permerror (From: field longer than 65536 octets)\r\n" in stored(s)
