@@ -11,7 +11,8 @@ or backslashes, and an address whose local part is not a plain dot-atom
 is named by its domain alone (RFC 8601 2.7.2 allows either).
 
 `authserv_id_of(value)` reads the authserv-id that a received field's value
-begins with (after any CFWS, a token or a quoted-string [RFC 8601 2.2]),
+begins with (after any CFWS, a token or a quoted-string [RFC 8601 2.2]; a
+token ends at a control character or a tspecial [RFC 2045 5.1]),
 so that fields claiming our name are removed [RFC 8601 5]; it never fails,
 and gives "" for a value it cannot read.
 
@@ -35,7 +36,9 @@ if TYPE_CHECKING:  # the reading side (cleanup.py) imports this module: not dkim
     from mta.checks.spf import SPFResult
 
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+\Z")
-_TOKEN_END = re.compile(r'[\s;()"]')
+# A token ends at space, a CTL or a tspecial [RFC 2045 5.1, RFC 8601 2.2]: a value
+# such as "OURNAME\0; dmarc=pass" is ours to remove (a C-string reader sees OURNAME).
+_TOKEN_END = re.compile(r'[\s\x00-\x1f\x7f()<>@,;:\\"/\[\]?=]')
 
 
 def field(authserv_id: str, spf: SPFResult | None, dkim: list[DKIMResult] | None,

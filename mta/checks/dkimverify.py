@@ -11,6 +11,7 @@ names of RFC 8601 2.7.1:
   signature does not match;
 - ``neutral``: the signature cannot be processed (a syntax error, a
   missing required tag, an expired signature) [RFC 8601 2.7.1];
+- ``policy``: an algorithm we refuse to verify (rsa-sha1, RFC 8301 3.1);
 - ``permerror``: no key at that name, or a key record that cannot be used
   (revoked, bad syntax, too short: RFC 8301 3.2 wants 1024 bits at least);
 - ``temperror``: the key lookup timed out or got SERVFAIL: nobody can say.
@@ -19,16 +20,27 @@ A message without signatures gives an empty list (``dkim=none``).  Only the
 first `MAX_SIGNATURES` are checked (RFC 6376 6.1 lets a verifier limit them):
 each costs a key lookup that may wait the whole DNS timeout, and a sender
 could otherwise tie up a checking thread for hours with a thousand of them;
-the rest are ``neutral`` with that reason, without a lookup.  The key
-lookup goes through our resolver (`mta.resolver.txt`), not dkimpy's own.
-It blocks on DNS and hashes the whole message: callers run it in a thread.
+the rest, however many, are one more ``neutral`` result that says how many
+were left unchecked (one line in our header, not one per signature).  One
+message's key lookups share a budget of `LOOKUP_BUDGET` DNS timeouts, and a
+key name asked once is not asked again: a signature whose lookup would start
+after the budget is spent is ``temperror`` without one.
+
+``rsa-sha1`` signatures are ``policy`` without a lookup: RFC 8301 3.1 says
+rsa-sha1 "MUST NOT be used for signing or verifying".
+
+The key lookup goes through our resolver (`mta.resolver.txt`), not
+dkimpy's own.  It blocks on DNS and hashes the whole message: callers run
+it in a thread.
 """
 
 from __future__ import annotations
 
 import binascii
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import dkim
 import dns.resolver
@@ -37,6 +49,8 @@ from mta import resolver as resolver_module
 
 MIN_KEY_BITS = 1024  # RFC 8301 3.2
 MAX_SIGNATURES = 8  # checked per message; real mail carries one to three
+LOOKUP_BUDGET = 3  # DNS timeouts (the resolver's lifetime) one message's key lookups may use
+REFUSED_ALGORITHMS = (b"rsa-sha1",)  # RFC 8301 3.1
 _quiet = logging.getLogger("mta.checks.dkimpy")  # dkimpy logs every step: keep it out of ours
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
@@ -44,7 +58,7 @@ _quiet.propagate = False
 
 @dataclass(frozen=True)
 class DKIMResult:
-    result: str  # pass | fail | neutral | permerror | temperror
+    result: str  # pass | fail | neutral | policy | permerror | temperror
     domain: str  # d=, lower case ("" when the signature has none)
     selector: str  # s=
     algorithm: str  # a=
@@ -56,28 +70,62 @@ class _KeyLookupFailed(Exception):
     """The key's TXT lookup got no definite answer (temperror)."""
 
 
-def verify(resolver: dns.resolver.Resolver, message: bytes) -> list[DKIMResult]:
+@dataclass
+class _Keys:
+    """One message's key lookups: each name asked once, all within one time budget."""
+
+    resolver: dns.resolver.Resolver
+    clock: Callable[[], float] = time.monotonic
+    found: dict[bytes, bytes | None | _KeyLookupFailed] = field(default_factory=dict)
+    deadline: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.deadline = self.clock() + LOOKUP_BUDGET * self.resolver.lifetime
+
+    def record(self, name: bytes) -> bytes | None:
+        key = name.lower().rstrip(b".")
+        if key not in self.found:
+            if self.clock() >= self.deadline:
+                raise _KeyLookupFailed(f"key lookup not made: this message's lookups "
+                                       f"took {LOOKUP_BUDGET} DNS timeouts already")
+            try:
+                self.found[key] = _key_record(self.resolver, name)
+            except _KeyLookupFailed as e:
+                self.found[key] = e
+        found = self.found[key]
+        if isinstance(found, _KeyLookupFailed):
+            raise found
+        return found
+
+
+def verify(resolver: dns.resolver.Resolver, message: bytes,
+           clock: Callable[[], float] = time.monotonic) -> list[DKIMResult]:
     try:
         signer = dkim.DKIM(message, logger=_quiet, minkey=MIN_KEY_BITS,
                            timeout=resolver.lifetime)
     except dkim.DKIMException as e:  # a message dkimpy cannot even split into fields
         return [DKIMResult("neutral", "", "", "", "", f"message not parseable: {e}")]
     count = sum(1 for name, _ in signer.headers if name.lower() == b"dkim-signature")
-    return [_verify_one(signer, index, resolver) if index < MAX_SIGNATURES else
-            _result("neutral", _tags_of(signer, index),
-                    f"not checked: more than {MAX_SIGNATURES} signatures")
-            for index in range(count)]
+    keys = _Keys(resolver, clock)
+    results = [_verify_one(signer, index, keys) for index in range(min(count, MAX_SIGNATURES))]
+    if count > MAX_SIGNATURES:
+        results.append(DKIMResult("neutral", "", "", "", "",
+                                  f"{count - MAX_SIGNATURES} more signatures not checked: "
+                                  f"at most {MAX_SIGNATURES} a message"))
+    return results
 
 
-def _verify_one(signer: dkim.DKIM, index: int, resolver: dns.resolver.Resolver) -> DKIMResult:
+def _verify_one(signer: dkim.DKIM, index: int, keys: _Keys) -> DKIMResult:
     try:
         prepared = signer.verify_headerprep(index)
     except dkim.DKIMException as e:
         return _result("neutral", _tags_of(signer, index), f"bad signature: {e}")
     tags, include_headers, signature_fields = prepared
+    if tags.get(b"a", b"").strip().lower() in REFUSED_ALGORITHMS:
+        return _result("policy", tags, "rsa-sha1 is not accepted (RFC 8301 3.1)")
     name = tags[b"s"] + b"._domainkey." + tags[b"d"]
     try:
-        record = _key_record(resolver, name)
+        record = keys.record(name)
     except _KeyLookupFailed as e:
         return _result("temperror", tags, str(e))
     if record is None:

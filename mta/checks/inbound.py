@@ -65,7 +65,7 @@ from mta.checks.dmarc import DMARCResult
 from mta.checks.spf import SPFResult
 from mta.config import Config
 from mta.reply import Reply, printable
-from mta.server.cleanup import ResultsFilter
+from mta.server.cleanup import FIELD_LIMIT, ResultsFilter
 
 log = Logger(namespace="mta.checks")
 
@@ -240,6 +240,8 @@ class MessageChecks:
         waiting = self.spf.get() if self.spf is not None else defer.succeed(None)
         from_fields = list(headers.from_fields)
         from_count = headers.from_count
+        if headers.from_too_long:
+            from_fields = [None]  # no author domain can be told (see _dmarc)
         signed = headers.signatures > 0
 
         def checked(spf_result: SPFResult | None) -> defer.Deferred:
@@ -248,7 +250,7 @@ class MessageChecks:
         return waiting.addCallback(checked).addCallback(self._decide)
 
     def _after_data(self, spf_result: SPFResult | None, incoming: Any, signed: bool,
-                    from_fields: list[str], from_count: int) -> tuple:
+                    from_fields: list[str | None], from_count: int) -> tuple:
         """In a pool thread: DKIM and DMARC."""
         dkim_results = None
         if self.settings.dkim != "off":
@@ -260,11 +262,14 @@ class MessageChecks:
         return spf_result, dkim_results, dmarc_results
 
     def _dmarc(self, spf_result: SPFResult | None, dkim_results: list[DKIMResult],
-               from_fields: list[str], from_count: int) -> list[DMARCResult]:
+               from_fields: list[str | None], from_count: int) -> list[DMARCResult]:
         try:
             if from_count != 1:
                 raise dmarc.NoAuthorDomain("no From: field" if not from_count
                                            else f"{from_count} From: fields")
+            if from_fields == [None]:
+                # Read in part only: the addresses past the cut could name any domain.
+                raise dmarc.NoAuthorDomain(f"From: field longer than {FIELD_LIMIT} octets")
             domains = dmarc.author_domains(from_fields)
         except dmarc.NoAuthorDomain as e:
             return [DMARCResult("permerror", "", reason=str(e))]

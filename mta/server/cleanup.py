@@ -26,7 +26,13 @@ claims our authserv-id [RFC 8601 5] (other hosts' are kept), and notes what
 the checks need from the header: the ``From:`` fields and whether there is
 a ``DKIM-Signature``.  It reads the whole header section, however long,
 holding one field at a time (at most `FIELD_LIMIT` octets of it; a longer
-field is decided on its first `FIELD_LIMIT` octets).
+field is decided on its first `FIELD_LIMIT` octets, and a From: that long is
+noted as unreadable: DMARC gives it permerror).  For it only the empty
+line ends the header section: a line of text among the fields (a misplaced
+mbox ``From `` line, say) is kept and the fields after it are still looked
+at, because the programs that read the stored message (Dovecot, and Python's
+email for a ``From `` line) go on reading fields there, and a forged field
+hidden behind such a line would reach them.
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ class HeaderEditor:
     """
 
     limit: int | None = None  # octets of header section looked at; None: all of it
+    # Whether a line that is neither a field nor empty ends the header section (RFC 5322
+    # 2.2 has no such line in it).  Readers differ: Python's email stops there, Dovecot
+    # reads on to the empty line, and both skip a misplaced "From " line.
+    text_ends_header = True
 
     def __init__(self, incoming: Any) -> None:
         self.incoming = incoming
@@ -107,6 +117,9 @@ class HeaderEditor:
             elif content and _FIELD.match(content):
                 self._field_done(out)
                 self.field, self.name = line, _name(content)
+            elif content and not self.text_ends_header:
+                self._field_done(out)
+                out.append(line)  # kept as it is; the header section goes on
             else:
                 # The empty line, or text that is no header field: the header section ends.
                 self._field_done(out)
@@ -141,11 +154,15 @@ class HeaderEditor:
             self._field_done(out)
             self.name = _name(line)
             self.decided = self.keep(self.name, line)
-        else:  # no header field at all: the header section is over, as far as we can tell
+        elif self.text_ends_header:  # no field at all: the header section is over
             self._field_done(out)
             out.append(line)
             self._close()
             return
+        else:  # a long line of text: kept, and the header section goes on
+            self._field_done(out)
+            self.decided = True
+            self.name = b""
         if self.decided:
             out.append(line)
         self.midline = self.decided
@@ -248,12 +265,17 @@ class ResultsFilter(HeaderEditor):
     """Leaves out Authentication-Results fields claiming `authserv_id`; notes From: and
     DKIM-Signature for the inbound checks."""
 
+    text_ends_header = False  # only the empty line does (see the module's text)
+
     def __init__(self, incoming: Any, authserv_id: str) -> None:
         super().__init__(incoming)
         self.authserv_id = authserv_id.lower().rstrip(".")
         self.removed = 0  # Authentication-Results fields left out
         self.from_fields: list[str] = []  # the values of the From: fields, unfolded
         self.from_count = 0
+        # A From: longer than FIELD_LIMIT is read only in part: which addresses it
+        # names is unknown, and DMARC must not judge it by the part it read.
+        self.from_too_long = False
         self.signatures = 0  # DKIM-Signature fields
 
     def keep(self, name: bytes, field: bytes) -> bool:
@@ -263,7 +285,9 @@ class ResultsFilter(HeaderEditor):
                 return False
         elif name == b"from":
             self.from_count += 1
-            if len(self.from_fields) < MAX_FROM_FIELDS:
+            if len(field) > FIELD_LIMIT:  # decided on its first FIELD_LIMIT octets
+                self.from_too_long = True
+            elif len(self.from_fields) < MAX_FROM_FIELDS:
                 self.from_fields.append(_value(field))
         elif name == b"dkim-signature":
             self.signatures += 1

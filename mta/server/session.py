@@ -173,6 +173,7 @@ class Session:
         self.counts: dict[str, list[int]] = {}  # command -> [accepted, given], for the log
         self._auth_noted = False  # the AUTH command's exchange ended and was logged
         self._checks: SessionChecks | None = None  # made at the first checked MAIL
+        self.gone = False  # the connection is lost
 
     def _take_config(self) -> None:
         """Between transactions, the config in force now (a reload may have swapped it)."""
@@ -307,6 +308,7 @@ class Session:
 
     def connection_lost(self) -> None:
         """Whatever was being received and not committed is forgotten."""
+        self.gone = True
         self.reset_transaction()
         if self._checks is not None:
             self._checks.close()  # SPF checks not started yet are not run
@@ -951,6 +953,14 @@ class Session:
             if verdict.refusal is not None:
                 incoming.abort()
                 return verdict.refusal
+            if self.gone:
+                # The client left before its answer (the checks may take minutes): it
+                # was told nothing, so it sends the message again; stored now, it would
+                # be delivered twice [RFC 1047].
+                log.info("{queue_id}: not stored: [{client}] left before the checks ended",
+                         queue_id=incoming.queue_id, client=self.client_address)
+                incoming.abort()
+                return reply.LOCAL_ERROR
             return self._commit(incoming, message_id, verdict.fields)
 
         def failed(failure) -> Reply:

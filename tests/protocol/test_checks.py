@@ -223,3 +223,39 @@ def test_a_client_that_changes_sender_in_a_loop_queues_no_lookups() -> None:
     state.close()  # the connection is lost while b is checked and "gone" waits
     pending[2].callback(SPFResult("pass", "mailfrom", "b@x.test"))
     assert started == ["a@x.test", "z@x.test", "b@x.test"]
+
+
+def test_a_client_that_leaves_while_its_message_is_checked_gets_nothing_stored(server) -> None:
+    """It was never answered, so it sends the message again: storing this copy would
+    deliver it twice."""
+    s = server()
+    held: list[tuple] = []
+
+    def later(function, *args) -> defer.Deferred:
+        held.append((function, args, defer.Deferred()))
+        return held[-1][2]
+    s.factory.context.checks._run = later
+    data = sign(message("good.test"), "good.test", "s1", KEY)
+    assert s.codes("EHLO client.test\r\n")[-1] == "250"
+    assert s.codes("MAIL FROM:<alice@good.test>\r\nRCPT TO:<alice@example.org>\r\n"
+                   "DATA\r\n") == ["250 2.1.0", "250 2.1.5", "354"]
+    assert s.codes(data + b".\r\n") == []  # the checks are under way
+    s.protocol.connectionLost()
+    while held:  # SPF, then DKIM and DMARC
+        function, args, d = held.pop(0)
+        d.callback(function(*args))
+    spool = s.factory.context.spool
+    assert spool.queue_ids() == [] and s.factory.context.queue == []
+    assert not list((Path(s.factory.context.config.server.spool) / "tmp").iterdir())
+
+
+def test_a_from_field_too_long_to_read_whole_is_not_judged_by_its_start(server) -> None:
+    """Past FIELD_LIMIT a field is decided on its start: a From: padded with 64 KiB of
+    the sender's own addresses hid a p=reject domain behind them, and DMARC passed
+    judgement on the start alone (dmarc=none, accepted under enforce)."""
+    padding = b"".join(b"\r\n " + b", ".join([b"x@good.test"] * 70) + b"," for _ in range(80))
+    data = b"From: x@good.test," + padding + b"\r\n ceo@bank.test\r\nSubject: pay\r\n\r\nHi\r\n"
+    assert send(server(dmarc="enforce"), "alice@good.test", data) == "550 5.7.1"
+    s = server()
+    assert send(s, "alice@good.test", data) == "250 2.0.0"
+    assert b"\tdmarc=permerror (From: field longer than 65536 octets)\r\n" in stored(s)

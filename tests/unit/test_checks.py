@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import pytest
 import spf as pyspf
 
@@ -159,9 +160,49 @@ def test_dkim_checks_at_most_max_signatures(resolver, monkeypatch) -> None:
         message = sign(message, f"nokey{i}.test", "s1", KEY)
     results = dkimverify.verify(resolver, message)
     assert [(r.result, r.domain) for r in results] == [
-        ("permerror", "nokey2.test"), ("permerror", "nokey1.test"),
-        ("neutral", "nokey0.test"), ("neutral", "good.test")]
-    assert results[-1].reason == "not checked: more than 2 signatures"
+        ("permerror", "nokey2.test"), ("permerror", "nokey1.test"), ("neutral", "")]
+    assert results[-1].reason == "2 more signatures not checked: at most 2 a message"
+
+
+def test_dkim_a_pile_of_signatures_is_one_line_of_our_header(resolver) -> None:
+    """Thousands of signatures made thousands of header lines (600 KB for 5000)."""
+    pile = b"".join(b"DKIM-Signature: v=1; a=rsa-sha256; d=x.test; s=s%d; h=from; bh=AA==; "
+                    b"b=AAAA\r\n" % i for i in range(5000))
+    results = dkimverify.verify(resolver, pile + MESSAGE)
+    assert len(results) == dkimverify.MAX_SIGNATURES + 1
+    field = authresults.field("mx.test", None, results, None)
+    assert field.count(b"dkim=") == dkimverify.MAX_SIGNATURES + 1 and len(field) < 2000
+    assert b"\tdkim=neutral (4992 more signatures not checked: at most 8 a message)\r\n" \
+        in field
+
+
+def test_dkim_one_lookup_per_key_name_and_a_time_budget(resolver, dns_server) -> None:
+    """Many signatures naming one slow key wait for it once; a message's lookups stop
+    when its budget of DNS timeouts is spent."""
+    message = MESSAGE
+    for _ in range(3):
+        message = sign(message, "servfail.test", "s1", KEY)
+    before = len(dns_server.queries())
+    assert [r.result for r in dkimverify.verify(resolver, message)] == ["temperror"] * 3
+    assert dns_server.queries()[before:] == ["s1._domainkey.servfail.test TXT"]
+    times = iter([0.0, 0.0, 1e9, 1e9])  # the budget is spent after the first lookup
+    message = sign(sign(MESSAGE, "good.test", "s1", KEY), "nokey.test", "s1", KEY)
+    before = len(dns_server.queries())
+    results = dkimverify.verify(resolver, message, clock=lambda: next(times))
+    assert [r.result for r in results] == ["permerror", "temperror"]
+    assert "lookups took 3 DNS timeouts already" in results[1].reason
+    assert dns_server.queries()[before:] == ["s1._domainkey.nokey.test TXT"]
+
+
+def test_dkim_rsa_sha1_is_not_verified(resolver, dns_server) -> None:
+    """RFC 8301 3.1: rsa-sha1 MUST NOT be used for verifying."""
+    signed = dkim.sign(MESSAGE, b"s1", b"good.test", KEY, signature_algorithm=b"rsa-sha1",
+                       include_headers=[b"from"]) + MESSAGE
+    before = len(dns_server.queries())
+    [result] = dkimverify.verify(resolver, signed)
+    assert (result.result, result.domain, result.algorithm) == ("policy", "good.test",
+                                                                 "rsa-sha1")
+    assert dns_server.queries()[before:] == []
 
 
 def test_dkim_a_malformed_signature_is_neutral(resolver) -> None:
@@ -303,6 +344,15 @@ def test_authserv_ids() -> None:
     assert authresults.authserv_id_of("(unclosed mx.test; none") == ""
 
 
+@pytest.mark.parametrize("after", ["\x00", "\x00x", "\x1b", "\x7f", "/1", ",x", "=x", "@x"])
+def test_our_name_followed_by_a_control_or_special_character_is_ours(after: str) -> None:
+    """A token ends at a CTL or tspecial [RFC 2045 5.1, RFC 8601 2.2]: a reader that stops
+    at a NUL (a C string) sees our name in "mx.test\\0; dmarc=pass", so it is ours."""
+    assert authresults.authserv_id_of(f"mx.test{after}; dmarc=pass") == "mx.test"
+    assert authresults.authserv_id_of(f"mx.test.example{after}; dmarc=pass") == \
+        "mx.test.example"
+
+
 def test_the_log_summary() -> None:
     line = authresults.summary(SPFResult("pass", "mailfrom", "a@x.test"),
                                [dkim_pass("x.test")],
@@ -362,6 +412,54 @@ def test_a_message_that_is_all_header_is_filtered_too() -> None:
     headers.write(b"From: a@x.test\r\nAuthentication-Results: mx.test; none")
     headers.finish()
     assert sink.data == b"From: a@x.test\r\n"
+
+
+HIDDEN = (b"From evil@bank.test Mon Nov 30 12:00:00 2026\r\n"
+          b"Authentication-Results: mx.test; dmarc=pass header.from=bank.test\r\n"
+          b"Subject: pay now\r\n"
+          b"this line is no field\r\n"
+          b"Authentication-Results: mx.test; dkim=pass header.d=bank.test\r\n"
+          b"  folded on\r\n"
+          b"From: <ceo@bank.test>\r\n"
+          b"\r\n"
+          b"Authentication-Results: mx.test; the body is not looked at\r\n")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, len(HIDDEN)])
+def test_forged_results_behind_a_line_of_text_are_left_out_too(chunk: int) -> None:
+    """Dovecot reads fields on past a line that is none (and Python's email past a
+    misplaced "From " line): a forged field hidden behind one must go all the same."""
+    import email
+
+    from mta.server.cleanup import ResultsFilter
+    sink = Sink()
+    headers = ResultsFilter(sink, "mx.test")
+    for i in range(0, len(HIDDEN), chunk):
+        headers.write(HIDDEN[i:i + chunk])
+    headers.finish()
+    assert sink.data == (b"From evil@bank.test Mon Nov 30 12:00:00 2026\r\n"
+                         b"Subject: pay now\r\n"
+                         b"this line is no field\r\n"
+                         b"From: <ceo@bank.test>\r\n"
+                         b"\r\n"
+                         b"Authentication-Results: mx.test; the body is not looked at\r\n")
+    assert (headers.removed, headers.from_count) == (2, 1)
+    # As a reader of the stored message sees it (our own field goes in front).
+    stored = email.message_from_bytes(b"Authentication-Results: mx.test; none\r\n"
+                                      b"Received: by mx.test\r\n" + sink.data)
+    assert stored.get_all("Authentication-Results") == ["mx.test; none"]
+
+
+def test_a_long_line_of_text_in_the_header_is_passed_on() -> None:
+    from mta.server.cleanup import FIELD_LIMIT, ResultsFilter
+    sink = Sink()
+    headers = ResultsFilter(sink, "mx.test")
+    text = b"Subject: ok\r\n" + b"t" * (2 * FIELD_LIMIT) + b"\r\n\tfolded\r\n"
+    headers.write(text[:FIELD_LIMIT + 100])
+    headers.write(text[FIELD_LIMIT + 100:])
+    headers.write(b"Authentication-Results: mx.test; dkim=pass\r\nTo: b\r\n\r\nbody\r\n")
+    headers.finish()
+    assert sink.data == text + b"To: b\r\n\r\nbody\r\n"
 
 
 def test_an_endless_header_line_is_decided_without_holding_it() -> None:
