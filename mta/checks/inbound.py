@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -70,6 +71,7 @@ from mta.server.cleanup import FIELD_LIMIT, ResultsFilter
 log = Logger(namespace="mta.checks")
 
 MAX_AUTHOR_DOMAINS = 10  # a From: naming more is not evaluated (each costs DNS lookups)
+DMARC_BUDGET = 3  # DNS timeouts one message's DMARC policy lookups may use together
 
 
 @dataclass(frozen=True)
@@ -86,13 +88,16 @@ class InboundChecks:
     """What every checked session shares: the thread pool and the resolver in force.
 
     `run` is how work reaches the pool (tests pass one that runs at once);
-    `chance` draws DMARC's pct samples.
+    `chance` draws DMARC's pct samples; `clock` measures the DMARC lookups'
+    time budget.
     """
 
     def __init__(self, reactor: Any, threads: int,
                  run: Callable[..., defer.Deferred] | None = None,
-                 chance: Callable[[], float] = random.random) -> None:
+                 chance: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.reactor = reactor
+        self.clock = clock  # for the DNS time budgets
         self.pool = ThreadPool(0, threads, "mta-checks")
         self.pool.threadFactory = _daemon_thread
         self._run = run
@@ -282,8 +287,18 @@ class MessageChecks:
                       path=str(self.settings.public_suffix_list), why=e.strerror)
             return [DMARCResult("temperror", d, reason="public suffix list unreadable")
                     for d in domains]
-        return [dmarc.evaluate(self.resolver, table, d, spf_result, dkim_results,
-                               self.checks.chance) for d in domains]
+        # The domains' policy lookups share one time budget, as DKIM's key lookups do:
+        # ten domains that all time out must not hold a checking thread for 20 timeouts.
+        deadline = self.checks.clock() + DMARC_BUDGET * self.resolver.lifetime
+        results = []
+        for domain in domains:
+            if self.checks.clock() > deadline:
+                results.append(DMARCResult("temperror", domain,
+                                           reason="not looked up: the DNS time budget is spent"))
+                continue
+            results.append(dmarc.evaluate(self.resolver, table, domain, spf_result,
+                                          dkim_results, self.checks.chance))
+        return results
 
     def _decide(self, results: tuple) -> Verdict:
         spf_result, dkim_results, dmarc_results = results

@@ -16,7 +16,7 @@ import pytest
 from twisted.internet import defer
 
 from mta import maillog
-from mta.checks.inbound import InboundChecks, SessionChecks
+from mta.checks.inbound import InboundChecks, MessageChecks, SessionChecks
 from mta.checks.spf import SPFResult
 from mta.server.context import ServerContext
 from mta.server.protocol import SMTPFactory
@@ -259,3 +259,19 @@ def test_a_from_field_too_long_to_read_whole_is_not_judged_by_its_start(server) 
     s = server()
     assert send(s, "alice@good.test", data) == "250 2.0.0"
     assert b"\tdmarc=permerror (From: field longer than 65536 octets)\r\n" in stored(s)
+
+
+def test_dmarc_lookups_of_many_from_domains_share_one_time_budget(tmp_path, dns_server) -> None:
+    """A From: naming several domains cannot hold a checking thread for a timeout each:
+    once the budget is spent, the rest are temperror without a lookup."""
+    config = make_config(tmp_path, relay={"nameservers": [dns_server.nameserver],
+                                          "dns_timeout": "2s"}, checks={})
+    ticks = iter([0.0, 0.0, 1000.0, 1000.0])  # the second domain starts after the budget
+    inbound = InboundChecks(None, 1, run=lambda f, *a: defer.Deferred(),
+                            clock=lambda: next(ticks))
+    message = MessageChecks(inbound, config, SessionChecks(), OUTSIDE, "client.test",
+                            "a@good.test")
+    results = message._dmarc(None, [], ["<a@good.test>, <b@bank.test>, <c@shop.test>"], 1)
+    assert [(r.result, r.domain) for r in results] == [
+        ("fail", "good.test"), ("temperror", "bank.test"), ("temperror", "shop.test")]
+    assert results[1].reason == "not looked up: the DNS time budget is spent"
