@@ -18,20 +18,17 @@ checked after its positive signal, the deferral in the sender's log.
 from __future__ import annotations
 
 import json
-import signal
 import smtplib
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.authpeers import LoopbackDNS
 from tests.integration.harness import MTA as MTA_COMMAND
 from tests.integration.harness import (
-    REPO,
     MtaServer,
     accepts,
     free_port,
@@ -73,30 +70,6 @@ def zone(**changes: Any) -> dict[str, Any]:
         records[f"mta-sts.{domain}"] = {"A": [POLICY_HOSTS[domain]]}
     records.update(changes)
     return records
-
-
-class DNS:
-    """tests/dnsserver.py with a zone file that can change (SIGHUP re-reads it)."""
-
-    def __init__(self, directory: Path, records: dict[str, Any]) -> None:
-        self.file = directory / "zone.json"
-        self.file.write_text(json.dumps(records))
-        self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "dnsserver.py"), str(self.file)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        line = self.process.stdout.readline() if self.process.stdout else b""
-        if not line.strip().isdigit():
-            stop_process(self.process)
-            raise RuntimeError("the test DNS server did not start")
-        self.port = int(line)
-
-    def change(self, records: dict[str, Any]) -> None:
-        self.file.write_text(json.dumps(records))
-        self.process.send_signal(signal.SIGHUP)
-        time.sleep(0.3)
-
-    def stop(self) -> None:
-        stop_process(self.process)
 
 
 class PolicyServer:
@@ -153,7 +126,7 @@ class World:
         self.smtp_port = free_port_everywhere([GOOD_MX, BAD_MX])
         self.https_port = free_port_everywhere(list(POLICY_HOSTS.values()))
         self.https_cert = self.ca.issue("policy-hosts", *(f"mta-sts.{d}" for d in POLICIES))
-        self.dns = DNS(root, zone())
+        self.dns = LoopbackDNS(root, zone())
         self.policy_servers: dict[str, PolicyServer] = {}
         self.receivers: dict[str, MtaServer] = {}
 
@@ -360,7 +333,7 @@ def test_tls_policy_none_overrides_mta_sts_and_sends_in_plain_text(
 
 def test_the_cached_policy_survives_a_restart_without_its_policy_host(
         world: World, sender: Callable[..., MtaServer], tmp_path: Path) -> None:
-    dns = DNS(tmp_path, zone())
+    dns = LoopbackDNS(tmp_path, zone())
     policy_host = world.serve_policy("cached.test")
     try:
         mta = sender(dns_port=dns.port)
@@ -372,7 +345,7 @@ def test_the_cached_policy_survives_a_restart_without_its_policy_host(
         # The policy host goes away, the domain moves its MX to a host the policy does not
         # name (whose certificate is good) and announces a new policy id.
         policy_host.stop()
-        dns.change(zone(**{"cached.test": {"MX": [[10, "mx.moved.cached.test"]]},
+        dns.update(zone(**{"cached.test": {"MX": [[10, "mx.moved.cached.test"]]},
                            "_mta-sts.cached.test": {"TXT": ["v=STSv1; id=c2"]}}))
         mta.start()
         send(mta, "bob@cached.test", "cached two")

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import email
 import email.message
-import json
 import smtplib
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,13 +25,12 @@ from typing import Any
 
 import pytest
 
+from tests.authpeers import LoopbackDNS
 from tests.integration.harness import MTA as MTA_COMMAND
 from tests.integration.harness import (
-    REPO,
     MtaServer,
     Sink,
     source_env,
-    stop_process,
     wait_for,
 )
 
@@ -97,23 +94,7 @@ def queue_empty(mta: MtaServer) -> bool:
 # -- peers -------------------------------------------------------------------------------
 
 
-class DNSServer:
-    """tests/dnsserver.py serving `zone` on a free loopback port."""
-
-    def __init__(self, directory: Path, zone: dict[str, Any]) -> None:
-        zone_file = directory / "zone.json"
-        zone_file.write_text(json.dumps(zone))
-        self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "dnsserver.py"), str(zone_file)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        line = self.process.stdout.readline() if self.process.stdout else b""
-        if not line.strip().isdigit():
-            stop_process(self.process)
-            raise RuntimeError("the test DNS server did not start")
-        self.port = int(line)
-
-    def stop(self) -> None:
-        stop_process(self.process)
+DNSServer = LoopbackDNS  # tests/dnsserver.py on a free loopback port (tests/authpeers.py)
 
 
 # -- fixtures ------------------------------------------------------------------------------
