@@ -408,7 +408,9 @@ class Spool:
         turn (100,000 messages took 7 s so, 3 s with eight readers on a 2-core
         machine).  `summarise` runs in those processes: it must be a module-level
         function (or a partial of one) and return something that pickles, best one
-        small value per run.  A small queue is one run, read here.
+        small value per run.  A small queue is one run, read here; so is every queue
+        where processes cannot be made or a reader dies (no /dev/shm for the pool's
+        locks, a reader killed for memory): the listing is slower then, never missing.
         """
         directory = os.path.join(self.root, state)
         entries = self._listed(directory)
@@ -420,10 +422,15 @@ class Spool:
 
         size = -(-len(entries) // workers)
         runs = [entries[i:i + size] for i in range(0, len(entries), size)]
-        context = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(len(runs), mp_context=context) as pool:
-            return list(pool.map(_summarise_run, [summarise] * len(runs),
-                                 [directory] * len(runs), runs))
+        try:
+            context = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(len(runs), mp_context=context) as pool:
+                return list(pool.map(_summarise_run, [summarise] * len(runs),
+                                     [directory] * len(runs), runs))
+        except (OSError, ValueError, NotImplementedError,
+                concurrent.futures.process.BrokenProcessPool) as e:
+            log.warn("reading {state}/ with one process ({error})", state=state, error=e)  # noqa: G010
+            return [summarise(_scan_run(directory, entries))]
 
     @staticmethod
     def _listed(directory: str) -> list[tuple[str, bool]]:

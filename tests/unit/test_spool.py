@@ -365,3 +365,18 @@ def test_recovery_and_the_queue_leave_the_mta_sts_cache_alone(spool, tmp_path):
     assert [qid for qid, _ in spool.scan()] == [queue_id]
     assert read_cached(directory, "example.com").id == "1"
     assert sorted(p.name for p in directory.iterdir()) == ["example.com.json"]
+
+
+def test_a_large_queue_is_still_read_where_processes_cannot_be_made(spool, monkeypatch):
+    """No /dev/shm for the pool's locks, say: one process reads it all, in order."""
+    import concurrent.futures
+
+    ids = [commit(spool) for _ in range(7)]
+    monkeypatch.setattr(store, "SCAN_RUN", 2)
+
+    def no_pool(*args, **kwargs):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
+    runs = spool.scan_runs(store.QUEUE, _ids_and_kinds)
+    assert runs == [[(queue_id, "dict") for queue_id in ids]]
