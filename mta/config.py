@@ -626,7 +626,8 @@ def _dkim(source: str, table: dict[str, Any]) -> dict[str, DKIMDomain]:
         if _check_files.get():
             for selector_key, key_key, selector, path in pairs:
                 try:
-                    key = signing.load_key(path, domain, selector)
+                    key = signing.load_key(path, domain, selector,
+                                           "ed25519" if key_key == "ed25519_key" else "rsa")
                 except signing.DKIMKeyError as e:
                     raise s.error(key_key, str(e)) from None
                 if key_key == "ed25519_key" and key.algorithm != signing.ED25519_SHA256:

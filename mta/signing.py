@@ -214,14 +214,19 @@ def valid_selector(selector: str) -> bool:
 
 # -- keys ----------------------------------------------------------------------
 
-def load_key(path: Path, domain: str, selector: str) -> SigningKey:
+def load_key(path: Path, domain: str, selector: str, key_type: str = "rsa") -> SigningKey:
     """The key in `path` (PEM: PKCS#8 or PKCS#1 RSA, PKCS#8 Ed25519); `DKIMKeyError`
-    if it cannot be used."""
+    if it cannot be used.  `key_type` is the kind the config expects there: the
+    error for a missing file gives the command that makes that kind, at that path."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise DKIMKeyError(f"no such file: {path} (make one with: mta dkim keygen "
-                           f"{domain} {selector})") from None
+        command = f"mta dkim keygen {domain} {selector}"
+        if key_type == "ed25519":
+            command += " --type ed25519"
+        if Path(path) != Path(f"etc/dkim/{domain}.{selector}.key"):
+            command += f" --output {path}"
+        raise DKIMKeyError(f"no such file: {path} (make one with: {command})") from None
     except OSError as e:
         raise DKIMKeyError(f"cannot read {path}: {e.strerror}") from None
     try:

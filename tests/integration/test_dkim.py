@@ -377,7 +377,7 @@ def test_dkim_record_prints_what_the_configured_key_needs(tmp_path, keys) -> Non
 
 @pytest.mark.parametrize(("prepare", "expected"), [
     (lambda key: key.unlink(), ("key: no such file: {key} (make one with: mta dkim keygen "
-                               "example.test s1)")),
+                               "example.test s1 --output {key})")),
     (lambda key: key.chmod(0o644), ("key: {key} is mode 0644: others than its owner may open "
                                    "this private key (chmod 600 {key})")),
     (lambda key: key.write_text("garbage\n"), "key: {key}: not a PEM private key"),

@@ -89,8 +89,22 @@ def test_a_pkcs1_rsa_key_as_openssl_and_opendkim_write_it_loads(tmp_path: Path) 
     assert signing.load_key(path, "example.test", "s1").bits == 1024
 
 
+def test_a_missing_key_is_met_with_the_command_that_makes_it(tmp_path, monkeypatch) -> None:
+    """At its default path, the plain command; an Ed25519 slot asks for that type."""
+    monkeypatch.chdir(tmp_path)
+    default = Path("etc/dkim/example.test.s1.key")
+    with pytest.raises(signing.DKIMKeyError) as caught:
+        signing.load_key(default, "example.test", "s1")
+    assert str(caught.value).endswith("(make one with: mta dkim keygen example.test s1)")
+    with pytest.raises(signing.DKIMKeyError) as caught:
+        signing.load_key(Path("elsewhere/e1.key"), "example.test", "e1", "ed25519")
+    assert str(caught.value).endswith("(make one with: mta dkim keygen example.test e1 "
+                                      "--type ed25519 --output elsewhere/e1.key)")
+
+
 @pytest.mark.parametrize(("make", "expected"), [
-    (lambda p: None, "no such file: {path} (make one with: mta dkim keygen example.test s1)"),
+    (lambda p: None, ("no such file: {path} (make one with: mta dkim keygen example.test s1 "
+                      "--output {path})")),
     (lambda p: write_key(p, signing.generate("rsa", 1024)[1], 0o644),
      "{path} is mode 0644: others than its owner may open this private key (chmod 600 {path})"),
     (lambda p: write_key(p, signing.generate("rsa", 1024)[1], 0o640),
