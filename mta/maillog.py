@@ -35,9 +35,18 @@ metrics endpoint counts the same events (mta/observe.py).
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import IO, Any
 
-from twisted.logger import Logger, LogLevel
+import twisted.logger
+from twisted.logger import (
+    FileLogObserver,
+    Logger,
+    LogLevel,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
+)
 
 from mta.reply import printable
 
@@ -62,6 +71,34 @@ def _emit(logger: Logger, level: LogLevel, event: str, text: str,
         logger.emit(level, text, mta_event=event, **fields)
     else:
         logger.emit(level, text, mta_event=event)
+
+
+def text_file_observer(out: IO[Any], time_format: str | None = timeFormatRFC3339,
+                       ) -> FileLogObserver:
+    """`twisted.logger.textFileLogObserver`, line for line, but each second's time stamp
+    is formatted once: the time zone lookup and strftime were a twentieth of the
+    server's CPU time under load.  The time formats twistd uses stop at seconds."""
+    last: list[Any] = [None, "-"]  # the second, its stamp
+
+    def stamp(when: float | None) -> str:
+        if when is None or time_format is None:
+            return "-"
+        second = math.floor(when)
+        if second != last[0]:
+            last[:] = second, formatTime(second, time_format)
+        return last[1]
+
+    def format_event(event: Any) -> str | None:
+        return formatEventAsClassicLogText(event, formatTime=stamp)
+
+    return FileLogObserver(out, format_event)
+
+
+def use_fast_text_log() -> None:
+    """Make twistd's log file (or stdout) observer `text_file_observer`.  twistd looks up
+    ``twisted.logger.textFileLogObserver`` when it starts logging, after the plugin has
+    made its service: the one seam twistd leaves for a plugin."""
+    twisted.logger.textFileLogObserver = text_file_observer  # type: ignore[assignment]
 
 
 def client_name(address: str) -> str:

@@ -349,6 +349,7 @@ def makeService(options: Options) -> service.MultiService:
         sys.stderr.write(f"mta: {e}\n")
         raise SystemExit(1) from None
     config, trust = prepared.config, prepared.trust
+    maillog.use_fast_text_log()
     for warning in config_warnings(config, trust):
         log.warn("{warning}", warning=warning)  # noqa: G010
     if trust.tls is not None:

@@ -165,11 +165,18 @@ class Attempts:
             del self.unsaved[queue_id]
 
     @defer.inlineCallbacks
-    def run(self, queue_id: str, plan: Plan) -> Any:
-        """Attempt `queue_id` as `plan` says; a `Verdict`, or None when it is not in the queue."""
+    def run(self, queue_id: str, plan: Plan, fresh: Envelope | None = None) -> Any:
+        """Attempt `queue_id` as `plan` says; a `Verdict`, or None when it is not in the queue.
+
+        `fresh`: the envelope as the server committed it, kept since; used without
+        reading the disk when the message is still as committed (no thread, no read)."""
         if queue_id in self.unsaved:
             yield self.run_blocking(self._save_unsaved, queue_id)
-        loaded = yield self.run_blocking(self.load, queue_id)
+        data = self.spool.unchanged(queue_id) if fresh is not None else None
+        if data is not None:
+            loaded = fresh, data
+        else:
+            loaded = yield self.run_blocking(self.load, queue_id)
         if loaded is None:
             return None
         envelope, data = loaded

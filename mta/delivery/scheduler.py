@@ -14,7 +14,10 @@ Strategies, each in one place:
 
 Due times.  One heap of (due time, queue id) and one timer for its head.
 A new message is due at once; at start-up a message is due at its stored
-`next_attempt` (or at once if it was never tried).  Time comes from the
+`next_attempt` (or at once if it was never tried).  A new message's envelope
+stays in memory until its first attempt (for at most `FRESH_KEPT` messages
+at once), which then reads nothing but the data from the disk; every other
+attempt reads the envelope afresh.  Time comes from the
 injected reactor (`IReactorTime`), so tests run on `task.Clock`.
 
 Back-off and lifetime (attempt.py).  After an attempt that leaves
@@ -84,6 +87,7 @@ ACTIVE_PER_SLOT = 4  # messages in attempts at once, per delivery slot ([relay] 
 LOAD_BATCH = 500  # envelopes read at start in one go, in a thread
 NOTICE_INTERVAL = 1.0  # seconds between reads of the spool's control/ notices
 DNS_THREADS = 10  # at most this many DNS resolutions at once
+FRESH_KEPT = 1000  # new messages whose envelope waits in memory for their first attempt
 
 def domain_matches(domain: str, wanted: str, subdomains: bool = False) -> bool:
     domain, wanted = domain.lower().rstrip("."), wanted.lower().rstrip(".")
@@ -104,6 +108,7 @@ class _Entry:
     domains: frozenset[str] = frozenset()  # of pending recipients: the domain index
     release: frozenset[str] = frozenset()  # held domains to attempt next time
     idle: list[defer.Deferred[None]] | None = None  # waiting for it to stop
+    envelope: Envelope | None = None  # fresh: as committed, until its first attempt
 
 
 class _Limiter:
@@ -430,6 +435,8 @@ class Relayer(Service):
             entry.again = True
         elif fresh and not held:
             entry.due, entry.fresh = due, True
+            if len(self._fresh) < FRESH_KEPT:
+                entry.envelope = envelope
             self._fresh.append(entry.queue_id)
         else:
             self._set_due(entry, due)
@@ -447,6 +454,7 @@ class Relayer(Service):
         entry.domains = domains
 
     def _forget(self, entry: _Entry) -> None:
+        entry.envelope = None
         self._index(entry, frozenset())
         if self._entries.get(entry.queue_id) is entry:
             del self._entries[entry.queue_id]
@@ -456,7 +464,7 @@ class Relayer(Service):
         return [self._entries[i] for i in sorted(ids) if i in self._entries]
 
     def _set_due(self, entry: _Entry, due: float) -> None:
-        entry.due, entry.fresh = due, False
+        entry.due, entry.fresh, entry.envelope = due, False, None
         heapq.heappush(self._heap, (due, next(self._seq), entry.queue_id))
 
     def _arm(self) -> None:
@@ -521,8 +529,9 @@ class Relayer(Service):
         """One attempt of `entry` under `plan`; settles its due time when it ends.
         Fires with the attempt's Verdict, or None when it found no message or failed."""
         entry.running, entry.due, entry.fresh = True, None, False
+        fresh, entry.envelope = entry.envelope, None
         self._active += 1
-        d = self.attempts.run(entry.queue_id, plan)
+        d = self.attempts.run(entry.queue_id, plan, fresh)
         self._attempts.add(d)
 
         def ended(verdict: Verdict | None) -> Verdict | None:

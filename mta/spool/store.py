@@ -105,16 +105,22 @@ class _QueueIds:
 
 @dataclass(frozen=True)
 class MessageData:
-    """Where a committed message's data is: the file, from `offset` to its end."""
+    """Where a committed message's data is: the file, from `offset` to its end (None:
+    after the envelope line, found when the file is opened)."""
 
     path: Path
-    offset: int = 0
+    offset: int | None = 0
 
     def open(self, mode: str = "rb") -> BinaryIO:
         if mode != "rb":
             raise ValueError("message data is read-only")
         f = self.path.open("rb")
-        f.seek(self.offset)
+        if self.offset is not None:
+            f.seek(self.offset)
+        elif f.read(len(HEADER)) == HEADER:
+            f.readline()
+        else:
+            f.seek(0)
         return f
 
     def read_bytes(self) -> bytes:
@@ -350,6 +356,16 @@ class Spool:
 
     def load(self, queue_id: str) -> Envelope:
         return self.open_message(queue_id)[0]
+
+    def unchanged(self, queue_id: str) -> MessageData | None:
+        """Where a message's data is, if it is in ``queue/`` with no state beside it (as
+        committed: its envelope is the one received); else None.  Two stat calls of
+        entries the commit just made: cheap enough for the reactor thread."""
+        directory = self.root / QUEUE
+        path = directory / (queue_id + DATA_SUFFIX)
+        if not path.exists() or (directory / (queue_id + ENVELOPE_SUFFIX)).exists():
+            return None
+        return MessageData(path, None)
 
     def message_data(self, queue_id: str) -> MessageData:
         return self.open_message(queue_id)[1]

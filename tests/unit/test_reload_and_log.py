@@ -175,3 +175,33 @@ def test_every_refusal_a_session_sends_is_one_log_line(tmp_path: Path, events) -
     assert lines(events)[-1] == (
         "disconnect from unknown[192.0.2.7] mail=1/4 ehlo=1 rcpt=1/4 data=0/2 unknown=0/2 "
         "quit=1 commands=4/14")
+
+
+def test_the_text_log_prints_what_twisteds_own_observer_prints(monkeypatch) -> None:
+    import io
+    import time
+
+    from twisted.logger import textFileLogObserver
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        ours, theirs = io.StringIO(), io.StringIO()
+        fast, reference = maillog.text_file_observer(ours), textFileLogObserver(theirs)
+        # Across a second, a minute and a daylight saving change (2026-10-25 01:00 UTC),
+        # with the same second twice and an event without a time.
+        base = 1792887600.0  # 2026-10-25 00:20:00 UTC
+        times = [base, base + 0.4, base + 0.999, base + 1.0, base + 59.7, base + 2400.2,
+                 base + 2400.9, base + 2401, None, base + 5]
+        for i, when in enumerate(times):
+            event = {"log_format": "line {n} {{braces}}", "n": i, "log_level": LogLevel.info,
+                     "log_namespace": "mta.test", "log_system": "-"}
+            if when is not None:
+                event["log_time"] = when
+            fast(event)
+            reference(event)
+        assert ours.getvalue() == theirs.getvalue()
+        assert "+0200" in ours.getvalue() and "+0100" in ours.getvalue()
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -153,6 +153,38 @@ class RelayerTest(SynchronousTestCase):
         deferred = self.submit("bob@far.test", "alice@local.test")
         self.assertEqual(saved.count(deferred.queue_id), 2 + 1)  # two groups, then next_attempt
 
+    def test_a_new_messages_first_attempt_reads_no_envelope_from_disk(self) -> None:
+        read: list[str] = []
+        real = self.spool.open_message
+        self.spool.open_message = lambda queue_id: (read.append(queue_id), real(queue_id))[1]
+        self.relayer.startService()
+        self.courier.default = Deferred("4.4.1", "refused")
+        envelope = self.submit("bob@far.test")
+        self.assertEqual(self.courier.addresses, [["bob@far.test"]])
+        self.assertEqual(read, [])  # the envelope the server committed, kept in memory
+        self.clock.advance(60)  # the retry reads the state the first attempt saved
+        self.assertEqual(len(self.courier.calls), 2)
+        self.assertEqual(read, [envelope.queue_id])
+        self.assertEqual(self.spool.load(envelope.queue_id).attempts, 2)
+
+    def test_a_new_message_changed_on_disk_before_its_attempt_is_read_afresh(self) -> None:
+        self.relayer.startService()
+        self.courier.hold = True
+        self.submit("first@far.test")  # holds a slot: the next message waits its turn
+        envelope = Envelope("", "alice@here.test",
+                            [Recipient("bob@far.test"), Recipient("carol@far.test")],
+                            arrival=self.clock.seconds())
+        self.spool.inject(envelope, DATA)
+        self.relayer.enqueue(envelope)
+        on_disk = self.spool.load(envelope.queue_id)
+        on_disk.recipients[0].state = DELIVERED  # as a delivery another attempt recorded
+        self.spool.save(on_disk)
+        self.courier.hold = False
+        self.courier.release()
+        self.clock.advance(0)
+        self.assertIn(["carol@far.test"], self.courier.addresses)
+        self.assertNotIn(["bob@far.test", "carol@far.test"], self.courier.addresses)
+
     def test_backoff_doubles_up_to_retry_max(self) -> None:
         self.courier.default = Deferred("4.4.1", "connection refused")
         self.make(lifetime="5d", delay_warning="0")
