@@ -9,6 +9,7 @@ address-literal), its UTF-8 extension of RFC 6531 3.3, ESMTP parameters
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -185,6 +186,7 @@ def parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
+@functools.lru_cache(maxsize=4096)  # asked several times per connection, of few addresses
 def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """A peer's address as an IP, IPv4-mapped IPv6 unwrapped, scope dropped; None if not an IP."""
     try:

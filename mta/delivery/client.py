@@ -255,6 +255,17 @@ def dot_stuffed(source: BinaryIO, chunk_size: int = 65536,
         held_cr = data.endswith(b"\r")
         if held_cr:
             data = data[:-1]
+        elif col == 0 and _plain_lines(data, max_line):
+            # Whole lines, CRLF only, none too long (the usual case): stuffed in one go.
+            if data.startswith(b"."):
+                data = b"." + data
+            data = data.replace(b"\r\n.", b"\r\n..")
+            pieces.append(data)
+            buffered += len(data)
+            if buffered >= chunk_size:
+                yield b"".join(pieces)
+                pieces, buffered = [], 0
+            continue
         *lines, partial = _LINE_END.split(data)
         for line in lines:
             emit(line)
@@ -270,6 +281,17 @@ def dot_stuffed(source: BinaryIO, chunk_size: int = 65536,
         pieces.append(b"\r\n")
     pieces.append(b".\r\n")
     yield b"".join(pieces)
+
+
+def _plain_lines(data: bytes, max_line: int) -> bool:
+    """Whether `data` is whole lines ending in CRLF, with no bare CR or LF, each short
+    enough to take a stuffed dot and stay within `max_line`."""
+    if not data.endswith(b"\r\n"):
+        return False
+    ends = data.count(b"\r\n")
+    if data.count(b"\r") != ends or data.count(b"\n") != ends:
+        return False
+    return len(data) < max_line or max(map(len, data.split(b"\r\n"))) < max_line
 
 
 @implementer(interfaces.IPullProducer)

@@ -27,6 +27,7 @@ temporary or permanent.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from collections.abc import Iterable
@@ -118,6 +119,7 @@ def _endpoint_port_interface(endpoint: str) -> tuple[int | None, str]:
     return port, interface
 
 
+@functools.lru_cache(maxsize=1024)  # next hops are few; asked once per delivery
 def _normal_address(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
@@ -125,6 +127,7 @@ def _normal_address(text: str) -> str:
         return text
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)

@@ -43,6 +43,7 @@ forwards every byte and the connection's loss to its successor.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import Counter
 from typing import Any
@@ -548,6 +549,7 @@ class ConnectionTable:
 RATE_WINDOW = 60.0  # connection_rate counts connections per this many seconds
 
 
+@functools.lru_cache(maxsize=4096)
 def network_of(client: str) -> str:
     """The /24 (IPv4) or /64 (IPv6) of a client address; the address itself otherwise."""
     ip = client_ip(client)

@@ -6,9 +6,12 @@ import base64
 import hashlib
 import hmac
 import io
+import re
 import tempfile
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import task
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
@@ -499,3 +502,36 @@ def test_bare_cr_is_sent_as_a_line_end() -> None:
         return b"".join(dot_stuffed(io.BytesIO(data)))
     assert stuff(b"a\r.\rb\r\n") == b"a\r\n..\r\nb\r\n.\r\n"
     assert stuff(b"end\r") == b"end\r\n.\r\n"
+
+
+def _stuffed_by_the_rules(data: bytes, max_line: int = 998) -> bytes:
+    """RFC 5321 4.5.2 and 2.3.8 written plainly: what `dot_stuffed` must send."""
+    lines = re.split(rb"\r\n|\r|\n", data)
+    if lines[-1] == b"":
+        lines.pop()
+    out = []
+    for line in lines:
+        if line.startswith(b"."):
+            line = b"." + line
+        while len(line) > max_line:  # folded as Postfix does
+            out.append(line[:max_line])
+            line = b" " + line[max_line:]
+        out.append(line)
+    return b"".join(line + b"\r\n" for line in out) + b".\r\n"
+
+
+_ANY_BYTES = st.lists(st.sampled_from([b"a", b"b c", b".", b"..", b"\r\n", b"\r", b"\n",
+                                       b"x" * 500, b"\r\n.", b"y" * 997]),
+                     max_size=40).map(b"".join)
+_CRLF_LINES = st.lists(st.sampled_from([b"", b"a", b".", b"..x", b"y" * 996, b"y" * 997,
+                                        b"." + b"y" * 997, b"z" * 998, b"z" * 1200]),
+                       max_size=40).map(lambda lines: b"".join(x + b"\r\n" for x in lines))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_ANY_BYTES, _CRLF_LINES), st.sampled_from([1, 2, 3, 7, 64, 1000, 65536]))
+def test_dot_stuffing_is_the_same_whatever_the_chunks(data: bytes, chunk: int) -> None:
+    # Whole CRLF lines take a fast path; the rest goes line by line: both must agree
+    # with the rules however the reads fall.
+    sent = b"".join(dot_stuffed(io.BytesIO(data), chunk))
+    assert sent == _stuffed_by_the_rules(data)
