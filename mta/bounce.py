@@ -33,10 +33,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from mta.datefield import mail_date
 from mta.spool.envelope import Envelope, Recipient
 
 if TYPE_CHECKING:
@@ -152,7 +151,7 @@ def _top_headers(hostname: str, to: str, kind: str, now: float, boundary: str,
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\n"
         f"To: <{to}>\n"
         f"Subject: {_SUBJECTS[kind]}\n"
-        f"Date: {_date(now)}\n"
+        f"Date: {mail_date(now)}\n"
         f"Message-ID: <{uuid.uuid4().hex}@{hostname}>\n"
         "Auto-Submitted: auto-replied\n"  # RFC 3834 5
         "MIME-Version: 1.0\n"
@@ -191,7 +190,7 @@ def _status_fields(hostname: str, envelope: Envelope, lines: list[ReportLine], n
         fields.append(f"Original-Envelope-Id: {_one_line(envelope.envid)}")
     if envelope.client_helo:
         fields.append(f"Received-From-MTA: dns; {_one_line(envelope.client_helo)}")
-    fields.append(f"Arrival-Date: {_date(envelope.arrival)}")
+    fields.append(f"Arrival-Date: {mail_date(envelope.arrival)}")
     blocks = ["\n".join(fields)]
     for line in lines:
         blocks.append(_recipient_fields(line, now, retry_until, utf8))
@@ -213,9 +212,9 @@ def _recipient_fields(line: ReportLine, now: float, retry_until: float | None, u
     if r.diagnostic:
         kind = "smtp" if r.remote_mta else "X-mta"
         fields.append(f"Diagnostic-Code: {kind}; {_one_line(r.diagnostic)}")
-    fields.append(f"Last-Attempt-Date: {_date(r.updated or now)}")
+    fields.append(f"Last-Attempt-Date: {mail_date(r.updated or now)}")
     if line.action == DELAYED and retry_until is not None:
-        fields.append(f"Will-Retry-Until: {_date(retry_until)}")
+        fields.append(f"Will-Retry-Until: {mail_date(retry_until)}")
     return "\n".join(fields)
 
 
@@ -267,9 +266,6 @@ def _ascii(envelope: Envelope, lines: list[ReportLine]) -> bool:
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
-
-def _date(when: float) -> str:
-    return format_datetime(datetime.fromtimestamp(when, UTC).astimezone())
 
 
 def _crlf(text: str) -> bytes:

@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Any
 
 from mta.checks.authresults import authserv_id_of
+from mta.datefield import mail_date
 
 HEADER_LIMIT = 256 * 1024  # octets of header section HeaderCompletion looks at before giving up
 FIELD_LIMIT = 64 * 1024  # octets of one field held at a time
@@ -248,8 +247,7 @@ class HeaderCompletion(HeaderEditor):
     def ending(self, body_follows: bool) -> bytes:
         fields = []
         if b"date" not in self.seen:
-            now = datetime.fromtimestamp(self.clock(), UTC).astimezone()
-            fields.append(f"Date: {format_datetime(now)}")
+            fields.append(f"Date: {mail_date(self.clock())}")
         if b"message-id" not in self.seen:
             fields.append(f"Message-ID: <{self.incoming.queue_id}@{self.hostname}>")
         if b"from" not in self.seen and self.author:

@@ -57,8 +57,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -74,6 +72,7 @@ from mta.address import (
     xtext_decode,
 )
 from mta.config import Config, DKIMDomain
+from mta.datefield import mail_date
 from mta.reply import Reply
 from mta.server import sasl
 from mta.server.answer import CLOSE, START_TLS, Answer, ReadBody, answer
@@ -1032,9 +1031,9 @@ class Session:
         if self.local_user is not None:
             # Postfix's form for local submission: no network peer to name.
             user = _header_safe(self.local_user.name, utf8)
-            now = datetime.fromtimestamp(self.context.clock(), UTC).astimezone()
             return (f"Received: by {self.hostname} (mta, from userid {self.local_user.uid} "
-                    f"{user})\r\n\tid {queue_id}; {format_datetime(now)}\r\n").encode()
+                    f"{user})\r\n\tid {queue_id}; {mail_date(self.context.clock())}\r\n"
+                    ).encode()
         helo = _header_safe(self.helo or "unknown", utf8)
         # TCP-info is an address-literal [RFC 5321 4.4, 4.1.3]: IPv6 ones are tagged.
         literal = f"IPv6:{self.client_address}" if ":" in self.client_address \
@@ -1047,8 +1046,7 @@ class Session:
             lines.append(f"\tfor <{_header_safe(tx.forward_paths[0], utf8)}>;")
         else:
             lines[-1] += ";"
-        now = datetime.fromtimestamp(self.context.clock(), UTC).astimezone()
-        lines.append(f"\t{format_datetime(now)}")
+        lines.append(f"\t{mail_date(self.context.clock())}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 

@@ -245,6 +245,9 @@ class Spool:
         self._syncs = {name: _DirectorySync(self.root / name) for name in (QUEUE, HOLD)}
         for name in (TMP, QUEUE, HOLD, CORRUPT, CONTROL):
             (self.root / name).mkdir(parents=True, exist_ok=True)
+        # The directories as text, for the per-message paths (pathlib costs more than
+        # the system calls there).
+        self._dirs = {name: os.path.join(self.root, name, "") for name in (TMP, QUEUE, HOLD)}
         self._unnamed_files: bool | None = None  # found out at the first receive
 
     @property
@@ -265,7 +268,7 @@ class Spool:
         """A new file in ``tmp/`` for `queue_id`: unnamed where the filesystem can
         (nothing to clean up after a crash), else named after the queue id."""
         if self._unnamed:
-            return os.open(self.root / TMP, os.O_TMPFILE | os.O_RDWR, 0o600), None
+            return os.open(self._dirs[TMP], os.O_TMPFILE | os.O_RDWR, 0o600), None
         path = self.root / TMP / (queue_id + suffix)
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), path
 
@@ -275,8 +278,7 @@ class Spool:
         On any error the message is dropped and the error re-raised: nothing
         half-committed stays behind.
         """
-        queue = self.root / QUEUE
-        target = queue / (incoming.queue_id + DATA_SUFFIX)
+        target = self._dirs[QUEUE] + incoming.queue_id + DATA_SUFFIX
         try:
             incoming.flush()
             assert incoming.fd is not None
@@ -323,7 +325,7 @@ class Spool:
     def _where(self, queue_id: str) -> str:
         _check_id(queue_id)
         for state in (QUEUE, HOLD):
-            if (self.root / state / (queue_id + DATA_SUFFIX)).exists():
+            if os.path.exists(self._dirs[state] + queue_id + DATA_SUFFIX):
                 return state
         raise SpoolError(f"no message {queue_id} in the queue")
 
@@ -361,11 +363,10 @@ class Spool:
         """Where a message's data is, if it is in ``queue/`` with no state beside it (as
         committed: its envelope is the one received); else None.  Two stat calls of
         entries the commit just made: cheap enough for the reactor thread."""
-        directory = self.root / QUEUE
-        path = directory / (queue_id + DATA_SUFFIX)
-        if not path.exists() or (directory / (queue_id + ENVELOPE_SUFFIX)).exists():
+        path = self._dirs[QUEUE] + queue_id
+        if not os.path.exists(path + DATA_SUFFIX) or os.path.exists(path + ENVELOPE_SUFFIX):
             return None
-        return MessageData(path, None)
+        return MessageData(Path(path + DATA_SUFFIX), None)
 
     def message_data(self, queue_id: str) -> MessageData:
         return self.open_message(queue_id)[1]
@@ -385,9 +386,9 @@ class Spool:
 
     def remove(self, queue_id: str) -> None:
         """Remove a message: the message first, then its state."""
-        directory = self.root / self._where(queue_id)
-        (directory / (queue_id + DATA_SUFFIX)).unlink()
-        _unlink(directory / (queue_id + ENVELOPE_SUFFIX))
+        path = self._dirs[self._where(queue_id)] + queue_id
+        os.unlink(path + DATA_SUFFIX)
+        _unlink(path + ENVELOPE_SUFFIX)
 
     def hold(self, queue_id: str) -> None:
         self._move(queue_id, QUEUE, HOLD)
@@ -643,9 +644,9 @@ def _check_id(queue_id: str) -> None:
         raise SpoolError(f"not a queue id: {queue_id!r}")
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: Path | str) -> None:
     try:
-        path.unlink()
+        os.unlink(path)
     except FileNotFoundError:
         pass
 

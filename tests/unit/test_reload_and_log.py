@@ -205,3 +205,25 @@ def test_the_text_log_prints_what_twisteds_own_observer_prints(monkeypatch) -> N
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_mail_dates_are_local_time_to_the_second(monkeypatch) -> None:
+    import time
+    from datetime import UTC, datetime
+    from email.utils import format_datetime, parsedate_to_datetime
+
+    from mta.datefield import mail_date
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        base = 1793510400.0  # 2026-11-01 05:20 UTC; clocks go back at 06:00 UTC
+        for when in [base, base + 0.5, base + 1.2, base + 2400, base + 2400.7, base - 86400 * 30]:
+            expected = format_datetime(datetime.fromtimestamp(when, UTC).astimezone()
+                                       .replace(microsecond=0))
+            assert mail_date(when) == expected
+            assert parsedate_to_datetime(mail_date(when)).timestamp() == int(when)
+        assert mail_date(base).endswith("-0400") and mail_date(base + 2400).endswith("-0500")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
