@@ -141,6 +141,9 @@ class ServerSection:
     # Where local users hand messages to the running server (`sendmail`);
     # None: no such socket.
     sendmail_socket: Path | None = None
+    # SMTP sessions of the smtp and submission listeners in a second process
+    # (receiver.py): receiving and delivering on two cores.
+    receiver_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -721,6 +724,7 @@ def _server(s: _Section) -> ServerSection:
     aliases = s.path("aliases", "")
     virtual = s.path("virtual", "")
     socket_path = s.get("sendmail_socket", "", kind=str)
+    receiver_process = s.get("receiver_process", False, kind=bool)
     section = ServerSection(
         hostname=hostname,
         spool=Path(spool),
@@ -732,6 +736,7 @@ def _server(s: _Section) -> ServerSection:
         virtual_entries=_alias_file(s, "virtual", virtual, aliases_module.read_virtual),
         sendmail_socket=(None if socket_path == "off" else
                          Path(socket_path) if socket_path else Path(spool) / SENDMAIL_SOCKET),
+        receiver_process=receiver_process,
     )
     s.finish()
     return section

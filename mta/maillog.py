@@ -57,6 +57,9 @@ smtpd = Logger(namespace="mta.smtpd")
 # only then are the fields of each event gathered, and counted.
 structured = False
 metrics: Any = None
+# Set in the receiving process (receiver.py): each line goes to the main process,
+# which logs it (`emit_line`), instead of to this process's observers.
+forward: Any = None
 
 SENT, DEFERRED, BOUNCED, EXPIRED = "sent", "deferred", "bounced", "expired"
 
@@ -66,11 +69,26 @@ def _emit(logger: Logger, level: LogLevel, event: str, text: str,
     """One line, formatted here once: the observers print it as it is (braces escaped,
     so twisted.logger's formatter finds nothing to substitute).  `fields` go into
     the event only when a structured observer wants them."""
+    if forward is not None:
+        forward(logger.namespace, level.name, event, text, fields)
+        return
     text = text.replace("{", "{{").replace("}", "}}")
     if structured and fields is not None:
         logger.emit(level, text, mta_event=event, **fields)
     else:
         logger.emit(level, text, mta_event=event)
+
+
+_loggers: dict[str, Logger] = {}
+
+
+def emit_line(namespace: str, level: str, event: str, text: str,
+              fields: dict[str, Any] | None) -> None:
+    """A line the receiving process sent: logged here as if it were this process's."""
+    logger = _loggers.get(namespace)
+    if logger is None:
+        logger = _loggers[namespace] = Logger(namespace=namespace)
+    _emit(logger, LogLevel.levelWithName(level), event, text, fields)
 
 
 def text_file_observer(out: IO[Any], time_format: str | None = timeFormatRFC3339,

@@ -80,11 +80,17 @@ class Reloader(service.Service):
     and keeps its running value.
 
     While it runs, the server's pid is in ``SPOOL/mta.pid``, for `mta reload`.
+
+    In the receiving process (`child`, receiver.py) it neither handles SIGHUP nor
+    writes the pid: the main process tells it to reload once it has; and it logs
+    only a failure, since the main process logs the rest.
     """
 
     name = "reloader"
 
-    def __init__(self, path: str, live: Any, trust: Any, reactor: Any) -> None:
+    def __init__(self, path: str, live: Any, trust: Any, reactor: Any,
+                 child: bool = False) -> None:
+        self.child = child
         self.path = path
         self.live = live
         self.trust = trust
@@ -95,6 +101,8 @@ class Reloader(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.child:
+            return
         try:
             self._previous = signal.signal(signal.SIGHUP, self._hangup)
         except ValueError:  # not the main thread (an embedding program): no SIGHUP reload
@@ -126,31 +134,38 @@ class Reloader(service.Service):
         try:
             prepared = prepare(self.path, self.reactor)
         except config_module.ConfigError as e:
-            log.error("reload failed, the running config stays in force: {error}",
-                      error=str(e))
+            log.error("{who}reload failed, the running config stays in force: {error}",
+                      who="receiving process: " if self.child else "", error=str(e))
             return False
         old = self.live.config
         new = prepared.config
-        kept = {}
+        kept: dict[str, Any] = {}
+        changed = []
         if new.listeners != old.listeners:
             kept["listeners"] = old.listeners
-        if new.server.spool != old.server.spool:
-            kept["server"] = dataclasses.replace(new.server, spool=old.server.spool)
+            changed.append("[[listeners]]")
+        for key in ("spool", "receiver_process"):
+            if getattr(new.server, key) != getattr(old.server, key):
+                kept["server"] = dataclasses.replace(kept.get("server", new.server),
+                                                     **{key: getattr(old.server, key)})
+                changed.append(f"[server] {key}")
         if new.metrics != old.metrics:
             kept["metrics"] = old.metrics
-        for key in kept:
-            what = {"listeners": "[[listeners]]", "server": "[server] spool",
-                    "metrics": "[metrics]"}[key]
+            changed.append("[metrics]")
+        for what in changed if not self.child else ():
             log.warn("reload: {what} changed: that takes a restart; "  # noqa: G010
                      "until then the running one stays", what=what)
         if kept:
             new = dataclasses.replace(new, **kept)
         for warning in alias_warnings(new) + pickup_warnings(new, prepared.trust):
-            log.warn("{warning}", warning=warning)  # noqa: G010
+            if not self.child:
+                log.warn("{warning}", warning=warning)  # noqa: G010
         self.trust.adopt(prepared.trust, new)
         self.live.swap(new)
         for callback in self.on_reload:
             callback(new)
+        if self.child:
+            return True
         log.info("reload: {path} in force (reload #{n}): {domains} domain(s), "
                  "hostname {hostname}", path=self.path, n=self.live.generation,
                  domains=len(new.domains), hostname=new.server.hostname)
@@ -239,15 +254,25 @@ def sendmail_warnings(config: config_module.Config) -> list[str]:
     return [f"[server] sendmail_socket: {why}"] if why else []
 
 
+def runtime_user(options: Options) -> tuple[int, int | None] | None:
+    """``(uid, gid)`` twistd switches to after binding the ports (``--uid``, ``--gid``),
+    when started as root; else None."""
+    parent = getattr(options, "parent", None) or {}
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None or os.geteuid() != 0:
+        return None
+    return uid, gid
+
+
 def give_directories_to_runtime_user(config: config_module.Config, options: Options,
                                      made: list[Any] = ()) -> None:
     """With ``twistd --uid U [--gid G]`` started as root, the spool (made just now,
     as root) and the Maildir roots must belong to U, who runs everything after
     the ports are bound; otherwise every message would be refused with 451."""
-    parent = getattr(options, "parent", None) or {}
-    uid, gid = parent.get("uid"), parent.get("gid")
-    if uid is None or os.geteuid() != 0:
+    user = runtime_user(options)
+    if user is None:
         return
+    uid, gid = user
     gid = -1 if gid is None else gid
     roots = [config.server.spool, *made]
     for domain in config.domains.values():
@@ -333,7 +358,7 @@ class ListeningService(StreamServerEndpointService):
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
-    from mta import maillog
+    from mta import maillog, receiver
     from mta.delivery.scheduler import Relayer
     from mta.observe import JSONLogService, Metrics, metrics_service
     from mta.pull import PullService
@@ -384,16 +409,25 @@ def makeService(options: Options) -> service.MultiService:
     connections = ConnectionTable()
     pickup = Pickup(live, relayer, reactor)
     checks = inbound_checks(config, reactor, top, reloader)
+    handed = []  # served by the receiving process, when there is one
     for listener, endpoint in zip(config.listeners, prepared.endpoints):
         context = ServerContext(live, listener, spool, queue=relayer, pickup=pickup,
                                 trust=trust, checks=checks if listener.role == "smtp" else None)
         factory = SMTPFactory(context, connections)
         if listener.tls == "implicit":
             factory = trust.tls.wrap_factory(factory, reactor)
+        if config.server.receiver_process and receiver.delegated(listener):
+            handed.append((listener, endpoint, factory))
+            continue
         listening = ListeningService(endpoint, factory)
         listening._raiseSynchronously = True
         listening.setName(listener.name)
         listening.setServiceParent(top)
+    if handed:
+        receiving = receiver.ReceivingProcess(options["config"], handed, relayer, pickup,
+                                              reactor, user=runtime_user(options))
+        receiving.setServiceParent(top)
+        reloader.on_reload.append(receiving.reload)
     if config.server.sendmail_socket is not None:
         # Local users' `sendmail` (local.py): the same sessions, without TLS, AUTH or ETRN.
         context = ServerContext(live, LOCAL_LISTENER, spool, queue=relayer)

@@ -299,6 +299,32 @@ class Relayer(Service):
         log.info("relayer started: {count} queued messages, {held} held for pickup",
                  count=count, held=held)
 
+    @defer.inlineCallbacks
+    def adopt_unknown(self) -> Any:
+        """Schedule the messages in ``queue/`` that the relayer does not know: what a
+        receiving process (receiver.py) that died between a commit and its report
+        left there.  Fires with how many it found."""
+        ids = yield self.run_blocking(self.spool.queue_ids)
+        unknown = [queue_id for queue_id in ids if queue_id not in self._entries]
+        found = 0
+        for start in range(0, len(unknown), LOAD_BATCH):
+            if self._stopping:
+                break
+            envelopes = yield self.run_blocking(self.spool.load_committed,
+                                                unknown[start:start + LOAD_BATCH])
+            now = self.reactor.seconds()
+            for envelope in envelopes:
+                if envelope.queue_id not in self._entries:
+                    due = envelope.next_attempt if envelope.attempts and \
+                        envelope.next_attempt > now else now
+                    self._track(envelope, due)
+                    found += 1
+            self._arm()
+        if found:
+            log.info("found {count} queued message(s) the relayer did not know: scheduled",
+                     count=found)
+        return found
+
     def _stop_dns_pool(self) -> None:
         if self._dns_pool is not None and self._dns_pool.started:
             self._dns_pool.stop()  # joins: a lookup in progress ends within dns_timeout

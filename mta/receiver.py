@@ -1,0 +1,518 @@
+"""SMTP sessions in a second process: the receiving process (``[server] receiver_process``).
+
+One Python process runs on one core.  With ``receiver_process = true`` the
+sessions of the ``smtp`` and ``submission`` listeners (not the ones that offer
+ATRN, nor the local sendmail socket) run in a child process, and the main
+process keeps everything else: the queue, deliveries, ETRN's queue runs, ATRN,
+the metrics, the logs, the control notices.  Receiving (the dialogue, DATA, the
+checks, DKIM signing, the commit's fsync) and delivering then use two cores.
+There is still one owner of the queue, so nothing is ever delivered twice.
+
+How the two work together:
+
+- The main process binds every listener as before (ports below 1024 as root)
+  and hands the sockets of those listeners to the child, which accepts on them.
+  Until the child says it is ready, and whenever it is not running, the main
+  process accepts on them itself: a child that cannot start (or dies) slows
+  the server down, never stops it.
+- The child is started as ``python -m mta.receiver``, before twistd gives up
+  root, so that it reads the same certificate and password files; it gives up
+  root itself (to twistd's ``--uid``/``--gid``) before it accepts a connection.
+  It reads the same config file; a reload (SIGHUP, `mta reload`) reaches it
+  from the main process once the main process took the new config.
+- They talk over a socket pair (the child's fd 3), one pickled tuple per
+  frame; both ends are this module, started by the parent, and nothing else
+  can reach the pair:
+
+  child -> main: ``("ready", pid)``; ``("enqueue", envelope)`` after each
+  commit (the scheduler takes it as the server's own); ``("log", record)``,
+  every log event, which the main process logs as its own (one log, one JSON
+  log); ``("metric", name, args)``, the counts for the metrics endpoint;
+  ``("etrn", call, arg, client, user)``, answered by main -> child
+  ``("answer", call, reply)``.
+  main -> child: ``("reload",)``.
+
+- A committed message is on disk before its 250, as always.  If the child
+  dies between a commit and its ``enqueue`` frame, the main process finds the
+  message when it notices the death (it looks for committed messages its
+  scheduler does not know) and delivers it.  When the main process goes away,
+  the pair closes and the child stops at once.
+
+Left to one process by design: TURN (RFC 821) turns the client's connection
+round into a delivery of the queue's mail, which only the main process can do;
+on a listener served by the child it is refused with 502.  ATRN listeners stay
+in the main process and work as always.  The connection limits of the child's
+listeners are counted in the child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import pickle
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.internet.error import CannotListenError, ProcessExitedAlready
+from twisted.logger import Logger, LogLevel, eventAsText
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+
+from mta import maillog
+from mta import reply as reply_module
+from mta.reply import Reply
+
+log = Logger(namespace="mta.receiver")
+
+CHANNEL_FD = 3  # the child's end of the socket pair
+FIRST_LISTENER_FD = 4  # the listening sockets follow, in the order of --listeners
+RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after a death; reset once it ran a minute
+STOP_WAIT = 10.0  # seconds a stopping child gets before SIGKILL
+METRICS = frozenset({"connected", "disconnected", "rejected", "received", "checked",
+                     "dkim_signing", "sts", "delivery"})
+TURN_REFUSED = Reply(502, "5.5.1", "TURN is not available on this port")
+
+
+def delegated(listener: Any) -> bool:
+    """Whether `listener`'s sessions run in the receiving process."""
+    return listener.role in ("smtp", "submission") and not listener.atrn
+
+
+class Channel(Int32StringReceiver):
+    """One end of the socket pair: frames of one pickled tuple each."""
+
+    MAX_LENGTH = 1 << 28  # an envelope with many recipients is large, never this large
+
+    def __init__(self, handle: Callable[[tuple[Any, ...]], None],
+                 lost: Callable[[], None]) -> None:
+        self.handle = handle
+        self.lost = lost
+
+    def send(self, *message: Any) -> None:
+        if self.transport is not None and self.connected:
+            self.sendString(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+    def stringReceived(self, data: bytes) -> None:
+        self.handle(pickle.loads(data))
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.connected = False
+        self.lost()
+
+
+class _ChannelFactory(protocol.Factory):
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def buildProtocol(self, addr: Any) -> Channel:
+        return self.channel
+
+
+# -- the main process's side ------------------------------------------------------------
+
+class _ChildProtocol(protocol.ProcessProtocol):
+    def __init__(self, ended: Callable[[Any], None]) -> None:
+        self.ended = ended
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended(reason)
+
+
+class ReceivingProcess(service.Service):
+    """Starts and watches the receiving process, and serves what it asks.
+
+    `listeners`: ``(listener, endpoint, factory)`` for each delegated listener;
+    the factory is the main process's own, used while the child is not serving.
+    `user`: ``(uid, gid)`` the child switches to after reading its files (twistd's
+    ``--uid``/``--gid`` when started as root), or None.
+    """
+
+    name = "receiver"
+
+    def __init__(self, config_path: str, listeners: list[tuple[Any, Any, Any]],
+                 relayer: Any, pickup: Any, reactor: Any,
+                 user: tuple[int, int | None] | None = None) -> None:
+        self.config_path = config_path
+        self.listeners = listeners
+        self.relayer = relayer
+        self.pickup = pickup
+        self.reactor = reactor
+        self.user = user
+        self.ports: list[Any] = []
+        self.process: Any = None
+        self.channel: Channel | None = None
+        self.ready = False
+        self.stopping = False
+        self._deaths = 0
+        self._started_at = 0.0
+        self._restart: Any = None
+        self._ended: defer.Deferred[None] | None = None
+
+    # -- start and stop ----------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        # Bound and started now, while we may still be root; the child accepts only
+        # once told to (startService), after the relayer's start-up recovery.
+        super().privilegedStartService()
+        for listener, endpoint, factory in self.listeners:
+            port = _listen(endpoint, factory, listener.name)
+            self.ports.append(port)
+        self._spawn()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.channel is not None:
+            self.channel.send("start")
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        self.stopping = True
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        ended = self._ended
+        if self.process is not None and ended is not None:
+            self._signal("TERM")
+            killer = self.reactor.callLater(STOP_WAIT, self._signal, "KILL")
+            ended.addBoth(lambda _: killer.cancel() if killer.active() else None)
+        else:
+            ended = defer.succeed(None)
+        ended.addBoth(lambda _: defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in self.ports]))
+        return ended
+
+    def _signal(self, name: str) -> None:
+        with contextlib.suppress(ProcessExitedAlready, OSError):
+            self.process.signalProcess(name)
+
+    def _spawn(self) -> None:
+        self._restart = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds: dict[int, Any] = {1: 1, 2: 2, CHANNEL_FD: theirs.fileno()}
+        for i, port in enumerate(self.ports):
+            child_fds[FIRST_LISTENER_FD + i] = port.fileno()
+        argv = [sys.executable, "-m", "mta.receiver", "--config", self.config_path,
+                "--listeners", ",".join(listener.name for listener, _, _ in self.listeners)]
+        if maillog.metrics is not None:
+            argv.append("--metrics")
+        if self.user is not None:
+            uid, gid = self.user
+            argv += ["--user", f"{uid}:{-1 if gid is None else gid}"]
+        self.ready = False
+        self._ended = defer.Deferred()
+        self.channel = Channel(self._received, self._channel_lost)
+        try:
+            self.process = self.reactor.spawnProcess(
+                _ChildProtocol(self._child_ended), sys.executable, argv, env=dict(os.environ),
+                childFDs=child_fds)
+        except OSError as e:
+            ours.close()
+            theirs.close()
+            log.error("cannot start the receiving process: {why}; this process serves "
+                      "every listener", why=e.strerror or str(e))
+            self.process = None
+            self._ended.callback(None)
+            return
+        finally:
+            theirs.close()
+        self._started_at = self.reactor.seconds()
+        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                           _ChannelFactory(self.channel))
+        ours.close()
+
+    def _child_ended(self, reason: Any) -> None:
+        pid = getattr(self.process, "pid", None)
+        self.process = None
+        self._serve_here()
+        ended, self._ended = self._ended, None
+        if not self.stopping:
+            code = getattr(reason.value, "exitCode", None)
+            sig = getattr(reason.value, "signal", None)
+            how = f"signal {sig}" if sig else f"status {code}"
+            if self.reactor.seconds() - self._started_at > 60:
+                self._deaths = 0
+            delay = RESTART_DELAYS[min(self._deaths, len(RESTART_DELAYS) - 1)]
+            self._deaths += 1
+            log.error("the receiving process (pid {pid}) ended ({how}); this process "
+                      "serves its listeners until it is back, in {delay:.0f} s",
+                      pid=pid, how=how, delay=delay)
+            # A message the child committed but had not reported is in the queue.
+            self.relayer.adopt_unknown().addErrback(
+                lambda f: log.failure("looking for unreported messages failed", f))
+            self._restart = self.reactor.callLater(delay, self._respawn)
+        if ended is not None:
+            ended.callback(None)
+
+    def _respawn(self) -> None:
+        self._spawn()
+        if self.channel is not None:
+            self.channel.send("start")
+
+    def _channel_lost(self) -> None:
+        self.channel = None
+        if self.process is not None and not self.stopping:
+            self._signal("KILL")  # a child we cannot hear cannot report its commits
+
+    def _serve_here(self) -> None:
+        if self.ready or not self.ports:
+            for port in self.ports:
+                port.startReading()
+        self.ready = False
+
+    # -- what the child says --------------------------------------------------------------
+
+    def _received(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "enqueue":
+            self.relayer.enqueue(message[1])
+        elif kind == "line":
+            maillog.emit_line(*message[1:6])
+        elif kind == "log":
+            _log_again(message[1])
+        elif kind == "metric":
+            name, args = message[1], message[2]
+            if maillog.metrics is not None and name in METRICS:
+                getattr(maillog.metrics, name)(*args)
+        elif kind == "etrn":
+            call, arg, client, user = message[1:5]
+            d = defer.maybeDeferred(self.pickup.etrn, arg, client, user)
+            d.addErrback(_etrn_failed)
+            d.addCallback(self._answer, call)
+        elif kind == "ready":
+            self.ready = True
+            for port in self.ports:
+                port.stopReading()
+            log.info("the receiving process (pid {pid}) serves {names}", pid=message[1],
+                     names=", ".join(listener.name for listener, _, _ in self.listeners))
+        else:
+            log.warn("the receiving process sent {kind!r}", kind=kind)  # noqa: G010
+
+    def _answer(self, answer: Reply, call: int) -> None:
+        if self.channel is not None:
+            self.channel.send("answer", call, answer)
+
+    def reload(self, config: Any) -> None:
+        """After the main process took a new config: the child reads it too."""
+        if self.channel is not None:
+            self.channel.send("reload")
+
+
+def _listen(endpoint: Any, factory: Any, name: str) -> Any:
+    """Bind `endpoint` now (TCP endpoints listen at once); failure stops start-up."""
+    result: list[Any] = []
+    endpoint.listen(factory).addBoth(result.append)
+    outcome = result[0] if result else None
+    if isinstance(outcome, Failure):
+        error = outcome.value
+        if isinstance(error, CannotListenError):
+            why = getattr(error.socketError, "strerror", None) or str(error.socketError)
+        else:
+            why = str(error)
+        sys.stderr.write(f"mta: cannot listen on {name}: {why}\n")
+        raise SystemExit(1)
+    if outcome is None or not hasattr(outcome, "fileno"):
+        sys.stderr.write(f"mta: cannot listen on {name}: not a TCP endpoint\n")
+        raise SystemExit(1)
+    return outcome
+
+
+def _etrn_failed(failure: Failure) -> Reply:
+    log.failure("ETRN from the receiving process failed", failure)
+    return reply_module.LOCAL_ERROR
+
+
+def _log_again(record: dict[str, Any]) -> None:
+    """Log an event of the child's as if it were ours."""
+    fields = record.get("fields") or {}
+    if not maillog.structured:
+        fields = {k: v for k, v in fields.items() if k == "mta_event"}
+    level = LogLevel.levelWithName(record.get("level", "info"))
+    Logger(namespace=record.get("namespace") or "mta").emit(
+        level, "{log_text}", log_text=record.get("text", ""), **fields)
+
+
+# -- the child's side --------------------------------------------------------------------
+
+class _RemoteQueue:
+    """The session's `MailQueue` in the child: a committed message goes to the scheduler."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def enqueue(self, envelope: Any) -> None:
+        self.channel.send("enqueue", envelope)
+
+
+class _RemotePickup:
+    """The session's `Pickup` in the child: ETRN is answered by the main process."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.calls: dict[int, defer.Deferred[Reply]] = {}
+        self._ids = itertools.count(1)
+
+    def etrn(self, arg: str, client: str, user: str | None) -> defer.Deferred[Reply]:
+        call = next(self._ids)
+        d: defer.Deferred[Reply] = defer.Deferred()
+        self.calls[call] = d
+        self.channel.send("etrn", call, arg, client, user)
+        return d
+
+    def answered(self, call: int, answer: Reply) -> None:
+        d = self.calls.pop(call, None)
+        if d is not None:
+            d.callback(answer)
+
+    def fail_all(self) -> None:
+        calls, self.calls = self.calls, {}
+        for d in calls.values():
+            d.callback(reply_module.LOCAL_ERROR)
+
+    def atrn(self, arg: str, user: str, peer: str) -> Reply:
+        return reply_module.NOT_IMPLEMENTED  # ATRN listeners stay in the main process
+
+    def turn(self, helo: str | None, user: str | None, peer: str) -> Reply:
+        return TURN_REFUSED
+
+
+class _RemoteMetrics:
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name not in METRICS:
+            raise AttributeError(name)
+        return lambda *args: self.channel.send("metric", name, args)
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> Any:
+    """A field as the JSON log would write it, and as pickle surely carries it."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def _forwarder(channel: Channel) -> Callable[[dict[str, Any]], None]:
+    def forward(event: dict[str, Any]) -> None:
+        namespace = event.get("log_namespace") or ""
+        fields = {}
+        if namespace.startswith("mta"):
+            fields = {k: _plain(v) for k, v in event.items()
+                      if not k.startswith("log_") and (k == "mta_event" or "mta_event" in event)}
+        level = event.get("log_level")
+        channel.send("log", {
+            "namespace": namespace,
+            "level": getattr(level, "name", "info"),
+            "text": eventAsText(event, includeTraceback=True, includeTimestamp=False,
+                                includeSystem=False),
+            "fields": fields,
+        })
+    return forward
+
+
+def _child_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mta.receiver")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--listeners", required=True)
+    parser.add_argument("--user", default=None)
+    parser.add_argument("--metrics", action="store_true")
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    from mta import config as config_module
+    from mta.config import Live
+    from mta.server.context import ServerContext
+    from mta.server.protocol import ConnectionTable, SMTPFactory
+    from mta.spool.store import Spool
+    from mta.tap import Reloader, inbound_checks, prepare
+
+    pickup: _RemotePickup | None = None
+
+    def handle(message: tuple[Any, ...]) -> None:
+        if message[0] == "answer" and pickup is not None:
+            pickup.answered(message[1], message[2])
+        elif message[0] == "reload":
+            reloader.reload()
+        elif message[0] == "start":
+            for fd, factory in serve:
+                probe = socket.socket(fileno=os.dup(fd))
+                family = probe.family
+                probe.close()
+                reactor.adoptStreamPort(fd, family, factory)
+                os.close(fd)
+            serve.clear()
+            channel.send("ready", os.getpid())
+
+    def lost() -> None:
+        if pickup is not None:
+            pickup.fail_all()
+        if reactor.running:
+            reactor.stop()
+
+    channel = Channel(handle, lost)
+    reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, _ChannelFactory(channel))
+    os.close(CHANNEL_FD)
+    globalLogBeginner.beginLoggingTo([_forwarder(channel)], redirectStandardIO=False)
+
+    try:
+        prepared = prepare(args.config, reactor)
+    except config_module.ConfigError as e:
+        sys.stderr.write(f"mta: receiving process: {e}\n")
+        return 1
+    config, trust = prepared.config, prepared.trust
+    by_name = {listener.name: listener for listener in config.listeners}
+    names = args.listeners.split(",")
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        sys.stderr.write(f"mta: receiving process: no listener {missing[0]} in "
+                         f"{args.config} (the listeners take a restart)\n")
+        return 1
+    maillog.structured = True  # the main process keeps the fields only if it wants them
+    maillog.metrics = _RemoteMetrics(channel) if args.metrics else None
+    maillog.forward = lambda *line: channel.send("line", *line)
+    top = service.MultiService()
+    live = Live(config)
+    spool = Spool(config.server.spool)
+    reloader = Reloader(args.config, live, trust, reactor, child=True)
+    checks = inbound_checks(config, reactor, top, reloader)
+    pickup = _RemotePickup(channel)
+    queue = _RemoteQueue(channel)
+    connections = ConnectionTable()
+    serve: list[tuple[int, Any]] = []  # listening socket, factory: served once told to start
+    for i, name in enumerate(names):
+        listener = by_name[name]
+        context = ServerContext(live, listener, spool, queue=queue, pickup=pickup,
+                                trust=trust, checks=checks if listener.role == "smtp" else None)
+        factory: Any = SMTPFactory(context, connections)
+        if listener.tls == "implicit":
+            factory = trust.tls.wrap_factory(factory, reactor)
+        serve.append((FIRST_LISTENER_FD + i, factory))
+    if args.user is not None:
+        from twisted.python.util import switchUID
+        uid, gid = (int(x) for x in args.user.split(":"))
+        switchUID(uid, None if gid < 0 else gid)
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
