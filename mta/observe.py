@@ -92,6 +92,10 @@ class Metrics:
             self.tls_sessions.inc()
             self.ended_with_tls += 1
 
+    def sessions_lost(self, count: int) -> None:
+        """`count` sessions ended without a word: the receiving process died."""
+        self.active.dec(count)
+
     def rejected(self, stage: str, answer: str) -> None:
         code, _, rest = answer.partition(" ")
         dsn = rest.split(" ", 1)[0] if rest[:1].isdigit() and "." in rest[:6] else ""

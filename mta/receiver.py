@@ -76,7 +76,7 @@ RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after a death; reset once it ran
 STOP_WAIT = 10.0  # seconds a stopping child gets before SIGKILL
 METRICS = frozenset({"connected", "disconnected", "rejected", "received", "checked",
                      "dkim_signing", "sts", "delivery"})
-TURN_REFUSED = Reply(502, "5.5.1", "TURN is not available on this port")
+TURN_NOT_HERE = Reply(502, "5.5.1", "TURN is not available on this port")
 
 
 def delegated(listener: Any) -> bool:
@@ -149,6 +149,7 @@ class ReceivingProcess(service.Service):
         self.user = user
         self.ports: list[Any] = []
         self.process: Any = None
+        self.pid: int | None = None
         self.channel: Channel | None = None
         self.ready = False
         self.stopping = False
@@ -156,6 +157,7 @@ class ReceivingProcess(service.Service):
         self._started_at = 0.0
         self._restart: Any = None
         self._ended: defer.Deferred[None] | None = None
+        self._open = 0  # the child's sessions the metrics count as active
 
     # -- start and stop ----------------------------------------------------------------
 
@@ -223,14 +225,17 @@ class ReceivingProcess(service.Service):
             return
         finally:
             theirs.close()
+        self.pid = self.process.pid
         self._started_at = self.reactor.seconds()
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
                                            _ChannelFactory(self.channel))
         ours.close()
 
     def _child_ended(self, reason: Any) -> None:
-        pid = getattr(self.process, "pid", None)
-        self.process = None
+        pid, self.process = self.pid, None
+        if self._open and maillog.metrics is not None:
+            maillog.metrics.sessions_lost(self._open)
+        self._open = 0
         self._serve_here()
         ended, self._ended = self._ended, None
         if not self.stopping:
@@ -262,7 +267,7 @@ class ReceivingProcess(service.Service):
             self._signal("KILL")  # a child we cannot hear cannot report its commits
 
     def _serve_here(self) -> None:
-        if self.ready or not self.ports:
+        if self.ready:  # the ports were the child's: ours again
             for port in self.ports:
                 port.startReading()
         self.ready = False
@@ -281,6 +286,7 @@ class ReceivingProcess(service.Service):
             name, args = message[1], message[2]
             if maillog.metrics is not None and name in METRICS:
                 getattr(maillog.metrics, name)(*args)
+                self._open += {"connected": 1, "disconnected": -1}.get(name, 0)
         elif kind == "etrn":
             call, arg, client, user = message[1:5]
             d = defer.maybeDeferred(self.pickup.etrn, arg, client, user)
@@ -380,7 +386,7 @@ class _RemotePickup:
         return reply_module.NOT_IMPLEMENTED  # ATRN listeners stay in the main process
 
     def turn(self, helo: str | None, user: str | None, peer: str) -> Reply:
-        return TURN_REFUSED
+        return TURN_NOT_HERE
 
 
 class _RemoteMetrics:
@@ -425,93 +431,129 @@ def _forwarder(channel: Channel) -> Callable[[dict[str, Any]], None]:
     return forward
 
 
+class _Child:
+    """The receiving process: its sessions, and its end of the channel."""
+
+    def __init__(self, args: argparse.Namespace, reactor: Any) -> None:
+        self.args = args
+        self.reactor = reactor
+        self.status = 0
+        self.channel = Channel(self._handle, self._lost)
+        self.pickup = _RemotePickup(self.channel)
+        self.reloader: Any = None
+        self.top = service.MultiService()
+        self.waiting: list[tuple[int, Any]] = []  # listening socket, factory: until "start"
+        self.ports: list[Any] = []
+
+    def run(self) -> int:
+        from twisted.logger import globalLogBeginner
+        self.reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX,
+                                           _ChannelFactory(self.channel))
+        os.close(CHANNEL_FD)
+        globalLogBeginner.beginLoggingTo([_forwarder(self.channel)], redirectStandardIO=False)
+        self.reactor.callWhenRunning(self._set_up)
+        self.reactor.run()
+        return self.status
+
+    def _fail(self, why: str) -> None:
+        """Say why in the main process's log, then end (the channel closes once written)."""
+        log.error("the receiving process cannot start: {why}", why=why)
+        self.status = 1
+        self.channel.transport.loseConnection()
+
+    def _set_up(self) -> None:
+        from mta import config as config_module
+        from mta.config import Live
+        from mta.server.context import ServerContext
+        from mta.server.protocol import ConnectionTable, SMTPFactory
+        from mta.spool.store import Spool
+        from mta.tap import Reloader, inbound_checks, prepare
+
+        args, reactor = self.args, self.reactor
+        try:
+            prepared = prepare(args.config, reactor)
+        except config_module.ConfigError as e:
+            self._fail(str(e))
+            return
+        config, trust = prepared.config, prepared.trust
+        by_name = {listener.name: listener for listener in config.listeners}
+        names = args.listeners.split(",")
+        missing = [name for name in names if name not in by_name]
+        if missing:
+            self._fail(f"{args.config} has no listener {missing[0]} now (listeners take "
+                       f"a restart)")
+            return
+        maillog.structured = True  # the main process keeps the fields only if it wants them
+        maillog.metrics = _RemoteMetrics(self.channel) if args.metrics else None
+        maillog.forward = lambda *line: self.channel.send("line", *line)
+        live = Live(config)
+        spool = Spool(config.server.spool)
+        self.reloader = Reloader(args.config, live, trust, reactor, child=True)
+        checks = inbound_checks(config, reactor, self.top, self.reloader)
+        queue = _RemoteQueue(self.channel)
+        connections = ConnectionTable()
+        for i, name in enumerate(names):
+            listener = by_name[name]
+            context = ServerContext(live, listener, spool, queue=queue, pickup=self.pickup,
+                                    trust=trust,
+                                    checks=checks if listener.role == "smtp" else None)
+            factory: Any = SMTPFactory(context, connections)
+            if listener.tls == "implicit":
+                factory = trust.tls.wrap_factory(factory, reactor)
+            self.waiting.append((FIRST_LISTENER_FD + i, factory))
+        if args.user is not None:
+            from twisted.python.util import switchUID
+            uid, gid = (int(x) for x in args.user.split(":"))
+            switchUID(uid, None if gid < 0 else gid)
+        self.top.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", self._stop)
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "answer":
+            self.pickup.answered(message[1], message[2])
+        elif kind == "reload" and self.reloader is not None:
+            self.reloader.reload()
+        elif kind == "start":
+            self._start()
+
+    def _start(self) -> None:
+        if self.reloader is None:
+            return  # not set up (it failed): nothing to serve
+        for fd, factory in self.waiting:
+            probe = socket.socket(fileno=os.dup(fd))
+            family = probe.family
+            probe.close()
+            self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+            os.close(fd)
+        self.waiting.clear()
+        self.channel.send("ready", os.getpid())
+
+    def _stop(self) -> defer.Deferred[Any]:
+        for port in self.ports:
+            port.stopListening()
+        self.ports.clear()
+        return defer.maybeDeferred(self.top.stopService)
+
+    def _lost(self) -> None:
+        # The main process is gone (or told us to end): stop accepting at once, so
+        # that a new main process can bind the ports, and end.
+        self.pickup.fail_all()
+        for port in self.ports:
+            port.stopListening()
+        self.ports.clear()
+        if self.reactor.running:
+            self.reactor.stop()
+
+
 def _child_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mta.receiver")
     parser.add_argument("--config", required=True)
     parser.add_argument("--listeners", required=True)
     parser.add_argument("--user", default=None)
     parser.add_argument("--metrics", action="store_true")
-    args = parser.parse_args(argv)
-
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner
-
-    from mta import config as config_module
-    from mta.config import Live
-    from mta.server.context import ServerContext
-    from mta.server.protocol import ConnectionTable, SMTPFactory
-    from mta.spool.store import Spool
-    from mta.tap import Reloader, inbound_checks, prepare
-
-    pickup: _RemotePickup | None = None
-
-    def handle(message: tuple[Any, ...]) -> None:
-        if message[0] == "answer" and pickup is not None:
-            pickup.answered(message[1], message[2])
-        elif message[0] == "reload":
-            reloader.reload()
-        elif message[0] == "start":
-            for fd, factory in serve:
-                probe = socket.socket(fileno=os.dup(fd))
-                family = probe.family
-                probe.close()
-                reactor.adoptStreamPort(fd, family, factory)
-                os.close(fd)
-            serve.clear()
-            channel.send("ready", os.getpid())
-
-    def lost() -> None:
-        if pickup is not None:
-            pickup.fail_all()
-        if reactor.running:
-            reactor.stop()
-
-    channel = Channel(handle, lost)
-    reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, _ChannelFactory(channel))
-    os.close(CHANNEL_FD)
-    globalLogBeginner.beginLoggingTo([_forwarder(channel)], redirectStandardIO=False)
-
-    try:
-        prepared = prepare(args.config, reactor)
-    except config_module.ConfigError as e:
-        sys.stderr.write(f"mta: receiving process: {e}\n")
-        return 1
-    config, trust = prepared.config, prepared.trust
-    by_name = {listener.name: listener for listener in config.listeners}
-    names = args.listeners.split(",")
-    missing = [name for name in names if name not in by_name]
-    if missing:
-        sys.stderr.write(f"mta: receiving process: no listener {missing[0]} in "
-                         f"{args.config} (the listeners take a restart)\n")
-        return 1
-    maillog.structured = True  # the main process keeps the fields only if it wants them
-    maillog.metrics = _RemoteMetrics(channel) if args.metrics else None
-    maillog.forward = lambda *line: channel.send("line", *line)
-    top = service.MultiService()
-    live = Live(config)
-    spool = Spool(config.server.spool)
-    reloader = Reloader(args.config, live, trust, reactor, child=True)
-    checks = inbound_checks(config, reactor, top, reloader)
-    pickup = _RemotePickup(channel)
-    queue = _RemoteQueue(channel)
-    connections = ConnectionTable()
-    serve: list[tuple[int, Any]] = []  # listening socket, factory: served once told to start
-    for i, name in enumerate(names):
-        listener = by_name[name]
-        context = ServerContext(live, listener, spool, queue=queue, pickup=pickup,
-                                trust=trust, checks=checks if listener.role == "smtp" else None)
-        factory: Any = SMTPFactory(context, connections)
-        if listener.tls == "implicit":
-            factory = trust.tls.wrap_factory(factory, reactor)
-        serve.append((FIRST_LISTENER_FD + i, factory))
-    if args.user is not None:
-        from twisted.python.util import switchUID
-        uid, gid = (int(x) for x in args.user.split(":"))
-        switchUID(uid, None if gid < 0 else gid)
-    top.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    reactor.run()
-    return 0
+    return _Child(parser.parse_args(argv), reactor).run()
 
 
 if __name__ == "__main__":

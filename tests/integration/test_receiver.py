@@ -1,0 +1,203 @@
+"""``[server] receiver_process``: SMTP sessions in a second process, the queue in the main one.
+
+Each test waits for a positive sign (a log line, a file, a reply) before it
+looks at anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.integration.harness import MtaServer, free_port, greets, wait_for
+
+CONFIG = """
+[server]
+hostname = "mx.test"
+spool = "spool"
+postmaster = "postmaster@example.org"
+receiver_process = true
+
+[[listeners]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+role = "smtp"
+
+[relay]
+mynetworks = ["127.0.0.1/32"]
+nameservers = ["127.0.0.1:9"]
+dns_timeout = "1s"
+retry_min = "1h"
+retry_max = "1h"
+
+[etrn]
+clients = ["127.0.0.1/32"]
+
+[domains."example.org"]
+route = "maildir:mail/example.org"
+users = ["alice"]
+
+[domains."held.test"]
+route = "hold"
+etrn_route = "smtp:[127.0.0.1]:9"
+
+[metrics]
+endpoint = "tcp:METRICS:interface=127.0.0.1"
+"""
+
+SERVES = re.compile(r"the receiving process \(pid (\d+)\) serves smtp\[")
+
+
+def start(start_mta) -> MtaServer:
+    server = start_mta(CONFIG.replace("METRICS", str(free_port())))
+    wait_for("the receiving process", lambda: SERVES.search(server.log_text()))
+    return server
+
+
+def child_pid(server: MtaServer, nth: int = 0) -> int:
+    return int(SERVES.findall(server.log_text())[nth])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (dead, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def send(port: int, to: str, subject: str) -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail("sender@client.test")
+        code, _ = client.rcpt(to)
+        assert code == 250
+        code, text = client.data(f"Subject: {subject}\r\n\r\nhello\r\n".encode())
+        assert code == 250, text
+        return text.decode().rsplit(" ", 1)[-1]
+
+
+def delivered(server: MtaServer) -> list[bytes]:
+    new = server.directory / "mail/example.org/alice/new"
+    return [p.read_bytes() for p in new.iterdir()] if new.is_dir() else []
+
+
+def metric(server: MtaServer, name: str) -> float:
+    port = int(re.search(r'endpoint = "tcp:(\d+)', server.config_path.read_text()
+                         .split("[metrics]")[1]).group(1))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
+
+
+def test_sessions_run_in_the_child_and_the_main_process_delivers(start_mta) -> None:
+    server = start(start_mta)
+    pid = child_pid(server)
+    assert pid != server.pid and alive(pid)
+    assert "mta.receiver" in Path(f"/proc/{pid}/cmdline").read_text()
+    queue_id = send(server.port, "alice@example.org", "through the child")
+    wait_for("the Maildir delivery", lambda: delivered(server))
+    assert b"Subject: through the child" in delivered(server)[0]
+    log = server.log_text()
+    # The child's lines are in the one log, with the main process's delivery.
+    assert f"{queue_id}: client=unknown[127.0.0.1]" in log
+    assert re.search(rf"{queue_id}: to=<alice@example.org>, relay=maildir.*status=sent", log)
+    assert "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=1 quit=1" in log
+    # The metrics endpoint (main process) counts the child's sessions.
+    wait_for("the session counted", lambda: metric(server, "mta_messages_received_total") >= 1)
+    assert metric(server, "mta_connections_total") >= 1
+    wait_for("the session ended", lambda: metric(server, "mta_sessions_total") >= 1)
+    assert metric(server, "mta_connections_active") == 0
+
+
+def test_etrn_is_answered_by_the_queue_and_turn_is_refused(start_mta) -> None:
+    server = start(start_mta)
+    send(server.port, "bob@held.test", "held")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        code, text = client.ehlo("client.test")
+        assert b"ETRN" in text
+        code, text = client.docmd("ETRN", "held.test")
+        assert (code, text) == (253, b"2.0.0 OK, 1 pending messages for node held.test started")
+        code, text = client.docmd("TURN")
+        assert code == 502 and b"not available" in text
+    wait_for("the ETRN in the log", lambda: "ETRN held.test from [127.0.0.1]: 1 messages "
+                                            "started" in server.log_text())
+
+
+def test_a_dead_child_is_replaced_and_what_it_left_is_delivered(start_mta) -> None:
+    server = start(start_mta)
+    first = child_pid(server)
+    # A message the child committed without a word to the main process: what a
+    # child killed between a commit and its report leaves in queue/.
+    from mta.spool.envelope import Envelope, Recipient
+    envelope = Envelope("", "sender@client.test", [Recipient("alice@example.org")],
+                        arrival=time.time())
+    server.spool.inject(envelope, b"Subject: left behind\r\n\r\nhello\r\n")
+    os.kill(first, signal.SIGKILL)
+    wait_for("the death in the log", lambda: f"(pid {first}) ended (signal 9)"
+             in server.log_text())
+    wait_for("the unreported message delivered", lambda: any(
+        b"Subject: left behind" in m for m in delivered(server)))
+    assert "found 1 queued message(s) the relayer did not know" in server.log_text()
+    # Meanwhile, and after, clients are served: by the main process, then by a new child.
+    assert greets(server.port, timeout=5)
+    wait_for("a new receiving process", lambda: len(SERVES.findall(server.log_text())) == 2)
+    second = child_pid(server, 1)
+    assert second != first and alive(second)
+    send(server.port, "alice@example.org", "after the restart")
+    wait_for("the second delivery", lambda: len(delivered(server)) == 2)
+
+
+def test_the_child_ends_with_the_main_process(start_mta) -> None:
+    server = start(start_mta)
+    pid = child_pid(server)
+    server.kill()  # SIGKILL: no stopService, no goodbye
+    wait_for("the child to end", lambda: not alive(pid))
+    # The port is free at once: a new server starts on it.
+    again = MtaServer(server.directory, server.config_path.read_text().replace("{", "{{")
+                      .replace("}", "}}"), port=server.port)
+    again.start()
+    try:
+        wait_for("its receiving process", lambda: len(SERVES.findall(again.log_text())) == 2)
+    finally:
+        again.stop()
+    wait_for("the second child to end with SIGTERM", lambda: not alive(child_pid(again, 1)))
+
+
+def test_a_reload_reaches_the_child(start_mta) -> None:
+    server = start(start_mta)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        assert b"mx.test" in s.recv(1000)
+    server.config_path.write_text(server.config_path.read_text()
+                                  .replace('hostname = "mx.test"', 'hostname = "mx2.test"'))
+    os.kill(server.pid, signal.SIGHUP)
+    wait_for("the reload", lambda: "reload #1" in server.log_text())
+
+    def greeting() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            return s.recv(1000)
+    wait_for("the child's greeting with the new name", lambda: b"mx2.test" in greeting())
+
+
+def test_a_child_that_cannot_start_leaves_the_main_process_serving(start_mta) -> None:
+    # The child reads the config file again when it starts; one it cannot use (here:
+    # the listener changed behind the main process's back, which takes a restart) is
+    # said in the log, and the main process serves the listener itself.
+    server = start(start_mta)
+    text = server.config_path.read_text()
+    server.config_path.write_text(text.replace(f"tcp:{server.port}:", f"tcp:{free_port()}:"))
+    os.kill(child_pid(server), signal.SIGKILL)
+    wait_for("the failure in the log", lambda: "the receiving process cannot start" in
+             server.log_text())
+    assert "has no listener smtp[tcp:" in server.log_text()
+    send(server.port, "alice@example.org", "served by the main process")
+    wait_for("the delivery", lambda: any(b"served by the main process" in m
+                                         for m in delivered(server)))
