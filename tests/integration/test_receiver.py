@@ -11,11 +11,21 @@ import re
 import signal
 import smtplib
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
-from tests.integration.harness import MtaServer, free_port, greets, wait_for
+from tests.integration.harness import (
+    DEFAULT_CONFIG,
+    MtaServer,
+    WireTap,
+    free_port,
+    greets,
+    need,
+    wait_for,
+)
+from tests.integration.test_receive import kill_while_sending
 
 CONFIG = """
 [server]
@@ -201,3 +211,81 @@ def test_a_child_that_cannot_start_leaves_the_main_process_serving(start_mta) ->
     send(server.port, "alice@example.org", "served by the main process")
     wait_for("the delivery", lambda: any(b"served by the main process" in m
                                          for m in delivered(server)))
+
+
+# -- durability and privileges, as for the one-process server (test_receive.py) ----------
+
+MAILDIR_CONFIG = DEFAULT_CONFIG.replace(
+    'postmaster = "postmaster@example.org"',
+    'postmaster = "postmaster@example.org"\nreceiver_process = true').replace(
+    'route = "hold"', 'route = "maildir:mail/example.org"\nusers = ["alice"]')
+
+
+def test_kill_9_of_the_main_process_under_load_loses_nothing_acknowledged(start_mta) -> None:
+    server = start_mta(MAILDIR_CONFIG.replace('route = "maildir:mail/example.org"\n'
+                                              'users = ["alice"]', 'route = "hold"'))
+    wait_for("the receiving process", lambda: SERVES.search(server.log_text()))
+    pid = child_pid(server)
+    acknowledged = kill_while_sending(server)  # SIGKILL to the main process
+    assert acknowledged
+    wait_for("the child to end", lambda: not alive(pid))
+    server.start()
+    for queue_id in acknowledged:
+        assert server.envelope(queue_id)["recipients"][0]["address"] == "alice@example.org"
+    assert list((server.directory / "spool" / "corrupt").iterdir()) == []
+
+
+def test_kill_9_of_the_child_under_load_delivers_every_acknowledged_message(start_mta) -> None:
+    server = start_mta(MAILDIR_CONFIG)
+    wait_for("the receiving process", lambda: SERVES.search(server.log_text()))
+    pid = child_pid(server)
+    tap = WireTap(server.port)
+    source = subprocess.Popen(
+        [need("smtp-source"), "-c", "-d", "-s", "5", "-m", "100000", "-l", "2048",
+         "-f", "carol@client.test", "-t", "alice@example.org", f"127.0.0.1:{tap.port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for("some messages accepted", lambda: len(tap.acknowledged()) >= 200, timeout=60)
+        os.kill(pid, signal.SIGKILL)
+        wait_for("the death noticed", lambda: f"(pid {pid}) ended" in server.log_text())
+        source.wait(30)  # its sessions broke with the child
+    finally:
+        source.kill()
+        source.wait()
+        tap.close()
+    acknowledged = tap.acknowledged()
+    wait_for("every acknowledged message delivered", lambda: all(
+        f"{queue_id}: to=<alice@example.org>, relay=maildir" in server.log_text()
+        for queue_id in acknowledged), timeout=60)
+
+
+def test_the_child_gives_up_root_like_twistd(tmp_path: Path) -> None:
+    import pwd
+    import shutil
+    import tempfile
+
+    from tests.integration.harness import TWISTD, source_env, stop_process
+    if os.geteuid() != 0:
+        import pytest
+        pytest.skip("needs root, to start as root and give it up")
+    nobody = pwd.getpwnam("nobody")
+    work = Path(tempfile.mkdtemp(prefix="mta-uid-"))
+    work.chmod(0o755)
+    port = free_port()
+    (work / "mta.toml").write_text(MAILDIR_CONFIG.format(port=port, message_size="1MB"))
+    server = subprocess.Popen(
+        [str(TWISTD), "-n", "--pidfile=", "--uid", str(nobody.pw_uid), "--gid",
+         str(nobody.pw_gid), "mta", "--config", "mta.toml"],
+        cwd=work, env=source_env(), stdout=(work / "log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_for("the receiving process", lambda: SERVES.search((work / "log").read_text()))
+        pid = int(SERVES.search((work / "log").read_text()).group(1))
+        uids = next(line.split()[1:] for line in Path(f"/proc/{pid}/status").read_text()
+                    .splitlines() if line.startswith("Uid:"))
+        assert uids == [str(nobody.pw_uid)] * 4
+        send(port, "alice@example.org", "received as nobody")
+        new = work / "mail/example.org/alice/new"
+        wait_for("the delivery", lambda: new.is_dir() and any(new.iterdir()))
+    finally:
+        stop_process(server)
+        shutil.rmtree(work)
