@@ -54,6 +54,9 @@ route = "hold"
 route = "maildir:mail/local.test"
 """
 
+# The same with [server] receiver_process: sessions in a second process (mta/receiver.py).
+RELAY2_CONFIG = RELAY_CONFIG.replace("[server]\n", "[server]\nreceiver_process = true\n", 1)
+
 LOADED = re.compile(r"relayer started: (\d+) queued messages")
 
 
@@ -87,6 +90,9 @@ class Mta:
         self.spawn()
         wait_for(f"mta listening on {self.port}",
                  lambda: self.alive() and greets(self.port, timeout=5), timeout=120)
+        if "receiver_process = true" in self.config_path.read_text():
+            wait_for("the receiving process", lambda: self.alive() and
+                     "the receiving process (pid" in self.log_text(), timeout=120)
         return self
 
     def alive(self) -> bool:

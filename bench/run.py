@@ -7,6 +7,7 @@ stopped at the end, even when a measurement fails):
    smtp-source, 5 KB messages, a new connection per message, at 1 and 20
    sessions, into
    - mta, example.org routed to an smtp-sink, so it relays while it receives;
+     and the same with [server] receiver_process = true ("mta, 2 processes");
    - a private Postfix instance (own config and queue in a temporary
      directory; the machine's Postfix is not touched) relaying to an smtp-sink;
    - aiosmtpd with a write + fsync + rename + directory-fsync handler;
@@ -69,7 +70,7 @@ from common import (
     status_kb,
     wait_for,
 )
-from mtaproc import DURABILITY, HOLD_CONFIG, LOADED, RELAY_CONFIG, Mta
+from mtaproc import DURABILITY, HOLD_CONFIG, LOADED, RELAY2_CONFIG, RELAY_CONFIG, Mta
 from peers import AiosmtpdFsync, PrivatePostfix, SmtpSink, smtp_source
 from report import Row, chart, markdown_table, text_table
 
@@ -91,10 +92,13 @@ SIZE = 5000
 SESSIONS = (1, 20)
 
 MTA_NAME = "mta"
+MTA2 = "mta, 2 processes"  # [server] receiver_process = true
+MTAS = (MTA_NAME, MTA2)
 POSTFIX = "Postfix"
 AIOSMTPD = "aiosmtpd+fsync"
 SINK = "smtp-sink"
-SYSTEMS = [MTA_NAME, POSTFIX, AIOSMTPD, SINK]
+SYSTEMS = [MTA_NAME, MTA2, POSTFIX, AIOSMTPD, SINK]
+RELAYS = (MTA_NAME, MTA2, POSTFIX)
 
 RESULTS = BENCH / "results"
 
@@ -132,8 +136,9 @@ def log(text: str) -> None:
 # -- 1-3: the systems side by side ------------------------------------------------------
 
 def relay_server(system: str, directory: Path, sink: SmtpSink):
-    if system == MTA_NAME:
-        return live(Mta(directory / "mta", RELAY_CONFIG, free_port(), sink_port=sink.port)).start()
+    if system in MTAS:
+        config = RELAY_CONFIG if system == MTA_NAME else RELAY2_CONFIG
+        return live(Mta(directory / "mta", config, free_port(), sink_port=sink.port)).start()
     return live(PrivatePostfix(directory / "postfix", sink.port)).start()
 
 
@@ -141,7 +146,7 @@ def acceptance(system: str, sessions: int, directory: Path) -> float:
     """msgs/s of smtp-source into `system`."""
     servers = []
     try:
-        if system in (MTA_NAME, POSTFIX):
+        if system in RELAYS:
             sink = live(SmtpSink(directory / "sink", count=False))
             servers.append(sink.start())
             server = relay_server(system, directory, sink)
@@ -152,7 +157,7 @@ def acceptance(system: str, sessions: int, directory: Path) -> float:
         else:
             server = live(SmtpSink(directory / "sink", count=False))
             servers.append(server.start())
-        if system == MTA_NAME:
+        if system in MTAS:
             server.alive()
         seconds, _ = smtp_source(server.port, MESSAGES, sessions, SIZE)
         if system == AIOSMTPD and server.stored() != MESSAGES:
@@ -232,7 +237,7 @@ def rounds(workdir: Path, notes: list[str]) -> dict:
                 if rate is not None:
                     accept[(system, sessions)].append(rate)
                     log(f"  acceptance {system:<15} {sessions:>2} session(s): {rate:7.0f} msgs/s")
-        pair = [s for s in order if s in (MTA_NAME, POSTFIX)]
+        pair = [s for s in order if s in RELAYS]
         for system in pair:
             rate = attempt(f"end-to-end {system}", lambda d, s=system: end_to_end(s, d))
             if rate is not None:
@@ -503,27 +508,30 @@ def median(values: list[float]) -> float | None:
 def build_rows(sides: dict, alone: dict) -> list[Row]:
     accept, e2e, lat = sides["accept"], sides["e2e"], sides["latency"]
     rows = []
-    for n in SESSIONS:
-        mta = median(accept[(MTA_NAME, n)])
-        label = f"durable acceptance, {n} session{'s' if n > 1 else ''} (msgs/s)"
-        targets = {(1, POSTFIX): 1.2, (20, POSTFIX): 1.5, (20, AIOSMTPD): 1.2}
-        for peer in (POSTFIX, AIOSMTPD, SINK):
-            bound = targets.get((n, peer))
-            rows.append(Row(label, mta, peer, median(accept[(peer, n)]),
-                            target=f">= {bound}x" if bound else "",
-                            rule=("ratio", ">=", bound) if bound else None))
-    rows.append(Row(f"end-to-end relay, {RELAY_MESSAGES} msgs at 20 sessions (msgs/s)",
-                    median(e2e[MTA_NAME]), POSTFIX, median(e2e[POSTFIX]),
-                    target=">= 1.2x", rule=("ratio", ">=", 1.2)))
 
     def lat_of(system: str, key: str) -> float | None:
         return median([r[key] for r in lat[system]])
 
-    rows.append(Row("latency dot to 250, p50, 20 sessions (ms)", lat_of(MTA_NAME, "p50_ms"),
-                    POSTFIX, lat_of(POSTFIX, "p50_ms"), fmt="{:.1f}"))
-    rows.append(Row("latency dot to 250, p99, 20 sessions (ms)", lat_of(MTA_NAME, "p99_ms"),
-                    POSTFIX, lat_of(POSTFIX, "p99_ms"), target="<= Postfix's",
-                    rule=("ratio", "<=", 1.0), fmt="{:.1f}"))
+    for mta_system in MTAS:
+        which = "" if mta_system == MTA_NAME else f" — {mta_system} (receiver_process)"
+        for n in SESSIONS:
+            mta = median(accept[(mta_system, n)])
+            label = f"durable acceptance, {n} session{'s' if n > 1 else ''} (msgs/s){which}"
+            targets = {(1, POSTFIX): 1.2, (20, POSTFIX): 1.5, (20, AIOSMTPD): 1.2}
+            for peer in (POSTFIX, AIOSMTPD, SINK):
+                bound = targets.get((n, peer))
+                rows.append(Row(label, mta, peer, median(accept[(peer, n)]),
+                                target=f">= {bound}x" if bound else "",
+                                rule=("ratio", ">=", bound) if bound else None))
+        rows.append(Row(f"end-to-end relay, {RELAY_MESSAGES} msgs at 20 sessions (msgs/s){which}",
+                        median(e2e[mta_system]), POSTFIX, median(e2e[POSTFIX]),
+                        target=">= 1.2x", rule=("ratio", ">=", 1.2)))
+        rows.append(Row(f"latency dot to 250, p50, 20 sessions (ms){which}",
+                        lat_of(mta_system, "p50_ms"), POSTFIX, lat_of(POSTFIX, "p50_ms"),
+                        fmt="{:.1f}"))
+        rows.append(Row(f"latency dot to 250, p99, 20 sessions (ms){which}",
+                        lat_of(mta_system, "p99_ms"), POSTFIX, lat_of(POSTFIX, "p99_ms"),
+                        target="<= Postfix's", rule=("ratio", "<=", 1.0), fmt="{:.1f}"))
     rows.append(Row(f"RSS per idle EHLO'd connection, {CONNECTIONS} open (KiB)",
                     alone.get("per connection"), target="<= 4 KiB", rule=("value", "<=", 4.0),
                     fmt="{:.2f}"))
@@ -565,9 +573,9 @@ def rounds_table(sides: dict) -> str:
         for system in SYSTEMS:
             lines.append(f"| acceptance, {system}, {n} session(s) (msgs/s) | "
                          f"{cells(sides['accept'][(system, n)])} |")
-    for system in (MTA_NAME, POSTFIX):
+    for system in RELAYS:
         lines.append(f"| end-to-end, {system} (msgs/s) | {cells(sides['e2e'][system])} |")
-    for system in (MTA_NAME, POSTFIX):
+    for system in RELAYS:
         lines.append(f"| latency p50 / p99, {system} (ms) | " + " | ".join(
             [f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}" for r in sides["latency"][system]]
             + ["n/a"] * (ROUNDS - len(sides["latency"][system]))) + " |")
