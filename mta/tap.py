@@ -8,6 +8,8 @@ The inbound checks of port-25 mail (mta/checks/) get a thread pool of
 their own, started and stopped with the service.
 Last comes the local submission socket (``[server] sendmail_socket``,
 server/local.py), where `sendmail` hands over local users' mail.
+With ``[server] receiver_process`` the smtp and submission listeners are bound
+here but served by a second process (receiver.py), which reads the same config.
 This is the only module that knows every part of mta.
 
 Listeners share one `Trust` (TLS context, password portal, AUTH failures per
