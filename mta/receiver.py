@@ -32,11 +32,15 @@ How the two work together:
   ``("answer", call, reply)``.
   main -> child: ``("reload",)``.
 
+- When the main process falls behind, the frames wait in the child's memory
+  only up to the transport's buffer: then the child stops accepting new
+  connections until the main process has read them (sessions under way go on).
 - A committed message is on disk before its 250, as always.  If the child
   dies between a commit and its ``enqueue`` frame, the main process finds the
   message when it notices the death (it looks for committed messages its
   scheduler does not know) and delivers it.  When the main process goes away,
-  the pair closes and the child stops at once.
+  the pair closes and the child stops at once.  The child ignores SIGHUP and
+  SIGUSR1: they are the main process's (reload, twistd's log rotation).
 
 Left to one process by design: TURN (RFC 821) turns the client's connection
 round into a delivery of the queue's mail, which only the main process can do;
@@ -52,6 +56,7 @@ import contextlib
 import itertools
 import os
 import pickle
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -60,9 +65,11 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError, ProcessExitedAlready
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger, LogLevel, eventAsText
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mta import maillog
 from mta import reply as reply_module
@@ -431,6 +438,30 @@ def _forwarder(channel: Channel) -> Callable[[dict[str, Any]], None]:
     return forward
 
 
+@implementer(IPushProducer)
+class _AcceptPause:
+    """Paused by the channel's transport when its buffer is full: stop accepting."""
+
+    def __init__(self, ports: list[Any]) -> None:
+        self.ports = ports
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            for port in self.ports:
+                port.stopReading()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            for port in self.ports:
+                port.startReading()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class _Child:
     """The receiving process: its sessions, and its end of the channel."""
 
@@ -447,9 +478,17 @@ class _Child:
 
     def run(self) -> int:
         from twisted.logger import globalLogBeginner
+        # Reloads come from the main process; a stray SIGHUP or SIGUSR1 (meant for the
+        # main process's log) must not end this one.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         self.reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX,
                                            _ChannelFactory(self.channel))
         os.close(CHANNEL_FD)
+        # When the main process falls behind, what we tell it waits in our memory:
+        # take no new connection until it has caught up.
+        self.pause = _AcceptPause(self.ports)
+        self.channel.transport.registerProducer(self.pause, True)
         globalLogBeginner.beginLoggingTo([_forwarder(self.channel)], redirectStandardIO=False)
         self.reactor.callWhenRunning(self._set_up)
         self.reactor.run()
@@ -524,7 +563,10 @@ class _Child:
             probe = socket.socket(fileno=os.dup(fd))
             family = probe.family
             probe.close()
-            self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+            port = self.reactor.adoptStreamPort(fd, family, factory)
+            if self.pause.paused:
+                port.stopReading()
+            self.ports.append(port)
             os.close(fd)
         self.waiting.clear()
         self.channel.send("ready", os.getpid())
