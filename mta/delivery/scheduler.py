@@ -279,21 +279,9 @@ class Relayer(Service):
     def _load_queue(self, queued: list[str]) -> Any:
         """Read the envelopes found at start in batches, in a thread, scheduling each
         batch as it comes: the server answers at once, and new mail does not wait."""
-        count = held = 0
-        for start in range(0, len(queued), LOAD_BATCH):
-            if self._stopping:
-                return
-            envelopes = yield self.run_blocking(self.spool.load_committed,
-                                                queued[start:start + LOAD_BATCH])
-            now = self.reactor.seconds()
-            for envelope in envelopes:
-                if envelope.queue_id in self._entries:
-                    continue  # seen already (a notice from the command line)
-                due = envelope.next_attempt if envelope.attempts and \
-                    envelope.next_attempt > now else now
-                held += self._track(envelope, due)
-                count += 1
-            self._arm()
+        count, held = yield self._schedule_from_disk(queued)
+        if self._stopping:
+            return
         yield self.run_blocking(self.spool.load_committed, self.spool.queue_ids(HOLD), HOLD)
         self.loaded = True
         log.info("relayer started: {count} queued messages, {held} held for pickup",
@@ -305,25 +293,34 @@ class Relayer(Service):
         receiving process (receiver.py) that died between a commit and its report
         left there.  Fires with how many it found."""
         ids = yield self.run_blocking(self.spool.queue_ids)
-        unknown = [queue_id for queue_id in ids if queue_id not in self._entries]
-        found = 0
-        for start in range(0, len(unknown), LOAD_BATCH):
-            if self._stopping:
-                break
-            envelopes = yield self.run_blocking(self.spool.load_committed,
-                                                unknown[start:start + LOAD_BATCH])
-            now = self.reactor.seconds()
-            for envelope in envelopes:
-                if envelope.queue_id not in self._entries:
-                    due = envelope.next_attempt if envelope.attempts and \
-                        envelope.next_attempt > now else now
-                    self._track(envelope, due)
-                    found += 1
-            self._arm()
+        found, _ = yield self._schedule_from_disk(
+            [queue_id for queue_id in ids if queue_id not in self._entries])
         if found:
             log.info("found {count} queued message(s) the relayer did not know: scheduled",
                      count=found)
         return found
+
+    @defer.inlineCallbacks
+    def _schedule_from_disk(self, queue_ids: list[str]) -> Any:
+        """Read the envelopes of `queue_ids` in batches, in a thread, and schedule each
+        one not known yet: at its stored next attempt, or now if it was never tried
+        (or that time is past).  Fires with (messages scheduled, of them held)."""
+        count = held = 0
+        for start in range(0, len(queue_ids), LOAD_BATCH):
+            if self._stopping:
+                break
+            envelopes = yield self.run_blocking(self.spool.load_committed,
+                                                queue_ids[start:start + LOAD_BATCH])
+            now = self.reactor.seconds()
+            for envelope in envelopes:
+                if envelope.queue_id in self._entries:
+                    continue  # seen already (a notice from the command line, a report)
+                due = envelope.next_attempt if envelope.attempts and \
+                    envelope.next_attempt > now else now
+                held += self._track(envelope, due)
+                count += 1
+            self._arm()
+        return count, held
 
     def _stop_dns_pool(self) -> None:
         if self._dns_pool is not None and self._dns_pool.started:
