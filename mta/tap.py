@@ -188,7 +188,9 @@ def pickup_warnings(config: config_module.Config, trust: Any) -> list[str]:
     listeners = [x for x in config.listeners if x.atrn]
     if not listeners:
         return [("pull_users are set but no listener offers ATRN: add one with "
-                "role = \"odmr\" (port 366), or only TURN can pull")]
+                 "role = \"odmr\" (port 366), or only TURN can pull")
+                + (", and TURN is refused with [server] receiver_process"
+                   if config.server.receiver_process else "")]
     warnings = []
     if not any("CRAM-MD5" in x.auth_mechanisms for x in listeners):
         warnings.append("no ATRN listener offers CRAM-MD5 (auth_mechanisms): fetchmail's "

@@ -386,3 +386,20 @@ def test_tls_policy_entries_that_govern_nothing_are_warned_about(tmp_path):
         "the route smtp:[10.0.0.5]; its TLS is [relay] tls_verify's"),
         (f'[tls_policy] "local.test": mail for local.test is delivered here (maildir:{tmp_path});'
         " the entry has no effect")]
+
+
+def test_receiver_process_is_a_server_key_and_its_turn_caveat_is_warned_about():
+    from mta.tap import pickup_warnings
+    assert config.from_dict({}).server.receiver_process is False
+    settings = {"domains": {"cust.test": {"route": "hold", "pull_users": ["cust"]}}}
+    one = config.from_dict(settings)
+    two = config.from_dict({**settings, "server": {"receiver_process": True}})
+    assert two.server.receiver_process is True
+    assert pickup_warnings(one, None) == [
+        'pull_users are set but no listener offers ATRN: add one with role = "odmr" '
+        "(port 366), or only TURN can pull"]
+    assert pickup_warnings(two, None) == [
+        'pull_users are set but no listener offers ATRN: add one with role = "odmr" '
+        "(port 366), or only TURN can pull, and TURN is refused with [server] receiver_process"]
+    with pytest.raises(config.ConfigError, match="receiver_process"):
+        config.from_dict({"server": {"receiver_process": "yes"}})
