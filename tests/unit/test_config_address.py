@@ -396,10 +396,10 @@ def test_receiver_process_is_a_server_key_and_its_turn_caveat_is_warned_about():
     two = config.from_dict({**settings, "server": {"receiver_process": True}})
     assert two.server.receiver_process is True
     assert pickup_warnings(one, None) == [
-        'pull_users are set but no listener offers ATRN: add one with role = "odmr" '
-        "(port 366), or only TURN can pull"]
+        ('pull_users are set but no listener offers ATRN: add one with role = "odmr" '
+        "(port 366), or only TURN can pull")]
     assert pickup_warnings(two, None) == [
-        'pull_users are set but no listener offers ATRN: add one with role = "odmr" '
-        "(port 366), or only TURN can pull, and TURN is refused with [server] receiver_process"]
+        ('pull_users are set but no listener offers ATRN: add one with role = "odmr" '
+        "(port 366), or only TURN can pull, and TURN is refused with [server] receiver_process")]
     with pytest.raises(config.ConfigError, match="receiver_process"):
         config.from_dict({"server": {"receiver_process": "yes"}})
