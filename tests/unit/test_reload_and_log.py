@@ -200,6 +200,21 @@ def test_the_text_log_prints_what_twisteds_own_observer_prints(monkeypatch) -> N
                 event["log_time"] = when
             fast(event)
             reference(event)
+        # Mail log lines (maillog._emit) are printed without twisted's formatter: the same.
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            maillog.reject("QID", "RCPT", "192.0.2.7", "550 5.1.1 {no} such user", "a@b.test",
+                           "c@d.test", "ESMTP", "helo.{x}")
+            maillog._emit(maillog.log, LogLevel.warn, "test", "two\nlines {{}}")
+            maillog._emit(maillog.log, LogLevel.info, "test", "")
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert len(events) == 3
+        for event in events + [dict(events[0], log_system="sys,1,192.0.2.7")]:
+            fast(event)
+            reference(event)
+        assert "{no} such user" in ours.getvalue() and "two\n\tlines {{}}" in ours.getvalue()
         assert ours.getvalue() == theirs.getvalue()
         assert "+0200" in ours.getvalue() and "+0100" in ours.getvalue()
     finally:
