@@ -6,6 +6,7 @@ looks at anything else.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -58,6 +59,9 @@ etrn_route = "smtp:[127.0.0.1]:9"
 
 [metrics]
 endpoint = "tcp:METRICS:interface=127.0.0.1"
+
+[log]
+json_file = "mta.json"
 """
 
 SERVES = re.compile(r"the receiving process \(pid (\d+)\) serves smtp\[")
@@ -121,6 +125,12 @@ def test_sessions_run_in_the_child_and_the_main_process_delivers(start_mta) -> N
     assert f"{queue_id}: client=unknown[127.0.0.1]" in log
     assert re.search(rf"{queue_id}: to=<alice@example.org>, relay=maildir.*status=sent", log)
     assert "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=1 quit=1" in log
+    # The JSON log (main process) has the child's events, with their fields.
+    records = [json.loads(line) for line in
+               (server.directory / "mta.json").read_text().splitlines()]
+    received = [r for r in records if r.get("queue_id") == queue_id and r["event"] == "received"]
+    assert received and received[0]["client"] == "127.0.0.1"
+    assert received[0]["text"].startswith(f"{queue_id}: client=unknown[127.0.0.1]")
     # The metrics endpoint (main process) counts the child's sessions.
     wait_for("the session counted", lambda: metric(server, "mta_messages_received_total") >= 1)
     assert metric(server, "mta_connections_total") >= 1
