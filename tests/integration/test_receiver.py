@@ -299,3 +299,36 @@ def test_the_child_gives_up_root_like_twistd(tmp_path: Path) -> None:
     finally:
         stop_process(server)
         shutil.rmtree(work)
+
+
+def test_starttls_auth_and_implicit_tls_in_the_child(start_mta, tmp_path: Path) -> None:
+    import ssl
+
+    from mta.server import auth
+    from tests.testca import TestCA
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue("mx", "mx.test")
+    passwords = tmp_path / "passwords"
+    passwords.write_text(f"alice:{auth.hash_password('secret')}\n")
+    smtps = free_port()
+    config = CONFIG.replace("METRICS", str(free_port())).replace(
+        'role = "smtp"\n', f'role = "smtp"\ntls = "starttls"\n\n[[listeners]]\n'
+        f'endpoint = "tcp:{smtps}:interface=127.0.0.1"\nrole = "smtps"\n', 1) + (
+        f'\n[tls]\ncertificate = "{cert}"\nkey = "{key}"\n\n[auth]\npasswords = "{passwords}"\n')
+    server = start_mta(config)
+    wait_for("the receiving process", lambda: re.search(
+        r"the receiving process \(pid \d+\) serves smtp\[.*, submission\[", server.log_text()))
+    context = ssl.create_default_context(cafile=str(ca.directory / "ca.pem"))
+    context.check_hostname = False  # 127.0.0.1; the chain is still checked against our CA
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        client.starttls(context=context)
+        client.ehlo("client.test")
+        assert client.sendmail("s@client.test", ["alice@example.org"],
+                               b"Subject: over STARTTLS\r\n\r\nhi\r\n") == {}
+    with smtplib.SMTP_SSL("127.0.0.1", smtps, timeout=30, context=context) as client:
+        client.login("alice", "secret")
+        assert client.sendmail("alice@example.org", ["bob@far.test"],
+                               b"Subject: over implicit TLS\r\n\r\nhi\r\n") == {}
+    wait_for("the delivery", lambda: any(b"over STARTTLS" in m for m in delivered(server)))
+    assert re.search(r"client=unknown\[127\.0\.0\.1\], tls=TLSv1\.3.*sasl_username=alice",
+                     server.log_text())
