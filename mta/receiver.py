@@ -39,8 +39,9 @@ How the two work together:
   dies between a commit and its ``enqueue`` frame, the main process finds the
   message when it notices the death (it looks for committed messages its
   scheduler does not know) and delivers it.  When the main process goes away,
-  the pair closes and the child stops at once.  The child ignores SIGHUP and
-  SIGUSR1: they are the main process's (reload, twistd's log rotation).
+  the pair closes and the child stops at once.  The child ignores SIGHUP,
+  SIGUSR1 and SIGINT: they are the main process's (reload, twistd's log
+  rotation, a Ctrl-C at the terminal), which stops the child with SIGTERM.
 
 Left to one process by design: TURN (RFC 821) turns the client's connection
 round into a delivery of the queue's mail, which only the main process can do;
@@ -479,9 +480,12 @@ class _Child:
     def run(self) -> int:
         from twisted.logger import globalLogBeginner
         # Reloads come from the main process; a stray SIGHUP or SIGUSR1 (meant for the
-        # main process's log) must not end this one.
+        # main process's log) must not end this one, nor a Ctrl-C at the terminal of a
+        # foreground server (the whole process group gets it): the main process stops
+        # this one (SIGTERM) as it stops itself.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        self.reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
         self.reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX,
                                            _ChannelFactory(self.channel))
         os.close(CHANNEL_FD)
