@@ -1099,6 +1099,9 @@ def _is_number(text: str) -> bool:
 def _header_safe(text: str, utf8: bool) -> str:
     """Client-given text fit for our Received header: printable, no comment
     delimiters, and ASCII unless the message is SMTPUTF8 [RFC 6532 3]."""
+    if (text.isascii() and text.isprintable() and "(" not in text and ")" not in text
+            and "\\" not in text):
+        return text[:200]  # the usual case: nothing to drop or replace
     return "".join(c if utf8 or c.isascii() else "?" for c in text
                    if c.isprintable() and c not in "()\\")[:200]
 

@@ -166,3 +166,15 @@ def test_a_parameter_given_twice_is_refused_whatever_its_case(keyword, value):
     assert parse_params(f"{keyword}={value}") == {keyword.upper(): value}
     with pytest.raises(AddressError):
         parse_params(f"{keyword}={value} {keyword.lower()}={value}")
+
+
+@given(st.text(alphabet=st.sampled_from("ab.-[]:()\\ é\x00\x7f\t"), max_size=300), st.booleans())
+def test_received_header_text_is_printable_with_no_comment_delimiters(text: str,
+                                                                     utf8: bool) -> None:
+    from mta.server.session import _header_safe
+    safe = _header_safe(text, utf8)
+    # What the rules keep, written plainly (the function takes a short cut for plain text).
+    expected = "".join(c if utf8 or c.isascii() else "?" for c in text
+                       if c.isprintable() and c not in "()\\")[:200]
+    assert safe == expected
+    assert safe.isprintable() and not set(safe) & set("()\\") and len(safe) <= 200
