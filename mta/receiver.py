@@ -24,13 +24,15 @@ How the two work together:
   frame; both ends are this module, started by the parent, and nothing else
   can reach the pair:
 
-  child -> main: ``("ready", pid)``; ``("enqueue", envelope)`` after each
-  commit (the scheduler takes it as the server's own); ``("log", record)``,
-  every log event, which the main process logs as its own (one log, one JSON
-  log); ``("metric", name, args)``, the counts for the metrics endpoint;
-  ``("etrn", call, arg, client, user)``, answered by main -> child
-  ``("answer", call, reply)``.
-  main -> child: ``("reload",)``.
+  child -> main: ``("ready", pid)`` once it accepts; ``("enqueue", envelope)``
+  after each commit (the scheduler takes it as the server's own);
+  ``("line", namespace, level, event, text, fields)``, a mail log line
+  (maillog.py), and ``("log", record)``, any other log event, which the main
+  process logs as its own (one log, one JSON log); ``("metric", name, args)``,
+  the counts for the metrics endpoint; ``("etrn", call, arg, client, user)``,
+  answered by main -> child ``("answer", call, reply)``.
+  main -> child: ``("start",)`` once the relayer has recovered the spool (the
+  child accepts only then), and ``("reload",)``.
 
 - When the main process falls behind, the frames wait in the child's memory
   only up to the transport's buffer: then the child stops accepting new
