@@ -76,6 +76,7 @@ from zope.interface import implementer
 
 from mta import maillog
 from mta import reply as reply_module
+from mta.observe import Metrics
 from mta.reply import Reply
 
 log = Logger(namespace="mta.receiver")
@@ -84,9 +85,12 @@ CHANNEL_FD = 3  # the child's end of the socket pair
 FIRST_LISTENER_FD = 4  # the listening sockets follow, in the order of --listeners
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after a death; reset once it ran a minute
 STOP_WAIT = 10.0  # seconds a stopping child gets before SIGKILL
-METRICS = frozenset({"connected", "disconnected", "rejected", "received", "checked",
-                     "dkim_signing", "sts", "delivery"})
 TURN_NOT_HERE = Reply(502, "5.5.1", "TURN is not available on this port")
+# What a ("metric", name, args) frame may count, by name (_RemoteMetrics sends them).
+_COUNTS: dict[str, Callable[..., None]] = {
+    "connected": Metrics.connected, "disconnected": Metrics.disconnected,
+    "rejected": Metrics.rejected, "received": Metrics.received, "checked": Metrics.checked,
+    "dkim_signing": Metrics.dkim_signing, "sts": Metrics.sts, "delivery": Metrics.delivery}
 
 
 def delegated(listener: Any) -> bool:
@@ -293,10 +297,10 @@ class ReceivingProcess(service.Service):
         elif kind == "log":
             _log_again(message[1])
         elif kind == "metric":
-            name, args = message[1], message[2]
-            if maillog.metrics is not None and name in METRICS:
-                getattr(maillog.metrics, name)(*args)
-                self._open += {"connected": 1, "disconnected": -1}.get(name, 0)
+            count = _COUNTS.get(message[1])
+            if maillog.metrics is not None and count is not None:
+                count(maillog.metrics, *message[2])
+                self._open += {"connected": 1, "disconnected": -1}.get(message[1], 0)
         elif kind == "etrn":
             call, arg, client, user = message[1:5]
             d = defer.maybeDeferred(self.pickup.etrn, arg, client, user)
@@ -400,13 +404,36 @@ class _RemotePickup:
 
 
 class _RemoteMetrics:
+    """maillog's `metrics` in the child: each count goes to the main process's Metrics."""
+
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
 
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        if name not in METRICS:
-            raise AttributeError(name)
-        return lambda *args: self.channel.send("metric", name, args)
+    def connected(self, listener: str) -> None:
+        self.channel.send("metric", "connected", (listener,))
+
+    def disconnected(self, tls: bool) -> None:
+        self.channel.send("metric", "disconnected", (tls,))
+
+    def rejected(self, stage: str, answer: str) -> None:
+        self.channel.send("metric", "rejected", (stage, answer))
+
+    def received(self) -> None:
+        self.channel.send("metric", "received", ())
+
+    def checked(self, results: tuple[tuple[str, str], ...]) -> None:
+        self.channel.send("metric", "checked", (results,))
+
+    def dkim_signing(self, signed: int, errors: int) -> None:
+        self.channel.send("metric", "dkim_signing", (signed, errors))
+
+    def sts(self, mode: str, verdict: str) -> None:
+        self.channel.send("metric", "sts", (mode, verdict))
+
+    def delivery(self, status: str, delay: float) -> None:
+        self.channel.send("metric", "delivery", (status, delay))
+
+
 
 
 _PLAIN = (str, int, float, bool, type(None))
