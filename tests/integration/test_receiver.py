@@ -332,3 +332,17 @@ def test_starttls_auth_and_implicit_tls_in_the_child(start_mta, tmp_path: Path) 
     wait_for("the delivery", lambda: any(b"over STARTTLS" in m for m in delivered(server)))
     assert re.search(r"client=unknown\[127\.0\.0\.1\], tls=TLSv1\.3.*sasl_username=alice",
                      server.log_text())
+
+
+def test_turning_receiver_process_off_takes_a_restart(start_mta) -> None:
+    server = start(start_mta)
+    pid = child_pid(server)
+    server.config_path.write_text(server.config_path.read_text().replace(
+        "receiver_process = true", "receiver_process = false"))
+    os.kill(server.pid, signal.SIGHUP)
+    wait_for("the reload", lambda: "reload #1" in server.log_text())
+    assert "[server] receiver_process changed: that takes a restart" in server.log_text()
+    assert alive(pid)
+    send(server.port, "alice@example.org", "still through the child")
+    wait_for("the delivery", lambda: delivered(server))
+    assert f"(pid {pid}) ended" not in server.log_text()
