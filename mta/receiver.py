@@ -48,8 +48,8 @@ How the two work together:
 Left to one process by design: TURN (RFC 821) turns the client's connection
 round into a delivery of the queue's mail, which only the main process can do;
 on a listener served by the child it is refused with 502.  ATRN listeners stay
-in the main process and work as always.  The connection limits of the child's
-listeners are counted in the child.
+in the main process and work as always.  The connection limits and AUTH failure
+counts of the child's listeners are counted in the child.
 """
 
 from __future__ import annotations
