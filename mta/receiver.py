@@ -66,7 +66,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import CannotListenError, ProcessExitedAlready
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger, LogLevel, eventAsText
@@ -93,9 +93,14 @@ _COUNTS: dict[str, Callable[..., None]] = {
     "dkim_signing": Metrics.dkim_signing, "sts": Metrics.sts, "delivery": Metrics.delivery}
 
 
-def delegated(listener: Any) -> bool:
-    """Whether `listener`'s sessions run in the receiving process."""
-    return listener.role in ("smtp", "submission") and not listener.atrn
+def delegated(listener: Any, endpoint: Any) -> bool:
+    """Whether `listener`'s sessions run in the receiving process: smtp and submission
+    listeners without ATRN, on a plain TCP or UNIX endpoint (the child gets the bare
+    socket; an ``ssl:`` endpoint's TLS would stay behind, so that one stays here)."""
+    return (listener.role in ("smtp", "submission") and not listener.atrn
+            and isinstance(endpoint, (endpoints.TCP4ServerEndpoint,
+                                      endpoints.TCP6ServerEndpoint,
+                                      endpoints.UNIXServerEndpoint)))
 
 
 class Channel(Int32StringReceiver):

@@ -420,7 +420,7 @@ def makeService(options: Options) -> service.MultiService:
         factory = SMTPFactory(context, connections)
         if listener.tls == "implicit":
             factory = trust.tls.wrap_factory(factory, reactor)
-        if config.server.receiver_process and receiver.delegated(listener):
+        if config.server.receiver_process and receiver.delegated(listener, endpoint):
             handed.append((listener, endpoint, factory))
             continue
         listening = ListeningService(endpoint, factory)

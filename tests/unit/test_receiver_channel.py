@@ -60,3 +60,28 @@ def test_a_full_channel_pauses_accepting_until_it_drains() -> None:
     lines = done.stdout.splitlines()
     assert lines[0] == "flooded ['stop']"  # once, however many frames wait
     assert lines[1] == "received True ['stop', 'start']"
+
+
+def test_only_plain_smtp_and_submission_listeners_go_to_the_receiving_process(tmp_path) -> None:
+    from twisted.internet import endpoints, reactor
+
+    from mta import config
+    from mta.receiver import delegated
+    from tests.testca import TestCA
+    cert, key = TestCA(tmp_path).issue("mx", "mx.test")
+    passwords = tmp_path / "passwords"
+    passwords.write_text("")
+    cfg = config.from_dict({"auth": {"passwords": str(passwords)},
+                            "tls": {"certificate": str(cert), "key": str(key)},
+                            "listeners": [
+        {"endpoint": "tcp:25", "role": "smtp"},
+        {"endpoint": "tcp6:587", "role": "submission"},
+        {"endpoint": "tcp:465", "role": "smtps"},
+        {"endpoint": "tcp:366", "role": "odmr"},
+        {"endpoint": "tcp:588", "role": "submission", "atrn": True},
+        {"endpoint": f"ssl:4650:privateKey={key}:certKey={cert}", "role": "smtps"}]})
+    chosen = [delegated(listener, endpoints.serverFromString(reactor, listener.endpoint))
+              for listener in cfg.listeners]
+    # An ssl: endpoint's TLS is in the endpoint: the child, given the bare socket,
+    # would speak plain SMTP on it; it stays in the main process.
+    assert chosen == [True, True, True, False, False, False]
