@@ -236,7 +236,6 @@ class ReceivingProcess(service.Service):
                 childFDs=child_fds)
         except OSError as e:
             ours.close()
-            theirs.close()
             log.error("cannot start the receiving process: {why}; this process serves "
                       "every listener", why=e.strerror or str(e))
             self.process = None

@@ -16,6 +16,7 @@ import email
 import email.message
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -25,7 +26,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,37 @@ def need(program: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{program} is required in CI (make test installs it)")
     pytest.skip(f"{program} not installed")
+
+
+@contextmanager
+def twistd_as_nobody(config: str) -> Iterator[tuple[Path, int, int]]:
+    """`twistd -n --uid --gid` of nobody, started as root, in a fresh directory nobody can
+    reach (not under pytest's 0700 tree), with `config` (``{port}`` and
+    ``{message_size}`` filled in).  Yields the directory (the server's output in
+    ``log``), the port and nobody's uid; stops the server and removes the directory."""
+    nobody = pwd.getpwnam("nobody")
+    work = Path(tempfile.mkdtemp(prefix="mta-uid-"))
+    work.chmod(0o755)
+    port = free_port()
+    (work / "mta.toml").write_text(config.format(port=port, message_size="1MB"))
+    server = subprocess.Popen(
+        [str(TWISTD), "-n", "--pidfile=", "--uid", str(nobody.pw_uid), "--gid",
+         str(nobody.pw_gid), "mta", "--config", "mta.toml"],
+        cwd=work, env=source_env(), stdout=(work / "log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        yield work, port, nobody.pw_uid
+    finally:
+        stop_process(server)
+        shutil.rmtree(work)
+
+
+def need_root(why: str) -> None:
+    """Go on only as root: a test that switches users skips on a laptop, fails in CI."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why}: CI runs it as root")
+    pytest.skip(f"{why}: needs root")
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:

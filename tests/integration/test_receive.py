@@ -358,26 +358,11 @@ def test_port_in_use_is_one_line(mta: MtaServer) -> None:
 
 
 def test_twistd_uid_gives_the_spool_to_that_user(tmp_path) -> None:
-    import pwd
-
-    from tests.integration.harness import DEFAULT_CONFIG, TWISTD
-    nobody = pwd.getpwnam("nobody")
-    # nobody must be able to reach its working directory: not under pytest's 0700 tree.
-    work = Path(tempfile.mkdtemp(prefix="mta-uid-"))
-    work.chmod(0o755)
-    port = free_port()
-    (work / "mta.toml").write_text(DEFAULT_CONFIG.format(port=port, message_size="1MB"))
-    server = subprocess.Popen(
-        [str(TWISTD), "-n", "--pidfile=", "--uid", str(nobody.pw_uid), "--gid",
-         str(nobody.pw_gid), "mta", "--config", "mta.toml"],
-        cwd=work, env=source_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
+    from tests.integration.harness import DEFAULT_CONFIG, twistd_as_nobody
+    with twistd_as_nobody(DEFAULT_CONFIG) as (work, port, nobody_uid):
         wait_for("mta running as nobody", lambda: greets(port))
         with smtplib.SMTP("127.0.0.1", port) as client:
             assert client.sendmail("c@client.test", ["a@example.org"], MESSAGE) == {}
         queue = work / "spool" / "queue"
         assert len(list(queue.glob("*.msg"))) == 1
-        assert all(p.stat().st_uid == nobody.pw_uid for p in queue.iterdir())
-    finally:
-        stop_process(server)
-        shutil.rmtree(work)
+        assert all(p.stat().st_uid == nobody_uid for p in queue.iterdir())

@@ -24,6 +24,8 @@ from tests.integration.harness import (
     free_port,
     greets,
     need,
+    need_root,
+    twistd_as_nobody,
     wait_for,
 )
 from tests.integration.test_receive import kill_while_sending
@@ -269,36 +271,17 @@ def test_kill_9_of_the_child_under_load_delivers_every_acknowledged_message(star
         for queue_id in acknowledged), timeout=60)
 
 
-def test_the_child_gives_up_root_like_twistd(tmp_path: Path) -> None:
-    import pwd
-    import shutil
-    import tempfile
-
-    from tests.integration.harness import TWISTD, source_env, stop_process
-    if os.geteuid() != 0:
-        import pytest
-        pytest.skip("needs root, to start as root and give it up")
-    nobody = pwd.getpwnam("nobody")
-    work = Path(tempfile.mkdtemp(prefix="mta-uid-"))
-    work.chmod(0o755)
-    port = free_port()
-    (work / "mta.toml").write_text(MAILDIR_CONFIG.format(port=port, message_size="1MB"))
-    server = subprocess.Popen(
-        [str(TWISTD), "-n", "--pidfile=", "--uid", str(nobody.pw_uid), "--gid",
-         str(nobody.pw_gid), "mta", "--config", "mta.toml"],
-        cwd=work, env=source_env(), stdout=(work / "log").open("wb"), stderr=subprocess.STDOUT)
-    try:
+def test_the_child_gives_up_root_like_twistd() -> None:
+    need_root("this test starts as root and gives it up")
+    with twistd_as_nobody(MAILDIR_CONFIG) as (work, port, nobody_uid):
         wait_for("the receiving process", lambda: SERVES.search((work / "log").read_text()))
         pid = int(SERVES.search((work / "log").read_text()).group(1))
         uids = next(line.split()[1:] for line in Path(f"/proc/{pid}/status").read_text()
                     .splitlines() if line.startswith("Uid:"))
-        assert uids == [str(nobody.pw_uid)] * 4
+        assert uids == [str(nobody_uid)] * 4
         send(port, "alice@example.org", "received as nobody")
         new = work / "mail/example.org/alice/new"
         wait_for("the delivery", lambda: new.is_dir() and any(new.iterdir()))
-    finally:
-        stop_process(server)
-        shutil.rmtree(work)
 
 
 def test_starttls_auth_and_implicit_tls_in_the_child(start_mta, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration import harness
-from tests.integration.harness import MtaServer, need, source_env, wait_for
+from tests.integration.harness import MtaServer, need, need_root, source_env, wait_for
 
 USER = "mta-sendmail-test"
 NOBODY = pwd.getpwnam("nobody")
@@ -47,10 +47,7 @@ route = "maildir:mail"
 
 @pytest.fixture
 def ordinary_user():
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("this test switches users: CI runs it as root")
-        pytest.skip("needs root to switch users")
+    need_root("this test switches users")
     made = False
     try:
         pwd.getpwnam(USER)
