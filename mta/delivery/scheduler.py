@@ -70,7 +70,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mta import maillog
+from mta import blocking, maillog
 from mta.config import Config, Live
 from mta.delivery.attempt import Attempts, Plan, Verdict
 from mta.delivery.client import SessionPolicy, SMTPClient
@@ -229,8 +229,7 @@ class Relayer(Service):
         self._arm()
 
     def _in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                         f, *args, **kwargs)
+        return blocking.workers_for(self.reactor)(f, *args, **kwargs)
 
     def _in_dns_thread(self, f: Callable[..., Any], *args: Any,
                        **kwargs: Any) -> defer.Deferred[Any]:

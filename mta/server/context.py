@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 
+from mta import blocking
 from mta.config import Config, Listener, Live
 from mta.spool.envelope import Envelope
 from mta.spool.store import Spool
@@ -69,7 +70,7 @@ class ServerContext:
     def __init__(self, config: Config | Live, listener: Listener, spool: Spool,
                  queue: MailQueue, pickup: Pickup | None = None,
                  clock: Callable[[], float] = time.time,
-                 run_blocking: Callable[..., defer.Deferred] = threads.deferToThread,
+                 run_blocking: Callable[..., defer.Deferred] = blocking.run_blocking,
                  trust: Trust | None = None, turned: bool = False,
                  checks: InboundChecks | None = None) -> None:
         self.live = Live.of(config)

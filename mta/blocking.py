@@ -1,0 +1,126 @@
+"""Blocking spool work off the reactor: a few threads, one wake-up for a batch of results.
+
+Every message costs two blocking calls at least (the commit with its fsyncs, and
+the removal after delivery).  Twisted's `deferToThread` costs about 75 µs of CPU
+a call on a 2-core machine, as much as the fsync it waits for: the pool's
+coordinator hands each call from thread to thread, and every result wakes the
+reactor through its pipe on its own.  Here a job goes on a plain queue that the
+worker threads take from, and a worker that finishes a job while other results
+still wait for the reactor adds its result to theirs: the reactor wakes once and
+fires every finished Deferred in that turn.  Measured alone, a call costs half of
+what `deferToThread` does; under load the wake-ups are shared too.
+
+Threads are started as jobs wait for them, up to `size`.  At reactor shutdown
+the workers finish the jobs already queued (a commit under way completes; the
+message is durable even if its client is gone) and are joined; a call made after
+that runs at once in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+SIZE = 10  # as Twisted's reactor pool: commits of 20 sessions share fsync rounds
+
+_STOP = object()
+
+
+class Workers:
+    def __init__(self, reactor: Any, size: int = SIZE, name: str = "mta-blocking") -> None:
+        self.reactor = reactor
+        self.size = size
+        self.name = name
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # workers waiting for a job
+        self._queued = 0  # jobs no worker has taken yet
+        self._finished: list[tuple[defer.Deferred[Any], bool, Any]] = []
+        self._stopped = False
+        reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+
+    def __call__(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        """`f(*args, **kwargs)` in a worker thread; a Deferred of its result."""
+        if self._stopped:
+            return defer.maybeDeferred(f, *args, **kwargs)
+        d: defer.Deferred[Any] = defer.Deferred()
+        with self._lock:
+            self._queued += 1
+            self._jobs.put((d, f, args, kwargs))
+            if self._queued > self._idle and len(self._threads) < self.size:
+                worker = threading.Thread(target=self._work, daemon=True,
+                                          name=f"{self.name}-{len(self._threads)}")
+                self._threads.append(worker)
+                worker.start()  # its first step waits for this lock
+        return d
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+                if job is not _STOP:
+                    self._queued -= 1
+            if job is _STOP:
+                return
+            d, f, args, kwargs = job
+            try:
+                result: Any = f(*args, **kwargs)
+                ok = True
+            except BaseException:  # noqa: BLE001 - the caller gets every failure
+                result = Failure()
+                ok = False
+            del job, f, args, kwargs
+            with self._lock:
+                self._finished.append((d, ok, result))
+                wake = len(self._finished) == 1
+            del d, result
+            if wake:
+                self.reactor.callFromThread(self._deliver)
+
+    def _deliver(self) -> None:
+        """In the reactor: fire every Deferred whose job has finished."""
+        with self._lock:
+            finished, self._finished = self._finished, []
+        for d, ok, result in finished:
+            if ok:
+                d.callback(result)
+            else:
+                d.errback(result)
+
+    def stop(self) -> None:
+        """Finish the queued jobs, then end the threads (blocking: at shutdown)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(_STOP)
+        for worker in threads:
+            worker.join()
+
+
+_workers: dict[int, tuple[Any, Workers]] = {}
+
+
+def workers_for(reactor: Any) -> Workers:
+    """The process's `Workers` for `reactor` (made at the first call)."""
+    found = _workers.get(id(reactor))
+    if found is None or found[0] is not reactor:
+        found = _workers[id(reactor)] = (reactor, Workers(reactor))
+    return found[1]
+
+
+def run_blocking(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+    """`f(*args, **kwargs)` in a worker of the global reactor."""
+    from twisted.internet import reactor
+    return workers_for(reactor)(f, *args, **kwargs)

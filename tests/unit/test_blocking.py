@@ -1,0 +1,147 @@
+"""mta.blocking.Workers: blocking calls in threads, results fired in the reactor's thread,
+one wake-up for the results that finished while the reactor had not yet run."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from mta.blocking import Workers
+
+WAIT = 10.0
+
+
+class FakeReactor:
+    """callFromThread queues the call; the test runs it, as the reactor's turn would."""
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.triggers: list[tuple[str, str, Any]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
+        self.triggers.append((phase, event, f))
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.put((f, args))
+
+    def turn(self) -> None:
+        f, args = self.calls.get(timeout=WAIT)
+        f(*args)
+
+
+def fired(d: Any) -> list[Any]:
+    got: list[Any] = []
+    d.addBoth(got.append)
+    return got
+
+
+def wait_until(check: Any) -> None:
+    deadline = time.monotonic() + WAIT
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_a_result_and_a_failure_reach_their_deferreds_in_the_reactor_turn() -> None:
+    reactor = FakeReactor()
+    workers = Workers(reactor)
+    ran_in: list[str] = []
+
+    def job(x: int) -> int:
+        ran_in.append(threading.current_thread().name)
+        return x * 2
+
+    ok = fired(workers(job, 21))
+    bad = fired(workers(lambda: 1 / 0))
+    wait_until(lambda: len(ran_in) == 1 and reactor.calls.qsize() >= 1)
+    assert ok == [] and bad == []  # nothing fires outside the reactor's turn...
+    while not (ok and bad):
+        reactor.turn()
+    assert ok == [42]  # ...and everything in it
+    assert bad[0].check(ZeroDivisionError)
+    assert ran_in[0].startswith("mta-blocking-")
+    workers.stop()
+
+
+def test_results_that_finish_together_share_one_wake_up() -> None:
+    reactor = FakeReactor()
+    workers = Workers(reactor, size=4)
+    go = threading.Event()
+    done = []
+
+    def job(i: int) -> int:
+        go.wait(WAIT)
+        done.append(i)
+        return i
+
+    results = [fired(workers(job, i)) for i in range(8)]
+    go.set()
+    wait_until(lambda: len(done) == 8)
+    assert reactor.calls.qsize() == 1
+    reactor.turn()
+    assert [r for (r,) in results] == list(range(8))
+    workers.stop()
+
+
+def test_no_more_threads_than_its_size() -> None:
+    reactor = FakeReactor()
+    workers = Workers(reactor, size=3)
+    lock = threading.Lock()
+    running, most = [0], [0]
+    go = threading.Event()
+
+    def job() -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        go.wait(WAIT)
+        with lock:
+            running[0] -= 1
+
+    results = [fired(workers(job)) for _ in range(9)]
+    wait_until(lambda: running[0] == 3)
+    go.set()
+    while not all(results):
+        reactor.turn()
+    assert most[0] == 3
+    assert len(workers._threads) == 3
+    workers.stop()
+
+
+def test_stop_finishes_queued_jobs_and_later_calls_run_at_once() -> None:
+    reactor = FakeReactor()
+    workers = Workers(reactor, size=2)
+    assert ("during", "shutdown", workers.stop) in reactor.triggers
+    go = threading.Event()
+    done = []
+
+    def job(i: int) -> None:
+        go.wait(WAIT)
+        done.append(i)
+
+    for i in range(6):
+        workers(job, i)
+    stopper = threading.Thread(target=workers.stop)
+    stopper.start()
+    go.set()
+    stopper.join(WAIT)
+    assert not stopper.is_alive()
+    assert sorted(done) == list(range(6))
+    assert not any(t.is_alive() for t in workers._threads)
+    late = fired(workers(lambda: "inline"))
+    assert late == ["inline"]
+
+
+@pytest.mark.parametrize("size", [1, 10])
+def test_many_calls_from_the_reactor_all_complete(size: int) -> None:
+    reactor = FakeReactor()
+    workers = Workers(reactor, size=size)
+    results = [fired(workers(pow, i, 2)) for i in range(500)]
+    while not all(results):
+        reactor.turn()
+    assert [r for (r,) in results] == [i * i for i in range(500)]
+    workers.stop()
