@@ -227,7 +227,7 @@ class Attempts:
         """Deliver one group; returns how many of its recipients were delivered."""
         # Slots bound our connections to other hosts.  A turned connection exists already
         # and serves one message at a time, and local delivery must never wait behind
-        # slow remote hosts (the thread pool bounds it): neither takes a slot.
+        # slow remote hosts (the spool workers bound it): neither takes a slot.
         slot = hop.kind == SMTP
         if slot:
             yield self.limiter.acquire(hop.destination)

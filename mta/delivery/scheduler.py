@@ -49,8 +49,8 @@ line are read (in a thread) and acted on: ``new``, ``release`` and
 ``requeue`` schedule the message now (an attempt routes it afresh), ``flush`` is `flush(domain)`, ``hold`` and ``delete``
 forget it (an attempt re-reads the envelope from disk anyway).
 
-Spool work runs in the reactor's thread pool, DNS resolution in a pool of
-its own (a dead name server must not delay the server's commits); neither
+Spool work runs in the process's spool workers (mta/blocking.py), DNS
+resolution in a pool of its own (a dead name server must not delay the server's commits); neither
 ever in the reactor thread.
 """
 
