@@ -10,7 +10,7 @@ still wait for the reactor adds its result to theirs: the reactor wakes once and
 fires every finished Deferred in that turn.  Measured alone, a call costs half of
 what `deferToThread` does; under load the wake-ups are shared too.
 
-Threads are started as jobs wait for them, up to `size`.  At reactor shutdown
+A thread starts when a call finds no idle thread free for it, up to `size`.  At reactor shutdown
 the workers finish the jobs already queued (a commit under way completes; the
 message is durable even if its client is gone) and are joined; a call made after
 that runs at once in the caller's thread.
@@ -37,10 +37,15 @@ class Workers:
         self.size = size
         self.name = name
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _finished
         self._threads: list[threading.Thread] = []
-        self._idle = 0  # workers waiting for a job
-        self._queued = 0  # jobs no worker has taken yet
+        # One item per thread waiting for a job: list.append and list.pop are atomic, so
+        # neither a call nor a worker takes a lock for it.  A call starts a thread when
+        # the jobs already waiting would take every idle one (20 commits in one turn of
+        # the reactor get threads of their own, up to `size`, and their fsyncs overlap).
+        # Read just as a thread takes a job, the counts may start a thread early or
+        # leave a job to wait for a busy one: never a job without a thread.
+        self._idle: list[None] = []
         self._finished: list[tuple[defer.Deferred[Any], bool, Any]] = []
         self._stopped = False
         reactor.addSystemEventTrigger("during", "shutdown", self.stop)
@@ -49,26 +54,20 @@ class Workers:
         """`f(*args, **kwargs)` in a worker thread; a Deferred of its result."""
         if self._stopped:
             return defer.maybeDeferred(f, *args, **kwargs)
+        if len(self._idle) <= self._jobs.qsize() and len(self._threads) < self.size:
+            worker = threading.Thread(target=self._work, daemon=True,
+                                      name=f"{self.name}-{len(self._threads)}")
+            worker.start()
+            self._threads.append(worker)
         d: defer.Deferred[Any] = defer.Deferred()
-        with self._lock:
-            self._queued += 1
-            self._jobs.put((d, f, args, kwargs))
-            if self._queued > self._idle and len(self._threads) < self.size:
-                worker = threading.Thread(target=self._work, daemon=True,
-                                          name=f"{self.name}-{len(self._threads)}")
-                self._threads.append(worker)
-                worker.start()  # its first step waits for this lock
+        self._jobs.put((d, f, args, kwargs))
         return d
 
     def _work(self) -> None:
+        self._idle.append(None)
         while True:
-            with self._lock:
-                self._idle += 1
             job = self._jobs.get()
-            with self._lock:
-                self._idle -= 1
-                if job is not _STOP:
-                    self._queued -= 1
+            self._idle.pop()
             if job is _STOP:
                 return
             d, f, args, kwargs = job
@@ -83,6 +82,7 @@ class Workers:
                 self._finished.append((d, ok, result))
                 wake = len(self._finished) == 1
             del d, result
+            self._idle.append(None)  # before the wake-up: the reactor's next call sees it
             if wake:
                 self.reactor.callFromThread(self._deliver)
 
@@ -101,8 +101,7 @@ class Workers:
         if self._stopped:
             return
         self._stopped = True
-        with self._lock:
-            threads = list(self._threads)
+        threads = list(self._threads)
         for _ in threads:
             self._jobs.put(_STOP)
         for worker in threads:

@@ -112,6 +112,19 @@ def test_no_more_threads_than_its_size() -> None:
     workers.stop()
 
 
+def test_a_burst_of_calls_runs_at_once_on_threads_of_its_own() -> None:
+    """Commits made in one turn of the reactor overlap their fsyncs: each of four
+    calls made together gets a thread, or the barrier is never passed."""
+    reactor = FakeReactor()
+    workers = Workers(reactor, size=4)
+    barrier = threading.Barrier(4, timeout=WAIT)
+    results = [fired(workers(barrier.wait)) for _ in range(4)]
+    while not all(results):
+        reactor.turn()
+    assert sorted(r for (r,) in results) == [0, 1, 2, 3]  # every thread passed it
+    workers.stop()
+
+
 def test_stop_finishes_queued_jobs_and_later_calls_run_at_once() -> None:
     reactor = FakeReactor()
     workers = Workers(reactor, size=2)
