@@ -308,8 +308,13 @@ class Attempts:
         if envelope.is_complete:
             # Removed without a last rewrite: a crash before the unlink means
             # the message goes again (at most a duplicate), never that it is lost.
+            # In the reactor's thread, as Postfix's queue manager does it: two
+            # unlinks of a local file take microseconds and need no fsync, while
+            # handing them to a thread woke an idle one for every message (with
+            # two processes at 20 sessions, the main process spent a quarter less
+            # CPU per message without that hand-over).
             try:
-                yield self.run_blocking(self.spool.remove, envelope.queue_id)
+                self.spool.remove(envelope.queue_id)
             except Exception:
                 # Kept in memory as done, so that the next attempt only removes it.
                 self.unsaved[envelope.queue_id] = copy.deepcopy(envelope)
