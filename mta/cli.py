@@ -294,7 +294,14 @@ def cmd_records(args: argparse.Namespace) -> int:
 # -- queue ------------------------------------------------------------------------
 
 def _when(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    return _local_second(int(timestamp))
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_second(second: int) -> str:
+    # Once a second: the C library reads the time zone file again at each localtime()
+    # when TZ is unset, and a queue's messages share their arrival seconds in bursts.
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
 
 
 def _span(seconds: float) -> str:

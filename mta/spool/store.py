@@ -75,7 +75,10 @@ TMP, QUEUE, HOLD, CORRUPT, CONTROL = "tmp", "queue", "hold", "corrupt", "control
 DATA_SUFFIX, ENVELOPE_SUFFIX = ".msg", ".env"
 HEADER = b"MTA2 "  # a message file's first line: HEADER, the envelope as JSON, LF
 WRITE_BUFFER = 64 * 1024
-SCAN_WORKERS = 8  # processes reading a large queue's envelopes at once (Spool.scan)
+# Processes reading a large queue's envelopes at once (Spool.scan_runs): one a core,
+# as the adviser keeps the disk busy for them.
+SCAN_WORKERS = max(2, min(8, os.cpu_count() or 2))
+SCAN_ADVICE = 4096  # octets of each file the adviser asks the kernel to read ahead
 SCAN_RUN = 2000  # messages each of them reads at least
 
 
@@ -420,10 +423,14 @@ class Spool:
     def scan_runs(self, state: str, summarise: Callable[[Iterator[tuple[str, Any]]], T]) -> list[T]:
         """`summarise` applied to runs of consecutive messages of `scan(state)`, in order.
 
-        A large queue is read by up to `SCAN_WORKERS` processes at once, one run each:
-        with a cold page cache, reads made one after the other wait on the disk in
-        turn (100,000 messages took 7 s so, 3 s with eight readers on a 2-core
-        machine).  `summarise` runs in those processes: it must be a module-level
+        A large queue is read by up to `SCAN_WORKERS` processes at once, one run each,
+        while one more process, the adviser, walks the same files a step ahead of
+        them all and asks the kernel to read each one's start (posix_fadvise
+        WILLNEED): the disk gets many reads at once and can merge them, and a
+        reader mostly finds its file in the page cache.  With a cold page cache,
+        100,000 messages took 7 s with one reader, 3.5-4.9 s with eight readers
+        and no adviser, and 2.6-3.1 s with two readers and the adviser on a 2-core
+        machine.  `summarise` runs in those processes: it must be a module-level
         function (or a partial of one) and return something that pickles, best one
         small value per run.  A small queue is one run, read here; so is every queue
         where processes cannot be made or a reader dies (no /dev/shm for the pool's
@@ -439,8 +446,15 @@ class Spool:
 
         size = -(-len(entries) // workers)
         runs = [entries[i:i + size] for i in range(0, len(entries), size)]
+        adviser = None
         try:
             context = multiprocessing.get_context("fork")
+            # The readers' files in the order they will want them: the first of each
+            # run, then the second of each, and so on.
+            ahead = [run[i] for i in range(size) for run in runs if i < len(run)]
+            adviser = context.Process(target=_advise, args=(directory, ahead),
+                                      name="mta-scan-adviser", daemon=True)
+            adviser.start()
             with concurrent.futures.ProcessPoolExecutor(len(runs), mp_context=context) as pool:
                 return list(pool.map(_summarise_run, [summarise] * len(runs),
                                      [directory] * len(runs), runs))
@@ -448,6 +462,10 @@ class Spool:
                 concurrent.futures.process.BrokenProcessPool) as e:
             log.warn("reading {state}/ with one process ({error})", state=state, error=e)  # noqa: G010
             return [summarise(_scan_run(directory, entries))]
+        finally:
+            if adviser is not None and adviser.pid is not None:
+                adviser.kill()  # done or not: the readers have what they wanted
+                adviser.join()
 
     @staticmethod
     def _listed(directory: str) -> list[tuple[str, bool]]:
@@ -595,6 +613,23 @@ def _scan_run(directory: str, entries: list[tuple[str, bool]],
             yield queue_id, e
             continue
         yield queue_id, found
+
+
+def _advise(directory: str, entries: list[tuple[str, bool]]) -> None:
+    """The scan's adviser (`Spool.scan_runs`): ask the kernel to start reading the part of
+    each file a reader will read.  Only a hint: a file gone, or anything else, is skipped."""
+    for queue_id, has_state in entries:
+        name = queue_id + (ENVELOPE_SUFFIX if has_state else DATA_SUFFIX)
+        try:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, SCAN_ADVICE, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _summarise_run(summarise: Callable[[Iterator[tuple[str, Any]]], T], directory: str,

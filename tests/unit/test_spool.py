@@ -352,8 +352,26 @@ def test_a_large_queue_is_read_by_several_processes_in_order(spool, tmp_path, mo
     expected = _ids_and_kinds(spool.scan())
     assert [pair for run in runs for pair in run] == expected
     assert expected[7] == (ids[7], "JSONDecodeError") and len(expected) == 23
+    import multiprocessing
+    assert multiprocessing.active_children() == []  # the readers and the adviser are gone
     monkeypatch.setattr(store, "SCAN_RUN", 100)  # small: one run, read in this process
     assert spool.scan_runs(store.QUEUE, _ids_and_kinds) == [expected]
+
+
+def test_the_scan_adviser_is_only_a_hint(spool, tmp_path, monkeypatch):
+    """A file gone before the adviser gets to it is skipped; an adviser that dies leaves
+    the listing whole."""
+    ids = [commit(spool) for _ in range(9)]
+    store._advise(str(tmp_path / "queue"), [(ids[0], False), ("0123ABCD", False),
+                                            (ids[1], True)])  # no state file: skipped
+    monkeypatch.setattr(store, "SCAN_RUN", 3)
+
+    def broken(directory, entries):
+        raise SystemExit(3)
+
+    monkeypatch.setattr(store, "_advise", broken)
+    runs = spool.scan_runs(store.QUEUE, _ids_and_kinds)
+    assert [pair for run in runs for pair in run] == [(queue_id, "dict") for queue_id in ids]
 
 
 def test_recovery_and_the_queue_leave_the_mta_sts_cache_alone(spool, tmp_path):
