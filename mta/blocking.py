@@ -123,3 +123,58 @@ def run_blocking(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Defe
     """`f(*args, **kwargs)` in a worker of the global reactor."""
     from twisted.internet import reactor
     return workers_for(reactor)(f, *args, **kwargs)
+
+
+class Gathered:
+    """`f(item)` in a worker for each call, with the calls made while a batch runs
+    gathered into the next batch: one job, one hand-over to a thread and one wake-up
+    of the reactor for all of them.  With little to do, each call is a batch of its
+    own at once; under load the batches grow by themselves, with no timer.  For
+    work that is cheap next to a hand-over (the two unlinks of a delivered message):
+    done in the reactor's thread it would be cheaper still, but an unlink can wait
+    there for the file system's journal, and with it every session."""
+
+    def __init__(self, run_blocking: Callable[..., defer.Deferred[Any]],
+                 f: Callable[[Any], Any]) -> None:
+        self.run_blocking = run_blocking
+        self.f = f
+        self._waiting: list[tuple[Any, defer.Deferred[Any]]] = []
+        self._running = False
+
+    def __call__(self, item: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._waiting.append((item, d))
+        if not self._running:
+            self._next()
+        return d
+
+    def _next(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            self._running = False
+            return
+        self._running = True
+        job = self.run_blocking(_each, self.f, [item for item, _ in batch])
+        job.addBoth(self._done, batch)
+
+    def _done(self, outcomes: Any, batch: list[tuple[Any, defer.Deferred[Any]]]) -> None:
+        for i, (_, d) in enumerate(batch):
+            outcome = outcomes if isinstance(outcomes, Failure) else outcomes[i]
+            if outcome is None:
+                d.callback(None)
+            else:
+                d.errback(outcome)
+        self._next()
+
+
+def _each(f: Callable[[Any], Any], items: list[Any]) -> list[Failure | None]:
+    """`f` of each item, in a worker; None or the Failure of each."""
+    outcomes: list[Failure | None] = []
+    for item in items:
+        try:
+            f(item)
+        except Exception:  # noqa: BLE001 - each caller gets its own failure
+            outcomes.append(Failure())
+        else:
+            outcomes.append(None)
+    return outcomes

@@ -158,3 +158,60 @@ def test_many_calls_from_the_reactor_all_complete(size: int) -> None:
         reactor.turn()
     assert [r for (r,) in results] == [i * i for i in range(500)]
     workers.stop()
+
+
+class ManualRunner:
+    """run_blocking whose jobs run when the test says, in the test's thread."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, tuple[Any, ...], Any]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Any:
+        from twisted.internet import defer
+        d = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def run_next(self) -> None:
+        f, args, d = self.jobs.pop(0)
+        d.callback(f(*args))
+
+
+def test_calls_made_while_a_batch_runs_go_together_in_the_next() -> None:
+    from mta.blocking import Gathered
+    runner = ManualRunner()
+    done: list[str] = []
+
+    def remove(name: str) -> None:
+        if name == "bad":
+            raise FileNotFoundError(name)
+        done.append(name)
+
+    gathered = Gathered(runner, remove)
+    first = fired(gathered("a"))
+    assert len(runner.jobs) == 1  # at once, alone
+    later = [fired(gathered(name)) for name in ("b", "bad", "c")]
+    assert len(runner.jobs) == 1  # waiting for the first batch
+    runner.run_next()
+    assert first == [None] and done == ["a"]
+    assert len(runner.jobs) == 1 and runner.jobs[0][1][1] == ["b", "bad", "c"]  # one job
+    runner.run_next()
+    assert done == ["a", "b", "c"]
+    assert later[0] == [None] and later[2] == [None]
+    assert later[1][0].check(FileNotFoundError)  # its own failure, and only its own
+    assert runner.jobs == []
+    fired(gathered("d"))
+    assert len(runner.jobs) == 1  # idle again: the next call goes at once
+
+
+def test_a_batch_whose_job_fails_fails_each_of_its_calls() -> None:
+    from twisted.internet import defer
+
+    from mta.blocking import Gathered
+
+    def broken(f: Any, *args: Any) -> Any:
+        return defer.fail(OSError("no thread"))
+
+    gathered = Gathered(broken, lambda item: None)
+    results = [fired(gathered(i)) for i in range(2)]
+    assert all(r[0].check(OSError) for r in results)
