@@ -56,6 +56,7 @@ import itertools
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -338,13 +339,13 @@ class Spool:
 
     def open_message(self, queue_id: str) -> tuple[Envelope, MessageData]:
         """The envelope as it is now, and where the data is."""
-        directory = self.root / self._where(queue_id)
-        path = directory / (queue_id + DATA_SUFFIX)
+        base = self._dirs[self._where(queue_id)] + queue_id
+        path = base + DATA_SUFFIX
         try:
-            state = (directory / (queue_id + ENVELOPE_SUFFIX)).read_bytes()
+            state = _read_file(base + ENVELOPE_SUFFIX)
         except FileNotFoundError:
             state = None
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             first = f.readline() if f.read(len(HEADER)) == HEADER else b""
             offset = len(HEADER) + len(first) if first else 0
             size = os.fstat(f.fileno()).st_size - offset
@@ -357,7 +358,7 @@ class Spool:
             raise EnvelopeError("no envelope: neither a header line nor a state file")
         if envelope.queue_id != queue_id:
             raise EnvelopeError("queue id does not match the file name")
-        return envelope, MessageData(path, offset)
+        return envelope, MessageData(Path(path), offset)
 
     def load(self, queue_id: str) -> Envelope:
         return self.open_message(queue_id)[0]
@@ -474,6 +475,15 @@ class Spool:
         cut = len(DATA_SUFFIX)
         return [(name[:-cut], name[:-cut] + ENVELOPE_SUFFIX in names) for name in sorted(names)
                 if name.endswith(DATA_SUFFIX) and not name.startswith(".")]
+
+    def read_ahead(self, state: str = QUEUE, stop: Callable[[], bool] | None = None) -> None:
+        """Blocking, for a thread of its own: ask the kernel to read ahead, oldest first,
+        what `load_committed` will read of each message in `state` (the state file
+        and the start of the data), so that loading a large queue at start finds it
+        in the page cache rather than waiting on the disk for each file in turn.
+        `stop()` ends it early."""
+        directory = os.path.join(self.root, state)
+        _advise(directory, self._listed(directory), data_too=True, stop=stop)
 
     def queue_ids(self, state: str = QUEUE) -> list[str]:
         """Committed queue ids in `state`, oldest first."""
@@ -615,21 +625,31 @@ def _scan_run(directory: str, entries: list[tuple[str, bool]],
         yield queue_id, found
 
 
-def _advise(directory: str, entries: list[tuple[str, bool]]) -> None:
-    """The scan's adviser (`Spool.scan_runs`): ask the kernel to start reading the part of
-    each file a reader will read.  Only a hint: a file gone, or anything else, is skipped."""
+def _advise(directory: str, entries: list[tuple[str, bool]], data_too: bool = False,
+            stop: Callable[[], bool] | None = None) -> None:
+    """Ask the kernel to start reading the part of each message that a reader will read:
+    its state file if it has one, else (or also, with `data_too`) the start of its data
+    file.  Only a hint: a file gone, or anything else, is skipped.  `stop()` ends it."""
     for queue_id, has_state in entries:
-        name = queue_id + (ENVELOPE_SUFFIX if has_state else DATA_SUFFIX)
-        try:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, SCAN_ADVICE, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        if stop is not None and stop():
+            return
+        if has_state:
+            _advise_file(os.path.join(directory, queue_id + ENVELOPE_SUFFIX))
+        if data_too or not has_state:
+            _advise_file(os.path.join(directory, queue_id + DATA_SUFFIX))
+
+
+def _advise_file(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, SCAN_ADVICE, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _summarise_run(summarise: Callable[[Iterator[tuple[str, Any]]], T], directory: str,
@@ -647,14 +667,14 @@ def _read_envelope(directory: str, queue_id: str, has_state: bool) -> dict[str, 
     fd = os.open(os.path.join(directory, queue_id + DATA_SUFFIX), os.O_RDONLY)
     try:
         head = os.read(fd, 4096)
+        whole = len(head) < 4096  # a short read of a file is its end: no fstat needed
         end = head.find(b"\n")
-        while end < 0 and len(head) < 16 * 1024 * 1024:  # a long envelope line
+        while end < 0 and not whole and len(head) < 16 * 1024 * 1024:  # a long envelope line
             more = os.read(fd, 65536)
-            if not more:
-                break
+            whole = not more
             head += more
             end = head.find(b"\n")
-        size = os.fstat(fd).st_size
+        size = len(head) if whole else os.fstat(fd).st_size
     finally:
         os.close(fd)
     if not head.startswith(HEADER) or end < 0:
@@ -674,8 +694,11 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
+_QUEUE_ID = re.compile(r"[0-9A-F]+")
+
+
 def _check_id(queue_id: str) -> None:
-    if not queue_id or not all(c in "0123456789ABCDEF" for c in queue_id):
+    if type(queue_id) is not str or not _QUEUE_ID.fullmatch(queue_id):
         raise SpoolError(f"not a queue id: {queue_id!r}")
 
 

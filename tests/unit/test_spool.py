@@ -398,3 +398,33 @@ def test_a_large_queue_is_still_read_where_processes_cannot_be_made(spool, monke
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
     runs = spool.scan_runs(store.QUEUE, _ids_and_kinds)
     assert runs == [[(queue_id, "dict") for queue_id in ids]]
+
+
+@pytest.mark.parametrize("body_size, recipients", [(10, 1), (5000, 1), (10, 300), (70_000, 300)])
+def test_a_scan_gives_each_message_its_size(spool, body_size, recipients):
+    """Small and large messages, short and long envelope lines (a file read whole, or not)."""
+    env = Envelope(queue_id="", reverse_path="a@client.test",
+                   recipients=[Recipient(address=f"user{i}@example.org") for i in range(recipients)],
+                   arrival=1.0)
+    body = b"Subject: s\r\n\r\n" + b"x" * body_size
+    queue_id = spool.inject(env, body)
+    [(found_id, found)] = list(spool.scan())
+    assert found_id == queue_id and found["size"] == len(body)
+    assert len(found["recipients"]) == recipients
+
+
+def test_read_ahead_is_a_hint_that_stops_when_told(spool, tmp_path, monkeypatch):
+    """It asks for the state file and the data of each message, skips one gone meanwhile,
+    and ends as soon as `stop()` says so."""
+    ids = [commit(spool) for _ in range(4)]
+    (tmp_path / "queue" / f"{ids[1]}.env").write_text("{}")
+    (tmp_path / "queue" / f"{ids[2]}.msg").unlink()  # delivered while we looked
+    asked: list[str] = []
+    monkeypatch.setattr(store, "_advise_file", lambda path: asked.append(os.path.basename(path)))
+    spool.read_ahead(store.QUEUE)
+    assert asked == [f"{ids[0]}.msg", f"{ids[1]}.env", f"{ids[1]}.msg", f"{ids[3]}.msg"]
+    asked.clear()
+    calls = []
+    spool.read_ahead(store.QUEUE, stop=lambda: calls.append(1) or len(calls) > 1)
+    assert asked == [f"{ids[0]}.msg"]
+    store._advise_file(str(tmp_path / "queue" / "gone.msg"))  # no such file: nothing raised
