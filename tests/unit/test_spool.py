@@ -428,3 +428,21 @@ def test_read_ahead_is_a_hint_that_stops_when_told(spool, tmp_path, monkeypatch)
     spool.read_ahead(store.QUEUE, stop=lambda: calls.append(1) or len(calls) > 1)
     assert asked == [f"{ids[0]}.msg"]
     store._advise_file(str(tmp_path / "queue" / "gone.msg"))  # no such file: nothing raised
+
+
+def test_a_shape_learnt_for_envelopes_does_not_pass_a_recipient(spool):
+    """The checks of a shape seen good are kept per kind of object: an envelope's fields
+    in the place of a recipient are damage, after envelopes of that shape were read."""
+    from mta.spool.envelope import validate
+    state = json.loads(spool.load(commit(spool)).to_json())
+    validate(state)
+    validate(dict(state))  # the same shape again: fine
+    bad = dict(state)
+    bad["recipients"] = [dict(state)]
+    with pytest.raises(EnvelopeError):
+        validate(bad)
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(EnvelopeError):
+            validate(dict(state, next_attempt=value))  # a learnt shape still checks values
+    with pytest.raises(EnvelopeError):
+        validate(dict(state, body="9BIT"))
