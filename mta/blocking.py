@@ -108,15 +108,15 @@ class Workers:
             worker.join()
 
 
-_workers: dict[int, tuple[Any, Workers]] = {}
+_workers: dict[Any, Workers] = {}
 
 
 def workers_for(reactor: Any) -> Workers:
     """The process's `Workers` for `reactor` (made at the first call)."""
-    found = _workers.get(id(reactor))
-    if found is None or found[0] is not reactor:
-        found = _workers[id(reactor)] = (reactor, Workers(reactor))
-    return found[1]
+    workers = _workers.get(reactor)
+    if workers is None:
+        workers = _workers[reactor] = Workers(reactor)
+    return workers
 
 
 def run_blocking(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
