@@ -36,6 +36,7 @@ metrics endpoint counts the same events (mta/observe.py).
 from __future__ import annotations
 
 import math
+import time
 from typing import IO, Any
 
 import twisted.logger
@@ -73,10 +74,14 @@ def _emit(logger: Logger, level: LogLevel, event: str, text: str,
     if forward is not None:
         forward(logger.namespace, level.name, event, text, fields)
         return
-    if structured and fields is not None:
-        logger.emit(level, _FORMAT, log_mta_text=text, mta_event=event, **fields)
-    else:
-        logger.emit(level, _FORMAT, log_mta_text=text, mta_event=event)
+    # The event Logger.emit would build, given to the logger's observer directly:
+    # Logger.emit first looks the level up among all LogLevel constants, a fifth of
+    # the cost of a line, and our levels are LogLevel constants by construction.
+    record = dict(fields) if structured and fields is not None else {}
+    record.update(log_mta_text=text, mta_event=event, log_logger=logger, log_level=level,
+                  log_namespace=logger.namespace, log_source=logger.source,
+                  log_format=_FORMAT, log_time=time.time())
+    logger.observer(record)
 
 
 _FORMAT = "{log_mta_text}"
@@ -283,28 +288,31 @@ def delivery(queue_id: str, to: str, relay: str, delay: float, dsn: str, status:
 
 def report_created(queue_id: str, kind: str, report_id: str) -> None:
     """`kind`: ``non-delivery``, ``delay`` or ``delivery status``."""
-    log.info("{queue_id}: sender {kind} notification: {report_id}",
-             queue_id=queue_id, kind=kind, report_id=report_id)
+    _emit(log, LogLevel.info, "report", f"{queue_id}: sender {kind} notification: {report_id}",
+          {"queue_id": queue_id, "kind": kind, "report_id": report_id})
 
 
 def report_dropped(queue_id: str, why: str) -> None:
-    log.warn(  # noqa: G010 (twisted.logger has no .warning)
-        "{queue_id}: no notification sent: {why}", queue_id=queue_id, why=why)
+    _emit(log, LogLevel.warn, "report_dropped", f"{queue_id}: no notification sent: {why}",
+          {"queue_id": queue_id, "why": why})
 
 
 def removed(queue_id: str) -> None:
-    log.info("{queue_id}: removed", queue_id=queue_id)
+    _emit(log, LogLevel.info, "removed", f"{queue_id}: removed", {"queue_id": queue_id})
 
 
 def operator(queue_id: str, action: str) -> None:
     """A change made with the `mta queue` command: ``held``, ``released``, ``deleted``."""
-    log.info("{queue_id}: {action} by the operator", queue_id=queue_id, action=action)
+    _emit(log, LogLevel.info, "operator", f"{queue_id}: {action} by the operator",
+          {"queue_id": queue_id, "action": action})
 
 
 def picked_up(envelope_queue_id: str, sender: str, recipients: int, size: int) -> None:
     """A message put in the spool by `mta sendmail`, seen by the running server."""
-    log.info("{queue_id}: from=<{sender}>, nrcpt={n}, size={size} (local submission)",
-             queue_id=envelope_queue_id, sender=sender, n=recipients, size=size)
+    _emit(log, LogLevel.info, "picked_up",
+          f"{envelope_queue_id}: from=<{sender}>, nrcpt={recipients}, size={size} "
+          "(local submission)",
+          {"queue_id": envelope_queue_id, "sender": sender, "nrcpt": recipients, "size": size})
 
 
 def sts_verdict(queue_id: str, recipients: list[str], domain: str, mode: str, policy_id: str,
