@@ -189,16 +189,19 @@ class Attempts:
             envelope.attempts += 1
             # With several groups in flight, each outcome is saved as soon as it is
             # known: a slow group must not hold a fast one's result in memory only.
-            each = save if len(groups) > 1 else None
-            results = yield defer.DeferredList(
-                [self._deliver_group(each, envelope, plan, hop, indices, data)
-                 for hop, indices in groups.values()], consumeErrors=True)
-            failures = [result for ok, result in results if not ok]
-            if failures:
-                # An outcome that could not be saved must not be reported (or the
-                # message removed) as if it were on disk: retry later from the disk.
-                failures[0].raiseException()
-            delivered = sum(results_ok for ok, results_ok in results if ok)
+            if len(groups) == 1:
+                [(hop, indices)] = groups.values()
+                delivered = yield self._deliver_group(None, envelope, plan, hop, indices, data)
+            else:
+                results = yield defer.DeferredList(
+                    [self._deliver_group(save, envelope, plan, hop, indices, data)
+                     for hop, indices in groups.values()], consumeErrors=True)
+                failures = [result for ok, result in results if not ok]
+                if failures:
+                    # An outcome that could not be saved must not be reported (or the
+                    # message removed) as if it were on disk: retry later from the disk.
+                    failures[0].raiseException()
+                delivered = sum(results_ok for ok, results_ok in results if ok)
         if self.stopping():
             if groups:
                 # Outcomes that came in while we stop (a next hop's 250 after SIGTERM)

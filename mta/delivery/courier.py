@@ -361,13 +361,7 @@ class SMTPCourier:
     def _try_address(self, hop: NextHop, host: MXHost, address: str, txn: Transaction,
                      sts: _STS | None = None) -> Any:
         """(outcomes for txn's recipients or None, stop trying others?, session failure or None)."""
-        policy = self._policy(hop, host, sts)
-        attempts = [policy]
-        if policy.tls == OPPORTUNISTIC:
-            # After a failed handshake, plain text, but never the password: the host offered
-            # TLS, so only a host without STARTTLS gets it in clear (smarthost_tls).
-            attempts.append(replace(policy, tls="off", plaintext_password=False,
-                                    check_identity=False))
+        attempts = [self._policy(hop, host, sts)]  # grows by a plain-text one (below)
         failure: Outcome | None = None
         judged = False  # an MTA-STS verdict on this address is logged
         for attempt in attempts:
@@ -395,7 +389,12 @@ class SMTPCourier:
                 if sts is not None and not judged:
                     failure = sts.refuse(f"{host.name}[{address}]", e.text) or failure
                     judged = True
-                if attempt is not attempts[-1]:
+                if attempt.tls == OPPORTUNISTIC:
+                    # After a failed handshake, plain text, but never the password: the
+                    # host offered TLS, so only a host without STARTTLS gets it in clear
+                    # (smarthost_tls).  The loop takes it next.
+                    attempts.append(replace(attempt, tls="off", plaintext_password=False,
+                                            check_identity=False))
                     log.info("TLS with {peer}[{address}] failed ({why}); trying without",
                              peer=host.name, address=address, why=e.text)
                 continue
