@@ -910,24 +910,24 @@ class _TxnState:
         self.finish()
 
 
+# An enhanced status code opening a reply's text [RFC 3463 2, RFC 2034 3]; its class must
+# also be the reply code's first digit.
+_ENHANCED = re.compile(r"[ \t]*([245]\.[0-9]+\.[0-9]+)(?=\s|$)")
+
+
 def _make_reply(lines: list[str]) -> Reply:
-    code = int(lines[0][:3])
-    texts = [line[4:] for line in lines]
-    enhanced = None
-    words = texts[0].split(None, 1)
-    first = words[0] if words else ""
-    if _looks_enhanced(first, code):
-        enhanced = first
-        # Drop the code from every line that repeats it [RFC 2034 3], extra spaces or not.
-        texts = [t.lstrip()[len(first):].lstrip() if t.lstrip().startswith(first) else t
-                 for t in texts]
-    return Reply(code, enhanced, *texts)
-
-
-def _looks_enhanced(text: str, code: int) -> bool:
-    parts = text.split(".")
-    return (len(parts) == 3 and all(p.isdigit() for p in parts)
-            and parts[0] == str(code)[0] and parts[0] in "245")
+    first = lines[0]
+    code = int(first[:3])
+    found = _ENHANCED.match(first, 4)
+    if found is None or found.group(1)[0] != first[0]:
+        return Reply(code, None, *[line[4:] for line in lines])
+    enhanced = found.group(1)
+    if len(lines) == 1:
+        return Reply(code, enhanced, first[found.end():].lstrip())
+    # Drop the code from every line that repeats it [RFC 2034 3], extra spaces or not.
+    texts = [line[4:].lstrip() for line in lines]
+    return Reply(code, enhanced, *[t[len(enhanced):].lstrip() if t.startswith(enhanced)
+                                   else line[4:] for t, line in zip(texts, lines)])
 
 
 def _b64(text: str) -> str:
