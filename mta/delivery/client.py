@@ -355,6 +355,7 @@ class SMTPClient(Reversible, LineReceiver):
         self._lines: list[str] = []
         self._handlers: deque[tuple[_Stage, Callable[[Reply], None]]] = deque()
         self._timer: IDelayedCall | None = None
+        self._awaited = ""  # what the timer waits for, named in its error
         self._tls_started = False
         self._tls_confirmed = False  # the EHLO after STARTTLS was answered: the handshake worked
         self._tls_used: object | None = None  # the TLS options of our STARTTLS
@@ -425,9 +426,10 @@ class SMTPClient(Reversible, LineReceiver):
                     reply=reply_text(reply))
             return
         _stage, handler = self._handlers.popleft()
-        self._cancel_timer()
         if self._handlers:
             self._start_timer(self._handlers[0][0])
+        else:
+            self._cancel_timer()
         handler(reply)
 
     # -- plumbing ---------------------------------------------------------------
@@ -463,24 +465,31 @@ class SMTPClient(Reversible, LineReceiver):
         }.get(stage, t.command)
 
     def _start_timer(self, stage: _Stage) -> None:
-        self._cancel_timer()
-        self._timer = self.clock.callLater(self._timeout_for(stage), self._timed_out, stage.value)
+        self._arm(self._timeout_for(stage), stage.value)
+
+    def _arm(self, seconds: float, what: str) -> None:
+        """The one timer of the reply or progress awaited, moved when it is running
+        (a tenth of the cost of a cancel and a new one, four times a message)."""
+        self._awaited = what
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        else:
+            self._timer = self.clock.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, what: str) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
+        what = self._awaited
         self._abort(Stalled("4.4.2", f"timeout waiting for {what} from "
                                      f"{self.policy.peer_name}", self.policy.peer_name))
 
     def _progress(self) -> None:
         """The transport took more body data: restart the data-block timer [4.5.3.2.5]."""
-        self._cancel_timer()
-        self._timer = self.clock.callLater(self.timeouts.data_block, self._timed_out,
-                                           "the peer to accept message data")
+        self._arm(self.timeouts.data_block, "the peer to accept message data")
 
     def _abort(self, error: Exception) -> None:
         """Give up on the connection: fail what waits, then drop it."""

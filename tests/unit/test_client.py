@@ -401,6 +401,29 @@ class ClientTest(SynchronousTestCase):
         self.assertTrue(result.data_sent)
         self.assertEqual(result.error.value.status, "4.4.2")
 
+    def test_each_reply_has_its_stage_timeout_from_the_reply_before(self) -> None:
+        # One timer is moved from stage to stage: to a later and to a sooner deadline.
+        self.clock = task.Clock()
+        self.client = SMTPClient(SessionPolicy("relay.here.test", "mx.peer.test"), self.clock,
+                                 Timeouts(mail=50, rcpt=80, data_init=30, data_end=70))
+        self.transport = TLSStringTransport()
+        self.client.makeConnection(self.transport)
+        self.feed("220 mx.peer.test ESMTP\r\n")
+        self.feed(EHLO_FULL)
+        d = self.client.deliver(txn("a@peer.test"))
+        self.clock.advance(49)
+        self.feed("250 ok\r\n")  # MAIL: now 80 s for RCPT's reply
+        self.clock.advance(79)
+        self.feed("250 ok\r\n")  # RCPT: now 30 s for DATA's
+        self.clock.advance(29)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        error = self.successResultOf(d).error.value
+        self.assertEqual(error.status, "4.4.2")
+        self.assertIn("timeout waiting for", str(error))
+        self.assertIn("DATA", str(error).upper())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_connection_lost_before_data(self) -> None:
         self.ready()
         d = self.client.deliver(txn("a@peer.test", "b@peer.test"))
