@@ -31,6 +31,11 @@ A `NextHop` is a plain value.  Its `destination` names it for grouping
 (recipients of one message with the same destination share one SMTP
 transaction) and for the per-destination concurrency limit.  Nothing here
 does I/O apart from reading the smart host's password file, once.
+
+Every step after the first depends only on the domain and the config, so the
+hop of each (domain, release) is made once per config and kept (up to
+`HOPS_KEPT` of them): each message asks twice per recipient, once when it is
+queued (is it held?) and once when it is attempted.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from mta.config import Config, Live, Route, parse_hostport
 MAILDIR, SMTP, HOLD = "maildir", "smtp", "hold"
 UNKNOWN = "unknown"  # a local address with no mailbox or forward: fails 5.1.1
 TURNED = "turned"  # over a connection the customer opened and we turned round (ATRN, TURN)
+HOPS_KEPT = 4096  # (domain, release) hops kept for the config in force; then started afresh
 
 # TLS policies of a next hop.  "opportunistic": STARTTLS when offered, no
 # certificate check, plain text when the peer cannot; "required": STARTTLS
@@ -91,6 +97,8 @@ class Router:
     def __init__(self, config: Config | Live) -> None:
         self.live = Live.of(config)
         self._smarthost = self._smarthost_hop() if self.config.relay.smarthost else None
+        self._hops: dict[tuple[str, bool], NextHop] = {}
+        self._hops_of: Config | None = None  # the config `_hops` were made with
         self.live.subscribe(self._reconfigured)
 
     @property
@@ -101,12 +109,22 @@ class Router:
     def _reconfigured(self, config: Config) -> None:
         """A reload: the smart host, its credentials and its password file may be new."""
         self._smarthost = self._smarthost_hop() if config.relay.smarthost else None
+        self._hops_of = None
 
     def next_hop(self, address: str, release_hold: bool = False) -> NextHop:
         """The next hop for mail to `address`; ``release_hold`` routes a held domain's mail."""
         _, domain = aliases.split(address)
-        if self.config.addresses.destination(address)[0] == aliases.UNKNOWN:
+        config = self.config
+        if config.addresses.destination(address)[0] == aliases.UNKNOWN:
             return NextHop(UNKNOWN, f"unknown:{domain}", domain)
+        if self._hops_of is not config or len(self._hops) >= HOPS_KEPT:
+            self._hops, self._hops_of = {}, config
+        hop = self._hops.get((domain, release_hold))
+        if hop is None:
+            hop = self._hops[(domain, release_hold)] = self._domain_hop(domain, release_hold)
+        return hop
+
+    def _domain_hop(self, domain: str, release_hold: bool) -> NextHop:
         configured = self.config.domain_for(domain)
         if configured is not None:
             route = configured.route

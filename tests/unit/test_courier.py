@@ -96,6 +96,26 @@ def test_smarthost_for_everything_else(tmp_path: Path) -> None:
     assert router.next_hop("a@fwd.test").tls == "verify"
 
 
+
+def test_hops_are_made_once_per_domain_and_config_and_kept_bounded(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    from mta.delivery import router as router_module
+    monkeypatch.setattr(router_module, "HOPS_KEPT", 3)
+    cfg = config_mod.from_dict({"domains": {"local.test": {
+        "route": f"maildir:{tmp_path}", "users": ["alice"]}}})
+    router = Router(cfg)
+    first = router.next_hop("a@far.test")
+    assert router.next_hop("b@Far.Test") is first
+    # The address still decides "unknown" each time, whatever its domain's hop kept.
+    assert router.next_hop("alice@local.test").kind == MAILDIR
+    assert router.next_hop("bob@local.test").kind == UNKNOWN
+    for i in range(10):
+        router.next_hop(f"x@d{i}.test")
+    assert len(router._hops) <= 3
+    again = router.next_hop("a@far.test")
+    assert again == first and again is not first
+
+
 # -- the courier ------------------------------------------------------------------------------
 
 class StubResolver:
