@@ -348,6 +348,11 @@ class SMTPClient(Reversible, LineReceiver):
         self.policy = policy
         self.clock = clock
         self.timeouts = timeouts
+        # Made once a connection, not at each reply (hashing each Enum key is a Python call).
+        self._stage_timeouts = {
+            _Stage.GREETING: timeouts.greeting, _Stage.MAIL: timeouts.mail,
+            _Stage.RCPT: timeouts.rcpt, _Stage.DATA: timeouts.data_init,
+            _Stage.DOT: timeouts.data_end}
         self.ready: defer.Deferred[Capabilities] = defer.Deferred()
         self.done: defer.Deferred[None] = defer.Deferred()  # fires when the connection is gone
         self.capabilities = Capabilities()
@@ -458,11 +463,7 @@ class SMTPClient(Reversible, LineReceiver):
             self._start_timer(stage)
 
     def _timeout_for(self, stage: _Stage) -> float:
-        t = self.timeouts
-        return {
-            _Stage.GREETING: t.greeting, _Stage.MAIL: t.mail, _Stage.RCPT: t.rcpt,
-            _Stage.DATA: t.data_init, _Stage.DOT: t.data_end,
-        }.get(stage, t.command)
+        return self._stage_timeouts.get(stage, self.timeouts.command)
 
     def _start_timer(self, stage: _Stage) -> None:
         self._arm(self._timeout_for(stage), stage.value)
