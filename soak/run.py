@@ -472,8 +472,9 @@ class Spool:
         self.ballast.unlink(missing_ok=True)
 
     def files(self) -> list[str]:
+        """What is left in the spool, but the ballast and the running server's pid file."""
         return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*")
-                      if p.is_file() and p != self.ballast)
+                      if p.is_file() and p != self.ballast and p != self.path / "mta.pid")
 
     def queued(self) -> int:
         return sum(1 for name in ("queue", "tmp") if (self.path / name).is_dir()

@@ -365,6 +365,7 @@ class SMTPClient(Reversible, LineReceiver):
         self._tls_confirmed = False  # the EHLO after STARTTLS was answered: the handshake worked
         self._tls_used: object | None = None  # the TLS options of our STARTTLS
         self._aborting = False
+        self._stopping = False  # shutting down: the last reply awaited, nothing more sent
         self._txn: _TxnState | None = None
         self._need_rset = False
         self._quit_sent = False
@@ -373,8 +374,9 @@ class SMTPClient(Reversible, LineReceiver):
 
     @property
     def gone(self) -> bool:
-        """Closed, or being dropped (an abort, a timeout): nothing more goes over it."""
-        return self.closed or self._aborting
+        """Closed, or being dropped (an abort, a timeout, a shutdown): nothing more goes
+        over it."""
+        return self.closed or self._aborting or self._stopping
 
     # -- connection events ------------------------------------------------------
 
@@ -790,9 +792,23 @@ class SMTPClient(Reversible, LineReceiver):
         self._send("QUIT", _Stage.QUIT, lambda reply: self.transport.loseConnection())
 
     def abort(self) -> None:
-        """Drop the connection now (service shutdown)."""
+        """Drop the connection now."""
         self._abort(DeliveryError("4.3.2", "delivery interrupted: shutting down",
                                   self.policy.peer_name))
+
+    def stop(self, grace: float) -> None:
+        """Service shutdown: drop the connection now, unless a message's final dot is out
+        and its reply still to come.  Only that reply says whether the next hop took the
+        message; dropped, it would go again after the restart, a duplicate.  So the
+        reply gets `grace` seconds (at most the usual wait), and then the connection
+        is dropped: nothing more is sent over it."""
+        txn = self._txn
+        if txn is None or not txn.data_sent or txn.result.called or self.gone:
+            self.abort()
+            return
+        self._stopping = True
+        self._arm(min(grace, self.timeouts.data_end),
+                  "the reply to the end of data (shutting down)")
 
     def _body_sent(self) -> None:
         self.transport.unregisterProducer()

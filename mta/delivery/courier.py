@@ -36,7 +36,9 @@ error becomes an outcome through `outcome.classify`.
   already past its EHLO; the relay in the log is ``turned[address]``.
   A lost connection defers what it left undecided: the message stays queued.
 
-`abort_all()` drops every live connection (service shutdown).
+`abort_all()` drops every live connection (service shutdown), except that a
+connection whose message's final dot is out waits up to `STOP_REPLY_GRACE` for
+its reply, so that a message the next hop took is not sent again after a restart.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ RunBlocking = Callable[..., "defer.Deferred[Any]"]
 MAX_RECIPIENTS = 100  # per transaction: what every server must take [RFC 5321 4.5.3.1.8]
 IDLE_TIME = 5.0  # seconds a connection waits, open, for the next message to its host
 MAX_USES = 100  # messages over one connection, then a fresh one
+# At shutdown, seconds a next hop has to answer a message's final dot (its answer decides
+# whether the message goes again after the restart); under the relayer's STOP_GRACE.
+STOP_REPLY_GRACE = 5.0
 
 
 # What makes a host "dead" for a while: it did not answer in time.
@@ -195,7 +200,7 @@ class TurnedCourier:
         return results
 
     def abort_all(self) -> None:
-        self.client.abort()
+        self.client.stop(STOP_REPLY_GRACE)
 
 
 class SMTPCourier:
@@ -317,7 +322,7 @@ class SMTPCourier:
         for d in list(self._connecting):
             d.cancel()
         for client in list(self._clients):
-            client.abort()
+            client.stop(STOP_REPLY_GRACE)
 
     # -- hosts that do not answer ---------------------------------------------------------
 

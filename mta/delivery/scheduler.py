@@ -75,7 +75,7 @@ from mta import blocking, maillog
 from mta.config import Config, Live
 from mta.delivery.attempt import Attempts, Plan, Verdict
 from mta.delivery.client import SessionPolicy, SMTPClient
-from mta.delivery.courier import MaildirCourier, SMTPCourier, TurnedCourier
+from mta.delivery.courier import STOP_REPLY_GRACE, MaildirCourier, SMTPCourier, TurnedCourier
 from mta.delivery.router import MAILDIR, SMTP, Router
 from mta.server.context import TurnBusy
 from mta.spool.envelope import Envelope
@@ -268,7 +268,7 @@ class Relayer(Service):
         for courier in self.couriers.values():
             courier.abort_all()
         for client in list(self._turned_clients):
-            client.abort()
+            client.stop(STOP_REPLY_GRACE)
         if not self._attempts:
             self._stop_dns_pool()
             return None

@@ -15,8 +15,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mta import config as config_mod
-from mta.delivery.client import SessionPolicy, SMTPClient
-from mta.delivery.courier import SMTPCourier
+from mta.delivery.client import SessionPolicy, SMTPClient, Timeouts
+from mta.delivery.courier import STOP_REPLY_GRACE, SMTPCourier
 from mta.delivery.mx import MXHost
 from mta.delivery.outcome import Deferred, Delivered, DeliveryError, Failed
 from mta.delivery.router import HOLD, MAILDIR, SMTP, UNKNOWN, Router
@@ -465,6 +465,48 @@ class ReuseTest(CourierTest):
         courier.abort_all()
         self.assertTrue(transport.disconnecting or client.gone)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_shutdown_after_the_dot_waits_for_its_reply(self) -> None:
+        # The next hop's answer to the dot decides whether the message goes again after a
+        # restart: a shutdown lets it come (then closes), it does not drop it.
+        courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
+        d, client, transport = self.deliver_one(courier)
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        self.assertTrue(transport.value().endswith(b"\r\n.\r\n"))
+        courier.abort_all()
+        self.assertFalse(transport.disconnecting)
+        self.assertNoResult(d)
+        self.clock.advance(STOP_REPLY_GRACE - 1)
+        transport.clear()
+        client.dataReceived(b"250 2.0.0 queued\r\n")
+        self.assertIsInstance(self.successResultOf(d)[0].outcome, Delivered)
+        # Not kept for another message: it says goodbye.
+        self.assertEqual(transport.value(), b"QUIT\r\n")
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime() - self.clock.seconds(),
+                         Timeouts().command)
+
+    def test_shutdown_after_the_dot_gives_up_after_the_grace(self) -> None:
+        courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
+        d, client, transport = self.deliver_one(courier)
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        courier.abort_all()
+        self.clock.advance(STOP_REPLY_GRACE)
+        self.assertTrue(transport.disconnecting)
+        (result,) = self.successResultOf(d)
+        self.assertEqual((type(result.outcome), result.outcome.status), (Deferred, "4.4.2"))
+
+    def test_shutdown_before_the_dot_drops_the_connection_at_once(self) -> None:
+        courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
+        d, client, transport = self.deliver_one(courier)
+        client.dataReceived(b"250 ok\r\n")  # MAIL; RCPT and DATA answers still to come
+        courier.abort_all()
+        self.assertTrue(transport.disconnecting)
+        (result,) = self.successResultOf(d)
+        self.assertEqual((type(result.outcome), result.outcome.status), (Deferred, "4.3.2"))
 
 
 # -- MTA-STS: the policy's verdicts on MX hosts [RFC 8461 4, 5] --------------------------------
