@@ -802,6 +802,8 @@ class SMTPClient(Reversible, LineReceiver):
         message; dropped, it would go again after the restart, a duplicate.  So the
         reply gets `grace` seconds (at most the usual wait), and then the connection
         is dropped: nothing more is sent over it."""
+        if self._stopping:
+            return  # asked again (a turned connection is its courier's and the relayer's)
         txn = self._txn
         if txn is None or not txn.data_sent or txn.result.called or self.gone:
             self.abort()

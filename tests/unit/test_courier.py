@@ -476,6 +476,7 @@ class ReuseTest(CourierTest):
             transport.producer.resumeProducing()
         self.assertTrue(transport.value().endswith(b"\r\n.\r\n"))
         courier.abort_all()
+        client.stop(STOP_REPLY_GRACE)  # asked twice: still waits
         self.assertFalse(transport.disconnecting)
         self.assertNoResult(d)
         self.clock.advance(STOP_REPLY_GRACE - 1)
