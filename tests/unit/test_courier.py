@@ -405,6 +405,12 @@ class ReuseTest(CourierTest):
         transport.clear()
         return d, client, transport
 
+    def up_to_the_dot(self, client: SMTPClient, transport: StringTransport) -> None:
+        """MAIL, RCPT and DATA accepted; the body and its final dot written."""
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+
     def test_the_next_message_to_the_host_goes_over_the_same_connection(self) -> None:
         courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
         first, client, transport = self.deliver_one(courier)
@@ -441,9 +447,7 @@ class ReuseTest(CourierTest):
     def test_a_refused_message_keeps_the_session_a_broken_one_does_not(self) -> None:
         courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
         first, client, transport = self.deliver_one(courier)
-        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        while transport.producer is not None:
-            transport.producer.resumeProducing()
+        self.up_to_the_dot(client, transport)
         client.dataReceived(b"451 4.3.0 try later\r\n")  # this message, not the session
         self.assertIsInstance(self.successResultOf(first)[0].outcome, Deferred)
         transport.clear()
@@ -471,9 +475,7 @@ class ReuseTest(CourierTest):
         # restart: a shutdown lets it come (then closes), it does not drop it.
         courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
         d, client, transport = self.deliver_one(courier)
-        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        while transport.producer is not None:
-            transport.producer.resumeProducing()
+        self.up_to_the_dot(client, transport)
         self.assertTrue(transport.value().endswith(b"\r\n.\r\n"))
         courier.abort_all()
         client.stop(STOP_REPLY_GRACE)  # asked twice: still waits
@@ -491,9 +493,7 @@ class ReuseTest(CourierTest):
     def test_shutdown_after_the_dot_gives_up_after_the_grace(self) -> None:
         courier = self.courier([MXHost("mx.far.test", 10, ("127.0.0.2",))])
         d, client, transport = self.deliver_one(courier)
-        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        while transport.producer is not None:
-            transport.producer.resumeProducing()
+        self.up_to_the_dot(client, transport)
         courier.abort_all()
         self.clock.advance(STOP_REPLY_GRACE)
         self.assertTrue(transport.disconnecting)
