@@ -35,8 +35,9 @@ and the message is not removed.  The state that could not be written (or the
 finished state of a message that could not be removed) is kept in memory
 (`unsaved`), and the next attempt of that message writes it before anything
 else, or fails again: a recipient delivered during a disk outage is
-not delivered again after it (only a restart before the disk has room loses
-that memory, and with it the record of those deliveries).
+not delivered again after it.  A stop writes what is still kept (`save_kept`);
+only a stop while the disk still has no room loses that memory, and with it
+the record of those deliveries.
 While the service stops, deferrals caused by the interruption are not
 recorded (only final verdicts are).
 """
@@ -165,6 +166,18 @@ class Attempts:
             pass  # the message is gone (deleted by the operator): nothing left to record
         if self.unsaved.get(queue_id) is envelope:
             del self.unsaved[queue_id]
+
+    def save_kept(self) -> int:
+        """Blocking, at stop: write every state kept in memory (`unsaved`) that the disk
+        takes now; a restart would otherwise deliver those recipients again.  Returns
+        how many could still not be written."""
+        failed = 0
+        for queue_id in list(self.unsaved):
+            try:
+                self._save_unsaved(queue_id)
+            except OSError:
+                failed += 1
+        return failed
 
     @defer.inlineCallbacks
     def run(self, queue_id: str, plan: Plan, fresh: Envelope | None = None) -> Any:

@@ -269,14 +269,30 @@ class Relayer(Service):
             courier.abort_all()
         for client in list(self._turned_clients):
             client.stop(STOP_REPLY_GRACE)
-        if not self._attempts:
+        if not self._attempts and not self.attempts.unsaved:
             self._stop_dns_pool()
             return None
-        done = defer.DeferredList(list(self._attempts), consumeErrors=True)
-        timeout = self.reactor.callLater(STOP_GRACE, done.cancel)
-        done.addBoth(lambda _: timeout.cancel() if timeout.active() else None)
+        done: defer.Deferred[Any] = defer.succeed(None)
+        if self._attempts:
+            done = defer.DeferredList(list(self._attempts), consumeErrors=True)
+            timeout = self.reactor.callLater(STOP_GRACE, done.cancel)
+            done.addBoth(lambda _: timeout.cancel() if timeout.active() else None)
+        # Outcomes a full disk kept in memory: written now if the disk has room again.
+        done.addBoth(lambda _: self._save_kept())
         done.addBoth(lambda _: self._stop_dns_pool())
         return done
+
+    def _save_kept(self) -> defer.Deferred[None] | None:
+        if not self.attempts.unsaved:
+            return None
+        d = self.run_blocking(self.attempts.save_kept)
+
+        def said(failed: int) -> None:
+            if failed:
+                log.error("stopping with {n} message state(s) the disk did not take: those "
+                          "recipients may get their message again after the restart", n=failed)
+        return d.addCallback(said).addErrback(
+            lambda f: log.failure("writing the states kept in memory failed", f))
 
     def _read_ahead(self) -> None:
         """In a thread of its own, while the queue found at start loads: the kernel reads

@@ -251,6 +251,41 @@ class RelayerTest(SynchronousTestCase):
         stored = self.spool.load(envelope.queue_id)
         self.assertEqual([r.state for r in stored.recipients], [DELIVERED, PENDING])
 
+    def test_a_stop_writes_what_a_full_disk_kept_in_memory(self) -> None:
+        # Delivered to bob during a disk outage: kept in memory.  The disk has room again
+        # when the server stops, before the next attempt: the stop writes it, or the
+        # restarted server would deliver to bob again (make soak found it).
+        self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
+                                                         "mx.far.test")
+        save, full = self.spool.save, [True]
+
+        def disk(envelope: Envelope) -> None:
+            if full[0]:
+                raise OSError(28, "No space left on device")
+            save(envelope)
+        self.spool.save = disk  # type: ignore[method-assign]
+        envelope = self.submit("bob@far.test", "carol@far.test")
+        self.assertEqual(self.flushLoggedErrors(OSError), [])
+        self.assertEqual(self.spool.load(envelope.queue_id).recipients[0].state, PENDING)
+        full[0] = False
+        self.successResultOf(defer.maybeDeferred(self.relayer.stopService))
+        stored = self.spool.load(envelope.queue_id)
+        self.assertEqual([r.state for r in stored.recipients], [DELIVERED, PENDING])
+        self.assertEqual(self.relayer.attempts.unsaved, {})
+
+    def test_a_stop_on_a_full_disk_keeps_what_it_cannot_write(self) -> None:
+        self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
+                                                         "mx.far.test")
+
+        def full_disk(envelope: Envelope) -> None:
+            raise OSError(28, "No space left on device")
+        self.spool.save = full_disk  # type: ignore[method-assign]
+        envelope = self.submit("bob@far.test", "carol@far.test")
+        self.successResultOf(defer.maybeDeferred(self.relayer.stopService))
+        self.assertEqual(self.flushLoggedErrors(OSError), [])  # a log line, no traceback
+        self.assertEqual(self.spool.load(envelope.queue_id).recipients[0].state, PENDING)
+        self.assertEqual(list(self.relayer.attempts.unsaved), [envelope.queue_id])
+
     def test_backoff_has_jitter(self) -> None:
         delays = {round(backoff(3, 60, 3600, random.Random(seed))) for seed in range(20)}
         self.assertTrue(all(216 <= d <= 264 for d in delays))
