@@ -175,6 +175,8 @@ class Attempts:
         for queue_id in list(self.unsaved):
             try:
                 self._save_unsaved(queue_id)
+            except KeyError:
+                pass  # written meanwhile by an attempt that ended late
             except OSError:
                 failed += 1
         return failed
