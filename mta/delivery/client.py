@@ -803,7 +803,7 @@ class SMTPClient(Reversible, LineReceiver):
         reply gets `grace` seconds (at most the usual wait), and then the connection
         is dropped: nothing more is sent over it."""
         if self._stopping:
-            return  # asked again (a turned connection is its courier's and the relayer's)
+            return  # asked again: the reply still has its grace
         txn = self._txn
         if txn is None or not txn.data_sent or txn.result.called or self.gone:
             self.abort()

@@ -35,6 +35,7 @@ error becomes an outcome through `outcome.classify`.
   customer opened and we turned round (ATRN, TURN), with a client that is
   already past its EHLO; the relay in the log is ``turned[address]``.
   A lost connection defers what it left undecided: the message stays queued.
+  The relayer stops its client itself at shutdown (`Relayer.stopService`).
 
 `abort_all()` drops every live connection (service shutdown), except that a
 connection whose message's final dot is out waits up to `STOP_REPLY_GRACE` for
@@ -198,9 +199,6 @@ class TurnedCourier:
             results += [Result(o if o is not None else undecided, self.relay)
                         for o in result.outcomes]
         return results
-
-    def abort_all(self) -> None:
-        self.client.stop(STOP_REPLY_GRACE)
 
 
 class SMTPCourier:

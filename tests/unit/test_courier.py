@@ -478,7 +478,7 @@ class ReuseTest(CourierTest):
         self.up_to_the_dot(client, transport)
         self.assertTrue(transport.value().endswith(b"\r\n.\r\n"))
         courier.abort_all()
-        client.stop(STOP_REPLY_GRACE)  # asked twice: still waits
+        client.stop(STOP_REPLY_GRACE)  # asked again: still waits
         self.assertFalse(transport.disconnecting)
         self.assertNoResult(d)
         self.clock.advance(STOP_REPLY_GRACE - 1)
