@@ -194,6 +194,18 @@ def test_the_child_ends_with_the_main_process(start_mta) -> None:
     wait_for("the second child to end with SIGTERM", lambda: not alive(child_pid(again, 1)))
 
 
+def test_the_childs_last_lines_reach_the_log_when_it_stops(start_mta) -> None:
+    # The child gathers its frames for up to Channel.GATHER seconds; a stop right after
+    # a message must still bring its lines (and its commit) to the main process.
+    server = start(start_mta)
+    queue_id = send(server.port, "alice@example.org", "just before the stop")
+    server.stop()
+    log = server.log_text()
+    assert f"{queue_id}: client=unknown[127.0.0.1], from=<sender@client.test>" in log
+    assert re.search(r"disconnect from unknown\[127\.0\.0\.1\] ehlo=1 mail=1 rcpt=1 data=1 "
+                     r"quit=1 commands=5", log)
+
+
 def test_a_reload_reaches_the_child(start_mta) -> None:
     server = start(start_mta)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
@@ -313,8 +325,8 @@ def test_starttls_auth_and_implicit_tls_in_the_child(start_mta, tmp_path: Path) 
         assert client.sendmail("alice@example.org", ["bob@far.test"],
                                b"Subject: over implicit TLS\r\n\r\nhi\r\n") == {}
     wait_for("the delivery", lambda: any(b"over STARTTLS" in m for m in delivered(server)))
-    assert re.search(r"client=unknown\[127\.0\.0\.1\], tls=TLSv1\.3.*sasl_username=alice",
-                     server.log_text())
+    wait_for("the line of the message over implicit TLS", lambda: re.search(
+        r"client=unknown\[127\.0\.0\.1\], tls=TLSv1\.3.*sasl_username=alice", server.log_text()))
 
 
 def test_turning_receiver_process_off_takes_a_restart(start_mta) -> None:

@@ -85,3 +85,66 @@ def test_only_plain_smtp_and_submission_listeners_go_to_the_receiving_process(tm
     # An ssl: endpoint's TLS is in the endpoint: the child, given the bare socket,
     # would speak plain SMTP on it; it stays in the main process.
     assert chosen == [True, True, True, False, False, False]
+
+
+def _gathering() -> tuple[object, object, object]:
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from mta.receiver import Channel
+    clock = Clock()
+    channel = Channel(lambda m: None, lambda: None, clock=clock)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport, clock
+
+
+def _frames(data: bytes) -> list[tuple]:
+    import pickle
+    out = []
+    while data:
+        size = int.from_bytes(data[:4], "big")
+        out.append(pickle.loads(data[4:4 + size]))
+        data = data[4 + size:]
+    return out
+
+
+def test_the_childs_frames_are_gathered_and_written_together_in_order() -> None:
+    from mta.receiver import Channel
+    channel, transport, clock = _gathering()
+    channel.send("line", 1)
+    channel.send("enqueue", "envelope")
+    channel.send("line", 2)
+    assert transport.value() == b""
+    clock.advance(Channel.GATHER / 2)
+    channel.send("metric", "received", ())
+    assert transport.value() == b""
+    clock.advance(Channel.GATHER / 2)  # GATHER after the first frame: all of them, once
+    assert _frames(transport.value()) == [("line", 1), ("enqueue", "envelope"), ("line", 2),
+                                          ("metric", "received", ())]
+    assert clock.getDelayedCalls() == []
+
+
+def test_send_now_writes_what_waits_first_and_a_full_gathering_goes_at_once() -> None:
+    from mta.receiver import Channel
+    channel, transport, clock = _gathering()
+    channel.send("line", 1)
+    channel.send_now("etrn", 1, "example.org", "127.0.0.1", None)
+    assert _frames(transport.value()) == [("line", 1), ("etrn", 1, "example.org", "127.0.0.1",
+                                                        None)]
+    assert clock.getDelayedCalls() == []
+    transport.clear()
+    big = "x" * (Channel.GATHER_BYTES // 4)
+    for i in range(4):
+        channel.send("line", i, big)
+    assert [frame[1] for frame in _frames(transport.value())] == [0, 1, 2, 3]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_lost_channel_drops_what_waits_and_its_timer() -> None:
+    channel, transport, clock = _gathering()
+    channel.send("line", 1)
+    channel.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+    channel.send("line", 2)  # after the loss: nowhere to go, and no error
+    assert transport.value() == b"" and clock.getDelayedCalls() == []
