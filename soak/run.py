@@ -39,8 +39,10 @@ Checks (the exit status is 1 when one fails):
   times); the spool empty at the end.
 
 Environment: SOAK_MINUTES (default 15), SOAK_CLIENTS (4), SOAK_DIR (default a
-new directory under /tmp; kept afterwards with mta's log).  Needs root (the
-tmpfs mount) and smtp-sink (`make peers`).
+new directory under /tmp; kept afterwards with mta's log), SOAK_SEED, and
+SOAK_RECEIVER=1 for sessions in a second process (``[server] receiver_process``;
+the faults hit the main process, which ends its child; RSS and fds are the main
+process's).  Needs root (the tmpfs mount) and smtp-sink (`make peers`).
 """
 
 from __future__ import annotations
@@ -776,7 +778,10 @@ def soak(directory: Path, minutes: float, client_count: int, seed: int) -> int:
         hops.start()
         spool.mount()
         (directory / "mta" / "mail" / "sender.test").mkdir(parents=True, exist_ok=True)
-        mta = Mta(directory / "mta", CONFIG, free_port(), message_size="10MB", good=sink.port,
+        config = CONFIG
+        if os.environ.get("SOAK_RECEIVER") == "1":
+            config = CONFIG.replace("[server]\n", "[server]\nreceiver_process = true\n", 1)
+        mta = Mta(directory / "mta", config, free_port(), message_size="10MB", good=sink.port,
                   **{d.split(".")[0]: h.port for d, h in hops.hops.items()}).start()
         log(f"mta on {mta.port}, spool on a {SPOOL_SIZE} tmpfs, smtp-sink on {sink.port}, "
             + ", ".join(f"{d} on {h.port}" for d, h in hops.hops.items()))
