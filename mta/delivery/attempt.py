@@ -35,9 +35,13 @@ and the message is not removed.  The state that could not be written (or the
 finished state of a message that could not be removed) is kept in memory
 (`unsaved`), and the next attempt of that message writes it before anything
 else, or fails again: a recipient delivered during a disk outage is
-not delivered again after it.  A stop writes what is still kept (`save_kept`);
-only a stop while the disk still has no room loses that memory, and with it
-the record of those deliveries.
+not delivered again after it.  The relayer also asks every second
+(`write_kept`) for the states of messages not in an attempt, so that a crash
+soon after the disk has room again does not lose them (their next attempt may be
+`retry_min` away); an attempt of such a message waits for that write.  A stop
+writes what is still kept (`save_kept`); only a stop or a crash while the disk
+still has no room, or in the second after, loses that memory, and with it the
+record of those deliveries.
 While the service stops, deferrals caused by the interruption are not
 recorded (only final verdicts are).
 """
@@ -110,6 +114,9 @@ class Attempts:
         self.stopping = stopping
         # Envelope states whose save failed, by queue id: written before the next attempt.
         self.unsaved: dict[str, Envelope] = {}
+        self._running: set[str] = set()  # queue ids in an attempt
+        self._writing: frozenset[str] = frozenset()  # kept states being written (write_kept)
+        self._written: list[defer.Deferred[None]] = []  # waiting for that write to end
 
     @property
     def config(self) -> Config:
@@ -167,26 +174,62 @@ class Attempts:
         if self.unsaved.get(queue_id) is envelope:
             del self.unsaved[queue_id]
 
-    def save_kept(self) -> int:
-        """Blocking, at stop: write every state kept in memory (`unsaved`) that the disk
-        takes now; a restart would otherwise deliver those recipients again.  Returns
-        how many could still not be written."""
-        failed = 0
-        for queue_id in list(self.unsaved):
+    def save_kept(self, queue_ids: list[str] | None = None) -> int:
+        """Blocking: write the states kept in memory (`unsaved`; those of `queue_ids`)
+        that the disk takes now; a restart would otherwise deliver those recipients
+        again.  Returns how many could still not be written."""
+        todo = list(self.unsaved) if queue_ids is None else queue_ids
+        for done, queue_id in enumerate(todo):
             try:
                 self._save_unsaved(queue_id)
             except KeyError:
                 pass  # written meanwhile by an attempt that ended late
             except OSError:
-                failed += 1
-        return failed
+                return len(todo) - done  # no room yet: the rest would fail alike
+        return 0
 
-    @defer.inlineCallbacks
-    def run(self, queue_id: str, plan: Plan, fresh: Envelope | None = None) -> Any:
+    def write_kept(self) -> defer.Deferred[int]:
+        """Write, in a worker, the kept states of the messages not in an attempt now; an
+        attempt of one of them waits until this ends.  Fires with how many of them the
+        disk did not take."""
+        queue_ids = [queue_id for queue_id in self.unsaved if queue_id not in self._running]
+        if not queue_ids or self._writing:
+            return defer.succeed(0)
+        self._writing = frozenset(queue_ids)
+
+        def ended(result: Any) -> Any:
+            self._writing = frozenset()
+            waiting, self._written = self._written, []
+            for d in waiting:
+                d.callback(None)
+            return result
+        return self.run_blocking(self.save_kept, queue_ids).addBoth(ended)
+
+    def kept_written(self) -> defer.Deferred[None]:
+        """Fires once no `write_kept` is under way."""
+        if not self._writing:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._written.append(d)
+        return d
+
+    def run(self, queue_id: str, plan: Plan,
+            fresh: Envelope | None = None) -> defer.Deferred[Verdict | None]:
         """Attempt `queue_id` as `plan` says; a `Verdict`, or None when it is not in the queue.
 
         `fresh`: the envelope as the server committed it, kept since; used without
         reading the disk when the message is still as committed (no thread, no read)."""
+        if queue_id in self._writing:  # its kept state is being written: after that
+            return self.kept_written().addCallback(lambda _: self.run(queue_id, plan, fresh))
+        self._running.add(queue_id)
+
+        def ended(result: Any) -> Any:
+            self._running.discard(queue_id)
+            return result
+        return self._attempt(queue_id, plan, fresh).addBoth(ended)
+
+    @defer.inlineCallbacks
+    def _attempt(self, queue_id: str, plan: Plan, fresh: Envelope | None) -> Any:
         if queue_id in self.unsaved:
             yield self.run_blocking(self._save_unsaved, queue_id)
         data = self.spool.unchanged(queue_id) if fresh is not None else None

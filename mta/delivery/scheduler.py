@@ -88,6 +88,7 @@ ACTIVE_PER_SLOT = 4  # messages in attempts at once, per delivery slot ([relay] 
 LOAD_BATCH = 500  # envelopes read at start in one go, in a thread
 READ_AHEAD_FROM = 2000  # a queue this large at start is read ahead of the loader
 NOTICE_INTERVAL = 1.0  # seconds between reads of the spool's control/ notices
+KEPT_INTERVAL = 1.0  # seconds between tries to write the states a full disk kept in memory
 DNS_THREADS = 10  # at most this many DNS resolutions at once
 FRESH_KEPT = 1000  # new messages whose envelope waits in memory for their first attempt
 
@@ -215,6 +216,7 @@ class Relayer(Service):
         self._turned_clients: set[SMTPClient] = set()
         self._stopping = False
         self._notices: task.LoopingCall | None = None
+        self._kept: task.LoopingCall | None = None
         live.subscribe(self._reconfigured)
 
     @property
@@ -255,6 +257,10 @@ class Relayer(Service):
         self._notices.clock = self.reactor
         self._notices.start(NOTICE_INTERVAL, now=False).addErrback(
             lambda f: log.failure("reading control notices stopped", f))
+        self._kept = task.LoopingCall(self._write_kept)
+        self._kept.clock = self.reactor
+        self._kept.start(KEPT_INTERVAL, now=False).addErrback(
+            lambda f: log.failure("writing the states kept in memory stopped", f))
 
     def stopService(self) -> defer.Deferred[None] | None:
         self._stopping = True
@@ -264,6 +270,8 @@ class Relayer(Service):
         self._wakeup = None
         if self._notices is not None and self._notices.running:
             self._notices.stop()
+        if self._kept is not None and self._kept.running:
+            self._kept.stop()
         self.limiter.cancel_waiting()
         for courier in self.couriers.values():
             courier.abort_all()
@@ -277,10 +285,22 @@ class Relayer(Service):
             done = defer.DeferredList(list(self._attempts), consumeErrors=True)
             timeout = self.reactor.callLater(STOP_GRACE, done.cancel)
             done.addBoth(lambda _: timeout.cancel() if timeout.active() else None)
-        # Outcomes a full disk kept in memory: written now if the disk has room again.
+        # Outcomes a full disk kept in memory: written now if the disk has room again
+        # (after a write of them under way, if one is).
+        done.addBoth(lambda _: self.attempts.kept_written())
         done.addBoth(lambda _: self._save_kept())
         done.addBoth(lambda _: self._stop_dns_pool())
         return done
+
+    def _write_kept(self) -> defer.Deferred[None] | None:
+        """Every KEPT_INTERVAL: write the states a full disk kept in memory, once it
+        takes them, rather than at each message's next attempt, which may be
+        retry_min away: a crash meanwhile would deliver those recipients again."""
+        if not self.attempts.unsaved or self._stopping:
+            return None
+        d = self.attempts.write_kept()
+        d.addErrback(lambda f: log.failure("writing the states kept in memory failed", f))
+        return d.addCallback(lambda _: None)
 
     def _save_kept(self) -> defer.Deferred[None] | None:
         if not self.attempts.unsaved:

@@ -229,14 +229,13 @@ class RelayerTest(SynchronousTestCase):
     def test_a_delivery_recorded_during_a_full_disk_is_not_made_again(self) -> None:
         self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
                                                          "mx.far.test")
-        save, calls = self.spool.save, []
+        save, full = self.spool.save, [True]
 
-        def full_disk(envelope: Envelope) -> None:
-            calls.append(envelope.queue_id)
-            if len(calls) <= 2:
+        def disk(envelope: Envelope) -> None:
+            if full[0]:
                 raise OSError(28, "No space left on device")
             save(envelope)
-        self.spool.save = full_disk  # type: ignore[method-assign]
+        self.spool.save = disk  # type: ignore[method-assign]
         envelope = self.submit("bob@far.test", "carol@far.test")
         self.assertEqual(self.flushLoggedErrors(OSError), [])  # one error line, no traceback
         spool_dir = self.tmp / "spool" / "queue"
@@ -245,11 +244,70 @@ class RelayerTest(SynchronousTestCase):
         self.clock.advance(60)  # the disk is still full: nothing is tried
         self.assertEqual(self.flushLoggedErrors(OSError), [])  # one error line, no traceback
         self.assertEqual(self.courier.addresses, [["bob@far.test", "carol@far.test"]])
+        full[0] = False
         self.clock.advance(60)  # room again: the state is written, then only carol goes
         self.assertEqual(self.courier.addresses,
                          [["bob@far.test", "carol@far.test"], ["carol@far.test"]])
         stored = self.spool.load(envelope.queue_id)
         self.assertEqual([r.state for r in stored.recipients], [DELIVERED, PENDING])
+
+    def test_a_kept_state_is_written_once_the_disk_has_room_not_at_the_next_attempt(self) -> None:
+        # The next attempt may be retry_min away (here 60 s; an hour in a real config):
+        # a crash meanwhile would lose the record of bob's delivery (make soak found it).
+        from mta.delivery.scheduler import KEPT_INTERVAL
+        self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
+                                                         "mx.far.test")
+        save, full = self.spool.save, [True]
+
+        def disk(envelope: Envelope) -> None:
+            if full[0]:
+                raise OSError(28, "No space left on device")
+            save(envelope)
+        self.spool.save = disk  # type: ignore[method-assign]
+        envelope = self.submit("bob@far.test", "carol@far.test")
+        self.clock.advance(KEPT_INTERVAL * 3)  # still full: kept, and asked for again
+        self.assertEqual(self.spool.load(envelope.queue_id).recipients[0].state, PENDING)
+        self.assertEqual(list(self.relayer.attempts.unsaved), [envelope.queue_id])
+        full[0] = False
+        self.clock.advance(KEPT_INTERVAL)
+        stored = self.spool.load(envelope.queue_id)
+        self.assertEqual([r.state for r in stored.recipients], [DELIVERED, PENDING])
+        self.assertEqual(self.relayer.attempts.unsaved, {})
+        self.assertEqual(self.courier.addresses, [["bob@far.test", "carol@far.test"]])
+        self.assertEqual(self.flushLoggedErrors(OSError), [])
+
+    def test_an_attempt_waits_for_the_write_of_its_kept_state(self) -> None:
+        from mta.delivery.scheduler import KEPT_INTERVAL
+        self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
+                                                         "mx.far.test")
+        save, full = self.spool.save, [True]
+
+        def disk(envelope: Envelope) -> None:
+            if full[0]:
+                raise OSError(28, "No space left on device")
+            save(envelope)
+        self.spool.save = disk  # type: ignore[method-assign]
+        envelope = self.submit("bob@far.test", "carol@far.test")
+        full[0] = False
+        attempts, held = self.relayer.attempts, []
+
+        def slow_disk(f: Any, *args: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            held.append((d, f, args))
+            return d
+        attempts.run_blocking = slow_disk  # type: ignore[method-assign]
+        self.clock.advance(KEPT_INTERVAL)  # the write starts, and takes its time
+        attempts.run_blocking = run_now  # type: ignore[method-assign]
+        self.assertEqual(len(held), 1)
+        self.clock.advance(60)  # carol's retry is due: it waits for the write
+        self.assertEqual(self.courier.addresses, [["bob@far.test", "carol@far.test"]])
+        d, f, args = held.pop()
+        d.callback(f(*args))
+        self.assertEqual(self.courier.addresses,
+                         [["bob@far.test", "carol@far.test"], ["carol@far.test"]])
+        stored = self.spool.load(envelope.queue_id)
+        self.assertEqual([r.state for r in stored.recipients], [DELIVERED, PENDING])
+        self.assertEqual(self.flushLoggedErrors(OSError), [])
 
     def test_a_stop_writes_what_a_full_disk_kept_in_memory(self) -> None:
         # Delivered to bob during a disk outage: kept in memory.  The disk has room again
