@@ -33,7 +33,8 @@ Checks (the exit status is 1 when one fails):
   bounced (a DSN naming it arrived in the sender's Maildir), and
   duplicates are only those README's "What mta guarantees" allows: a
   delivery in flight at a SIGKILL (the first copy reached its sink less
-  than KILL_WINDOW seconds before one), or one made on a full spool when
+  than KILL_WINDOW seconds before one, or a fake hop recorded a dot sent
+  before it up to HOP_LAG seconds after), or one made on a full spool when
   mta was stopped before the disk had room again, or just after (see explain());
 - RSS flat after the warm-up; no file descriptor leaked (queue empty both
   times); the spool empty at the end.
@@ -73,6 +74,7 @@ from peers import SmtpSink
 SPOOL_SIZE = "64m"
 KILL_WINDOW = 5.0          # a copy older than this at a SIGKILL was not in flight
 KEPT_SLACK = 2.0           # after a full disk has room: mta writes what it kept each second
+HOP_LAG = 2.0              # a fake next hop may record a dot sent before a SIGKILL this late
 RSS_SLACK_KB = 16 * 1024   # RSS growth allowed between the two quiet samples
 RSS_SLACK_RATIO = 0.15
 DRAIN_TIMEOUT = 300.0
@@ -654,13 +656,14 @@ def explain(first: tuple[float, ...], second: float, chaos: Chaos) -> str | None
     reached its sink, and for a DSN also when it was made), if it may:
     - "kill": the first was in flight at a SIGKILL (the next hop's 250 came, or the
       report was made, less than KILL_WINDOW seconds before it: mta died before
-      writing it down);
+      writing it down; or up to HOP_LAG seconds after it: a fake next hop, in a
+      thread of this busy process, read a final dot mta had sent before it died);
     - "disk": the first came while the spool was full, and mta was stopped
       (SIGTERM or SIGKILL) during that same outage or at most KEPT_SLACK seconds
       after it (mta writes what it kept every second), before the second copy:
       the outcome kept in memory could not be written (README, What mta guarantees).
     A DSN's Date: is to the second: the times are compared with a second's slack."""
-    if any(0 <= k - t <= KILL_WINDOW + 1 for t in first for k in chaos.kills
+    if any(-HOP_LAG <= k - t <= KILL_WINDOW + 1 for t in first for k in chaos.kills
            if k <= second + 1):
         return "kill"
     for start, end in chaos.full:
