@@ -226,7 +226,8 @@ class RelayerTest(SynchronousTestCase):
         self.assertEqual(self.courier.addresses, [["bob@far.test"], ["alice@here.test"]])
         self.assertEqual(self.spool.queue_ids(), [])
 
-    def test_a_delivery_recorded_during_a_full_disk_is_not_made_again(self) -> None:
+    def full_disk(self) -> list[bool]:
+        """Carol's mailbox is full (452); the spool's disk is full while the flag is set."""
         self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
                                                          "mx.far.test")
         save, full = self.spool.save, [True]
@@ -236,6 +237,10 @@ class RelayerTest(SynchronousTestCase):
                 raise OSError(28, "No space left on device")
             save(envelope)
         self.spool.save = disk  # type: ignore[method-assign]
+        return full
+
+    def test_a_delivery_recorded_during_a_full_disk_is_not_made_again(self) -> None:
+        full = self.full_disk()
         envelope = self.submit("bob@far.test", "carol@far.test")
         self.assertEqual(self.flushLoggedErrors(OSError), [])  # one error line, no traceback
         spool_dir = self.tmp / "spool" / "queue"
@@ -255,15 +260,7 @@ class RelayerTest(SynchronousTestCase):
         # The next attempt may be retry_min away (here 60 s; an hour in a real config):
         # a crash meanwhile would lose the record of bob's delivery (make soak found it).
         from mta.delivery.scheduler import KEPT_INTERVAL
-        self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
-                                                         "mx.far.test")
-        save, full = self.spool.save, [True]
-
-        def disk(envelope: Envelope) -> None:
-            if full[0]:
-                raise OSError(28, "No space left on device")
-            save(envelope)
-        self.spool.save = disk  # type: ignore[method-assign]
+        full = self.full_disk()
         envelope = self.submit("bob@far.test", "carol@far.test")
         self.clock.advance(KEPT_INTERVAL * 3)  # still full: kept, and asked for again
         self.assertEqual(self.spool.load(envelope.queue_id).recipients[0].state, PENDING)
@@ -278,15 +275,7 @@ class RelayerTest(SynchronousTestCase):
 
     def test_an_attempt_waits_for_the_write_of_its_kept_state(self) -> None:
         from mta.delivery.scheduler import KEPT_INTERVAL
-        self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
-                                                         "mx.far.test")
-        save, full = self.spool.save, [True]
-
-        def disk(envelope: Envelope) -> None:
-            if full[0]:
-                raise OSError(28, "No space left on device")
-            save(envelope)
-        self.spool.save = disk  # type: ignore[method-assign]
+        full = self.full_disk()
         envelope = self.submit("bob@far.test", "carol@far.test")
         full[0] = False
         attempts, held = self.relayer.attempts, []
@@ -313,15 +302,7 @@ class RelayerTest(SynchronousTestCase):
         # Delivered to bob during a disk outage: kept in memory.  The disk has room again
         # when the server stops, before the next attempt: the stop writes it, or the
         # restarted server would deliver to bob again (make soak found it).
-        self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
-                                                         "mx.far.test")
-        save, full = self.spool.save, [True]
-
-        def disk(envelope: Envelope) -> None:
-            if full[0]:
-                raise OSError(28, "No space left on device")
-            save(envelope)
-        self.spool.save = disk  # type: ignore[method-assign]
+        full = self.full_disk()
         envelope = self.submit("bob@far.test", "carol@far.test")
         self.assertEqual(self.flushLoggedErrors(OSError), [])
         self.assertEqual(self.spool.load(envelope.queue_id).recipients[0].state, PENDING)
@@ -332,12 +313,7 @@ class RelayerTest(SynchronousTestCase):
         self.assertEqual(self.relayer.attempts.unsaved, {})
 
     def test_a_stop_on_a_full_disk_keeps_what_it_cannot_write(self) -> None:
-        self.courier.script["carol@far.test"] = Deferred("4.2.2", "452 mailbox full",
-                                                         "mx.far.test")
-
-        def full_disk(envelope: Envelope) -> None:
-            raise OSError(28, "No space left on device")
-        self.spool.save = full_disk  # type: ignore[method-assign]
+        self.full_disk()  # and it stays full
         envelope = self.submit("bob@far.test", "carol@far.test")
         self.successResultOf(defer.maybeDeferred(self.relayer.stopService))
         self.assertEqual(self.flushLoggedErrors(OSError), [])  # a log line, no traceback
