@@ -54,8 +54,12 @@ route = "hold"
 route = "maildir:mail/local.test"
 """
 
-# The same with [server] receiver_process: sessions in a second process (mta/receiver.py).
-RELAY2_CONFIG = RELAY_CONFIG.replace("[server]\n", "[server]\nreceiver_process = true\n", 1)
+def with_receiver_process(config: str) -> str:
+    """`config` with [server] receiver_process: sessions in a second process (mta/receiver.py)."""
+    return config.replace("[server]\n", "[server]\nreceiver_process = true\n", 1)
+
+
+RELAY2_CONFIG = with_receiver_process(RELAY_CONFIG)
 
 LOADED = re.compile(r"relayer started: (\d+) queued messages")
 

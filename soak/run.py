@@ -68,7 +68,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from common import BenchError, free_port, raise_nofile, rss_kb, wait_for
-from mtaproc import Mta
+from mtaproc import Mta, with_receiver_process
 from peers import SmtpSink
 
 SPOOL_SIZE = "64m"
@@ -788,7 +788,7 @@ def soak(directory: Path, minutes: float, client_count: int, seed: int) -> int:
         (directory / "mta" / "mail" / "sender.test").mkdir(parents=True, exist_ok=True)
         config = CONFIG
         if os.environ.get("SOAK_RECEIVER") == "1":
-            config = CONFIG.replace("[server]\n", "[server]\nreceiver_process = true\n", 1)
+            config = with_receiver_process(CONFIG)
         mta = Mta(directory / "mta", config, free_port(), message_size="10MB", good=sink.port,
                   **{d.split(".")[0]: h.port for d, h in hops.hops.items()}).start()
         log(f"mta on {mta.port}, spool on a {SPOOL_SIZE} tmpfs, smtp-sink on {sink.port}, "
