@@ -20,6 +20,7 @@ _BASE = """
 hostname = "mta.bench"
 spool = "spool"
 postmaster = "postmaster@mta.bench"
+receiver_process = false
 
 [[listeners]]
 endpoint = "tcp:{port}:interface=127.0.0.1"
@@ -55,8 +56,11 @@ route = "maildir:mail/local.test"
 """
 
 def with_receiver_process(config: str) -> str:
-    """`config` with [server] receiver_process: sessions in a second process (mta/receiver.py)."""
-    return config.replace("[server]\n", "[server]\nreceiver_process = true\n", 1)
+    """`config` with its sessions in a second process (mta/receiver.py).  The configs here
+    name one process (`receiver_process = false`), as the default ("auto") would pick
+    two on a machine with two cores or more."""
+    assert "receiver_process = false\n" in config
+    return config.replace("receiver_process = false\n", "receiver_process = true\n", 1)
 
 
 RELAY2_CONFIG = with_receiver_process(RELAY_CONFIG)
@@ -108,6 +112,18 @@ class Mta:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def session_pid(self) -> int:
+        """The process that holds the SMTP sessions: the receiving process when there is
+        one (receiver_process), else the server itself."""
+        with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        for child in children:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"mta.receiver" in f.read():
+                    return child
+        return self.pid
 
     def log_text(self) -> str:
         try:

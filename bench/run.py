@@ -6,8 +6,9 @@ stopped at the end, even when a measurement fails):
 1. Durable acceptance (no 250 before the message is on disk): Postfix's
    smtp-source, 5 KB messages, a new connection per message, at 1 and 20
    sessions, into
-   - mta, example.org routed to an smtp-sink, so it relays while it receives;
-     and the same with [server] receiver_process = true ("mta, 2 processes");
+   - mta, example.org routed to an smtp-sink, so it relays while it receives,
+     with [server] receiver_process = false ("mta, 1 process") and true
+     ("mta, 2 processes", what the default "auto" picks with two cores or more);
    - a private Postfix instance (own config and queue in a temporary
      directory; the machine's Postfix is not touched) relaying to an smtp-sink;
    - aiosmtpd with a write + fsync + rename + directory-fsync handler;
@@ -19,8 +20,9 @@ stopped at the end, even when a measurement fails):
    1-3 run in rounds: each round runs every system once, in an order rotated
    each round, so drift hits all alike; the table shows the median.
 4. mta's memory: RSS per idle EHLO'd connection (1,000 held open), RSS growth
-   while receiving one 200 MB message, RSS with 100,000 messages queued
-   minus an empty server's.
+   while receiving one 200 MB message (both in one process, and in the
+   receiving process of two), RSS with 100,000 messages queued minus an empty
+   server's (one process).
 5. Queue scale, 100,000 messages for a held domain put in the spool with
    the spool's API (no SMTP), page cache dropped when we are root: time to
    the 220 and to the queue being loaded, time until a message for a local
@@ -70,7 +72,15 @@ from common import (
     status_kb,
     wait_for,
 )
-from mtaproc import DURABILITY, HOLD_CONFIG, LOADED, RELAY2_CONFIG, RELAY_CONFIG, Mta
+from mtaproc import (
+    DURABILITY,
+    HOLD_CONFIG,
+    LOADED,
+    RELAY2_CONFIG,
+    RELAY_CONFIG,
+    Mta,
+    with_receiver_process,
+)
 from peers import AiosmtpdFsync, PrivatePostfix, SmtpSink, smtp_source
 from report import Row, chart, markdown_table, text_table
 
@@ -91,8 +101,8 @@ BIG_MB = 200
 SIZE = 5000
 SESSIONS = (1, 20)
 
-MTA_NAME = "mta"
-MTA2 = "mta, 2 processes"  # [server] receiver_process = true
+MTA_NAME = "mta, 1 process"  # [server] receiver_process = false
+MTA2 = "mta, 2 processes"  # receiver_process = true, the default on two cores or more
 MTAS = (MTA_NAME, MTA2)
 POSTFIX = "Postfix"
 AIOSMTPD = "aiosmtpd+fsync"
@@ -296,12 +306,13 @@ def idle_connections(mta: Mta) -> float:
     """KiB of RSS per idle, EHLO'd connection."""
     for _ in range(20):  # warm up: first-use allocations are not per connection
         ehlo_connection(mta.port).close()
-    before = settled_rss_kb(mta.pid, 1.0)
+    pid = mta.session_pid
+    before = settled_rss_kb(pid, 1.0)
     held = []
     try:
         for _ in range(CONNECTIONS):
             held.append(ehlo_connection(mta.port))
-        after = settled_rss_kb(mta.pid, 1.0)
+        after = settled_rss_kb(pid, 1.0)
     finally:
         for s in held:
             s.close()
@@ -310,15 +321,16 @@ def idle_connections(mta: Mta) -> float:
 
 def big_message(mta: Mta) -> tuple[float, float]:
     """(MB of RSS growth, MB/s) while receiving one BIG_MB message."""
-    before = settled_rss_kb(mta.pid, 0.5)
-    peak_reset = reset_peak(mta.pid)
+    pid = mta.session_pid
+    before = settled_rss_kb(pid, 0.5)
+    peak_reset = reset_peak(pid)
     samples = [before]
     done = threading.Event()
 
     def sample() -> None:  # a fallback when VmHWM cannot be reset
         while not done.is_set():
             try:
-                samples.append(rss_kb(mta.pid))
+                samples.append(rss_kb(pid))
             except (OSError, BenchError):
                 return
             time.sleep(0.02)
@@ -346,7 +358,7 @@ def big_message(mta: Mta) -> tuple[float, float]:
         sampler.join()
     peak = max(samples)
     if peak_reset:
-        peak = max(peak, status_kb(mta.pid, "VmHWM"))
+        peak = max(peak, status_kb(pid, "VmHWM"))
     return (peak - before) / 1024, BIG_MB / seconds
 
 
@@ -459,6 +471,27 @@ def memory_and_queue(workdir: Path, results: dict, notes: list[str]) -> None:
     finally:
         empty.stop()
     shutil.rmtree(workdir / "empty", ignore_errors=True)
+
+    # The same with the sessions in a receiving process (the default where there are two
+    # cores): the RSS measured is that process's.
+    two = live(Mta(workdir / "empty2", with_receiver_process(HOLD_CONFIG), free_port(),
+                   message_size="300MB"))
+    try:
+        log("memory: empty server, 2 processes (the receiving process's RSS)")
+        try:
+            results["per connection 2"] = idle_connections(two)
+            log(f"  {CONNECTIONS} idle EHLO'd connections: "
+                f"{results['per connection 2']:.2f} KiB each")
+        except (BenchError, OSError) as e:
+            notes.append(f"RSS per idle connection, 2 processes: not measured: {e}")
+        try:
+            results["big growth 2"], _ = big_message(two)
+            log(f"  {BIG_MB} MB message: RSS +{results['big growth 2']:.1f} MB")
+        except (BenchError, OSError) as e:
+            notes.append(f"{BIG_MB} MB message, 2 processes: not measured: {e}")
+    finally:
+        two.stop()
+    shutil.rmtree(workdir / "empty2", ignore_errors=True)
     quiesce()
 
     log(f"queue scale: putting {QUEUED} messages for a held domain into the spool")
@@ -513,7 +546,7 @@ def build_rows(sides: dict, alone: dict) -> list[Row]:
         return median([r[key] for r in lat[system]])
 
     for mta_system in MTAS:
-        which = "" if mta_system == MTA_NAME else f" — {mta_system} (receiver_process)"
+        which = f" — {mta_system}"
         for n in SESSIONS:
             mta = median(accept[(mta_system, n)])
             label = f"durable acceptance, {n} session{'s' if n > 1 else ''} (msgs/s){which}"
@@ -536,6 +569,12 @@ def build_rows(sides: dict, alone: dict) -> list[Row]:
                     alone.get("per connection"), target="<= 4 KiB", rule=("value", "<=", 4.0),
                     fmt="{:.2f}"))
     rows.append(Row(f"RSS growth receiving one {BIG_MB} MB message (MB)", alone.get("big growth"),
+                    target="< 10 MB", rule=("value", "<", 10.0), fmt="{:.1f}"))
+    rows.append(Row(f"RSS per idle EHLO'd connection — {MTA2}, the receiving process (KiB)",
+                    alone.get("per connection 2"), target="<= 4 KiB",
+                    rule=("value", "<=", 4.0), fmt="{:.2f}"))
+    rows.append(Row(f"RSS growth receiving one {BIG_MB} MB message — {MTA2}, the receiving "
+                    "process (MB)", alone.get("big growth 2"),
                     target="< 10 MB", rule=("value", "<", 10.0), fmt="{:.1f}"))
     queued_rss = alone.get("queued rss")
     empty_rss = alone.get("empty rss")

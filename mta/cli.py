@@ -71,7 +71,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{path}: warning: {warning}")
     listeners = ", ".join(f"{x.role} on {x.endpoint} (tls {x.tls})" for x in cfg.listeners)
     print(f"{path}: OK: hostname {cfg.server.hostname}; spool {cfg.server.spool}; "
-          f"listeners: {listeners}; {len(cfg.domains)} domain(s)")
+          f"listeners: {listeners}; {len(cfg.domains)} domain(s); "
+          f"{config_module.where_sessions_run(cfg)}")
     for name, table in cfg.dkim.items():
         keys = ", ".join(f"s={k.selector} {k.algorithm}" for k in table.keys)
         print(f"{path}: DKIM signs mail of {name} and its subdomains ({keys}); "

@@ -15,7 +15,9 @@ default.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -142,8 +144,10 @@ class ServerSection:
     # None: no such socket.
     sendmail_socket: Path | None = None
     # SMTP sessions of the smtp and submission listeners in a second process
-    # (receiver.py): receiving and delivering on two cores.
-    receiver_process: bool = False
+    # (receiver.py), receiving and delivering on two cores: true, false or "auto".
+    receiver_process: bool | str = "auto"
+    # What that came to when the file was read (`_two_processes`): not a key.
+    two_processes: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -589,8 +593,54 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
             raise ConfigError(
                 f"{source}: [auth] passwords: required by listener #{i + 1} "
                 f"{listener.endpoint} (role {listener.role}: AUTH before MAIL)")
+    if server.receiver_process == "auto":
+        server = dataclasses.replace(server, two_processes=_two_processes(domains, listeners))
     return Config(path, server, listeners, tls, auth, relay, domains, limits, etrn, pulls,
                   log, metrics, dkim, checks, tls_policy)
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container may narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def where_sessions_run(config: Config) -> str:
+    """Where the SMTP sessions run, and why ([server] receiver_process), for people."""
+    server = config.server
+    text = ("sessions in a receiving process" if server.two_processes
+            else "sessions in the main process")
+    if server.receiver_process != "auto":
+        return f"{text} (receiver_process = {str(server.receiver_process).lower()})"
+    kept = [x.name for x in config.listeners if not handed_over(x)]
+    if server.two_processes:
+        why = f"{cores()} cores"
+    elif cores() < 2:
+        why = "one core"
+    elif any(domain.pull_users for domain in config.domains.values()):
+        why = "a domain has pull_users, who may pull with TURN"
+    else:
+        why = f"{kept[0]} stays in the main process"
+    return f'{text} (receiver_process "auto": {why})'
+
+
+def handed_over(listener: Listener) -> bool:
+    """Whether a receiving process would serve `listener` (receiver.delegated, which
+    also wants the endpoint to be a plain TCP or UNIX one)."""
+    return (listener.role in ("smtp", "submission") and not listener.atrn
+            and listener.endpoint.split(":", 1)[0].lower() in ("tcp", "tcp6", "unix"))
+
+
+def _two_processes(domains: dict[str, Domain], listeners: tuple[Listener, ...]) -> bool:
+    """What ``receiver_process = "auto"`` means: a second process where there is a second
+    core for it, unless a domain has pull_users, who may pull it with TURN, which a
+    receiving process cannot serve (it does not hold the queue), or a listener would
+    stay in the main process (ATRN, an ``ssl:`` endpoint), which would count its
+    connections and AUTH failures apart from the others'."""
+    return (cores() >= 2 and not any(domain.pull_users for domain in domains.values())
+            and all(handed_over(listener) for listener in listeners))
 
 
 def _dkim(source: str, table: dict[str, Any]) -> dict[str, DKIMDomain]:
@@ -724,7 +774,9 @@ def _server(s: _Section) -> ServerSection:
     aliases = s.path("aliases", "")
     virtual = s.path("virtual", "")
     socket_path = s.get("sendmail_socket", "", kind=str)
-    receiver_process = s.get("receiver_process", False, kind=bool)
+    receiver_process = s.get("receiver_process", "auto", kind=(bool, str))
+    if receiver_process not in (True, False, "auto"):
+        raise s.error("receiver_process", f"expected true, false or \"auto\", got {receiver_process!r}")
     section = ServerSection(
         hostname=hostname,
         spool=Path(spool),
@@ -737,6 +789,7 @@ def _server(s: _Section) -> ServerSection:
         sendmail_socket=(None if socket_path == "off" else
                          Path(socket_path) if socket_path else Path(spool) / SENDMAIL_SOCKET),
         receiver_process=receiver_process,
+        two_processes=receiver_process is True,
     )
     s.finish()
     return section

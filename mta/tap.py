@@ -147,10 +147,13 @@ class Reloader(service.Service):
             kept["listeners"] = old.listeners
             changed.append("[[listeners]]")
         for key in ("spool", "receiver_process"):
-            if getattr(new.server, key) != getattr(old.server, key):
-                kept["server"] = dataclasses.replace(kept.get("server", new.server),
-                                                     **{key: getattr(old.server, key)})
-                changed.append(f"[server] {key}")
+            if getattr(new.server, key) != getattr(old.server, key) or key == "receiver_process" \
+                    and new.server.two_processes != old.server.two_processes:
+                kept["server"] = dataclasses.replace(
+                    kept.get("server", new.server), **{key: getattr(old.server, key)},
+                    **({"two_processes": old.server.two_processes}
+                       if key == "receiver_process" else {}))
+                changed.append(_restart_needed(key, old.server, new.server))
         if new.metrics != old.metrics:
             kept["metrics"] = old.metrics
             changed.append("[metrics]")
@@ -174,6 +177,17 @@ class Reloader(service.Service):
         return True
 
 
+def _restart_needed(key: str, old: config_module.ServerSection,
+                    new: config_module.ServerSection) -> str:
+    """What a reload names for a changed [server] key that takes a restart."""
+    if key == "receiver_process" and old.receiver_process == new.receiver_process == "auto":
+        # The file says the same; what "auto" means moved with pull_users (config.py).
+        return ('[server] receiver_process = "auto", which now means '
+                + ("a second process (no domain has pull_users)" if new.two_processes
+                   else "one process (a domain has pull_users, who may pull with TURN)"))
+    return f"[server] {key}"
+
+
 def alias_warnings(config: config_module.Config) -> list[str]:
     """Unknown alias targets and loops (aliases.py), as `mta aliases check` shows them."""
     return config.addresses.problems()
@@ -190,7 +204,7 @@ def pickup_warnings(config: config_module.Config, trust: Any) -> list[str]:
         return [("pull_users are set but no listener offers ATRN: add one with "
                  "role = \"odmr\" (port 366), or only TURN can pull")
                 + (", and TURN is refused with [server] receiver_process"
-                   if config.server.receiver_process else "")]
+                   if config.server.two_processes else "")]
     warnings = []
     if not any("CRAM-MD5" in x.auth_mechanisms for x in listeners):
         warnings.append("no ATRN listener offers CRAM-MD5 (auth_mechanisms): fetchmail's "
@@ -420,13 +434,16 @@ def makeService(options: Options) -> service.MultiService:
         factory = SMTPFactory(context, connections)
         if listener.tls == "implicit":
             factory = trust.tls.wrap_factory(factory, reactor)
-        if config.server.receiver_process and receiver.delegated(listener, endpoint):
+        if config.server.two_processes and receiver.delegated(listener, endpoint):
             handed.append((listener, endpoint, factory))
             continue
         listening = ListeningService(endpoint, factory)
         listening._raiseSynchronously = True
         listening.setName(listener.name)
         listening.setServiceParent(top)
+    log.info("{where}", where=config_module.where_sessions_run(config)
+             if handed or not config.server.two_processes
+             else "sessions in the main process (no smtp or submission listener to hand over)")
     if handed:
         receiving = receiver.ReceivingProcess(options["config"], handed, relayer, pickup,
                                               reactor, user=runtime_user(options))

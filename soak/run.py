@@ -85,6 +85,7 @@ CONFIG = """
 hostname = "mta.soak"
 spool = "spool"
 postmaster = "postmaster@sender.test"
+receiver_process = false
 
 [[listeners]]
 endpoint = "tcp:{port}:interface=127.0.0.1"

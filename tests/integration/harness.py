@@ -197,6 +197,12 @@ class MtaServer:
              "--config", str(self.config_path)],
             cwd=self.directory, stdout=self.log, stderr=subprocess.STDOUT, env=source_env())
         wait_for(f"mta listening on {self.port}", self._ready)
+        if "sessions in a receiving process" in self.log_text():
+            # The main process answers until its receiving process serves (receiver.py),
+            # each counting connections and AUTH failures of its own: a test starts
+            # once the sessions are where they stay.
+            wait_for("the receiving process", lambda: "the receiving process (pid"
+                     in self.log_text() and " serves " in self.log_text())
         return self
 
     def _ready(self) -> bool:

@@ -19,12 +19,14 @@ from pathlib import Path
 
 from tests.integration.harness import (
     DEFAULT_CONFIG,
+    MTA,
     MtaServer,
     WireTap,
     free_port,
     greets,
     need,
     need_root,
+    source_env,
     twistd_as_nobody,
     wait_for,
 )
@@ -341,3 +343,55 @@ def test_turning_receiver_process_off_takes_a_restart(start_mta) -> None:
     send(server.port, "alice@example.org", "still through the child")
     wait_for("the delivery", lambda: delivered(server))
     assert f"(pid {pid}) ended" not in server.log_text()
+
+
+AUTO_CONFIG = CONFIG.replace("receiver_process = true\n", "")  # the default: "auto"
+PULLED_CONFIG = AUTO_CONFIG.replace('etrn_route = "smtp:[127.0.0.1]:9"\n',
+                                    'etrn_route = "smtp:[127.0.0.1]:9"\npull_users = ["cust"]\n')
+
+
+def test_auto_takes_a_receiving_process_with_two_cores_and_none_where_turn_may_pull(
+        start_mta) -> None:
+    from mta.config import cores
+    two = cores() >= 2  # the server inherits this process's CPU affinity
+    server = start_mta(AUTO_CONFIG.replace("METRICS", str(free_port())))
+    said = wait_for("where the sessions run", lambda: re.search(
+        r"sessions in (a receiving|the main) process \(receiver_process \"auto\": ([^)]*)\)",
+        server.log_text()))
+    assert (said[1] == "a receiving") is two, said[0]
+    checked = subprocess.run([str(MTA), "check-config", "--config", str(server.config_path)],
+                             cwd=server.directory, capture_output=True, env=source_env(),
+                             timeout=60, check=True).stdout.decode()
+    assert said[0].startswith(checked.rstrip().rsplit("; ", 1)[1]), checked
+    if two:
+        wait_for("the receiving process", lambda: SERVES.search(server.log_text()))
+        pid = child_pid(server)
+        send(server.port, "alice@example.org", "through the child, by default")
+        wait_for("the delivery", lambda: delivered(server))
+        # A customer who may pull with TURN: "auto" would now mean one process; the
+        # reload says so, and the running arrangement stays until a restart.
+        server.config_path.write_text(server.config_path.read_text().replace(
+            'etrn_route = "smtp:[127.0.0.1]:9"\n',
+            'etrn_route = "smtp:[127.0.0.1]:9"\npull_users = ["cust"]\n'))
+        os.kill(server.pid, signal.SIGHUP)
+        wait_for("the reload", lambda: "reload #1" in server.log_text())
+        assert ('[server] receiver_process = "auto", which now means one process (a domain '
+                "has pull_users, who may pull with TURN) changed: that takes a restart"
+                in server.log_text())
+        assert alive(pid)
+    pulled = start_mta(PULLED_CONFIG.replace("METRICS", str(free_port())), name="pulled")
+    wait_for("where the sessions run", lambda: "sessions in the main process" in pulled.log_text())
+    assert ("sessions in the main process (receiver_process \"auto\": "
+            + ("a domain has pull_users, who may pull with TURN)" if two else "one core)")
+            in pulled.log_text())
+    # TURN is served here, so it is not refused as a receiving process refuses it.
+    with socket.create_connection(("127.0.0.1", pulled.port), timeout=10) as s:
+        reader = s.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        s.sendall(b"EHLO held.test\r\n")
+        while not reader.readline().startswith(b"250 "):
+            pass
+        s.sendall(b"TURN\r\n")
+        turned = reader.readline()
+    assert turned.startswith(b"502 5.7.0"), turned
+    assert "receiving process (pid" not in pulled.log_text()

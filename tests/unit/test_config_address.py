@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -390,11 +391,10 @@ def test_tls_policy_entries_that_govern_nothing_are_warned_about(tmp_path):
 
 def test_receiver_process_is_a_server_key_and_its_turn_caveat_is_warned_about():
     from mta.tap import pickup_warnings
-    assert config.from_dict({}).server.receiver_process is False
     settings = {"domains": {"cust.test": {"route": "hold", "pull_users": ["cust"]}}}
-    one = config.from_dict(settings)
+    one = config.from_dict({**settings, "server": {"receiver_process": False}})
     two = config.from_dict({**settings, "server": {"receiver_process": True}})
-    assert two.server.receiver_process is True
+    assert two.server.two_processes is True
     assert pickup_warnings(one, None) == [
         ('pull_users are set but no listener offers ATRN: add one with role = "odmr" '
         "(port 366), or only TURN can pull")]
@@ -403,3 +403,61 @@ def test_receiver_process_is_a_server_key_and_its_turn_caveat_is_warned_about():
         "(port 366), or only TURN can pull, and TURN is refused with [server] receiver_process")]
     with pytest.raises(config.ConfigError, match="receiver_process"):
         config.from_dict({"server": {"receiver_process": "yes"}})
+    with pytest.raises(config.ConfigError, match="receiver_process"):
+        config.from_dict({"server": {"receiver_process": 1}})
+
+
+@pytest.mark.parametrize(("cores", "pull_users", "expected"), [
+    (2, [], True), (8, [], True), (1, [], False), (2, ["cust"], False)])
+def test_receiver_process_auto_takes_a_second_core_unless_a_customer_may_turn(
+        monkeypatch, cores, pull_users, expected):
+    monkeypatch.setattr(config, "cores", lambda: cores)
+    settings = {"domains": {"cust.test": {"route": "hold", "pull_users": pull_users}}}
+    for server in ({}, {"receiver_process": "auto"}):
+        parsed = config.from_dict({**settings, "server": server}).server
+        assert parsed.two_processes is expected
+        assert parsed.receiver_process == "auto"
+    # Set by name, it is what it says, cores or not.
+    for setting in (True, False):
+        parsed = config.from_dict({**settings, "server": {"receiver_process": setting}}).server
+        assert parsed.two_processes is setting
+
+
+def test_receiver_process_auto_keeps_one_process_when_a_listener_would_stay_behind(
+        monkeypatch):
+    monkeypatch.setattr(config, "cores", lambda: 2)
+    smtp = {"endpoint": "tcp:2525", "role": "smtp"}
+    both = config.from_dict({"listeners": [smtp, {"endpoint": "unix:/run/mta.sock",
+                                                  "role": "submission", "require_auth": False}]})
+    assert both.server.two_processes is True
+    assert config.where_sessions_run(both) == (
+        'sessions in a receiving process (receiver_process "auto": 2 cores)')
+    # An ATRN listener stays in the main process: its connections would be counted
+    # apart from the smtp listener's, so "auto" keeps them all together.
+    with_atrn = [smtp, {"endpoint": "tcp:2526", "role": "submission", "require_auth": False,
+                        "atrn": True}]
+    atrn = config.from_dict({"listeners": with_atrn})
+    assert atrn.server.two_processes is False
+    assert config.where_sessions_run(atrn) == (
+        'sessions in the main process (receiver_process "auto": '
+        "submission[tcp:2526] stays in the main process)")
+    named = config.from_dict({"server": {"receiver_process": True},
+                              "listeners": with_atrn})
+    assert named.server.two_processes is True
+    assert config.where_sessions_run(named) == (
+        "sessions in a receiving process (receiver_process = true)")
+
+
+def test_a_reload_names_what_auto_now_means_when_pull_users_change():
+    from mta.tap import _restart_needed
+    auto = config.from_dict({}).server
+    one = dataclasses.replace(auto, two_processes=False)
+    two = dataclasses.replace(auto, two_processes=True)
+    assert _restart_needed("receiver_process", two, one) == (
+        '[server] receiver_process = "auto", which now means one process '
+        "(a domain has pull_users, who may pull with TURN)")
+    assert _restart_needed("receiver_process", one, two) == (
+        '[server] receiver_process = "auto", which now means a second process '
+        "(no domain has pull_users)")
+    named = dataclasses.replace(one, receiver_process=False)
+    assert _restart_needed("receiver_process", named, two) == "[server] receiver_process"
