@@ -478,6 +478,7 @@ def memory_and_queue(workdir: Path, results: dict, notes: list[str]) -> None:
                    message_size="300MB"))
     try:
         log("memory: empty server, 2 processes (the receiving process's RSS)")
+        two.start()
         try:
             results["per connection 2"] = idle_connections(two)
             log(f"  {CONNECTIONS} idle EHLO'd connections: "
