@@ -442,6 +442,24 @@ def timed_start(mta: Mta, local_message: bool, timeout: float = 600) -> dict[str
     return times
 
 
+def session_memory(server: Mta, results: dict, notes: list[str], key: str = "",
+                   what: str = "") -> None:
+    """RSS per idle connection and growth for one big message, of the sessions' process;
+    `key` is appended to the results' names, `what` to the notes'."""
+    try:
+        results["per connection" + key] = idle_connections(server)
+        log(f"  {CONNECTIONS} idle EHLO'd connections: "
+            f"{results['per connection' + key]:.2f} KiB each")
+    except (BenchError, OSError) as e:
+        notes.append(f"RSS per idle connection{what}: not measured: {e}")
+    try:
+        grown, speed = big_message(server)
+        results["big growth" + key], results["big speed" + key] = grown, speed
+        log(f"  {BIG_MB} MB message: RSS +{grown:.1f} MB, {speed:.0f} MB/s")
+    except (BenchError, OSError) as e:
+        notes.append(f"{BIG_MB} MB message{what}: not measured: {e}")
+
+
 def memory_and_queue(workdir: Path, results: dict, notes: list[str]) -> None:
     # An empty server first: its start-up times and RSS are the reference.
     cold = drop_caches()
@@ -454,18 +472,7 @@ def memory_and_queue(workdir: Path, results: dict, notes: list[str]) -> None:
         results["empty loaded"] = times["loaded"]
         results["empty rss"] = settled_rss_kb(empty.pid, 2.0)
         log(f"  empty mta: 220 after {times['220']:.2f} s, RSS {results['empty rss'] / 1024:.1f} MB")
-        try:
-            results["per connection"] = idle_connections(empty)
-            log(f"  {CONNECTIONS} idle EHLO'd connections: "
-                f"{results['per connection']:.2f} KiB each")
-        except (BenchError, OSError) as e:
-            notes.append(f"RSS per idle connection: not measured: {e}")
-        try:
-            grown, speed = big_message(empty)
-            results["big growth"], results["big speed"] = grown, speed
-            log(f"  {BIG_MB} MB message: RSS +{grown:.1f} MB, {speed:.0f} MB/s")
-        except (BenchError, OSError) as e:
-            notes.append(f"{BIG_MB} MB message: not measured: {e}")
+        session_memory(empty, results, notes)
         results["empty stop"] = empty.stop()
         log(f"  SIGTERM to exit: {results['empty stop']:.2f} s")
     finally:
@@ -479,17 +486,7 @@ def memory_and_queue(workdir: Path, results: dict, notes: list[str]) -> None:
     try:
         log("memory: empty server, 2 processes (the receiving process's RSS)")
         two.start()
-        try:
-            results["per connection 2"] = idle_connections(two)
-            log(f"  {CONNECTIONS} idle EHLO'd connections: "
-                f"{results['per connection 2']:.2f} KiB each")
-        except (BenchError, OSError) as e:
-            notes.append(f"RSS per idle connection, 2 processes: not measured: {e}")
-        try:
-            results["big growth 2"], _ = big_message(two)
-            log(f"  {BIG_MB} MB message: RSS +{results['big growth 2']:.1f} MB")
-        except (BenchError, OSError) as e:
-            notes.append(f"{BIG_MB} MB message, 2 processes: not measured: {e}")
+        session_memory(two, results, notes, " 2", ", 2 processes")
     finally:
         two.stop()
     shutil.rmtree(workdir / "empty2", ignore_errors=True)
