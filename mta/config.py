@@ -774,8 +774,8 @@ def _server(s: _Section) -> ServerSection:
     aliases = s.path("aliases", "")
     virtual = s.path("virtual", "")
     socket_path = s.get("sendmail_socket", "", kind=str)
-    receiver_process = s.get("receiver_process", "auto", kind=(bool, str))
-    if receiver_process not in (True, False, "auto"):
+    receiver_process = s.get("receiver_process", "auto")
+    if receiver_process not in (True, False, "auto") or type(receiver_process) not in (bool, str):
         raise s.error("receiver_process", f"expected true, false or \"auto\", got {receiver_process!r}")
     section = ServerSection(
         hostname=hostname,
