@@ -568,6 +568,7 @@ class _Child:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         self.reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+        self.reactor.callWhenRunning(stop_at_the_first_signal)
         self.reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX,
                                            _ChannelFactory(self.channel))
         os.close(CHANNEL_FD)
@@ -692,6 +693,25 @@ class _Child:
                 closed.callback(None)
         elif self.reactor.running:
             self.reactor.stop()
+
+
+def stop_at_the_first_signal() -> None:
+    """Let the reactor's SIGTERM and SIGINT handlers stop it once (call when it runs).
+    Stopped with its process group (systemd's stop, `kill -- -PGID`, an impatient
+    second Ctrl-C), a process may get a second signal while it stops: the child gets
+    one from the group and one from the main process.  Twisted would stop the
+    stopping reactor again and log that as a critical error."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def once(signum: int, frame: Any) -> None:
+        for other, handler in handlers.items():
+            if callable(handler):
+                signal.signal(other, signal.SIG_IGN)  # SIGKILL still ends a stuck stop
+        handlers[signum](signum, frame)
+
+    for signum, handler in handlers.items():
+        if callable(handler):
+            signal.signal(signum, once)
 
 
 def _child_main(argv: list[str]) -> int:

@@ -444,6 +444,7 @@ def makeService(options: Options) -> service.MultiService:
     log.info("{where}", where=config_module.where_sessions_run(config)
              if handed or not config.server.two_processes
              else "sessions in the main process (no smtp or submission listener to hand over)")
+    reactor.callWhenRunning(receiver.stop_at_the_first_signal)
     if handed:
         receiving = receiver.ReceivingProcess(options["config"], handed, relayer, pickup,
                                               reactor, user=runtime_user(options))

@@ -395,3 +395,19 @@ def test_auto_takes_a_receiving_process_with_two_cores_and_none_where_turn_may_p
         turned = reader.readline()
     assert turned.startswith(b"502 5.7.0"), turned
     assert "receiving process (pid" not in pulled.log_text()
+
+
+def test_a_second_sigterm_while_stopping_is_no_critical_error(start_mta) -> None:
+    # systemd's stop or `kill -- -PGID` signals both processes, and the main process
+    # signals its child again as it stops; an impatient operator signals twice.
+    server = start(start_mta)
+    os.kill(server.pid, signal.SIGTERM)
+    time.sleep(0.02)
+    try:
+        os.kill(server.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    server.process.wait(30)
+    wait_for("the end of the log", lambda: "Server Shut Down" in server.log_text())
+    assert "Traceback" not in server.log_text()
+    assert "#critical]" not in server.log_text()
