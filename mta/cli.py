@@ -42,13 +42,14 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-from twisted.internet import defer
+from typing import TYPE_CHECKING, Any
 
 from mta import config as config_module
 from mta.spool.envelope import PENDING, EnvelopeError
 from mta.spool.store import HOLD, QUEUE, Spool, SpoolError
+
+if TYPE_CHECKING:
+    from twisted.internet import defer
 
 
 def _default_config() -> str:

@@ -72,3 +72,15 @@ def test_config_prints_toml_that_loads_to_the_same_config(tmp_path, capsys):
         copy.write_text(capsys.readouterr().out)
         again, first = config_module.load(copy), config_module.load(path)
         assert dataclasses.replace(again, path=None) == dataclasses.replace(first, path=None)
+
+
+def test_the_queue_commands_start_without_twisted():
+    """`mta queue list` and the rest read the spool; importing Twisted for them cost a
+    tenth of a second of each command (0.29-0.32 s against 0.19-0.22 s on an empty queue)."""
+    import subprocess
+    import sys
+    code = ("import sys, mta.cli, mta.spool.store, mta.config; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'twisted', 'zope'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
