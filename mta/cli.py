@@ -375,7 +375,7 @@ def _listing(queue_id: str, envelope: dict, on_hold: bool, held_domains: frozens
              now: float) -> tuple[list[str], bool]:
     """The lines `mta queue list` prints for one envelope (the spool's JSON object), and
     whether all it has left is held for pickup."""
-    pending = [r for r in envelope["recipients"] if r["state"] == PENDING]
+    pending = [r for r in envelope["recipients"] if r.get("state", PENDING) == PENDING]
     waiting = [_domain_of(r["address"]) in held_domains for r in pending]
     held = bool(pending) and all(waiting)
     mark = "!" if on_hold else "*" if held else " "
@@ -385,7 +385,7 @@ def _listing(queue_id: str, envelope: dict, on_hold: bool, held_domains: frozens
               f"<{envelope['reverse_path']}>")]
     for r, for_pickup in zip(pending, waiting):
         note = "  [held for pickup]" if for_pickup else ""
-        why = f"  ({r['status']} {r['diagnostic']})" if r.get("diagnostic") else ""
+        why = f"  ({r.get('status')} {r['diagnostic']})" if r.get("diagnostic") else ""
         lines.append(f"{'':>22}<{r['address']}>{note}{why}")
     return lines, held
 
@@ -403,7 +403,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
         print("mta queue show: give one queue id", file=sys.stderr)
         return 2
     envelope, data = spool.open_message(queue_id)
-    record = json.loads(envelope.to_json())
+    record = envelope.as_record()
     on_hold = spool.state_of(queue_id) == HOLD
     held_domains = {name for name, domain in cfg.domains.items() if domain.held}
     pending = [r.domain for r in envelope.pending]
@@ -485,7 +485,8 @@ def _select(spool: Spool, states: tuple[str, ...], domain: str | None,
             if isinstance(envelope, Exception):
                 continue
             if domain is not None and not any(
-                    r["state"] == PENDING and _in_domain(_domain_of(r["address"]), domain)
+                    r.get("state", PENDING) == PENDING
+                    and _in_domain(_domain_of(r["address"]), domain)
                     for r in envelope["recipients"]):
                 continue
             if sender is not None and not _sender_matches(envelope["reverse_path"], sender):

@@ -428,7 +428,8 @@ class Spool:
 
     def scan(self, state: str = QUEUE) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
         """Every message in `state`, oldest first, with its envelope as the JSON object the
-        spool keeps (or why it cannot be read), size included.  For listing a large
+        spool keeps (or why it cannot be read), size included; fields that hold their
+        defaults are not in it (Envelope.to_json).  For listing a large
         queue: one directory listing, one small read a message, no objects built
         beyond the JSON."""
         directory = os.path.join(self.root, state)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import email
 import email.message
-import json
 import os
 import pwd
 import re
@@ -241,7 +240,7 @@ class MtaServer:
 
     def envelope(self, queue_id: str) -> dict:
         """A committed message's envelope as it is now, as the JSON the spool keeps."""
-        return json.loads(self.spool.load(queue_id).to_json())
+        return self.spool.load(queue_id).as_record()
 
 
 def strip_received(stored: bytes) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -269,6 +270,32 @@ def test_a_spool_of_the_earlier_format_is_read(tmp_path):
     assert [e.queue_id for e in Spool(tmp_path).recover()] == [env.queue_id]
     assert spool.message_data(env.queue_id).read_bytes() == b"hello"
     assert spool.load(env.queue_id).recipients[0].address == "x@y.test"
+
+
+def test_an_envelope_is_stored_without_its_defaults_and_read_back_whole():
+    env = envelope("x@y.test")
+    raw = env.to_json()
+    assert json.loads(raw) == {"queue_id": env.queue_id, "reverse_path": env.reverse_path,
+                               "recipients": [{"address": "x@y.test"}],
+                               "arrival": env.arrival, "version": 1}
+    assert Envelope.from_json(raw) == env
+    # Every field away from its default is kept, and comes back as it was.
+    env.recipients.append(Recipient(
+        address="z@y.test", orcpt="rfc822;z@y.test", notify=("NEVER",), state="failed",
+        status="5.1.1", diagnostic="no such user", remote_mta="mx.y.test", updated=2.5,
+        notified=True, delay_warned=True, sender="owner@y.test", expansion=True))
+    env.client_address, env.client_helo, env.client_hostname = "192.0.2.1", "c.test", "c.test"
+    env.protocol, env.auth_identity, env.ret, env.envid = "ESMTPSA", "alice", "HDRS", "e1"
+    env.body, env.smtputf8, env.size, env.attempts = "8BITMIME", True, 42, 3
+    env.next_attempt, env.last_error, env.is_report, env.extra = 9.5, "451 later", True, {"k": 1}
+    assert Envelope.from_json(env.to_json()) == env
+    full = env.as_record()
+    assert set(full) == {f.name for f in dataclasses.fields(Envelope)} | {"version"}
+    assert set(full["recipients"][0]) == {f.name for f in dataclasses.fields(Recipient)}
+    # A record with every field, as mta wrote them before, is read the same.
+    assert Envelope.from_json(json.dumps(full).encode()) == env
+    assert Envelope.from_json(json.dumps(envelope("x@y.test").as_record()).encode()) \
+        == envelope("x@y.test")
 
 
 def test_envelope_round_trip_and_rejects():
