@@ -485,9 +485,11 @@ class Spool:
     @staticmethod
     def _listed(directory: str) -> list[tuple[str, bool]]:
         """(queue id, whether it has a state file) of every message in `directory`, sorted."""
-        names = {entry.name for entry in os.scandir(directory)}
+        names = os.listdir(directory)
+        names.sort()  # the names' common suffix keeps the queue ids' order
         cut = len(DATA_SUFFIX)
-        return [(name[:-cut], name[:-cut] + ENVELOPE_SUFFIX in names) for name in sorted(names)
+        states = {name[:-len(ENVELOPE_SUFFIX)] for name in names if name.endswith(ENVELOPE_SUFFIX)}
+        return [(name[:-cut], name[:-cut] in states) for name in names
                 if name.endswith(DATA_SUFFIX) and not name.startswith(".")]
 
     def read_ahead(self, state: str = QUEUE, stop: Callable[[], bool] | None = None) -> None:
