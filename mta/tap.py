@@ -153,7 +153,7 @@ class Reloader(service.Service):
                     kept.get("server", new.server), **{key: getattr(old.server, key)},
                     **({"two_processes": old.server.two_processes}
                        if key == "receiver_process" else {}))
-                changed.append(_restart_needed(key, old.server, new.server))
+                changed.append(_restart_needed(key, old, new))
         if new.metrics != old.metrics:
             kept["metrics"] = old.metrics
             changed.append("[metrics]")
@@ -177,14 +177,13 @@ class Reloader(service.Service):
         return True
 
 
-def _restart_needed(key: str, old: config_module.ServerSection,
-                    new: config_module.ServerSection) -> str:
+def _restart_needed(key: str, old: config_module.Config, new: config_module.Config) -> str:
     """What a reload names for a changed [server] key that takes a restart."""
-    if key == "receiver_process" and old.receiver_process == new.receiver_process == "auto":
-        # The file says the same; what "auto" means moved with pull_users (config.py).
-        return ('[server] receiver_process = "auto", which now means '
-                + ("a second process (no domain has pull_users)" if new.two_processes
-                   else "one process (a domain has pull_users, who may pull with TURN)"))
+    if key == "receiver_process" and \
+            old.server.receiver_process == new.server.receiver_process == "auto":
+        # The file says the same; what "auto" gives moved with pull_users (config.py).
+        return ('[server] receiver_process = "auto", which now gives '
+                + config_module.where_sessions_run(new))
     return f"[server] {key}"
 
 

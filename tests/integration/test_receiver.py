@@ -375,9 +375,9 @@ def test_auto_takes_a_receiving_process_with_two_cores_and_none_where_turn_may_p
             'etrn_route = "smtp:[127.0.0.1]:9"\npull_users = ["cust"]\n'))
         os.kill(server.pid, signal.SIGHUP)
         wait_for("the reload", lambda: "reload #1" in server.log_text())
-        assert ('[server] receiver_process = "auto", which now means one process (a domain '
-                "has pull_users, who may pull with TURN) changed: that takes a restart"
-                in server.log_text())
+        assert ('[server] receiver_process = "auto", which now gives sessions in the main '
+                'process (receiver_process "auto": a domain has pull_users, who may pull with '
+                "TURN) changed: that takes a restart" in server.log_text())
         assert alive(pid)
     pulled = start_mta(PULLED_CONFIG.replace("METRICS", str(free_port())), name="pulled")
     wait_for("where the sessions run", lambda: "sessions in the main process" in pulled.log_text())

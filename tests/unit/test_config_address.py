@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -448,16 +447,16 @@ def test_receiver_process_auto_keeps_one_process_when_a_listener_would_stay_behi
         "sessions in a receiving process (receiver_process = true)")
 
 
-def test_a_reload_names_what_auto_now_means_when_pull_users_change():
+def test_a_reload_names_what_auto_now_means_when_pull_users_change(monkeypatch):
     from mta.tap import _restart_needed
-    auto = config.from_dict({}).server
-    one = dataclasses.replace(auto, two_processes=False)
-    two = dataclasses.replace(auto, two_processes=True)
+    monkeypatch.setattr(config, "cores", lambda: 2)
+    pulled = {"domains": {"cust.test": {"route": "hold", "pull_users": ["cust"]}}}
+    two, one = config.from_dict({}), config.from_dict(pulled)
     assert _restart_needed("receiver_process", two, one) == (
-        '[server] receiver_process = "auto", which now means one process '
-        "(a domain has pull_users, who may pull with TURN)")
+        '[server] receiver_process = "auto", which now gives sessions in the main process '
+        '(receiver_process "auto": a domain has pull_users, who may pull with TURN)')
     assert _restart_needed("receiver_process", one, two) == (
-        '[server] receiver_process = "auto", which now means a second process '
-        "(no domain has pull_users)")
-    named = dataclasses.replace(one, receiver_process=False)
+        '[server] receiver_process = "auto", which now gives sessions in a receiving process '
+        '(receiver_process "auto": 2 cores)')
+    named = config.from_dict({"server": {"receiver_process": False}})
     assert _restart_needed("receiver_process", named, two) == "[server] receiver_process"
