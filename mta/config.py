@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -600,11 +601,66 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
 
 
 def cores() -> int:
-    """The cores this process may run on (its CPU affinity, which a container may narrow)."""
+    """The cores this process may use: its CPU affinity (a container's cpuset,
+    `taskset`), and no more than a cgroup's CPU quota rounds up to (`docker --cpus`,
+    systemd's CPUQuota=)."""
     try:
-        return len(os.sched_getaffinity(0))
+        count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        count = os.cpu_count() or 1
+    quota = cpu_quota()
+    return count if quota is None else max(1, min(count, math.ceil(quota)))
+
+
+def cpu_quota(proc: Path = Path("/proc/self")) -> float | None:
+    """The CPUs the cgroup quotas over this process allow (the smallest of its cgroup's
+    and those above it, cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), or None."""
+    try:
+        mountinfo = (proc / "mountinfo").read_text()
+        cgroups = (proc / "cgroup").read_text()
+    except OSError:
+        return None
+    mounts: dict[str, tuple[str, str]] = {}  # "v2" or "v1" -> (root in the hierarchy, mount point)
+    for line in mountinfo.splitlines():
+        before, _, after = line.partition(" - ")
+        fields, kind = before.split(), after.split()
+        if len(fields) < 5 or len(kind) < 3:
+            continue
+        if kind[0] == "cgroup2":
+            mounts.setdefault("v2", (fields[3], fields[4]))
+        elif kind[0] == "cgroup" and "cpu" in kind[2].split(","):
+            mounts.setdefault("v1", (fields[3], fields[4]))
+    quotas = []
+    for line in cgroups.splitlines():
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        version = "v2" if hierarchy == "0" and not controllers else \
+            "v1" if "cpu" in controllers.split(",") else None
+        if version is None or version not in mounts:
+            continue
+        root, point = mounts[version]
+        if not path.startswith(root):
+            continue
+        directory = Path(point, path[len(root):].lstrip("/"))
+        while True:
+            quotas += _quota_in(directory, version)
+            if directory == Path(point):
+                break
+            directory = directory.parent
+    return min(quotas) if quotas else None
+
+
+def _quota_in(directory: Path, version: str) -> list[float]:
+    try:
+        if version == "v2":
+            quota, period = (directory / "cpu.max").read_text().split()
+        else:
+            quota = (directory / "cpu.cfs_quota_us").read_text().strip()
+            period = (directory / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1"):
+            return []
+        return [int(quota) / int(period)] if int(period) > 0 else []
+    except (OSError, ValueError):
+        return []
 
 
 def where_sessions_run(config: Config) -> str:

@@ -460,3 +460,49 @@ def test_a_reload_names_what_auto_now_means_when_pull_users_change(monkeypatch):
         '(receiver_process "auto": 2 cores)')
     named = config.from_dict({"server": {"receiver_process": False}})
     assert _restart_needed("receiver_process", named, two) == "[server] receiver_process"
+
+def _fake_cgroups(tmp_path: Path, mountinfo: str, cgroup: str, files: dict[str, str]) -> Path:
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "mountinfo").write_text(mountinfo.replace("ROOT", str(tmp_path)))
+    (proc / "cgroup").write_text(cgroup)
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return proc
+
+
+def test_a_cgroup_v2_quota_along_the_path_limits_the_cores(tmp_path):
+    proc = _fake_cgroups(
+        tmp_path,
+        "30 1 0:26 / ROOT/cg rw,nosuid - cgroup2 cgroup2 rw\n",
+        "0::/system.slice/mta.service\n",
+        {"cg/cpu.max": "max 100000\n",
+         "cg/system.slice/cpu.max": "250000 100000\n",  # 2.5 CPUs for the slice
+         "cg/system.slice/mta.service/cpu.max": "150000 100000\n"})  # 1.5 for the service
+    assert config.cpu_quota(proc) == 1.5
+    (tmp_path / "cg/system.slice/mta.service/cpu.max").write_text("max 100000\n")
+    assert config.cpu_quota(proc) == 2.5
+
+
+def test_a_cgroup_v1_quota_counts_and_none_is_no_limit(tmp_path):
+    proc = _fake_cgroups(
+        tmp_path,
+        "31 1 0:27 / ROOT/cpu rw - cgroup cgroup rw,cpu,cpuacct\n",
+        "4:memory:/x\n3:cpu,cpuacct:/docker/abc\n",
+        {"cpu/docker/abc/cpu.cfs_quota_us": "100000\n",
+         "cpu/docker/abc/cpu.cfs_period_us": "100000\n",
+         "cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"})
+    assert config.cpu_quota(proc) == 1.0
+    (tmp_path / "cpu/docker/abc/cpu.cfs_quota_us").write_text("-1\n")
+    assert config.cpu_quota(proc) is None
+    assert config.cpu_quota(tmp_path / "no-such-proc") is None
+
+
+def test_cores_are_the_affinity_cut_to_the_quota_rounded_up(monkeypatch):
+    import os
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for quota, expected in ((None, 4), (1.0, 1), (1.5, 2), (0.2, 1), (16.0, 4)):
+        monkeypatch.setattr(config, "cpu_quota", lambda quota=quota: quota)
+        assert config.cores() == expected
