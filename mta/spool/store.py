@@ -678,8 +678,10 @@ def _read_envelope(directory: str, queue_id: str, has_state: bool) -> dict[str, 
     """A message's envelope as a JSON object (its state file if any, else its first line),
     with "size" set; ValueError if it cannot be read."""
     if has_state:
-        return _as_envelope(json.loads(_read_file(os.path.join(
+        data = _as_envelope(json.loads(_read_file(os.path.join(
             directory, queue_id + ENVELOPE_SUFFIX)).decode("utf-8")))
+        data.setdefault("size", 0)  # left out when 0, as every field at its default
+        return data
     fd = os.open(os.path.join(directory, queue_id + DATA_SUFFIX), os.O_RDONLY)
     try:
         head = os.read(fd, 4096)

@@ -427,6 +427,17 @@ def test_a_large_queue_is_still_read_where_processes_cannot_be_made(spool, monke
     assert runs == [[(queue_id, "dict") for queue_id in ids]]
 
 
+def test_a_scan_gives_the_size_of_an_empty_message_with_a_state(spool):
+    """A state file leaves out a size of 0, as every field at its default: a scan says 0."""
+    queue_id = spool.inject(envelope("x@y.test"), b"")
+    env = spool.load(queue_id)
+    env.attempts = 1
+    spool.save(env)
+    assert b'"size"' not in (spool.root / "queue" / f"{queue_id}.env").read_bytes()
+    [(found_id, found)] = list(spool.scan())
+    assert found_id == queue_id and found["size"] == 0 and found["attempts"] == 1
+
+
 @pytest.mark.parametrize("body_size, recipients", [(10, 1), (5000, 1), (10, 300), (70_000, 300)])
 def test_a_scan_gives_each_message_its_size(spool, body_size, recipients):
     """Small and large messages, short and long envelope lines (a file read whole, or not)."""
