@@ -12,9 +12,11 @@ How the two work together:
 
 - The main process binds every listener as before (ports below 1024 as root)
   and hands the sockets of those listeners to the child, which accepts on them.
-  Until the child says it is ready, and whenever it is not running, the main
-  process accepts on them itself: a child that cannot start (or dies) slows
-  the server down, never stops it.
+  At start, connections wait in the sockets' queues until the child says it is
+  ready, so that the child counts them (connection limits, AUTH failures) from
+  the first.  If it cannot be started, is not ready after ``FIRST_READY_WAIT``,
+  or dies, the main process accepts on them itself until a child is ready: a
+  child that cannot start (or dies) slows the server down, never stops it.
 - The child is started as ``python -m mta.receiver``, before twistd gives up
   root, so that it reads the same certificate and password files; it gives up
   root itself (to twistd's ``--uid``/``--gid``) before it accepts a connection.
@@ -87,6 +89,8 @@ log = Logger(namespace="mta.receiver")
 CHANNEL_FD = 3  # the child's end of the socket pair
 FIRST_LISTENER_FD = 4  # the listening sockets follow, in the order of --listeners
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after a death; reset once it ran a minute
+# Seconds the first child may take to serve before this process serves its listeners itself.
+FIRST_READY_WAIT = 15.0
 STOP_WAIT = 10.0  # seconds a stopping child gets before SIGKILL
 LAST_WORDS_WAIT = 2.0  # seconds a stopping child waits for its last frames to go out
 TURN_NOT_HERE = Reply(502, "5.5.1", "TURN is not available on this port")
@@ -218,8 +222,10 @@ class ReceivingProcess(service.Service):
         self.pid: int | None = None
         self.channel: Channel | None = None
         self.ready = False
+        self.here = False  # whether this process accepts on the listeners
         self.stopping = False
         self._deaths = 0
+        self._first_wait: Any = None
         self._started_at = 0.0
         self._restart: Any = None
         self._ended: defer.Deferred[None] | None = None
@@ -228,11 +234,16 @@ class ReceivingProcess(service.Service):
     # -- start and stop ----------------------------------------------------------------
 
     def privilegedStartService(self) -> None:
-        # Bound and started now, while we may still be root; the child accepts only
-        # once told to (startService), after the relayer's start-up recovery.
+        # Bound now, while we may still be root; the child accepts only once told to
+        # (startService), after the relayer's start-up recovery.  Until it serves, the
+        # connections wait in the listening sockets' queues rather than being served
+        # here: each process counts its own connections and AUTH failures, and a client
+        # must meet the same counts from its first connection.  A child that dies first,
+        # or is not serving after FIRST_READY_WAIT, leaves the listeners to this one.
         super().privilegedStartService()
         for listener, endpoint, factory in self.listeners:
             port = _listen(endpoint, factory, listener.name)
+            port.stopReading()
             self.ports.append(port)
         self._spawn()
 
@@ -240,12 +251,21 @@ class ReceivingProcess(service.Service):
         super().startService()
         if self.channel is not None:
             self.channel.send("start")
+        self._first_wait = self.reactor.callLater(FIRST_READY_WAIT, self._not_ready_yet)
+
+    def _not_ready_yet(self) -> None:
+        self._first_wait = None
+        if not self.ready and not self.here and not self.stopping:
+            log.warn("the receiving process is not serving after {wait:.0f} s; "  # noqa: G010
+                     "this process serves its listeners until it does", wait=FIRST_READY_WAIT)
+            self._serve_here()
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         self.stopping = True
-        if self._restart is not None and self._restart.active():
-            self._restart.cancel()
+        for call in (self._restart, self._first_wait):
+            if call is not None and call.active():
+                call.cancel()
         ended = self._ended
         if self.process is not None and ended is not None:
             self._signal("TERM")
@@ -286,6 +306,7 @@ class ReceivingProcess(service.Service):
             log.error("cannot start the receiving process: {why}; this process serves "
                       "every listener", why=e.strerror or str(e))
             self.process = None
+            self._serve_here()
             self._ended.callback(None)
             return
         finally:
@@ -332,9 +353,10 @@ class ReceivingProcess(service.Service):
             self._signal("KILL")  # a child we cannot hear cannot report its commits
 
     def _serve_here(self) -> None:
-        if self.ready:  # the ports were the child's: ours again
+        if not self.here:  # the ports were the child's, or nobody's yet: ours now
             for port in self.ports:
                 port.startReading()
+            self.here = True
         self.ready = False
 
     # -- what the child says --------------------------------------------------------------
@@ -359,8 +381,10 @@ class ReceivingProcess(service.Service):
             d.addCallback(self._answer, call)
         elif kind == "ready":
             self.ready = True
-            for port in self.ports:
-                port.stopReading()
+            if self.here:
+                for port in self.ports:
+                    port.stopReading()
+                self.here = False
             log.info("the receiving process (pid {pid}) serves {names}", pid=message[1],
                      names=", ".join(listener.name for listener, _, _ in self.listeners))
         else:

@@ -197,9 +197,9 @@ class MtaServer:
             cwd=self.directory, stdout=self.log, stderr=subprocess.STDOUT, env=source_env())
         wait_for(f"mta listening on {self.port}", self._ready)
         if "sessions in a receiving process" in self.log_text():
-            # The main process answers until its receiving process serves (receiver.py),
-            # each counting connections and AUTH failures of its own: a test starts
-            # once the sessions are where they stay.
+            # Connections wait until the receiving process serves (receiver.py), or
+            # are served by the main process if it does not: a test starts once the
+            # sessions are where they stay.
             wait_for("the receiving process", lambda: "the receiving process (pid"
                      in self.log_text() and " serves " in self.log_text())
         return self

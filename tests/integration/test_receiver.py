@@ -411,3 +411,37 @@ def test_a_second_sigterm_while_stopping_is_no_critical_error(start_mta) -> None
     wait_for("the end of the log", lambda: "Server Shut Down" in server.log_text())
     assert "Traceback" not in server.log_text()
     assert "#critical]" not in server.log_text()
+
+
+def test_the_first_connections_wait_for_the_child_and_count_there(tmp_path: Path) -> None:
+    # Served by the main process until the child served, the first connections were
+    # counted apart from the child's: a client had its limit twice over at start.
+    from tests.integration.harness import TWISTD
+    from tests.integration.test_trust import connect, read_reply
+    config = CONFIG.replace("METRICS", str(free_port())).replace(
+        "[etrn]", "[limits]\nconnections_per_client = 2\n\n[etrn]")
+    server = MtaServer(tmp_path / "mta", config)
+    server.log = server.log_path.open("ab")
+    server.process = subprocess.Popen(
+        [str(TWISTD), "-n", "--pidfile=", "mta", "--config", str(server.config_path)],
+        cwd=server.directory, stdout=server.log, stderr=subprocess.STDOUT, env=source_env())
+    sockets = []
+    try:
+        def bound() -> bool:
+            try:
+                sockets.append(connect(server.port, "127.0.0.10"))
+            except OSError:
+                return False
+            return True
+
+        wait_for("the listening socket", bound)  # taken by the kernel, served by nobody yet
+        sockets.append(connect(server.port, "127.0.0.10"))
+        wait_for("the receiving process", lambda: SERVES.search(server.log_text()))
+        with connect(server.port, "127.0.0.10") as third:
+            assert read_reply(third).startswith(b"421 4.7.0"), server.log_text()
+        for sock in sockets:
+            assert read_reply(sock).startswith(b"220 ")
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.stop()
