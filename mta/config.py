@@ -670,7 +670,6 @@ def where_sessions_run(config: Config) -> str:
             else "sessions in the main process")
     if server.receiver_process != "auto":
         return f"{text} (receiver_process = {str(server.receiver_process).lower()})"
-    kept = [x.name for x in config.listeners if not handed_over(x)]
     if server.two_processes:
         why = f"{cores()} cores"
     elif cores() < 2:
@@ -678,13 +677,15 @@ def where_sessions_run(config: Config) -> str:
     elif any(domain.pull_users for domain in config.domains.values()):
         why = "a domain has pull_users, who may pull with TURN"
     else:
-        why = f"{kept[0]} stays in the main process"
+        kept = next(x for x in config.listeners if not handed_over(x))
+        why = f"{kept.name} stays in the main process"
     return f'{text} (receiver_process "auto": {why})'
 
 
 def handed_over(listener: Listener) -> bool:
-    """Whether a receiving process would serve `listener` (receiver.delegated, which
-    also wants the endpoint to be a plain TCP or UNIX one)."""
+    """Whether a receiving process would serve `listener`: an smtp or submission one
+    without ATRN, on a plain TCP or UNIX endpoint (receiver.delegated checks the
+    endpoint Twisted made of it too)."""
     return (listener.role in ("smtp", "submission") and not listener.atrn
             and listener.endpoint.split(":", 1)[0].lower() in ("tcp", "tcp6", "unix"))
 

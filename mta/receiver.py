@@ -79,6 +79,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mta import config as config_module
 from mta import maillog
 from mta import reply as reply_module
 from mta.observe import Metrics
@@ -105,10 +106,9 @@ def delegated(listener: Any, endpoint: Any) -> bool:
     """Whether `listener`'s sessions run in the receiving process: smtp and submission
     listeners without ATRN, on a plain TCP or UNIX endpoint (the child gets the bare
     socket; an ``ssl:`` endpoint's TLS would stay behind, so that one stays here)."""
-    return (listener.role in ("smtp", "submission") and not listener.atrn
-            and isinstance(endpoint, (endpoints.TCP4ServerEndpoint,
-                                      endpoints.TCP6ServerEndpoint,
-                                      endpoints.UNIXServerEndpoint)))
+    return config_module.handed_over(listener) and isinstance(
+        endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
+                   endpoints.UNIXServerEndpoint))
 
 
 class Channel(Int32StringReceiver):
@@ -613,7 +613,6 @@ class _Child:
         self.channel.transport.loseConnection()
 
     def _set_up(self) -> None:
-        from mta import config as config_module
         from mta.config import Live
         from mta.server.context import ServerContext
         from mta.server.protocol import ConnectionTable, SMTPFactory
