@@ -146,13 +146,13 @@ class Reloader(service.Service):
         if new.listeners != old.listeners:
             kept["listeners"] = old.listeners
             changed.append("[[listeners]]")
-        for key in ("spool", "receiver_process"):
-            if getattr(new.server, key) != getattr(old.server, key) or key == "receiver_process" \
-                    and new.server.two_processes != old.server.two_processes:
+        # [server] keys that take a restart, with what is worked out from them.
+        for key, names in (("spool", ("spool",)),
+                           ("receiver_process", ("receiver_process", "two_processes"))):
+            if any(getattr(new.server, name) != getattr(old.server, name) for name in names):
                 kept["server"] = dataclasses.replace(
-                    kept.get("server", new.server), **{key: getattr(old.server, key)},
-                    **({"two_processes": old.server.two_processes}
-                       if key == "receiver_process" else {}))
+                    kept.get("server", new.server),
+                    **{name: getattr(old.server, name) for name in names})
                 changed.append(_restart_needed(key, old, new))
         if new.metrics != old.metrics:
             kept["metrics"] = old.metrics
