@@ -46,7 +46,17 @@ class Reply:
         return Reply(self.code, self.enhanced, *lines)
 
     def render(self, enhanced: bool = True) -> bytes:
-        """Wire form, CRLF-terminated, continuation lines for multi-line replies."""
+        """Wire form, CRLF-terminated, continuation lines for multi-line replies.
+
+        Kept once made: most replies are constants of the catalogue below, sent
+        again and again.  (Beside the fields, so equality and hashing ignore it.)"""
+        key = "_wire" if enhanced else "_wire_plain"
+        wire = self.__dict__.get(key)
+        if wire is None:
+            wire = self.__dict__[key] = self._render(enhanced)
+        return wire
+
+    def _render(self, enhanced: bool) -> bytes:
         out = []
         last = len(self.lines) - 1
         for i, line in enumerate(self.lines):

@@ -14,11 +14,16 @@ the next step for the Twisted adapter (protocol.py), as one value:
   `successor`, a client protocol that delivers our held mail to the other
   side (ATRN, TURN: reversal.py).
 
+An Answer may also carry `then`: bookkeeping that the client need not wait
+for, run once the reply is written (the log line and the scheduling of a
+message just committed: the client has its 250 while they run).
+
 Nothing here does I/O: these are values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +66,7 @@ START_TLS = StartTLS()
 class Answer:
     reply: Reply | None
     next: Next = CONTINUE
+    then: Callable[[], None] | None = None  # run after the reply is written
 
 
 def answer(result: Reply | Answer) -> Answer:

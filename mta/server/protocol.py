@@ -392,9 +392,9 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
 
         def done(result: Answer) -> None:
             self._waiting = False
+            self._send(result)  # to a connection gone meanwhile, only its `then` runs
             if self._closed:
                 return
-            self._send(result)
             if not self._processing:
                 self._process()
             self._sync_reading()
@@ -410,11 +410,15 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
 
     def _send(self, answer: Answer) -> None:
         if self._closed:
+            self._then(answer)  # a message committed for a client that left is still queued
             return
         session = self.session
         said = answer.reply
         if said is not None:
             self._write(said.render(session.enhanced))
+        if answer.then is not None:
+            self._flush()  # the client has its reply while the bookkeeping runs
+            self._then(answer)
         match answer.next:
             case Close():
                 self._closed = True
@@ -445,6 +449,14 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
                 self._close_with(reply.TOO_MANY_ERRORS)
                 return
         self.setTimeout(self.limits.command_timeout)
+
+    def _then(self, answer: Answer) -> None:
+        if answer.then is None:
+            return
+        try:
+            answer.then()
+        except Exception:  # noqa: BLE001 (the reply is out: nothing to tell the client)
+            log.failure("after the reply to [{client}]", client=self.client_address)
 
     def _turn_round(self, successor: Any) -> None:
         """The 250 to ATRN or TURN is written: the connection is `successor`'s now [RFC 2645 5.3]."""

@@ -978,19 +978,21 @@ class Session:
         envelope = incoming.envelope
         protocol = envelope.protocol
 
-        def committed(queue_id: str, signed: signing.Signed | None = None) -> Reply:
-            client = f"local {self.local_user}" if self.local_user else self.client_address
-            maillog.received(queue_id, client, self.tls_info, self.auth_method,
-                             self.authenticated, envelope.reverse_path, len(envelope.recipients),
-                             envelope.size, message_id, protocol)
-            if signed is not None:
-                maillog.dkim_signing(queue_id, signed)
-            try:
-                self.context.queue.enqueue(envelope)
-            except Exception:  # noqa: BLE001 (whatever broke, the message is committed)
-                # The message is safely in queue/ (a restart schedules it): still 250.
-                log.failure("{queue_id}: scheduling failed", queue_id=queue_id)
-            return reply.queued(queue_id)
+        client = f"local {self.local_user}" if self.local_user else self.client_address
+        tls, method, user = self.tls_info, self.auth_method, self.authenticated
+
+        def committed(queue_id: str, signed: signing.Signed | None = None) -> Answer:
+            def then() -> None:  # once the 250 is written: the client need not wait for this
+                maillog.received(queue_id, client, tls, method, user, envelope.reverse_path,
+                                 len(envelope.recipients), envelope.size, message_id, protocol)
+                if signed is not None:
+                    maillog.dkim_signing(queue_id, signed)
+                try:
+                    self.context.queue.enqueue(envelope)
+                except Exception:  # noqa: BLE001 (whatever broke, the message is committed)
+                    # The message is safely in queue/ (a restart schedules it): still 250.
+                    log.failure("{queue_id}: scheduling failed", queue_id=queue_id)
+            return Answer(reply.queued(queue_id), then=then)
 
         def failed(failure) -> Reply:
             error = failure.value

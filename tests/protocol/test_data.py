@@ -351,6 +351,51 @@ def test_committed_message_is_250_even_if_scheduling_fails(tmp_path):
     assert len(s.spool.queue_ids()) == 1
 
 
+def test_the_250_is_written_before_the_message_is_logged_and_scheduled(tmp_path):
+    from mta import maillog
+    s = greeted(tmp_path)
+    seen = []
+
+    class Watching(list):
+        def enqueue(self, envelope):
+            seen.append(("enqueue", s.transport.value().count(b"250 2.0.0 OK queued")))
+            self.append(envelope)
+
+    s.factory.context.queue = Watching()
+    real = maillog.received
+    maillog.received = lambda *a: seen.append(("received", a[0]))
+    try:
+        s.send(TX + "DATA\r\n")
+        assert s.codes("x\r\n.\r\n") == ["250 2.0.0"]
+    finally:
+        maillog.received = real
+    queue_id = s.spool.queue_ids()[0]
+    assert seen == [("received", queue_id), ("enqueue", 1)]
+
+
+def test_a_message_committed_after_its_client_left_is_still_logged_and_queued(tmp_path):
+    # The client hangs up while its message is being committed: it heard no 250 (it
+    # sends the message again), but the committed one must not sit unscheduled.
+    from twisted.internet import defer
+
+    from mta import maillog
+    s = greeted(tmp_path)
+    pending = defer.Deferred()
+    s.factory.context.run_blocking = lambda f, *a: pending.addCallback(lambda _: f(*a))
+    s.send(TX + "DATA\r\n")
+    assert s.send("x\r\n.\r\n") == b""
+    s.protocol.connectionLost(None)
+    logged = []
+    real = maillog.received
+    maillog.received = lambda *a: logged.append(a[0])
+    try:
+        pending.callback(None)
+    finally:
+        maillog.received = real
+    assert s.take() == b""
+    assert [e.queue_id for e in s.queued] == s.spool.queue_ids() == logged
+
+
 def test_a_reply_that_fails_closes_instead_of_hanging(tmp_path):
     from twisted.internet import defer
     s = greeted(tmp_path)

@@ -99,13 +99,21 @@ def _gathering() -> tuple[object, object, object]:
     return channel, transport, clock
 
 
-def _frames(data: bytes) -> list[tuple]:
+def _writes(data: bytes) -> list:
+    """What each frame written holds: a tuple, or the list of tuples it gathered."""
     import pickle
     out = []
     while data:
         size = int.from_bytes(data[:4], "big")
         out.append(pickle.loads(data[4:4 + size]))
         data = data[4 + size:]
+    return out
+
+
+def _frames(data: bytes) -> list[tuple]:
+    out = []
+    for frame in _writes(data):
+        out += frame if isinstance(frame, list) else [frame]
     return out
 
 
@@ -120,8 +128,8 @@ def test_the_childs_frames_are_gathered_and_written_together_in_order() -> None:
     channel.send("metric", "received", ())
     assert transport.value() == b""
     clock.advance(Channel.GATHER / 2)  # GATHER after the first frame: all of them, once
-    assert _frames(transport.value()) == [("line", 1), ("enqueue", "envelope"), ("line", 2),
-                                          ("metric", "received", ())]
+    assert _writes(transport.value()) == [[("line", 1), ("enqueue", "envelope"), ("line", 2),
+                                           ("metric", "received", ())]]
     assert clock.getDelayedCalls() == []
 
 
@@ -134,10 +142,11 @@ def test_send_now_writes_what_waits_first_and_a_full_gathering_goes_at_once() ->
                                                         None)]
     assert clock.getDelayedCalls() == []
     transport.clear()
-    big = "x" * (Channel.GATHER_BYTES // 4)
-    for i in range(4):
-        channel.send("line", i, big)
-    assert [frame[1] for frame in _frames(transport.value())] == [0, 1, 2, 3]
+    for i in range(Channel.GATHER_COUNT - 1):
+        channel.send("line", i)
+    assert transport.value() == b""
+    channel.send("line", Channel.GATHER_COUNT - 1)
+    assert [frame[1] for frame in _frames(transport.value())] == list(range(Channel.GATHER_COUNT))
     assert clock.getDelayedCalls() == []
 
 
@@ -148,3 +157,21 @@ def test_a_lost_channel_drops_what_waits_and_its_timer() -> None:
     assert clock.getDelayedCalls() == []
     channel.send("line", 2)  # after the loss: nowhere to go, and no error
     assert transport.value() == b"" and clock.getDelayedCalls() == []
+
+
+def test_the_other_end_handles_a_gathered_frame_message_by_message_in_order() -> None:
+    from twisted.internet.testing import StringTransport
+
+    from mta.receiver import Channel
+    child, written, _ = _gathering()
+    child.send("line", 1)
+    child.send("enqueue", "envelope")
+    child.send_now("ready", 42)
+    got: list[tuple] = []
+    main = Channel(got.append, lambda: None)  # the main process's end: no clock
+    main.makeConnection(StringTransport())
+    main.dataReceived(written.value())
+    main.transport.clear()
+    main.send("answer", 1, "reply")  # and what it sends goes as one tuple a frame
+    assert got == [("line", 1), ("enqueue", "envelope"), ("ready", 42)]
+    assert _writes(main.transport.value()) == [("answer", 1, "reply")]
