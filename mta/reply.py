@@ -12,6 +12,7 @@ same constants the server sends.
 from __future__ import annotations
 
 import errno
+import functools
 from dataclasses import dataclass
 
 
@@ -84,10 +85,13 @@ def printable(text: str, limit: int = 1000) -> str:
 # -- the catalogue ---------------------------------------------------------
 # Grouped by when they are sent.  Functions build the replies that carry data.
 
+@functools.lru_cache(maxsize=64)
 def greeting(hostname: str) -> Reply:
+    """One Reply per hostname (a reload may change it), rendered once (`Reply.render`)."""
     return Reply(220, None, f"{hostname} ESMTP mta ready")
 
 
+@functools.lru_cache(maxsize=64)
 def closing(hostname: str) -> Reply:
     return Reply(221, "2.0.0", f"{hostname} closing connection")
 
