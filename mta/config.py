@@ -324,8 +324,19 @@ class Config:
         return self.domains.get(domain.lower().rstrip("."))
 
     def is_mynetwork(self, address: str) -> bool:
-        ip = client_ip(address)
-        return ip is not None and any(ip in net for net in self.relay.mynetworks)
+        # Asked four times or so a connection: each answer is kept, beside the fields
+        # (equality and `mta config` ignore it), for as long as this config is in force.
+        known = self.__dict__.get("_mynetwork")
+        if known is None:
+            known = self.__dict__["_mynetwork"] = {}
+        found = known.get(address)
+        if found is None:
+            ip = client_ip(address)
+            found = ip is not None and any(ip in net for net in self.relay.mynetworks)
+            if len(known) >= 4096:
+                known.clear()  # a flood of addresses from outside: start again
+            known[address] = found
+        return found
 
 
 class Live:

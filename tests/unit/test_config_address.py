@@ -64,6 +64,13 @@ def test_defaults():
     assert cfg.is_mynetwork("127.0.0.5") and cfg.is_mynetwork("::1")
     assert not cfg.is_mynetwork("192.0.2.1") and not cfg.is_mynetwork("garbage")
     assert cfg.is_mynetwork("::ffff:127.0.0.1")
+    # Asked again, the answers are the same (they are kept), and equality ignores them.
+    assert cfg.is_mynetwork("127.0.0.5") and not cfg.is_mynetwork("192.0.2.1")
+    assert cfg == config.default()
+    for i in range(5000):  # more addresses than are kept: still right
+        assert cfg.is_mynetwork(f"127.0.{i // 256}.{i % 256}")
+        assert not cfg.is_mynetwork(f"198.51.{i // 256}.{i % 256}")
+    assert len(cfg.__dict__["_mynetwork"]) <= 4096
 
 
 @pytest.mark.parametrize("text, message", [
