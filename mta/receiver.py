@@ -762,6 +762,9 @@ def _child_main(argv: list[str]) -> int:
     parser.add_argument("--user", default=None)
     parser.add_argument("--metrics", action="store_true")
     from twisted.internet import reactor
+
+    from mta import loop
+    loop.install(reactor)
     return _Child(parser.parse_args(argv), reactor).run()
 
 

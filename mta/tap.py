@@ -375,7 +375,7 @@ class ListeningService(StreamServerEndpointService):
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
-    from mta import maillog, receiver
+    from mta import loop, maillog, receiver
     from mta.delivery.scheduler import Relayer
     from mta.observe import JSONLogService, Metrics, metrics_service
     from mta.pull import PullService
@@ -392,6 +392,7 @@ def makeService(options: Options) -> service.MultiService:
         raise SystemExit(1) from None
     config, trust = prepared.config, prepared.trust
     maillog.use_fast_text_log()
+    loop.install(reactor)
     for warning in config_warnings(config, trust):
         log.warn("{warning}", warning=warning)  # noqa: G010
     if trust.tls is not None:
