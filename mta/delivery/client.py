@@ -360,7 +360,7 @@ class SMTPClient(Reversible, LineReceiver):
         self._lines: list[str] = []
         self._handlers: deque[tuple[_Stage, Callable[[Reply], None]]] = deque()
         self._timer: IDelayedCall | None = None
-        self._awaited = ""  # what the timer waits for, named in its error
+        self._awaited: str | None = ""  # what the timer waits for, named in its error; None: nothing
         self._tls_started = False
         self._tls_confirmed = False  # the EHLO after STARTTLS was answered: the handshake worked
         self._tls_used: object | None = None  # the TLS options of our STARTTLS
@@ -436,7 +436,7 @@ class SMTPClient(Reversible, LineReceiver):
         if self._handlers:
             self._start_timer(self._handlers[0][0])
         else:
-            self._cancel_timer()
+            self._disarm_timer()
         handler(reply)
 
     # -- plumbing ---------------------------------------------------------------
@@ -484,9 +484,17 @@ class SMTPClient(Reversible, LineReceiver):
             self._timer.cancel()
         self._timer = None
 
+    def _disarm_timer(self) -> None:
+        """Nothing is awaited until the next command or body data: the timer stays in
+        the reactor, ignored if it fires, so that the next `_arm` moves it instead of
+        making a new one (a cancel and a new timer were twice a message)."""
+        self._awaited = None
+
     def _timed_out(self) -> None:
         self._timer = None
         what = self._awaited
+        if what is None:
+            return  # disarmed: nothing was awaited
         self._abort(Stalled("4.4.2", f"timeout waiting for {what} from "
                                      f"{self.policy.peer_name}", self.policy.peer_name))
 

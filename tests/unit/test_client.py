@@ -424,6 +424,23 @@ class ClientTest(SynchronousTestCase):
         self.assertIn("DATA", str(error).upper())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_an_idle_connection_between_transactions_is_not_timed_out(self) -> None:
+        # Nothing is awaited between two transactions on a connection kept for the next
+        # message: the timer waits, ignored, and the next transaction moves the same one.
+        self.ready()
+        for round_ in range(2):
+            d = self.client.deliver(txn("a@peer.test"))
+            self.feed("250 ok\r\n250 ok\r\n354 go\r\n")
+            self.pump_body()
+            self.feed("250 2.0.0 queued\r\n")
+            self.assertIsInstance(self.successResultOf(d).outcomes[0], Delivered)
+            self.assertLessEqual(len(self.clock.getDelayedCalls()), 1)
+            self.clock.advance(Timeouts().data_end * (round_ + 1))  # far past every timeout
+            self.assertFalse(self.transport.disconnecting or self.transport.disconnected)
+        d = self.client.deliver(txn("b@peer.test"))
+        self.clock.advance(Timeouts().mail)  # but a reply awaited still times out
+        self.assertEqual(self.successResultOf(d).error.value.status, "4.4.2")
+
     def test_connection_lost_before_data(self) -> None:
         self.ready()
         d = self.client.deliver(txn("a@peer.test", "b@peer.test"))
