@@ -22,22 +22,22 @@ How the two work together:
   root itself (to twistd's ``--uid``/``--gid``) before it accepts a connection.
   It reads the same config file; a reload (SIGHUP, `mta reload`) reaches it
   from the main process once the main process took the new config.
-- They talk over a socket pair (the child's fd 3), one pickled tuple per
-  frame; both ends are this module, started by the parent, and nothing else
-  can reach the pair:
+- They talk over a socket pair (the child's fd 3) in messages, tuples, each
+  frame one pickled message or a pickled list of them; both ends are this
+  module, started by the parent, and nothing else can reach the pair:
 
   child -> main: ``("ready", pid)`` once it accepts; ``("enqueue", envelope)``
   after each commit (the scheduler takes it as the server's own);
   ``("line", namespace, level, event, text, fields)``, a mail log line
-  (maillog.py), and ``("log", record)``, any other log event, which the main
+  (maillog.py; `fields` only when the main process keeps a JSON log), and ``("log", record)``, any other log event, which the main
   process logs as its own (one log, one JSON log); ``("metric", name, args)``,
   the counts for the metrics endpoint; ``("etrn", call, arg, client, user)``,
   answered by main -> child ``("answer", call, reply)``.
   main -> child: ``("start",)`` once the relayer has recovered the spool (the
   child accepts only then), and ``("reload",)``.
-  The child gathers its frames and writes them together, at most 20 ms later
-  (``Channel.GATHER``); ``etrn`` and ``ready`` go at once, and a stopping
-  child writes what waits before it ends.
+  The child gathers its messages and writes them as one frame, at most 20 ms
+  later (``Channel.GATHER``); ``etrn`` and ``ready`` go at once, and a
+  stopping child writes what waits before it ends.
 
 - When the main process falls behind, the frames wait in the child's memory
   only up to the transport's buffer: then the child stops accepting new
