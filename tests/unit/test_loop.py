@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import socket
 
-import pytest
+from twisted.internet import epollreactor  # Linux, where mta runs
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from mta import loop
-
-epollreactor = pytest.importorskip("twisted.internet.epollreactor")
 
 
 class Reader:
