@@ -606,7 +606,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>", path: Path | None 
                 f"{source}: [auth] passwords: required by listener #{i + 1} "
                 f"{listener.endpoint} (role {listener.role}: AUTH before MAIL)")
     if server.receiver_process == "auto":
-        server = dataclasses.replace(server, two_processes=_two_processes(domains, listeners))
+        server = dataclasses.replace(server, two_processes=_auto(domains, listeners)[0])
     return Config(path, server, listeners, tls, auth, relay, domains, limits, etrn, pulls,
                   log, metrics, dkim, checks, tls_policy)
 
@@ -681,15 +681,7 @@ def where_sessions_run(config: Config) -> str:
             else "sessions in the main process")
     if server.receiver_process != "auto":
         return f"{text} (receiver_process = {str(server.receiver_process).lower()})"
-    if server.two_processes:
-        why = f"{cores()} cores"
-    elif cores() < 2:
-        why = "one core"
-    elif any(domain.pull_users for domain in config.domains.values()):
-        why = "a domain has pull_users, who may pull with TURN"
-    else:
-        kept = next(x for x in config.listeners if not handed_over(x))
-        why = f"{kept.name} stays in the main process"
+    _, why = _auto(config.domains, config.listeners)
     return f'{text} (receiver_process "auto": {why})'
 
 
@@ -701,14 +693,21 @@ def handed_over(listener: Listener) -> bool:
             and listener.endpoint.split(":", 1)[0].lower() in ("tcp", "tcp6", "unix"))
 
 
-def _two_processes(domains: dict[str, Domain], listeners: tuple[Listener, ...]) -> bool:
-    """What ``receiver_process = "auto"`` means: a second process where there is a second
-    core for it, unless a domain has pull_users, who may pull it with TURN, which a
-    receiving process cannot serve (it does not hold the queue), or a listener would
-    stay in the main process (ATRN, an ``ssl:`` endpoint), which would count its
+def _auto(domains: dict[str, Domain], listeners: tuple[Listener, ...]) -> tuple[bool, str]:
+    """What ``receiver_process = "auto"`` gives, and why: a second process where there is
+    a second core for it, unless a domain has pull_users, who may pull it with TURN,
+    which a receiving process cannot serve (it does not hold the queue), or a listener
+    would stay in the main process (ATRN, an ``ssl:`` endpoint), which would count its
     connections and AUTH failures apart from the others'."""
-    return (cores() >= 2 and not any(domain.pull_users for domain in domains.values())
-            and all(handed_over(listener) for listener in listeners))
+    count = cores()
+    if count < 2:
+        return False, "one core"
+    if any(domain.pull_users for domain in domains.values()):
+        return False, "a domain has pull_users, who may pull with TURN"
+    kept = next((x for x in listeners if not handed_over(x)), None)
+    if kept is not None:
+        return False, f"{kept.name} stays in the main process"
+    return True, f"{count} cores"
 
 
 def _dkim(source: str, table: dict[str, Any]) -> dict[str, DKIMDomain]:

@@ -59,7 +59,8 @@ smtpd = Logger(namespace="mta.smtpd")
 structured = False
 metrics: Any = None
 # Set in the receiving process (receiver.py): each line goes to the main process,
-# which logs it (`emit_line`), instead of to this process's observers.
+# which logs it (`emit_line`), instead of to this process's observers; its fields
+# go with it only when `structured` says the main process keeps them.
 forward: Any = None
 
 SENT, DEFERRED, BOUNCED, EXPIRED = "sent", "deferred", "bounced", "expired"
@@ -72,7 +73,7 @@ def _emit(logger: Logger, level: LogLevel, event: str, text: str,
     it without formatting anything.  `fields` go into the event only when a
     structured observer wants them."""
     if forward is not None:
-        forward(logger.namespace, level.name, event, text, fields)
+        forward(logger.namespace, level.name, event, text, fields if structured else None)
         return
     # The event Logger.emit would build, given to the logger's observer directly:
     # Logger.emit first looks the level up among all LogLevel constants (a sixth of

@@ -29,8 +29,9 @@ How the two work together:
   child -> main: ``("ready", pid)`` once it accepts; ``("enqueue", envelope)``
   after each commit (the scheduler takes it as the server's own);
   ``("line", namespace, level, event, text, fields)``, a mail log line
-  (maillog.py; `fields` only when the main process keeps a JSON log), and ``("log", record)``, any other log event, which the main
-  process logs as its own (one log, one JSON log); ``("metric", name, args)``,
+  (maillog.py; `fields` only when the main process keeps a JSON log), and
+  ``("log", record)``, any other log event, which the main process logs as
+  its own (one log, one JSON log); ``("metric", name, args)``,
   the counts for the metrics endpoint; ``("etrn", call, arg, client, user)``,
   answered by main -> child ``("answer", call, reply)``.
   main -> child: ``("start",)`` once the relayer has recovered the spool (the
@@ -644,7 +645,7 @@ class _Child:
                        f"a restart)")
             return
         maillog.metrics = _RemoteMetrics(self.channel) if args.metrics else None
-        maillog.forward = self._line
+        maillog.forward = lambda *line: self.channel.send("line", *line)
         _fields_wanted(config)
         live = Live(config)
         spool = Spool(config.server.spool)
@@ -668,13 +669,6 @@ class _Child:
             switchUID(uid, None if gid < 0 else gid)
         self.top.startService()
         reactor.addSystemEventTrigger("before", "shutdown", self._stop)
-
-    def _line(self, namespace: str, level: str, event: str, text: str,
-              fields: dict[str, Any] | None) -> None:
-        """maillog's `forward`: a mail log line goes to the main process to be logged,
-        with its fields only when they are wanted there (see `_fields_wanted`)."""
-        self.channel.send("line", namespace, level, event, text,
-                          fields if maillog.structured else None)
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
