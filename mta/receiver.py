@@ -628,7 +628,7 @@ class _Child:
         from mta.server.context import ServerContext
         from mta.server.protocol import ConnectionTable, SMTPFactory
         from mta.spool.store import Spool
-        from mta.tap import Reloader, inbound_checks, prepare
+        from mta.tap import Reloader, SpareFiles, inbound_checks, prepare
 
         args, reactor = self.args, self.reactor
         try:
@@ -649,6 +649,7 @@ class _Child:
         _fields_wanted(config)
         live = Live(config)
         spool = Spool(config.server.spool)
+        SpareFiles(spool).setServiceParent(self.top)
         self.reloader = Reloader(args.config, live, trust, reactor, child=True)
         self.reloader.on_reload.append(_fields_wanted)
         checks = inbound_checks(config, reactor, self.top, self.reloader)

@@ -360,6 +360,24 @@ def inbound_checks(config: config_module.Config, reactor: Any, top: service.Mult
     return checks
 
 
+class SpareFiles(service.Service):
+    """While running, the spool keeps unnamed files open ahead of need for the process
+    that receives mail over SMTP (`Spool.keep_spare_files`).  Started with the other
+    services, so after twistd (or the receiving process) has become the runtime
+    user: the files belong to the spool's owner."""
+
+    def __init__(self, spool: Any) -> None:
+        self.spool = spool
+
+    def startService(self) -> None:
+        super().startService()
+        self.spool.keep_spare_files()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.spool.stop_spare_files()
+
+
 class ListeningService(StreamServerEndpointService):
     """A listener whose failure to bind (port in use, no permission) is one line."""
 
@@ -441,6 +459,8 @@ def makeService(options: Options) -> service.MultiService:
         listening._raiseSynchronously = True
         listening.setName(listener.name)
         listening.setServiceParent(top)
+    if len(handed) < len(config.listeners):
+        SpareFiles(spool).setServiceParent(top)  # some sessions run in this process
     log.info("{where}", where=config_module.where_sessions_run(config)
              if handed or not config.server.two_processes
              else "sessions in the main process (no smtp or submission listener to hand over)")
