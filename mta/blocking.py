@@ -24,11 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 SIZE = 10  # as Twisted's reactor pool: commits of 20 sessions share fsync rounds
 
 _STOP = object()
+
+log = Logger()
 
 
 class Workers:
@@ -48,6 +51,9 @@ class Workers:
         self._idle: list[None] = []
         self._finished: list[tuple[defer.Deferred[Any], bool, Any]] = []
         self._stopped = False
+        # Blocking work that can wait: each worker runs these after handing over a
+        # job's result, before its next job (the spool's spare files).
+        self.between_jobs: list[Callable[[], None]] = []
         reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     def __call__(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
@@ -85,6 +91,11 @@ class Workers:
             self._idle.append(None)  # before the wake-up: the reactor's next call sees it
             if wake:
                 self.reactor.callFromThread(self._deliver)
+            for task in self.between_jobs:
+                try:
+                    task()
+                except Exception:  # noqa: BLE001 (a worker outlives a task that broke)
+                    log.failure("work between jobs failed")
 
     def _deliver(self) -> None:
         """In the reactor: fire every Deferred whose job has finished."""

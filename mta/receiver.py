@@ -649,7 +649,7 @@ class _Child:
         _fields_wanted(config)
         live = Live(config)
         spool = Spool(config.server.spool)
-        SpareFiles(spool).setServiceParent(self.top)
+        SpareFiles(spool, reactor).setServiceParent(self.top)
         self.reloader = Reloader(args.config, live, trust, reactor, child=True)
         self.reloader.on_reload.append(_fields_wanted)
         checks = inbound_checks(config, reactor, self.top, self.reloader)

@@ -38,6 +38,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
+from mta import blocking
 from mta import config as config_module
 
 DEFAULT_CONFIG = "etc/mta.toml"  # a work tree's config, relative to the working directory
@@ -362,19 +363,24 @@ def inbound_checks(config: config_module.Config, reactor: Any, top: service.Mult
 
 class SpareFiles(service.Service):
     """While running, the spool keeps unnamed files open ahead of need for the process
-    that receives mail over SMTP (`Spool.keep_spare_files`).  Started with the other
-    services, so after twistd (or the receiving process) has become the runtime
-    user: the files belong to the spool's owner."""
+    that receives mail over SMTP (`Spool.keep_spare_files`), made by the worker
+    threads between jobs.  Started with the other services, so after twistd (or the
+    receiving process) has become the runtime user: the files belong to the spool's
+    owner."""
 
-    def __init__(self, spool: Any) -> None:
+    def __init__(self, spool: Any, reactor: Any) -> None:
         self.spool = spool
+        self.workers = blocking.workers_for(reactor)
 
     def startService(self) -> None:
         super().startService()
         self.spool.keep_spare_files()
+        self.workers.between_jobs.append(self.spool.top_up_spare_files)
 
     def stopService(self) -> None:
         super().stopService()
+        if self.spool.top_up_spare_files in self.workers.between_jobs:
+            self.workers.between_jobs.remove(self.spool.top_up_spare_files)
         self.spool.stop_spare_files()
 
 
@@ -460,7 +466,7 @@ def makeService(options: Options) -> service.MultiService:
         listening.setName(listener.name)
         listening.setServiceParent(top)
     if len(handed) < len(config.listeners):
-        SpareFiles(spool).setServiceParent(top)  # some sessions run in this process
+        SpareFiles(spool, reactor).setServiceParent(top)  # some sessions run in this process
     log.info("{where}", where=config_module.where_sessions_run(config)
              if handed or not config.server.two_processes
              else "sessions in the main process (no smtp or submission listener to hand over)")

@@ -59,6 +59,7 @@ import random
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,18 +285,25 @@ class Spool:
         return Incoming(self, envelope)
 
     def keep_spare_files(self, count: int = SPARE_FILES) -> None:
-        """Keep `count` unnamed files in ``tmp/`` open ahead of need, made by a thread
-        of their own, for the messages received from now on (`stop_spare_files` ends
-        it).  A receiving process calls it once it runs as the user that owns the
-        spool; where the filesystem cannot make unnamed files it does nothing."""
+        """From now on keep up to `count` unnamed files in ``tmp/`` open ahead of need,
+        made by `top_up_spare_files` (`stop_spare_files` ends it).  A receiving process
+        calls it once it runs as the user that owns the spool; where the filesystem
+        cannot make unnamed files it does nothing."""
         if self._spares is None and self._unnamed:
             self._spares = _SpareFiles(self._dirs[TMP], count)
 
+    def top_up_spare_files(self) -> None:
+        """Make a spare file if fewer are kept than wanted (blocking: a worker thread
+        calls it between jobs)."""
+        spares = self._spares
+        if spares is not None:
+            spares.top_up()
+
     def stop_spare_files(self) -> None:
-        """Close the spare files (idempotent); messages open their own again."""
+        """Close the spare files (idempotent); messages make their own again."""
         spares, self._spares = self._spares, None
         if spares is not None:
-            spares.stop()
+            spares.close()
 
     def _open_tmp(self, queue_id: str, suffix: str = DATA_SUFFIX) -> tuple[int, Path | None]:
         """A new file in ``tmp/`` for `queue_id`: unnamed where the filesystem can
@@ -625,12 +633,15 @@ class Spool:
 
 
 class _SpareFiles:
-    """Unnamed files opened ahead of need by a thread of their own: a receiving thread
-    takes one instead of making one.  Making an inode can be the dearest system call a
-    message costs: ext4 without a journal walks past every inode freed in the last
-    minute or more before it picks one (recently_deleted() in find_inode_bit()), so
-    with mail flowing through, an open(O_TMPFILE) took 0.25-1 ms of kernel time
-    [measured on our bench machine].  Paid here, it is off the path to the 250.
+    """Unnamed files opened ahead of need: a committing thread takes one instead of
+    making one.  Making an inode can be the dearest system call a message costs:
+    ext4 without a journal walks past every inode freed in the last minute or more
+    before it picks one (recently_deleted() in find_inode_bit()), so with mail
+    flowing through, an open(O_TMPFILE) took 0.04-1 ms of kernel time [measured on
+    our bench machine].  The worker threads make them between jobs (`top_up`), after
+    handing over a result: the cost stays in the thread that paid it before, off the
+    path to the 250.  (A thread of their own cost more at 20 sessions than it saved:
+    its wake-ups were rounds of the interpreter's lock with the committing threads.)
 
     A spare file is an unnamed file like any other: if the process dies, the kernel
     frees it; nothing of it is ever in the queue."""
@@ -639,42 +650,36 @@ class _SpareFiles:
         self._directory = directory
         self._count = count
         self._files: list[int] = []  # list.append and list.pop are atomic: no lock
-        self._wanted = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._fill, name="mta-spare-files",
-                                        daemon=True)
-        self._wanted.set()
-        self._thread.start()
+        self._closed = False
 
     def take(self) -> int | None:
         """A spare file's descriptor, or None when there is none left (make one)."""
         try:
-            fd = self._files.pop()
+            return self._files.pop()
         except IndexError:
-            fd = None
-        self._wanted.set()
-        return fd
+            return None
 
-    def _fill(self) -> None:
+    def top_up(self) -> None:
+        """Make one spare file if there are fewer than wanted; blocking.  An error is
+        left for the committing thread to meet, and report, when it makes its own."""
+        if self._closed or len(self._files) >= self._count:
+            return
         try:
-            while not self._stopped:
-                self._wanted.wait()
-                self._wanted.clear()
-                while len(self._files) < self._count and not self._stopped:
-                    try:
-                        fd = os.open(self._directory, os.O_TMPFILE | os.O_RDWR, 0o600)
-                    except OSError:
-                        break  # the receiving thread makes its own and meets the error itself
-                    self._files.append(fd)
-        finally:
-            # Closed by the thread that made them: a stop never races an open.
-            while self._files:
-                os.close(self._files.pop())
+            fd = os.open(self._directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError:
+            return
+        self._files.append(fd)
+        if self._closed:
+            self.close()  # closed while it was being made
 
-    def stop(self) -> None:
-        self._stopped = True
-        self._wanted.set()
-        self._thread.join(timeout=5)
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                fd = self._files.pop()
+            except IndexError:
+                return
+            os.close(fd)
 
 
 class _DirectorySync:
@@ -687,6 +692,7 @@ class _DirectorySync:
         self._ticket_lock = threading.Lock()
         self._tickets = 0  # changes made so far
         self._synced = 0  # changes the last finished fsync covers
+        self._fd: int | None = None  # the directory, opened at the first sync and kept
 
     def sync(self) -> None:
         """Blocking: returns once every change made before the call is durable."""
@@ -698,7 +704,12 @@ class _DirectorySync:
                 return
             with self._ticket_lock:
                 upto = self._tickets
-            fsync_dir(self.directory)
+            if self._fd is None:
+                # Kept open: an open and a close fewer per fsync, each a round of the
+                # interpreter's lock for the committing thread.
+                self._fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+                weakref.finalize(self, os.close, self._fd)
+            os.fsync(self._fd)
             self._synced = upto
 
 

@@ -216,3 +216,32 @@ def test_a_batch_whose_job_fails_fails_each_of_its_calls() -> None:
     gathered = Gathered(broken, lambda item: None)
     results = [fired(gathered(i)) for i in range(2)]
     assert all(r[0].check(OSError) for r in results)
+
+
+def test_work_between_jobs_runs_after_the_result_is_handed_over() -> None:
+    reactor = FakeReactor()
+    workers = Workers(reactor, size=1)
+    events: list[str] = []
+    release = threading.Event()
+
+    def between() -> None:
+        events.append("between")
+        release.wait(WAIT)
+
+    def broken() -> None:
+        events.append("broken")
+        raise RuntimeError("a task that broke")
+
+    workers.between_jobs += [between, broken]
+    d = fired(workers(lambda: events.append("job") or "done"))
+    wait_until(lambda: "between" in events)
+    assert events == ["job", "between"]
+    reactor.turn()  # the result was handed over before the work between jobs began
+    assert d == ["done"]
+    release.set()
+    wait_until(lambda: "broken" in events)
+    second = fired(workers(lambda: "again"))  # the worker outlived the broken task
+    reactor.turn()
+    assert second == ["again"]
+    workers.between_jobs.clear()
+    workers.stop()

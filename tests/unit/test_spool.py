@@ -87,10 +87,15 @@ def test_commit_failing_at_the_directory_sync_leaves_nothing(spool, tmp_path, mo
     incoming = spool.receive(envelope())
     incoming.write(b"x")
 
-    def no_sync(directory):
-        raise OSError(5, "Input/output error")
+    import stat
+    real = os.fsync
 
-    monkeypatch.setattr(store, "fsync_dir", no_sync)
+    def no_directory_sync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", no_directory_sync)
     with pytest.raises(OSError):
         spool.commit(incoming)
     monkeypatch.undo()
@@ -486,32 +491,24 @@ def test_a_shape_learnt_for_envelopes_does_not_pass_a_recipient(spool):
         validate(dict(state, body="9BIT"))
 
 
-def _wait_until(condition, timeout: float = 10.0) -> None:
-    import time
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def test_spare_files_are_made_ahead_and_messages_take_them(tmp_path, monkeypatch):
     spool = Spool(tmp_path)
     if not spool._unnamed:
         pytest.skip("no O_TMPFILE here: spare files are for unnamed files only")
     spool.keep_spare_files(3)
+    for _ in range(5):
+        spool.top_up_spare_files()
     spares = spool._spares
-    _wait_until(lambda: len(spares._files) == 3)  # made by the spare files' thread
-    made_here = []
+    assert len(spares._files) == 3  # no more than wanted
+    made = []
     real_open = os.open
-    here = threading.current_thread()
-    monkeypatch.setattr(os, "open", lambda *a, **kw: (
-        made_here.append((threading.current_thread(), a[0])), real_open(*a, **kw))[1])
+    monkeypatch.setattr(os, "open", lambda *a, **kw: (made.append(a[0]), real_open(*a, **kw))[1])
     ids = [commit(spool, b"Subject: %d\r\n\r\nbody\r\n" % i) for i in range(2)]
-    assert not [p for t, p in made_here if t is here and str(p).endswith("tmp/")]
+    assert not [p for p in made if str(p).endswith("tmp/")]  # both took a spare file
+    assert len(spares._files) == 1
     for i, queue_id in enumerate(ids):
         assert spool.message_data(queue_id).read_bytes() == b"Subject: %d\r\n\r\nbody\r\n" % i
     monkeypatch.setattr(os, "open", real_open)
-    _wait_until(lambda: len(spares._files) == 3)  # made again after they were taken
     assert list((tmp_path / "tmp").iterdir()) == []  # unnamed: nothing to clean up, ever
     left = list(spares._files)
     spool.stop_spare_files()
@@ -519,32 +516,31 @@ def test_spare_files_are_made_ahead_and_messages_take_them(tmp_path, monkeypatch
     for fd in left:
         with pytest.raises(OSError):
             os.fstat(fd)  # closed
+    spool.top_up_spare_files()  # stopped: makes nothing
+    spares.top_up()
+    assert spares._files == []
     queue_id = commit(spool)  # without spares, a message makes its own file
     assert spool.message_data(queue_id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
 
 
-def test_without_spare_files_left_a_message_makes_its_own(tmp_path, monkeypatch):
+def test_a_spare_file_that_cannot_be_made_leaves_the_error_to_the_commit(tmp_path, monkeypatch):
     spool = Spool(tmp_path)
     if not spool._unnamed:
         pytest.skip("no O_TMPFILE here: spare files are for unnamed files only")
-    real_open = os.open
-    failing = threading.Event()
-    failing.set()
-
-    def open_(path, flags, *args, **kwargs):
-        if failing.is_set() and flags & os.O_TMPFILE and \
-                threading.current_thread().name == "mta-spare-files":
-            raise OSError(28, "No space left on device")
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", open_)
     spool.keep_spare_files(2)
-    queue_id = commit(spool)  # the spare files' thread could make none: made here
-    assert spool.message_data(queue_id).read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
-    assert spool._spares._files == []
-    failing.clear()
-    commit(spool)  # a take asks for more; this time they can be made
-    _wait_until(lambda: len(spool._spares._files) == 2)
+
+    def full(path, flags, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "open", full)
+    spool.top_up_spare_files()  # quietly makes none
+    incoming = spool.receive(envelope())
+    incoming.write(b"x")
+    with pytest.raises(OSError, match="No space"):
+        spool.commit(incoming)  # the commit meets the error, and the client hears 451
+    monkeypatch.undo()
+    spool.top_up_spare_files()
+    assert len(spool._spares._files) == 1
     spool.stop_spare_files()
 
 
@@ -552,5 +548,6 @@ def test_a_named_spool_keeps_no_spare_files(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "_can_link_unnamed_files", lambda directory: False)
     spool = Spool(tmp_path)
     spool.keep_spare_files()
+    spool.top_up_spare_files()
     assert spool._spares is None
     spool.stop_spare_files()
