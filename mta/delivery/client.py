@@ -71,7 +71,7 @@ from mta.address import xtext_encode
 from mta.delivery.outcome import DeliveryError, Failed, Outcome, classify, reply_text
 from mta.reply import Reply
 from mta.server.reversal import Reversible
-from mta.wire import send_now
+from mta.wire import close_now, send_now
 
 log = Logger(namespace="mta.delivery.client")
 
@@ -797,7 +797,11 @@ class SMTPClient(Reversible, LineReceiver):
         if self.closed or self._aborting or self._quit_sent or self.transport is None:
             return
         self._quit_sent = True
-        self._send("QUIT", _Stage.QUIT, lambda reply: self.transport.loseConnection())
+        self._send("QUIT", _Stage.QUIT, lambda reply: self._close())
+
+    def _close(self) -> None:
+        if not close_now(self.transport):
+            self.transport.loseConnection()
 
     def abort(self) -> None:
         """Drop the connection now."""

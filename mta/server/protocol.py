@@ -67,7 +67,7 @@ from mta.server.local import peer_user
 from mta.server.ratelimit import WindowCounter
 from mta.server.reversal import Reversible
 from mta.server.session import Session
-from mta.wire import send_now
+from mta.wire import close_now, send_now
 
 log = Logger(namespace="mta.smtpd")
 
@@ -240,6 +240,8 @@ class SMTPServerProtocol(Reversible, LineReceiver, TimeoutMixin):
         self._flush()
         # A registered producer keeps a paused transport open: unregister first.
         self.transport.unregisterProducer()
+        if close_now(self.transport):
+            return  # the socket had every byte: closed, and connectionLost has run
         self.transport.loseConnection()
         # The close waits for our last replies to be read; a client that never
         # reads them is cut off when this runs out (timeoutConnection).
