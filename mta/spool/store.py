@@ -108,8 +108,9 @@ class _QueueIds:
     13 hex digits of microseconds since the epoch (good until the year 2112),
     6 of the process id (Linux pids stay below 2**22) and 3 of a per-process
     counter: two processes writing the same spool (the server and `mta
-    sendmail`) never collide.  The pid is read at each call, not kept: twistd
-    forks to daemonise after the spool is made.
+    sendmail`) never collide.  The pid is kept, and taken again in a forked child
+    (twistd forks to daemonise after the spool is made): a getpid() a message
+    was a system call, with a round of the interpreter's lock under load.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -118,8 +119,17 @@ class _QueueIds:
 
     def __call__(self) -> str:
         usec = int(self.clock() * 1_000_000)
-        pid = os.getpid() & 0xFFFFFF
-        return f"{usec:013X}{pid:06X}{next(self.counter) & 0xFFF:03X}"
+        return f"{usec:013X}{_pid[0]:06X}{next(self.counter) & 0xFFF:03X}"
+
+
+_pid = [os.getpid() & 0xFFFFFF]  # this process's, for queue ids
+
+
+def _forked() -> None:
+    _pid[0] = os.getpid() & 0xFFFFFF
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 @dataclass(frozen=True)

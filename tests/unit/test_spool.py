@@ -76,11 +76,29 @@ def test_queue_ids_of_two_processes_differ(tmp_path, monkeypatch):
         Spool(tmp_path, clock=lambda: 1_800_000_000.0)
     second.new_id.counter = itertools.count(0)
     first.new_id.counter = itertools.count(0)
-    monkeypatch.setattr(os, "getpid", lambda: 1000)
+    monkeypatch.setattr(store, "_pid", [1000])
     a = first.new_id()
-    monkeypatch.setattr(os, "getpid", lambda: 1000 + 65536)
+    monkeypatch.setattr(store, "_pid", [1000 + 65536])
     b = second.new_id()
     assert a != b and a[:13] == b[:13]
+
+
+def test_a_forked_child_makes_queue_ids_with_its_own_pid(tmp_path):
+    spool = Spool(tmp_path)
+    assert spool.new_id()[13:19] == f"{os.getpid() & 0xFFFFFF:06X}"
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        try:
+            os.write(write, spool.new_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    made = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(child, 0)
+    assert made[13:19] == f"{child & 0xFFFFFF:06X}"
+    assert spool.new_id()[13:19] == f"{os.getpid() & 0xFFFFFF:06X}"  # ours unchanged
 
 
 def test_commit_failing_at_the_directory_sync_leaves_nothing(spool, tmp_path, monkeypatch):
