@@ -251,7 +251,7 @@ class Envelope:
              if _RECIPIENT_DEFAULTS.get(name, _NO_DEFAULT) != value}
             for r in self.recipients]
         data["version"] = ENVELOPE_VERSION
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+        return _COMPACT.encode(data).encode("utf-8") + b"\n"
 
     def as_record(self) -> dict[str, Any]:
         """Every field, defaults too, as JSON types: for people (`mta queue show`)."""
@@ -280,6 +280,8 @@ class Envelope:
 
 # The fields `to_json` leaves out when they hold these; `extra` is a dict, empty by default.
 _NO_DEFAULT = object()
+# json.dumps makes an encoder at every call when given options: this one is made once.
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _ENVELOPE_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in fields(Envelope) if f.default is not MISSING}
 _ENVELOPE_DEFAULTS["extra"] = {}
