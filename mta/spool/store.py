@@ -670,17 +670,19 @@ class _SpareFiles:
             return None
 
     def top_up(self) -> None:
-        """Make one spare file if there are fewer than wanted; blocking.  An error is
-        left for the committing thread to meet, and report, when it makes its own."""
-        if self._closed or len(self._files) >= self._count:
-            return
-        try:
-            fd = os.open(self._directory, os.O_TMPFILE | os.O_RDWR, 0o600)
-        except OSError:
-            return
-        self._files.append(fd)
-        if self._closed:
-            self.close()  # closed while it was being made
+        """Make up to two spare files while there are fewer than wanted (one for the
+        file a commit took, one towards the stock); blocking.  An error is left for
+        the committing thread to meet, and report, when it makes its own."""
+        for _ in range(2):
+            if self._closed or len(self._files) >= self._count:
+                return
+            try:
+                fd = os.open(self._directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+            except OSError:
+                return
+            self._files.append(fd)
+            if self._closed:
+                self.close()  # closed while it was being made
 
     def close(self) -> None:
         self._closed = True

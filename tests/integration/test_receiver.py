@@ -92,6 +92,19 @@ def alive(pid: int) -> bool:
         return False
 
 
+def spare_files(pid: int) -> list[str]:
+    """The unnamed files in the spool's tmp/ that process `pid` holds open."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if "/spool/tmp/#" in target and target.endswith("(deleted)"):
+            found.append(target)
+    return found
+
+
 def send(port: int, to: str, subject: str) -> str:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("client.test")
@@ -138,6 +151,18 @@ def test_sessions_run_in_the_child_and_the_main_process_delivers(start_mta) -> N
     # The metrics endpoint (main process) counts the child's sessions.
     wait_for("the session counted", lambda: metric(server, "mta_messages_received_total") >= 1)
     assert metric(server, "mta_connections_total") >= 1
+    # The process that receives keeps files ready for the next messages; the main
+    # process, which serves no listener here, keeps none.
+    wait_for("the receiving process's spare files", lambda: len(spare_files(pid)) >= 1)
+    assert spare_files(server.pid) == []
+
+
+def test_one_process_keeps_spare_files_for_what_it_receives(start_mta) -> None:
+    server = start_mta(CONFIG.replace("receiver_process = true", "receiver_process = false")
+                       .replace("METRICS", str(free_port())))
+    send(server.port, "alice@example.org", "in one process")
+    wait_for("the Maildir delivery", lambda: delivered(server))
+    wait_for("the spare files", lambda: len(spare_files(server.pid)) >= 1)
     wait_for("the session ended", lambda: metric(server, "mta_sessions_total") >= 1)
     assert metric(server, "mta_connections_active") == 0
 
