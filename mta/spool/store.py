@@ -91,10 +91,11 @@ DATA_SUFFIX, ENVELOPE_SUFFIX = ".msg", ".env"
 HEADER = b"MTA2 "  # a message file's first line: HEADER, the envelope as JSON, LF
 WRITE_BUFFER = 64 * 1024
 SPARE_FILES = 16  # unnamed files a receiving process keeps open ahead of need
-# Processes reading a large queue's envelopes at once (Spool.scan_runs): one a core,
-# as the adviser keeps the disk busy for them.
+# Processes reading a large queue's envelopes at once (Spool.scan_runs): one a core, as
+# opening the files is the kernel's work, on the reader's core.
 SCAN_WORKERS = max(2, min(8, os.cpu_count() or 2))
-SCAN_ADVICE = 4096  # octets of each file the adviser asks the kernel to read ahead
+SCAN_ADVICE = 4096  # octets of each file a reader asks the kernel to read ahead
+SCAN_BATCH = 256  # files a reader opens and asks for before it reads the first of them
 SCAN_RUN = 2000  # messages each of them reads at least
 
 
@@ -477,18 +478,21 @@ class Spool:
     def scan_runs(self, state: str, summarise: Callable[[Iterator[tuple[str, Any]]], T]) -> list[T]:
         """`summarise` applied to runs of consecutive messages of `scan(state)`, in order.
 
-        A large queue is read by up to `SCAN_WORKERS` processes at once, one run each,
-        while one more process, the adviser, walks the same files a step ahead of
-        them all and asks the kernel to read each one's start (posix_fadvise
-        WILLNEED): the disk gets many reads at once and can merge them, and a
-        reader mostly finds its file in the page cache.  With a cold page cache,
-        100,000 messages took 7 s with one reader, 3.5-4.9 s with eight readers
-        and no adviser, and 2.6-3.1 s with two readers and the adviser on a 2-core
-        machine.  `summarise` runs in those processes: it must be a module-level
-        function (or a partial of one) and return something that pickles, best one
-        small value per run.  A small queue is one run, read here; so is every queue
-        where processes cannot be made or a reader dies (no /dev/shm for the pool's
-        locks, a reader killed for memory): the listing is slower then, never missing.
+        A large queue is read by up to `SCAN_WORKERS` processes at once, one run each;
+        each reads its run a batch of files at a time (`_scan_run`).  `summarise` runs
+        in those processes: it must be a module-level function (or a partial of one)
+        and return something that pickles, best one small value per run.  A small
+        queue is one run, read here; so is every queue where processes cannot be made
+        or a reader dies (no /dev/shm for the pool's locks, a reader killed for
+        memory): the listing is slower then, never missing.
+
+        With a cold page cache, 100,000 messages on a 2-core machine took 7 s with one
+        reader reading file after file.  Two readers with one more process walking the
+        files a step ahead of them, asking for each (WILLNEED), took 3.1-3.4 s: most
+        of it the kernel's, opening each file twice and sending each advice to the
+        disk as a request of its own (a notification of the virtual disk each, 9%
+        of them merged).  Two readers reading in batches took 1.9-2.1 s on the same
+        spool, alternating with the old way (30-38% of the requests merged).
         """
         directory = os.path.join(self.root, state)
         entries = self._listed(directory)
@@ -500,15 +504,8 @@ class Spool:
 
         size = -(-len(entries) // workers)
         runs = [entries[i:i + size] for i in range(0, len(entries), size)]
-        adviser = None
         try:
             context = multiprocessing.get_context("fork")
-            # The readers' files in the order they will want them: the first of each
-            # run, then the second of each, and so on.
-            ahead = [run[i] for i in range(size) for run in runs if i < len(run)]
-            adviser = context.Process(target=_advise, args=(directory, ahead),
-                                      name="mta-scan-adviser", daemon=True)
-            adviser.start()
             with concurrent.futures.ProcessPoolExecutor(len(runs), mp_context=context) as pool:
                 return list(pool.map(_summarise_run, [summarise] * len(runs),
                                      [directory] * len(runs), runs))
@@ -516,10 +513,6 @@ class Spool:
                 concurrent.futures.process.BrokenProcessPool) as e:
             log.warn("reading {state}/ with one process ({error})", state=state, error=e)  # noqa: G010
             return [summarise(_scan_run(directory, entries))]
-        finally:
-            if adviser is not None and adviser.pid is not None:
-                adviser.kill()  # done or not: the readers have what they wanted
-                adviser.join()
 
     @staticmethod
     def _listed(directory: str) -> list[tuple[str, bool]]:
@@ -727,15 +720,67 @@ class _DirectorySync:
 
 def _scan_run(directory: str, entries: list[tuple[str, bool]],
               ) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
-    for queue_id, has_state in entries:
-        try:
-            found = _read_envelope(directory, queue_id, has_state)
-        except FileNotFoundError:
-            continue  # delivered or moved while we looked
-        except (OSError, ValueError) as e:
-            yield queue_id, e
-            continue
-        yield queue_id, found
+    """The envelope of each of `entries` (or why it cannot be read), in order; a message
+    gone meanwhile (delivered, moved) is left out.
+
+    The files are taken `SCAN_BATCH` at a time: all of a batch are opened, and the kernel
+    asked to start reading each one's start (posix_fadvise WILLNEED), before the first
+    is read.  The disk then has a batch of reads at once, mostly of neighbouring
+    blocks, and merges them; read one by one, each file waits for the last, and
+    every read is a request of its own."""
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    batch: list[tuple[str, bool, int | OSError]] = []
+    try:
+        for start in range(0, len(entries), SCAN_BATCH):
+            batch = _open_batch(directory_fd, entries[start:start + SCAN_BATCH])
+            for i, (queue_id, has_state, fd) in enumerate(batch):
+                if isinstance(fd, OSError):
+                    yield queue_id, fd
+                    continue
+                batch[i] = (queue_id, has_state, _CLOSED)
+                try:
+                    found: dict[str, Any] | Exception = _envelope_from(fd, has_state)
+                except (OSError, ValueError) as e:
+                    found = e
+                finally:
+                    os.close(fd)
+                yield queue_id, found
+    finally:
+        for _, _, fd in batch:  # what a reader that stopped early left open
+            if isinstance(fd, int) and fd != _CLOSED:
+                os.close(fd)
+        os.close(directory_fd)
+
+
+_CLOSED = -1
+
+
+def _open_batch(directory_fd: int, entries: list[tuple[str, bool]],
+                ) -> list[tuple[str, bool, int | OSError]]:
+    """Each message's file that `_scan_run` reads (its state file if it has one, else its
+    data file), open and asked for, or why it cannot be opened; gone ones left out."""
+    opened: list[tuple[str, bool, int | OSError]] = []
+    try:
+        for queue_id, has_state in entries:
+            name = queue_id + (ENVELOPE_SUFFIX if has_state else DATA_SUFFIX)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory_fd)
+            except FileNotFoundError:
+                continue  # delivered or moved while we looked
+            except OSError as e:
+                opened.append((queue_id, has_state, e))
+                continue
+            opened.append((queue_id, has_state, fd))
+            try:
+                os.posix_fadvise(fd, 0, SCAN_ADVICE, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # only a hint
+    except BaseException:
+        for _, _, fd in opened:
+            if isinstance(fd, int):
+                os.close(fd)
+        raise
+    return opened
 
 
 def _advise(directory: str, entries: list[tuple[str, bool]], data_too: bool = False,
@@ -771,27 +816,26 @@ def _summarise_run(summarise: Callable[[Iterator[tuple[str, Any]]], T], director
     return summarise(_scan_run(directory, entries))
 
 
-def _read_envelope(directory: str, queue_id: str, has_state: bool) -> dict[str, Any]:
-    """A message's envelope as a JSON object (its state file if any, else its first line),
-    with "size" set; ValueError if it cannot be read."""
+def _envelope_from(fd: int, has_state: bool) -> dict[str, Any]:
+    """A message's envelope as a JSON object, read from `fd`: its state file if it has
+    one, else its data file's first line; with "size" set.  ValueError if it cannot
+    be read."""
     if has_state:
-        data = _as_envelope(json.loads(_read_file(os.path.join(
-            directory, queue_id + ENVELOPE_SUFFIX)).decode("utf-8")))
+        raw = b""
+        while chunk := os.read(fd, 65536):
+            raw += chunk
+        data = _as_envelope(json.loads(raw.decode("utf-8")))
         data.setdefault("size", 0)  # left out when 0, as every field at its default
         return data
-    fd = os.open(os.path.join(directory, queue_id + DATA_SUFFIX), os.O_RDONLY)
-    try:
-        head = os.read(fd, 4096)
-        whole = len(head) < 4096  # a short read of a file is its end: no fstat needed
+    head = os.read(fd, 4096)
+    whole = len(head) < 4096  # a short read of a file is its end: no fstat needed
+    end = head.find(b"\n")
+    while end < 0 and not whole and len(head) < 16 * 1024 * 1024:  # a long envelope line
+        more = os.read(fd, 65536)
+        whole = not more
+        head += more
         end = head.find(b"\n")
-        while end < 0 and not whole and len(head) < 16 * 1024 * 1024:  # a long envelope line
-            more = os.read(fd, 65536)
-            whole = not more
-            head += more
-            end = head.find(b"\n")
-        size = len(head) if whole else os.fstat(fd).st_size
-    finally:
-        os.close(fd)
+    size = len(head) if whole else os.fstat(fd).st_size
     if not head.startswith(HEADER) or end < 0:
         raise ValueError("no envelope")
     data = _as_envelope(json.loads(head[len(HEADER):end].decode("utf-8")))

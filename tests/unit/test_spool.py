@@ -403,25 +403,61 @@ def test_a_large_queue_is_read_by_several_processes_in_order(spool, tmp_path, mo
     assert [pair for run in runs for pair in run] == expected
     assert expected[7] == (ids[7], "JSONDecodeError") and len(expected) == 23
     import multiprocessing
-    assert multiprocessing.active_children() == []  # the readers and the adviser are gone
+    assert multiprocessing.active_children() == []  # the readers are gone
     monkeypatch.setattr(store, "SCAN_RUN", 100)  # small: one run, read in this process
     assert spool.scan_runs(store.QUEUE, _ids_and_kinds) == [expected]
 
 
-def test_the_scan_adviser_is_only_a_hint(spool, tmp_path, monkeypatch):
-    """A file gone before the adviser gets to it is skipped; an adviser that dies leaves
-    the listing whole."""
-    ids = [commit(spool) for _ in range(9)]
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_scan_asks_for_a_batch_of_files_before_it_reads_one(spool, tmp_path, monkeypatch):
+    """Every file of a batch is open and asked for before the first of them is read; a
+    message gone since the listing is left out, a file that cannot be read is
+    damaged, and the order is the queue's, across batches."""
+    ids = [commit(spool) for _ in range(8)]
+    changed = spool.load(ids[2])
+    changed.attempts = 1
+    spool.save(changed)
+    (tmp_path / "queue" / f"{ids[5]}.msg").unlink()
+    (tmp_path / "queue" / f"{ids[5]}.msg").mkdir()  # opens, cannot be read: damaged
+    listed = [(queue_id, queue_id == ids[2]) for queue_id in ids]
+    listed.insert(4, ("0123ABCD", False))  # delivered between the listing and the reading
+    monkeypatch.setattr(store, "SCAN_BATCH", 3)
+    events: list[str] = []
+    advise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise",
+                        lambda fd, *args: events.append("ask") or advise(fd, *args))
+    read = store._envelope_from
+    monkeypatch.setattr(store, "_envelope_from",
+                        lambda fd, has_state: events.append("read") or read(fd, has_state))
+    before = _open_fds()
+    found = list(store._scan_run(str(tmp_path / "queue"), listed))
+    assert _open_fds() == before
+    assert [queue_id for queue_id, _ in found] == ids
+    assert isinstance(found[5][1], IsADirectoryError)
+    assert found[2][1]["attempts"] == 1 and found[3][1]["size"] > 0
+    # Batches of three listed: 0-2, 3 + the gone one + 4, 5-7.
+    assert "".join(e[0] for e in events) == "aaarrr" "aarr" "aaarrr"
+
+
+def test_a_scan_stopped_early_leaves_no_file_open(spool, tmp_path, monkeypatch):
+    ids = [commit(spool) for _ in range(7)]
+    monkeypatch.setattr(store, "SCAN_BATCH", 5)
+    before = _open_fds()
+    messages = spool.scan()
+    assert next(messages)[0] == ids[0]
+    assert len(_open_fds() - before) == 5  # the directory, and a batch of five less the one read
+    messages.close()
+    assert _open_fds() == before
+
+
+def test_the_read_ahead_advice_is_only_a_hint(spool, tmp_path):
+    """A message gone, or a state file that is not there, is skipped."""
+    ids = [commit(spool) for _ in range(2)]
     store._advise(str(tmp_path / "queue"), [(ids[0], False), ("0123ABCD", False),
                                             (ids[1], True)])  # no state file: skipped
-    monkeypatch.setattr(store, "SCAN_RUN", 3)
-
-    def broken(directory, entries):
-        raise SystemExit(3)
-
-    monkeypatch.setattr(store, "_advise", broken)
-    runs = spool.scan_runs(store.QUEUE, _ids_and_kinds)
-    assert [pair for run in runs for pair in run] == [(queue_id, "dict") for queue_id in ids]
 
 
 def test_recovery_and_the_queue_leave_the_mta_sts_cache_alone(spool, tmp_path):
