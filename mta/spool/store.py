@@ -731,8 +731,9 @@ def _scan_run(directory: str, entries: list[tuple[str, bool]],
     directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     batch: list[tuple[str, bool, int | OSError]] = []
     try:
-        for start in range(0, len(entries), SCAN_BATCH):
-            batch = _open_batch(directory_fd, entries[start:start + SCAN_BATCH])
+        start = 0
+        while start < len(entries):
+            batch, start = _open_batch(directory_fd, entries, start)
             for i, (queue_id, has_state, fd) in enumerate(batch):
                 if isinstance(fd, OSError):
                     yield queue_id, fd
@@ -755,19 +756,26 @@ def _scan_run(directory: str, entries: list[tuple[str, bool]],
 _CLOSED = -1
 
 
-def _open_batch(directory_fd: int, entries: list[tuple[str, bool]],
-                ) -> list[tuple[str, bool, int | OSError]]:
-    """Each message's file that `_scan_run` reads (its state file if it has one, else its
-    data file), open and asked for, or why it cannot be opened; gone ones left out."""
+def _open_batch(directory_fd: int, entries: list[tuple[str, bool]], start: int,
+                ) -> tuple[list[tuple[str, bool, int | OSError]], int]:
+    """From `entries[start]` on, up to `SCAN_BATCH` of the files `_scan_run` reads (each
+    message's state file if it has one, else its data file), open and asked for, or
+    why one cannot be opened; gone ones left out.  Returns them and where the next
+    batch starts: sooner where the process may not open that many files (EMFILE)."""
     opened: list[tuple[str, bool, int | OSError]] = []
+    end = min(len(entries), start + SCAN_BATCH)
     try:
-        for queue_id, has_state in entries:
+        for position in range(start, end):
+            queue_id, has_state = entries[position]
             name = queue_id + (ENVELOPE_SUFFIX if has_state else DATA_SUFFIX)
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory_fd)
             except FileNotFoundError:
                 continue  # delivered or moved while we looked
             except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE) and any(
+                        isinstance(other, int) for _, _, other in opened):
+                    return opened, position  # read these first, and try it again after
                 opened.append((queue_id, has_state, e))
                 continue
             opened.append((queue_id, has_state, fd))
@@ -780,7 +788,7 @@ def _open_batch(directory_fd: int, entries: list[tuple[str, bool]],
             if isinstance(fd, int):
                 os.close(fd)
         raise
-    return opened
+    return opened, end
 
 
 def _advise(directory: str, entries: list[tuple[str, bool]], data_too: bool = False,

@@ -616,3 +616,19 @@ def test_a_named_spool_keeps_no_spare_files(tmp_path, monkeypatch):
     spool.top_up_spare_files()
     assert spool._spares is None
     spool.stop_spare_files()
+
+
+def test_a_scan_reads_smaller_batches_where_few_files_may_be_open(spool, monkeypatch):
+    """A process with a low limit on open files (ulimit -n) still lists every message:
+    a batch stops where opening fails for the limit, and the next starts there."""
+    import resource
+    ids = [commit(spool) for _ in range(30)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(_open_fds())
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 6, hard))  # the directory and 5 files
+    try:
+        found = list(spool.scan())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [(queue_id, type(envelope).__name__) for queue_id, envelope in found] == \
+        [(queue_id, "dict") for queue_id in ids]
