@@ -59,7 +59,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-import threading
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -79,14 +78,13 @@ from mta.delivery.courier import STOP_REPLY_GRACE, MaildirCourier, SMTPCourier, 
 from mta.delivery.router import MAILDIR, SMTP, Router
 from mta.server.context import TurnBusy
 from mta.spool.envelope import Envelope
-from mta.spool.store import HOLD, QUEUE, Spool
+from mta.spool.store import HOLD, Spool
 
 log = Logger(namespace="mta.delivery.scheduler")
 
 STOP_GRACE = 10.0  # seconds stopService waits for abandoned attempts to record themselves
 ACTIVE_PER_SLOT = 4  # messages in attempts at once, per delivery slot ([relay] concurrency)
 LOAD_BATCH = 500  # envelopes read at start in one go, in a thread
-READ_AHEAD_FROM = 2000  # a queue this large at start is read ahead of the loader
 NOTICE_INTERVAL = 1.0  # seconds between reads of the spool's control/ notices
 KEPT_INTERVAL = 1.0  # seconds between tries to write the states a full disk kept in memory
 DNS_THREADS = 10  # at most this many DNS resolutions at once
@@ -248,8 +246,6 @@ class Relayer(Service):
         if self._dns_pool is not None and not self._dns_pool.started:
             self._dns_pool.start()
         super().startService()
-        if len(queued) >= READ_AHEAD_FROM:
-            threading.Thread(target=self._read_ahead, name="mta-read-ahead", daemon=True).start()
         loading = self._load_queue(queued)
         self._attempts.add(loading)
         loading.addBoth(lambda _: self._attempts.discard(loading))
@@ -313,12 +309,6 @@ class Relayer(Service):
                           "recipients may get their message again after the restart", n=failed)
         return d.addCallback(said).addErrback(
             lambda f: log.failure("writing the states kept in memory failed", f))
-
-    def _read_ahead(self) -> None:
-        """In a thread of its own, while the queue found at start loads: the kernel reads
-        ahead of the loader (only a hint; it stops with the relayer)."""
-        for state in (QUEUE, HOLD):
-            self.spool.read_ahead(state, stop=lambda: self._stopping or self.loaded)
 
     @defer.inlineCallbacks
     def _load_queue(self, queued: list[str]) -> Any:

@@ -267,6 +267,12 @@ class Envelope:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise EnvelopeError(f"not JSON: {e}") from None
         validate(data)
+        return cls.from_checked(data)
+
+    @classmethod
+    def from_checked(cls, data: dict[str, Any]) -> Envelope:
+        """The envelope of a stored JSON object that has been through `validate`
+        (`data` is used up)."""
         if data.pop("version", None) != ENVELOPE_VERSION:
             raise EnvelopeError("unknown envelope version")
         recipients = []

@@ -524,15 +524,6 @@ class Spool:
         return [(name[:-cut], name[:-cut] in states) for name in names
                 if name.endswith(DATA_SUFFIX) and not name.startswith(".")]
 
-    def read_ahead(self, state: str = QUEUE, stop: Callable[[], bool] | None = None) -> None:
-        """Blocking, for a thread of its own: ask the kernel to read ahead, oldest first,
-        what `load_committed` will read of each message in `state` (the state file
-        and the start of the data), so that loading a large queue at start finds it
-        in the page cache rather than waiting on the disk for each file in turn.
-        `stop()` ends it early."""
-        directory = os.path.join(self.root, state)
-        _advise(directory, self._listed(directory), data_too=True, stop=stop)
-
     def queue_ids(self, state: str = QUEUE) -> list[str]:
         """Committed queue ids in `state`, oldest first."""
         return sorted(p.name[: -len(DATA_SUFFIX)]
@@ -602,20 +593,24 @@ class Spool:
 
     def load_committed(self, queue_ids: list[str], state: str = QUEUE) -> list[Envelope]:
         """The envelopes of `queue_ids` in `state`; an unreadable message goes to corrupt/.
-        Ids no longer there (delivered or moved meanwhile) are skipped."""
+        Ids no longer there (delivered or moved meanwhile) are skipped.  Read as a
+        scan reads (`_scan_run`: a batch of files asked for at a time)."""
+        directory = self._dirs[state]
+        entries = [(queue_id, os.path.exists(directory + queue_id + ENVELOPE_SUFFIX))
+                   for queue_id in queue_ids if _QUEUE_ID.fullmatch(queue_id)]
         envelopes = []
-        directory = self.root / state
-        for queue_id in queue_ids:
+        for queue_id, found in _scan_run(directory, entries):
             try:
-                envelope = self.load(queue_id)
-            except SpoolError:
+                if isinstance(found, Exception):
+                    raise found
+                envelope = Envelope.from_checked(found)
+                if envelope.queue_id != queue_id:
+                    raise EnvelopeError("queue id does not match the file name")
+            except (OSError, ValueError) as e:  # EnvelopeError is a ValueError
+                if os.path.exists(directory + queue_id + DATA_SUFFIX):
+                    self._quarantine(self.root / state, queue_id, str(e))
                 continue
-            except (OSError, EnvelopeError) as e:
-                if (directory / (queue_id + DATA_SUFFIX)).exists():
-                    self._quarantine(directory, queue_id, str(e))
-                continue
-            if self.state_of(queue_id) == state:
-                envelopes.append(envelope)
+            envelopes.append(envelope)
         return envelopes
 
     def _rejoin_split_moves(self) -> None:
@@ -789,33 +784,6 @@ def _open_batch(directory_fd: int, entries: list[tuple[str, bool]], start: int,
                 os.close(fd)
         raise
     return opened, end
-
-
-def _advise(directory: str, entries: list[tuple[str, bool]], data_too: bool = False,
-            stop: Callable[[], bool] | None = None) -> None:
-    """Ask the kernel to start reading the part of each message that a reader will read:
-    its state file if it has one, else (or also, with `data_too`) the start of its data
-    file.  Only a hint: a file gone, or anything else, is skipped.  `stop()` ends it."""
-    for queue_id, has_state in entries:
-        if stop is not None and stop():
-            return
-        if has_state:
-            _advise_file(os.path.join(directory, queue_id + ENVELOPE_SUFFIX))
-        if data_too or not has_state:
-            _advise_file(os.path.join(directory, queue_id + DATA_SUFFIX))
-
-
-def _advise_file(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, SCAN_ADVICE, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _summarise_run(summarise: Callable[[Iterator[tuple[str, Any]]], T], directory: str,
