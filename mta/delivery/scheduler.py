@@ -68,6 +68,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mta import blocking, maillog
@@ -248,6 +249,7 @@ class Relayer(Service):
         super().startService()
         loading = self._load_queue(queued)
         self._attempts.add(loading)
+        loading.addErrback(self._load_failed)
         loading.addBoth(lambda _: self._attempts.discard(loading))
         self._notices = task.LoopingCall(self._read_notices)
         self._notices.clock = self.reactor
@@ -309,6 +311,11 @@ class Relayer(Service):
                           "recipients may get their message again after the restart", n=failed)
         return d.addCallback(said).addErrback(
             lambda f: log.failure("writing the states kept in memory failed", f))
+
+    def _load_failed(self, failure: Failure) -> None:
+        if not self._stopping:  # a read that failed after the stop: nobody waits for it
+            log.failure("reading the queue found at start failed: the relayer does not "
+                        "know those messages until a restart", failure)
 
     @defer.inlineCallbacks
     def _load_queue(self, queued: list[str]) -> Any:

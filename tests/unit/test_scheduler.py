@@ -850,6 +850,35 @@ class RelayerTest(SynchronousTestCase):
         d.callback(f(*args))
         self.assertTrue(self.relayer.ready())
 
+    def test_a_failed_read_of_the_queue_at_start_is_logged(self) -> None:
+        self.spool.inject(Envelope("", "alice@here.test", [Recipient("old@far.test")],
+                                   arrival=self.clock.seconds()), DATA)
+
+        def failing(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            if f.__name__ == "load_committed":
+                return defer.fail(OSError(5, "Input/output error"))
+            return run_now(f, *args, **kwargs)
+        self.relayer.run_blocking = failing
+        self.relayer.startService()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertFalse(self.relayer.ready())
+
+    def test_a_read_of_the_queue_that_fails_after_the_stop_is_not_logged(self) -> None:
+        self.spool.inject(Envelope("", "alice@here.test", [Recipient("old@far.test")],
+                                   arrival=self.clock.seconds()), DATA)
+        pending: list[defer.Deferred[Any]] = []
+
+        def later(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            if f.__name__ == "load_committed":
+                pending.append(defer.Deferred())
+                return pending[-1]
+            return run_now(f, *args, **kwargs)
+        self.relayer.run_blocking = later
+        self.relayer.startService()
+        self.relayer.stopService()
+        pending.pop().errback(OSError(5, "Input/output error"))
+        self.assertEqual(self.flushLoggedErrors(OSError), [])
+
     def test_at_most_so_many_attempts_at_once_and_new_mail_takes_turns(self) -> None:
         self.make(concurrency=1, concurrency_per_destination=1)
         self.courier.hold = True
