@@ -571,25 +571,34 @@ class Spool:
 
     def recover_files(self) -> list[str]:
         """The quick part of recovery, before anything is received: clear tmp/, remove
-        half-written states, repair what a crash split; returns the ids in queue/."""
-        for path in (self.root / TMP).iterdir():
-            log.info("spool recovery: removing unaccepted {name}", name=path.name)
-            _unlink(path)
+        half-written states, repair what a crash split; returns the ids in queue/.
+
+        Each directory is listed once (a listing of 100,000 names is a tenth of a
+        second or more, with a cold cache more): the server listens only after this."""
+        for name in os.listdir(self._dirs[TMP]):
+            log.info("spool recovery: removing unaccepted {name}", name=name)
+            _unlink(self._dirs[TMP] + name)
+        listed: dict[str, set[str]] = {}
         for state in (QUEUE, HOLD):
-            for path in (self.root / state).glob(".*.tmp"):
-                _unlink(path)
-        self._rejoin_split_moves()
+            names = set(os.listdir(self._dirs[state]))
+            for name in [n for n in names if n.startswith(".") and n.endswith(".tmp")]:
+                _unlink(self._dirs[state] + name)  # a state whose save a crash cut short
+                names.discard(name)
+            listed[state] = names
+        self._rejoin_split_moves(listed)
         for state in (QUEUE, HOLD):
-            directory = self.root / state
-            for env_path in directory.glob("*" + ENVELOPE_SUFFIX):
-                queue_id = env_path.name[: -len(ENVELOPE_SUFFIX)]
-                if not (directory / (queue_id + DATA_SUFFIX)).exists():
+            names = listed[state]
+            for name in [n for n in names if n.endswith(ENVELOPE_SUFFIX)]:
+                queue_id = name[: -len(ENVELOPE_SUFFIX)]
+                if queue_id + DATA_SUFFIX not in names:
                     # Its message was removed and a crash came before the state went too.
                     log.info("spool recovery: removing the state of removed {queue_id}",
                              queue_id=queue_id)
-                    _unlink(env_path)
+                    _unlink(self._dirs[state] + name)
         fsync_dir(self.root / QUEUE)
-        return self.queue_ids(QUEUE)
+        cut = len(DATA_SUFFIX)
+        return sorted(name[:-cut] for name in listed[QUEUE]
+                      if name.endswith(DATA_SUFFIX) and not name.startswith("."))
 
     def load_committed(self, queue_ids: list[str], state: str = QUEUE) -> list[Envelope]:
         """The envelopes of `queue_ids` in `state`; an unreadable message goes to corrupt/.
@@ -613,13 +622,16 @@ class Spool:
             envelopes.append(envelope)
         return envelopes
 
-    def _rejoin_split_moves(self) -> None:
+    def _rejoin_split_moves(self, listed: dict[str, set[str]]) -> None:
+        """A state left behind in one directory by a crash in the middle of a hold or a
+        release goes to its message in the other; `listed` (each state's names) follows."""
         for source, target in ((QUEUE, HOLD), (HOLD, QUEUE)):
-            for env_path in (self.root / source).glob("*" + ENVELOPE_SUFFIX):
-                data_name = env_path.name[: -len(ENVELOPE_SUFFIX)] + DATA_SUFFIX
-                if not (self.root / source / data_name).exists() and \
-                        (self.root / target / data_name).exists():
-                    os.rename(env_path, self.root / target / env_path.name)
+            for name in [n for n in listed[source] if n.endswith(ENVELOPE_SUFFIX)]:
+                data_name = name[: -len(ENVELOPE_SUFFIX)] + DATA_SUFFIX
+                if data_name not in listed[source] and data_name in listed[target]:
+                    os.rename(self._dirs[source] + name, self._dirs[target] + name)
+                    listed[source].discard(name)
+                    listed[target].add(name)
 
     def _quarantine(self, directory: Path, queue_id: str, why: str) -> None:
         log.error("spool recovery: {queue_id} moved to corrupt/: {why}", queue_id=queue_id, why=why)

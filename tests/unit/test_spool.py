@@ -636,3 +636,18 @@ def test_loading_reads_states_skips_what_moved_and_quarantines_damage(spool, tmp
         [f"{ids[3]}.msg", f"{ids[4]}.msg"]
     assert (tmp_path / "queue" / "notes.msg").exists()
     assert [e.queue_id for e in spool.load_committed([ids[1]], store.HOLD)] == [ids[1]]
+
+
+def test_recovery_lists_each_directory_once(spool, tmp_path, monkeypatch):
+    """The server listens only after `recover_files`: with 100,000 messages queued, each
+    listing of queue/ is a tenth of a second or more."""
+    ids = [commit(spool) for _ in range(3)]
+    spool.hold(ids[2])
+    listings: list[str] = []
+    listdir, scandir = os.listdir, os.scandir
+    monkeypatch.setattr(os, "listdir", lambda path=".": listings.append(
+        os.path.basename(os.path.normpath(path))) or listdir(path))
+    monkeypatch.setattr(os, "scandir", lambda path=".": listings.append(
+        os.path.basename(os.path.normpath(path))) or scandir(path))
+    assert spool.recover_files() == ids[:2]
+    assert sorted(listings) == ["hold", "queue", "tmp"]
