@@ -1,4 +1,6 @@
-"""The epoll reactor's poll, without a log context set up around every event.
+"""The event loop of a long-running mta process: the epoll reactor's poll without a
+log context around every event (`install`), and the garbage collector's settings
+(`settle_garbage_collector`).
 
 Twisted's `EPollReactor.doPoll` hands each ready descriptor to
 `_doReadOrWrite` through `twisted.python.log.callWithLogger`, which asks the
@@ -22,6 +24,7 @@ other reactor, or an EPollReactor whose internals moved on, is left as it is.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from twisted.logger import Logger
@@ -58,3 +61,26 @@ def install(reactor: Any) -> bool:
 
     reactor.doPoll = reactor.doIteration = do_poll
     return True
+
+
+# Container objects allocated, net of those freed, before the youngest generation is
+# collected (Python's default is 700).
+GC_YOUNG_THRESHOLD = 5000
+
+
+def settle_garbage_collector(reactor: Any) -> None:
+    """Collect less often, and leave what start-up made out of the collections.
+
+    With Python's defaults the main process relaying at 20 sessions collected its
+    youngest generation 1,134 times in 12,000 messages, and the whole heap 10 times
+    at about 56 ms each (the modules, the config and the services: some 66,000
+    objects): 70 µs of CPU a relayed message, a seventh of that process's
+    (gc.callbacks, timed).  Handling a message allocates more than 700 objects
+    before it frees them, so the count crosses the default threshold again and
+    again; at 5,000 it seldom does (10 collections in the same 12,000 messages).
+    Everything alive once the reactor runs is frozen (`gc.freeze`): it lives as
+    long as the process, and no later collection walks it.  The cost is bounded:
+    garbage in cycles waits for up to 5,000 allocations, and what start-up made
+    that a reload later drops stays, once."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    reactor.callWhenRunning(gc.freeze)

@@ -760,6 +760,7 @@ def _child_main(argv: list[str]) -> int:
 
     from mta import loop
     loop.install(reactor)
+    loop.settle_garbage_collector(reactor)
     return _Child(parser.parse_args(argv), reactor).run()
 
 

@@ -417,6 +417,7 @@ def makeService(options: Options) -> service.MultiService:
     config, trust = prepared.config, prepared.trust
     maillog.use_fast_text_log()
     loop.install(reactor)
+    loop.settle_garbage_collector(reactor)
     for warning in config_warnings(config, trust):
         log.warn("{warning}", warning=warning)  # noqa: G010
     if trust.tls is not None:

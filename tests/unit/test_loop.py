@@ -63,3 +63,25 @@ def test_other_reactors_are_left_as_they_are() -> None:
     clock = Clock()
     assert not loop.install(clock)
     assert not hasattr(clock, "doIteration")
+
+
+def test_the_collector_collects_less_often_and_freezes_what_start_up_made():
+    import gc
+
+    from twisted.internet.testing import MemoryReactor
+
+    reactor = MemoryReactor()
+    thresholds = gc.get_threshold()
+    try:
+        loop.settle_garbage_collector(reactor)
+        assert gc.get_threshold() == (loop.GC_YOUNG_THRESHOLD, *thresholds[1:])
+        assert gc.get_freeze_count() == 0  # not before the reactor runs
+        made_at_start = [object(), {}]  # a container the collector tracks
+        assert gc.is_tracked(made_at_start)
+        [(call, args, kwargs)] = reactor.whenRunningHooks
+        call(*args, **kwargs)
+        assert gc.get_freeze_count() > 0
+        assert not any(o is made_at_start for o in gc.get_objects())  # frozen: not walked
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
