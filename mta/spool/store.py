@@ -737,15 +737,15 @@ def _scan_run(directory: str, entries: list[tuple[str, bool]],
     every read is a request of its own."""
     directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     batch: list[tuple[str, bool, int | OSError]] = []
+    read = 0  # of `batch`, the files read and closed
     try:
         start = 0
         while start < len(entries):
             batch, start = _open_batch(directory_fd, entries, start)
-            for i, (queue_id, has_state, fd) in enumerate(batch):
+            for read, (queue_id, has_state, fd) in enumerate(batch, 1):
                 if isinstance(fd, OSError):
                     yield queue_id, fd
                     continue
-                batch[i] = (queue_id, has_state, _CLOSED)
                 try:
                     found: dict[str, Any] | Exception = _envelope_from(fd, has_state)
                 except (OSError, ValueError) as e:
@@ -754,13 +754,10 @@ def _scan_run(directory: str, entries: list[tuple[str, bool]],
                     os.close(fd)
                 yield queue_id, found
     finally:
-        for _, _, fd in batch:  # what a reader that stopped early left open
-            if isinstance(fd, int) and fd != _CLOSED:
+        for _, _, fd in batch[read:]:  # what a reader that stopped early left open
+            if isinstance(fd, int):
                 os.close(fd)
         os.close(directory_fd)
-
-
-_CLOSED = -1
 
 
 def _open_batch(directory_fd: int, entries: list[tuple[str, bool]], start: int,
