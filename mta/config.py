@@ -149,6 +149,9 @@ class ServerSection:
     receiver_process: bool | str = "auto"
     # What that came to when the file was read (`_two_processes`): not a key.
     two_processes: bool = field(default=False, compare=False)
+    # Steps of nice the main process lowers its priority by once a receiving process
+    # serves the sessions, so that they go first (receiver.py); 0: as it was started.
+    main_process_nice: int = 10
 
 
 @dataclass(frozen=True)
@@ -844,6 +847,10 @@ def _server(s: _Section) -> ServerSection:
     receiver_process = s.get("receiver_process", "auto")
     if receiver_process not in (True, False, "auto") or type(receiver_process) not in (bool, str):
         raise s.error("receiver_process", f"expected true, false or \"auto\", got {receiver_process!r}")
+    main_process_nice = s.get("main_process_nice", 10, kind=int)
+    if not 0 <= main_process_nice <= 19:
+        raise s.error("main_process_nice", f"expected 0 to 19 (steps of nice; 0 leaves the "
+                                           f"priority alone), got {main_process_nice}")
     section = ServerSection(
         hostname=hostname,
         spool=Path(spool),
@@ -857,6 +864,7 @@ def _server(s: _Section) -> ServerSection:
                          Path(socket_path) if socket_path else Path(spool) / SENDMAIL_SOCKET),
         receiver_process=receiver_process,
         two_processes=receiver_process is True,
+        main_process_nice=main_process_nice,
     )
     s.finish()
     return section

@@ -40,6 +40,11 @@ How the two work together:
   later (``Channel.GATHER``); ``etrn`` and ``ready`` go at once, and a
   stopping child writes what waits before it ends.
 
+- Once the first child runs, the main process lowers its priority by
+  ``[server] main_process_nice`` steps (`ReceivingProcess.yield_to_sessions`):
+  the sessions go first, the deliveries fit in their waits.  A child started
+  again inherits that and returns to the priority the first one had
+  (``--nice``; `let_children_lower_their_nice_to`).
 - When the main process falls behind, the frames wait in the child's memory
   only up to the transport's buffer: then the child stops accepting new
   connections until the main process has read them (sessions under way go on).
@@ -65,6 +70,7 @@ import contextlib
 import itertools
 import os
 import pickle
+import resource
 import signal
 import socket
 import sys
@@ -208,15 +214,20 @@ class ReceivingProcess(service.Service):
     `listeners`: ``(listener, endpoint, factory)`` for each delegated listener;
     the factory is the main process's own, used while the child is not serving.
     `user`: ``(uid, gid)`` the child switches to after reading its files (twistd's
-    ``--uid``/``--gid`` when started as root), or None.
+    ``--uid``/``--gid`` when started as root), or None.  `nice`: the steps of nice
+    this process lowers its priority by once the first child runs
+    (``[server] main_process_nice``, `yield_to_sessions`).
     """
 
     name = "receiver"
 
     def __init__(self, config_path: str, listeners: list[tuple[Any, Any, Any]],
                  relayer: Any, pickup: Any, reactor: Any,
-                 user: tuple[int, int | None] | None = None) -> None:
+                 user: tuple[int, int | None] | None = None, nice: int = 0) -> None:
         self.config_path = config_path
+        self.nice = nice
+        self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)  # what children run at
+        self.yielded = False  # whether this process lowered its priority
         self.listeners = listeners
         self.relayer = relayer
         self.pickup = pickup
@@ -250,7 +261,11 @@ class ReceivingProcess(service.Service):
             port = _listen(endpoint, factory, listener.name)
             port.stopReading()
             self.ports.append(port)
+        if self.nice:
+            let_children_lower_their_nice_to(self.base_nice)  # before twistd gives up root
         self._spawn()
+        if self.nice and self.process is not None:
+            self.yield_to_sessions()
 
     def startService(self) -> None:
         super().startService()
@@ -299,6 +314,8 @@ class ReceivingProcess(service.Service):
         if self.user is not None:
             uid, gid = self.user
             argv += ["--user", f"{uid}:{-1 if gid is None else gid}"]
+        if self.yielded:
+            argv += ["--nice", str(self.base_nice)]  # it inherits ours: back to its own
         self.ready = False
         self._ended = defer.Deferred()
         self.channel = Channel(self._received, self._channel_lost)
@@ -321,6 +338,27 @@ class ReceivingProcess(service.Service):
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
                                            _ChannelFactory(self.channel))
         ours.close()
+
+    def yield_to_sessions(self) -> None:
+        """Lower this process's priority by `nice` steps: the child's sessions wait for a
+        client at every command and for the disk at every commit, and the work here
+        (deliveries, the log) can wait for them instead of making them wait.
+
+        At one session (smtp-source, 2,000 messages, six alternating pairs on one
+        server) the child took 12% more messages a second with this process at nice
+        10 than at 0 (791 against 704); at 20 sessions acceptance and end to end were
+        no slower (1,201 against 1,125 and 1,183 against 1,119, four pairs): the
+        deliveries run in the child's waits and keep up.  Nice 5 gained less."""
+        target = min(self.base_nice + self.nice, 19)
+        try:
+            set_nice(target)
+        except OSError as e:
+            log.warn("cannot lower the main process's priority: {why}",  # noqa: G010
+                     why=e.strerror or str(e))
+            return
+        self.yielded = True
+        log.info("the main process runs at nice {nice} ([server] main_process_nice = {by}): "
+                 "the receiving process's sessions go first", nice=target, by=self.nice)
 
     def _child_ended(self, reason: Any) -> None:
         pid, self.process = self.pid, None
@@ -403,6 +441,37 @@ class ReceivingProcess(service.Service):
         """After the main process took a new config: the child reads it too."""
         if self.channel is not None:
             self.channel.send("reload")
+
+
+def set_nice(value: int) -> None:
+    """Every thread of this process at nice `value`.  Linux keeps a nice value per
+    thread (setpriority's "process" is the calling thread), and a new thread takes
+    its starter's; elsewhere the process has one."""
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, value)
+        except ProcessLookupError:
+            pass  # a thread that ended meanwhile
+
+
+def let_children_lower_their_nice_to(base: int) -> None:
+    """Let a process of ours that is no longer root go back to nice `base` (RLIMIT_NICE:
+    an unprivileged process may lower its nice value to 20 minus the limit, and the
+    limit outlives giving up root).  A child started again after a crash inherits the
+    main process's lowered priority; with this it returns to `base`.  Without root to
+    raise the limit, that child runs at the main process's priority."""
+    wanted = 20 - base
+    soft, hard = resource.getrlimit(resource.RLIMIT_NICE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        hard = wanted
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NICE, (wanted, hard))
 
 
 def _listen(endpoint: Any, factory: Any, name: str) -> Any:
@@ -612,6 +681,13 @@ class _Child:
         self.pause = _AcceptPause(self.ports)
         self.channel.transport.registerProducer(self.pause, True)
         globalLogBeginner.beginLoggingTo([_forwarder(self.channel)], redirectStandardIO=False)
+        if self.args.nice is not None and os.getpriority(os.PRIO_PROCESS, 0) > self.args.nice:
+            # Started again by a main process that yielded its priority (sessions first).
+            try:
+                set_nice(self.args.nice)
+            except OSError as e:
+                log.info("the receiving process runs at the main process's priority: "
+                         "{why}", why=e.strerror or str(e))
         self.reactor.callWhenRunning(self._set_up)
         self.reactor.run()
         return self.status
@@ -756,6 +832,7 @@ def _child_main(argv: list[str]) -> int:
     parser.add_argument("--listeners", required=True)
     parser.add_argument("--user", default=None)
     parser.add_argument("--metrics", action="store_true")
+    parser.add_argument("--nice", type=int, default=None)
     from twisted.internet import reactor
 
     from mta import loop

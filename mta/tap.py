@@ -149,7 +149,8 @@ class Reloader(service.Service):
             changed.append("[[listeners]]")
         # [server] keys that take a restart, with what is worked out from them.
         for key, names in (("spool", ("spool",)),
-                           ("receiver_process", ("receiver_process", "two_processes"))):
+                           ("receiver_process", ("receiver_process", "two_processes")),
+                           ("main_process_nice", ("main_process_nice",))):
             if any(getattr(new.server, name) != getattr(old.server, name) for name in names):
                 kept["server"] = dataclasses.replace(
                     kept.get("server", new.server),
@@ -474,7 +475,8 @@ def makeService(options: Options) -> service.MultiService:
     reactor.callWhenRunning(receiver.stop_at_the_first_signal)
     if handed:
         receiving = receiver.ReceivingProcess(options["config"], handed, relayer, pickup,
-                                              reactor, user=runtime_user(options))
+                                              reactor, user=runtime_user(options),
+                                              nice=config.server.main_process_nice)
         receiving.setServiceParent(top)
         reloader.on_reload.append(receiving.reload)
     if config.server.sendmail_socket is not None:

@@ -370,6 +370,57 @@ def test_turning_receiver_process_off_takes_a_restart(start_mta) -> None:
     assert f"(pid {pid}) ended" not in server.log_text()
 
 
+def nice_values(pid: int) -> set[int]:
+    """The nice value of each thread of process `pid` (Linux keeps one per thread)."""
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            values.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return values
+
+
+def test_the_main_process_yields_its_priority_to_the_sessions(start_mta) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # what the server inherits from us
+    lowered = min(base + 10, 19)
+    server = start(start_mta)
+    assert f"the main process runs at nice {lowered} ([server] main_process_nice = 10)" in \
+        server.log_text()
+    send(server.port, "alice@example.org", "worker threads start")  # they inherit it
+    wait_for("the delivery", lambda: delivered(server))
+    assert len(list(Path(f"/proc/{server.pid}/task").iterdir())) > 1
+    assert nice_values(server.pid) == {lowered}
+    first = child_pid(server)
+    assert nice_values(first) == {base}
+    # A child started again inherits the lowered priority and goes back to its own:
+    # as root always; otherwise where the main process could raise RLIMIT_NICE for it.
+    os.kill(first, signal.SIGKILL)
+    wait_for("a new receiving process", lambda: len(SERVES.findall(server.log_text())) == 2)
+    second = child_pid(server, 1)
+    wait_for("the new child's own priority, or why not", lambda: nice_values(second) == {base}
+             or "runs at the main process's priority" in server.log_text())
+    limit = next(int(line.split()[3]) for line in Path(f"/proc/{server.pid}/limits")
+                 .read_text().splitlines() if line.startswith("Max nice priority"))
+    if os.geteuid() == 0 or limit >= 20 - base:
+        assert nice_values(second) == {base}
+    else:
+        assert nice_values(second) == {lowered}
+    send(server.port, "alice@example.org", "after the restart")
+    wait_for("the second delivery", lambda: len(delivered(server)) == 2)
+
+
+def test_main_process_nice_0_leaves_the_priority_alone(start_mta) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    server = start_mta(CONFIG.replace("METRICS", str(free_port())).replace(
+        "receiver_process = true", "receiver_process = true\nmain_process_nice = 0"))
+    # The main process decides before it hands the listeners over.
+    wait_for("the receiving process", lambda: SERVES.search(server.log_text()))
+    assert "the main process runs at nice" not in server.log_text()
+    assert nice_values(server.pid) == {base}
+    assert nice_values(child_pid(server)) == {base}
+
+
 AUTO_CONFIG = CONFIG.replace("receiver_process = true\n", "")  # the default: "auto"
 PULLED_CONFIG = AUTO_CONFIG.replace('etrn_route = "smtp:[127.0.0.1]:9"\n',
                                     'etrn_route = "smtp:[127.0.0.1]:9"\npull_users = ["cust"]\n')

@@ -413,6 +413,15 @@ def test_receiver_process_is_a_server_key_and_its_turn_caveat_is_warned_about():
         config.from_dict({"server": {"receiver_process": 1}})
 
 
+def test_main_process_nice_is_a_step_count_from_0_to_19():
+    assert config.from_dict({}).server.main_process_nice == 10
+    assert config.from_dict({"server": {"main_process_nice": 0}}).server.main_process_nice == 0
+    assert config.from_dict({"server": {"main_process_nice": 19}}).server.main_process_nice == 19
+    for bad in (-1, 20, "10", True, 2.5):
+        with pytest.raises(config.ConfigError, match=r"\[server\] main_process_nice"):
+            config.from_dict({"server": {"main_process_nice": bad}})
+
+
 @pytest.mark.parametrize(("cores", "pull_users", "expected"), [
     (2, [], True), (8, [], True), (1, [], False), (2, ["cust"], False)])
 def test_receiver_process_auto_takes_a_second_core_unless_a_customer_may_turn(
