@@ -421,6 +421,17 @@ def test_main_process_nice_0_leaves_the_priority_alone(start_mta) -> None:
     assert nice_values(child_pid(server)) == {base}
 
 
+def test_changing_main_process_nice_takes_a_restart(start_mta) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    server = start(start_mta)
+    server.config_path.write_text(server.config_path.read_text().replace(
+        "receiver_process = true", "receiver_process = true\nmain_process_nice = 0"))
+    os.kill(server.pid, signal.SIGHUP)
+    wait_for("the reload", lambda: "reload #1" in server.log_text())
+    assert "[server] main_process_nice changed: that takes a restart" in server.log_text()
+    assert nice_values(server.pid) == {min(base + 10, 19)}
+
+
 AUTO_CONFIG = CONFIG.replace("receiver_process = true\n", "")  # the default: "auto"
 PULLED_CONFIG = AUTO_CONFIG.replace('etrn_route = "smtp:[127.0.0.1]:9"\n',
                                     'etrn_route = "smtp:[127.0.0.1]:9"\npull_users = ["cust"]\n')
