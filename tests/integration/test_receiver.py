@@ -356,13 +356,18 @@ def test_starttls_auth_and_implicit_tls_in_the_child(start_mta, tmp_path: Path) 
         r"client=unknown\[127\.0\.0\.1\], tls=TLSv1\.3.*sasl_username=alice", server.log_text()))
 
 
+def reload_with(server: MtaServer, old: str, new: str) -> None:
+    """`old` replaced by `new` in the server's config file, then a reload (SIGHUP),
+    waited for."""
+    server.config_path.write_text(server.config_path.read_text().replace(old, new))
+    os.kill(server.pid, signal.SIGHUP)
+    wait_for("the reload", lambda: "reload #1" in server.log_text())
+
+
 def test_turning_receiver_process_off_takes_a_restart(start_mta) -> None:
     server = start(start_mta)
     pid = child_pid(server)
-    server.config_path.write_text(server.config_path.read_text().replace(
-        "receiver_process = true", "receiver_process = false"))
-    os.kill(server.pid, signal.SIGHUP)
-    wait_for("the reload", lambda: "reload #1" in server.log_text())
+    reload_with(server, "receiver_process = true", "receiver_process = false")
     assert "[server] receiver_process changed: that takes a restart" in server.log_text()
     assert alive(pid)
     send(server.port, "alice@example.org", "still through the child")
@@ -424,10 +429,8 @@ def test_main_process_nice_0_leaves_the_priority_alone(start_mta) -> None:
 def test_changing_main_process_nice_takes_a_restart(start_mta) -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
     server = start(start_mta)
-    server.config_path.write_text(server.config_path.read_text().replace(
-        "receiver_process = true", "receiver_process = true\nmain_process_nice = 0"))
-    os.kill(server.pid, signal.SIGHUP)
-    wait_for("the reload", lambda: "reload #1" in server.log_text())
+    reload_with(server, "receiver_process = true",
+                "receiver_process = true\nmain_process_nice = 0")
     assert "[server] main_process_nice changed: that takes a restart" in server.log_text()
     assert nice_values(server.pid) == {min(base + 10, 19)}
 
