@@ -227,7 +227,6 @@ class ReceivingProcess(service.Service):
         self.config_path = config_path
         self.nice = nice
         self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)  # what children run at
-        self.yielded = False  # whether this process lowered its priority
         self.listeners = listeners
         self.relayer = relayer
         self.pickup = pickup
@@ -314,8 +313,9 @@ class ReceivingProcess(service.Service):
         if self.user is not None:
             uid, gid = self.user
             argv += ["--user", f"{uid}:{-1 if gid is None else gid}"]
-        if self.yielded:
-            argv += ["--nice", str(self.base_nice)]  # it inherits ours: back to its own
+        if self.nice:
+            # A child started after we lowered ours inherits it: back to its own.
+            argv += ["--nice", str(self.base_nice)]
         self.ready = False
         self._ended = defer.Deferred()
         self.channel = Channel(self._received, self._channel_lost)
@@ -357,7 +357,6 @@ class ReceivingProcess(service.Service):
             log.warn("cannot lower the main process's priority: {why}",  # noqa: G010
                      why=e.strerror or str(e))
             return
-        self.yielded = True
         log.info("the main process runs at nice {nice} ([server] main_process_nice = {by}): "
                  "the receiving process's sessions go first", nice=target, by=self.nice)
 
