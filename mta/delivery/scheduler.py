@@ -79,7 +79,7 @@ from mta.delivery.courier import STOP_REPLY_GRACE, MaildirCourier, SMTPCourier, 
 from mta.delivery.router import MAILDIR, SMTP, Router
 from mta.server.context import TurnBusy
 from mta.spool.envelope import Envelope
-from mta.spool.store import HOLD, Spool
+from mta.spool.store import HOLD, QUEUE, Spool
 
 log = Logger(namespace="mta.delivery.scheduler")
 
@@ -333,8 +333,9 @@ class Relayer(Service):
     def adopt_unknown(self) -> Any:
         """Schedule the messages in ``queue/`` that the relayer does not know: what a
         receiving process (receiver.py) that died between a commit and its report
-        left there.  Fires with how many it found."""
-        ids = yield self.run_blocking(self.spool.queue_ids)
+        left there, and removes the blanks it left (the load tells them apart).  Fires
+        with how many it found."""
+        ids = yield self.run_blocking(self.spool.queue_ids, QUEUE, True)
         found, _ = yield self._schedule_from_disk(
             [queue_id for queue_id in ids if queue_id not in self._entries])
         if found:

@@ -105,6 +105,19 @@ def spare_files(pid: int) -> list[str]:
     return found
 
 
+def blanks(server: MtaServer, pid: int) -> list[str]:
+    """The blanks process `pid` made: empty message files in queue/ named after queue
+    ids that carry its process id."""
+    found = []
+    for path in (server.directory / "spool" / "queue").glob("*.msg"):
+        try:
+            if path.name[13:19] == f"{pid & 0xFFFFFF:06X}" and path.stat().st_size == 0:
+                found.append(path.name[:-4])
+        except FileNotFoundError:
+            continue  # delivered and removed meanwhile
+    return sorted(found)
+
+
 def send(port: int, to: str, subject: str) -> str:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("client.test")
@@ -155,6 +168,13 @@ def test_sessions_run_in_the_child_and_the_main_process_delivers(start_mta) -> N
     # process, which serves no listener here, keeps none.
     wait_for("the receiving process's spare files", lambda: len(spare_files(pid)) >= 1)
     assert spare_files(server.pid) == []
+    # And blanks in queue/: the next message, alone, is committed into the oldest.
+    wait_for("the receiving process's blanks", lambda: blanks(server, pid))
+    ready = blanks(server, pid)
+    assert send(server.port, "alice@example.org", "into a blank") == ready[0]
+    wait_for("the second delivery", lambda: len(delivered(server)) == 2)
+    assert any(b"Subject: into a blank" in m for m in delivered(server))
+    assert blanks(server, server.pid) == []
 
 
 def test_one_process_keeps_spare_files_for_what_it_receives(start_mta) -> None:
@@ -184,6 +204,9 @@ def test_etrn_is_answered_by_the_queue_and_turn_is_refused(start_mta) -> None:
 def test_a_dead_child_is_replaced_and_what_it_left_is_delivered(start_mta) -> None:
     server = start(start_mta)
     first = child_pid(server)
+    send(server.port, "alice@example.org", "before the death")
+    wait_for("the first delivery", lambda: delivered(server))
+    wait_for("the child's blanks", lambda: blanks(server, first))
     # A message the child committed without a word to the main process: what a
     # child killed between a commit and its report leaves in queue/.
     from mta.spool.envelope import Envelope, Recipient
@@ -196,13 +219,14 @@ def test_a_dead_child_is_replaced_and_what_it_left_is_delivered(start_mta) -> No
     wait_for("the unreported message delivered", lambda: any(
         b"Subject: left behind" in m for m in delivered(server)))
     assert "found 1 queued message(s) the relayer did not know" in server.log_text()
+    assert blanks(server, first) == []  # the dead child's blanks: removed when it was
     # Meanwhile, and after, clients are served: by the main process, then by a new child.
     assert greets(server.port, timeout=5)
     wait_for("a new receiving process", lambda: len(SERVES.findall(server.log_text())) == 2)
     second = child_pid(server, 1)
     assert second != first and alive(second)
     send(server.port, "alice@example.org", "after the restart")
-    wait_for("the second delivery", lambda: len(delivered(server)) == 2)
+    wait_for("the third delivery", lambda: len(delivered(server)) == 3)
 
 
 def test_the_child_ends_with_the_main_process(start_mta) -> None:
