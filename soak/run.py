@@ -478,24 +478,24 @@ class Spool:
         self.ballast.unlink(missing_ok=True)
 
     def files(self) -> list[str]:
-        """What is left in the spool, but the ballast and the running server's pid file."""
+        """What is left in the spool, but the ballast, the running server's pid file and
+        its blanks (empty message files it keeps ahead of need in queue/)."""
         return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*")
-                      if p.is_file() and p != self.ballast and p != self.path / "mta.pid")
+                      if p.is_file() and p != self.ballast and p != self.path / "mta.pid"
+                      and not _blank(p))
 
     def queued(self) -> int:
         """Files in queue/ and tmp/, but blanks (empty message files made ahead of need)."""
-        count = 0
-        for name in ("queue", "tmp"):
-            if not (self.path / name).is_dir():
-                continue
-            for path in (self.path / name).iterdir():
-                try:
-                    if path.suffix == ".msg" and path.stat().st_size == 0:
-                        continue
-                except FileNotFoundError:
-                    continue  # delivered meanwhile
-                count += 1
-        return count
+        return sum(1 for name in ("queue", "tmp") if (self.path / name).is_dir()
+                   for path in (self.path / name).iterdir() if not _blank(path))
+
+
+def _blank(path: Path) -> bool:
+    """An empty message file (a blank), or a file gone meanwhile (delivered)."""
+    try:
+        return path.suffix == ".msg" and path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
 
 class Chaos:

@@ -144,8 +144,14 @@ class _QueueIds:
 _pid = [os.getpid() & 0xFFFFFF]  # this process's, for queue ids
 
 
+# Blanks this process made (any Spool) and has not committed or dropped: written into
+# at any moment, never to be touched by recovery (set.add and discard are atomic).
+_made: set[str] = set()
+
+
 def _forked() -> None:
     _pid[0] = os.getpid() & 0xFFFFFF
+    _made.clear()  # the parent's, not ours
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -322,9 +328,6 @@ class Spool:
         self._blanks: _Blanks | None = None  # keep_spare_files()
         self._open_lock = threading.Lock()
         self._open = 0  # messages received (from `receive`) and not yet committed or dropped
-        # Blanks this process made that are not committed or dropped yet: written into
-        # at any moment, never to be touched by recovery (set.add and discard are atomic).
-        self._made: set[str] = set()
 
     @property
     def _unnamed(self) -> bool:
@@ -401,18 +404,15 @@ class Spool:
         queue_id, fd = blank
         os.close(fd)
         _unlink(self._dirs[QUEUE] + queue_id + DATA_SUFFIX)
-        self._made.discard(queue_id)
+        _made.discard(queue_id)
 
     def _maker_runs(self, queue_id: str) -> bool:
         """Whether the process that made `queue_id` (the process id in it) still runs,
         so that a blank of it may be written into at any moment: for this process, a
         blank it made and has not let go; else a process with that id alive."""
-        try:
-            pid = int(queue_id[13:19], 16)
-        except ValueError:
-            return False
+        pid = _made_by(queue_id)
         if pid == _pid[0]:
-            return queue_id in self._made  # else an earlier process's, with our id
+            return queue_id in _made  # else an earlier process's, with our id
         if pid <= 0:
             return False
         try:
@@ -491,7 +491,7 @@ class Spool:
             incoming.buffer.clear()
             raise
         os.close(fd)
-        self._made.discard(queue_id)
+        _made.discard(queue_id)
         incoming.buffer.clear()
         incoming.envelope.size = incoming.size
         return queue_id
@@ -760,6 +760,7 @@ class Spool:
                    for queue_id in queue_ids if _QUEUE_ID.fullmatch(queue_id)]
         envelopes = []
         blanks: list[str] = []
+        with_state = {queue_id for queue_id, has_state in entries if has_state}
         for queue_id, found in _scan_run(directory, entries, verify=True, blanks=blanks):
             try:
                 if isinstance(found, Exception):
@@ -768,14 +769,20 @@ class Spool:
                 if envelope.queue_id != queue_id:
                     raise EnvelopeError("queue id does not match the file name")
             except (OSError, ValueError) as e:  # EnvelopeError is a ValueError
-                if self._maker_runs(queue_id):
-                    continue  # a blank being written into: its maker reports it when done
+                # Read while its maker was writing it, maybe: a maker that runs reports it
+                # when done, and one of ours that is done now reads whole a second time.
+                if self._maker_runs(queue_id) or (
+                        _made_by(queue_id) == _pid[0] and queue_id not in with_state
+                        and _reads_whole(directory, queue_id)):
+                    continue
                 if os.path.exists(directory + queue_id + DATA_SUFFIX):
                     self._quarantine(self.root / state, queue_id, str(e))
                 continue
             envelopes.append(envelope)
         for queue_id in blanks:
-            if not self._maker_runs(queue_id):
+            # Its maker first, then the file: one of ours leaves `_made` only once it
+            # is written into (or removed), so empty now and not ours means never ours.
+            if not self._maker_runs(queue_id) and _blank(directory + queue_id + DATA_SUFFIX):
                 _unlink(directory + queue_id + DATA_SUFFIX)
         return envelopes
 
@@ -905,12 +912,12 @@ class _Blanks:
                 for _ in range(batch):
                     queue_id = spool.new_id()
                     fd = os.open(tmp, os.O_TMPFILE | os.O_RDWR, 0o600)
-                    spool._made.add(queue_id)  # before it has a name: recovery keeps off
+                    _made.add(queue_id)  # before it has a name: recovery keeps off
                     try:
                         os.link(f"/proc/self/fd/{fd}", directory + queue_id + DATA_SUFFIX,
                                 src_dir_fd=_proc_dir_fd(), follow_symlinks=True)
                     except BaseException:
-                        spool._made.discard(queue_id)
+                        _made.discard(queue_id)
                         os.close(fd)
                         raise
                     made.append((queue_id, fd))
@@ -1113,6 +1120,32 @@ _QUEUE_ID = re.compile(r"[0-9A-F]+")
 def _check_id(queue_id: str) -> None:
     if type(queue_id) is not str or not _QUEUE_ID.fullmatch(queue_id):
         raise SpoolError(f"not a queue id: {queue_id!r}")
+
+
+def _made_by(queue_id: str) -> int:
+    """The process id in `queue_id` (its lower 24 bits); -1 if there is none."""
+    try:
+        return int(queue_id[13:19], 16)
+    except ValueError:
+        return -1
+
+
+def _reads_whole(directory: str, queue_id: str) -> bool:
+    """Whether the message file of `queue_id` is one committed into a blank that reads
+    whole now: its checksum matches, and so does its queue id.  (Other message files
+    are whole before they have a name.)"""
+    fd = None
+    try:
+        fd = os.open(directory + queue_id + DATA_SUFFIX, os.O_RDONLY)
+        if os.pread(fd, len(CHECKED), 0) != CHECKED:
+            return False
+        found = _envelope_from(fd, False, verify=True)
+        return found is not None and found.get("queue_id") == queue_id
+    except (OSError, ValueError):
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _blank(path: str) -> bool:

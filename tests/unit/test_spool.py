@@ -846,3 +846,39 @@ def test_stopping_removes_the_blanks_and_one_taken_meanwhile_when_it_is_let_go(t
     assert _blanks_in(tmp_path) == []
     spool.top_up_spare_files()  # stopped: makes nothing
     assert _blanks_in(tmp_path) == []
+
+
+def test_a_blank_of_ours_written_into_while_the_queue_is_read_stays(tmp_path, monkeypatch):
+    """The look for unreported messages runs beside this process's own sessions: a blank
+    read empty, then committed into before the blanks are cleared, is a message."""
+    spool = _blank_spool(tmp_path)
+    incoming = spool.receive(envelope())
+    incoming.write(b"Subject: racing\r\n\r\n")
+    real = store._scan_run
+
+    def racing(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        spool.commit(incoming)  # after it was read empty, before the blanks are cleared
+
+    monkeypatch.setattr(store, "_scan_run", racing)
+    assert spool.load_committed(spool.queue_ids(blanks=True)) == []
+    assert spool.load(incoming.queue_id).size == len(b"Subject: racing\r\n\r\n")
+
+
+def test_a_blank_of_ours_read_half_written_is_not_damage(tmp_path, monkeypatch):
+    """Read in the middle of its commit (the checksum does not match yet), and done by
+    the time the failure is looked at: read again, whole, and left to the commit."""
+    spool = _blank_spool(tmp_path)
+    queue_id = commit(spool)
+    real = store._scan_run
+
+    def racing(*args, **kwargs):
+        for listed, found in real(*args, **kwargs):
+            if listed == queue_id:  # as if read while it was being written
+                found = ValueError("the checksum does not match")
+            yield listed, found
+
+    monkeypatch.setattr(store, "_scan_run", racing)
+    assert spool.load_committed(spool.queue_ids(blanks=True)) == []
+    assert list((tmp_path / "corrupt").iterdir()) == []
+    assert spool.load(queue_id).size > 0
