@@ -109,6 +109,7 @@ CHECKED_PREFIX = len(CHECKED) + 9
 WRITE_BUFFER = 64 * 1024
 SPARE_FILES = 16  # blanks a receiving process keeps ahead of need
 BLANK_BATCH = 8  # blanks made at a time, with one directory fsync
+BLANK_MAX_AGE = 1.0  # seconds a blank may wait to be taken: its queue id's time is its making
 # Processes reading a large queue's envelopes at once (Spool.scan_runs): one a core, as
 # opening the files is the kernel's work, on the reader's core.
 SCAN_WORKERS = max(2, min(8, os.cpu_count() or 2))
@@ -671,9 +672,9 @@ class Spool:
         ids = sorted(p.name[: -len(DATA_SUFFIX)]
                      for p in (self.root / state).glob("*" + DATA_SUFFIX)
                      if not p.name.startswith("."))
-        if blanks:
+        if blanks or state != QUEUE:  # blanks are made in queue/ only
             return ids
-        directory = self._dirs.get(state, os.path.join(self.root, state, ""))
+        directory = self._dirs[QUEUE]
         return [queue_id for queue_id in ids if not _blank(directory + queue_id + DATA_SUFFIX)]
 
     # -- notices between the command line and a running server ---------------------
@@ -872,8 +873,10 @@ class _Blanks:
     The worker threads make blanks between jobs (`top_up`), after handing over a
     result, off the path to the 250; one of them at a time.
 
-    Blanks are taken oldest first, so queue ids keep close to the order of arrival.
-    A process that dies leaves its blanks behind: empty files, which listings leave
+    A blank's queue id tells when it was made, not when its message came: blanks
+    are taken oldest first, and one that waited more than `BLANK_MAX_AGE` seconds
+    (a quiet spell) is not taken but removed and made again, so that queue ids keep
+    to the order of arrival within that.  A process that dies leaves its blanks behind: empty files, which listings leave
     out and recovery removes once their maker (the process id in the queue id) has
     gone."""
 
@@ -881,15 +884,22 @@ class _Blanks:
         self._spool = spool
         self._count = count
         self._ready: deque[tuple[str, int]] = deque()  # append and popleft are atomic
+        self._stale: deque[tuple[str, int]] = deque()  # too old to take: to be removed
         self._making = threading.Lock()
         self._closed = False
 
     def take(self) -> tuple[str, int] | None:
-        """A blank (queue id, open descriptor), or None when none is ready."""
-        try:
-            return self._ready.popleft()
-        except IndexError:
-            return None
+        """A blank (queue id, open descriptor), or None when none is ready.  Blanks too
+        old to take are left for `top_up` to remove (it runs in a worker thread)."""
+        oldest = int((self._spool.clock() - BLANK_MAX_AGE) * 1_000_000)
+        while True:
+            try:
+                blank = self._ready.popleft()
+            except IndexError:
+                return None
+            if int(blank[0][:13], 16) >= oldest:
+                return blank
+            self._stale.append(blank)
 
     def give_back(self, blank: tuple[str, int]) -> None:
         self._ready.appendleft(blank)
@@ -900,12 +910,15 @@ class _Blanks:
         """Make a batch of blanks unless that would make more than `count`; blocking.
         An error (a full disk) is left for the messages to meet, without blanks."""
         batch = min(BLANK_BATCH, self._count)
-        if self._closed or len(self._ready) > self._count - batch:
+        if self._closed or (len(self._ready) > self._count - batch and not self._stale):
             return
         if not self._making.acquire(blocking=False):
             return  # another worker is at it
         try:
             spool = self._spool
+            self._drop_stale()
+            if self._closed or len(self._ready) > self._count - batch:
+                return
             directory, tmp = spool._dirs[QUEUE], spool._dirs[TMP]
             made: list[tuple[str, int]] = []
             try:
@@ -932,8 +945,17 @@ class _Blanks:
         finally:
             self._making.release()
 
+    def _drop_stale(self) -> None:
+        while True:
+            try:
+                blank = self._stale.popleft()
+            except IndexError:
+                return
+            self._spool._drop_blank(blank)
+
     def close(self) -> None:
         self._closed = True
+        self._drop_stale()
         while True:
             try:
                 blank = self._ready.popleft()

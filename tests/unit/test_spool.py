@@ -882,3 +882,24 @@ def test_a_blank_of_ours_read_half_written_is_not_damage(tmp_path, monkeypatch):
     assert spool.load_committed(spool.queue_ids(blanks=True)) == []
     assert list((tmp_path / "corrupt").iterdir()) == []
     assert spool.load(queue_id).size > 0
+
+
+def test_a_blank_that_waited_too_long_is_made_again(tmp_path):
+    """Its queue id is when it was made: after a quiet spell a message does not take
+    it (ids keep to the order of arrival within BLANK_MAX_AGE); it is removed and made
+    again, off the message's path."""
+    now = [1_800_000_000.0]
+    spool = Spool(tmp_path, clock=lambda: now[0])
+    _need_unnamed_files(spool)
+    spool.keep_spare_files(8)
+    spool.top_up_spare_files()
+    old = _blanks_in(tmp_path)
+    assert len(old) == 8
+    now[0] += store.BLANK_MAX_AGE + 0.5
+    fresh = commit(spool)
+    assert fresh not in old and int(fresh[:13], 16) == int(now[0] * 1_000_000)
+    assert _blanks_in(tmp_path) == old  # still there: removed by a worker, not here
+    spool.top_up_spare_files()
+    made = _blanks_in(tmp_path)
+    assert len(made) == 8 and not set(made) & set(old)
+    assert commit(spool) == made[0]
