@@ -18,14 +18,15 @@ directory fsync): Postfix's queue file holds envelope and data together for
 the same reason.  A process that receives mail over SMTP keeps blanks
 (`keep_spare_files`): empty files in queue/, each named after a queue id of its
 own, whose directory entries were made durable in a batch before any is used.
-A message that fits in memory takes one at its start (its queue id is the
-blank's) and is committed by writing it into the blank and one fsync: no
-directory change, so no directory fsync, on the way to the 250.  Such a file
-begins ``MTA3 `` and the CRC-32 of the rest: a crash (of the process, or of the
-machine) in the middle of its commit, before any 250, can leave it half
-written, and recovery knows it by the checksum.  Later state changes (a deferral, a failure) go into the
-small ID.env beside it; a message whose first attempt delivers everything
-never has one.
+A message that fits in memory and is the only one its process has open takes
+one at its start (its queue id is the blank's) and is committed by writing it
+into the blank and one fsync: no directory change, so no directory fsync, on
+the way to the 250.  Such a file begins ``MTA3 `` and the CRC-32 of the rest:
+a crash (of the process, or of the machine) in the middle of its commit,
+before any 250, can leave it half written, and recovery knows it by the
+checksum.  Later state changes (a deferral, a failure) go into the small
+ID.env beside it; a message whose first attempt delivers everything never has
+one.
 
 What it promises:
 
