@@ -522,8 +522,8 @@ class Spool:
     def _where(self, queue_id: str) -> str:
         _check_id(queue_id)
         for state in (QUEUE, HOLD):
-            if os.path.exists(self._dirs[state] + queue_id + DATA_SUFFIX):
-                return state
+            if not _blank(self._dirs[state] + queue_id + DATA_SUFFIX):
+                return state  # a blank is no message: `mta queue delete` leaves it alone
         raise SpoolError(f"no message {queue_id} in the queue")
 
     def state_of(self, queue_id: str) -> str:
@@ -1172,11 +1172,15 @@ def _reads_whole(directory: str, queue_id: str) -> bool:
 
 
 def _blank(path: str) -> bool:
-    """Whether `path` is a blank (an empty message file); a file gone counts as one."""
+    """Whether the message file `path` is a blank (empty, with no state beside it: a
+    spool of the earlier format kept an empty message's envelope there); a file that
+    is not there counts as one."""
     try:
-        return os.stat(path).st_size == 0
+        if os.stat(path).st_size:
+            return False
     except FileNotFoundError:
         return True
+    return not os.path.exists(path[: -len(DATA_SUFFIX)] + ENVELOPE_SUFFIX)
 
 
 def _unlink(path: Path | str) -> None:

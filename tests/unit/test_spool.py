@@ -903,3 +903,15 @@ def test_a_blank_that_waited_too_long_is_made_again(tmp_path):
     made = _blanks_in(tmp_path)
     assert len(made) == 8 and not set(made) & set(old)
     assert commit(spool) == made[0]
+
+
+def test_a_blank_is_no_message_to_the_queue_commands(tmp_path):
+    """`mta queue delete ID` (or hold, or show) of a blank's name finds no message: the
+    blank may be written into at any moment, and must not be removed under it."""
+    spool = _blank_spool(tmp_path)
+    blank = _blanks_in(tmp_path)[0]
+    for change in (spool.remove, spool.hold, spool.load, spool.state_of):
+        with pytest.raises(SpoolError, match="no message"):
+            change(blank)
+    assert blank in _blanks_in(tmp_path)
+    assert commit(spool) == blank  # and it is still there to take
