@@ -917,7 +917,7 @@ class _Blanks:
             return  # another worker is at it
         try:
             spool = self._spool
-            self._drop_stale()
+            self._drop_all(self._stale)
             if self._closed or len(self._ready) > self._count - batch:
                 return
             directory, tmp = spool._dirs[QUEUE], spool._dirs[TMP]
@@ -946,23 +946,19 @@ class _Blanks:
         finally:
             self._making.release()
 
-    def _drop_stale(self) -> None:
+    def _drop_all(self, blanks: deque[tuple[str, int]]) -> None:
+        """Remove every blank in `blanks` (popleft: safe beside other threads)."""
         while True:
             try:
-                blank = self._stale.popleft()
+                blank = blanks.popleft()
             except IndexError:
                 return
             self._spool._drop_blank(blank)
 
     def close(self) -> None:
         self._closed = True
-        self._drop_stale()
-        while True:
-            try:
-                blank = self._ready.popleft()
-            except IndexError:
-                return
-            self._spool._drop_blank(blank)
+        self._drop_all(self._stale)
+        self._drop_all(self._ready)
 
 
 class _DirectorySync:
